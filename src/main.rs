@@ -1,1 +1,19 @@
-fn main(){}
+//! `shardplan`: the command-line edge. All IO and rendering live here; the
+//! compiler crate returns values and diagnostics.
+
+mod cli;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = match cli::Cli::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            // Help and version go to stdout with status 0; usage errors exit 2.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    cli::run(args)
+}

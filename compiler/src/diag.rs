@@ -109,7 +109,8 @@ pub struct Diagnostics {
 impl Diagnostics {
     pub fn push(&mut self, d: Diagnostic) {
         // The same template instantiated twice reports its error once.
-        if !self.list.iter().any(|e| e.code == d.code && e.labels == d.labels && e.message == d.message) {
+        let dup = |e: &Diagnostic| e.code == d.code && e.message == d.message && e.primary_span() == d.primary_span();
+        if !self.list.iter().any(dup) {
             self.list.push(d);
         }
     }

@@ -5,7 +5,47 @@
 //! stage's product. The compiler does no IO: sources come in as text,
 //! diagnostics go out as values, and the CLI renders them.
 
+pub mod check;
 pub mod diag;
 pub mod syntax;
 
+pub use check::Checked;
 pub use diag::{Diagnostic, Diagnostics, Severity, SourceId, Span};
+
+use std::sync::OnceLock;
+
+/// The standard prelude, written in the plan language.
+pub const PRELUDE: &str = include_str!("prelude.plan");
+
+/// The parsed prelude. It is part of the compiler, so a failure to parse it
+/// is reported as an internal diagnostic rather than a panic.
+pub fn prelude() -> Result<&'static syntax::ast::File, Diagnostics> {
+    static PARSED: OnceLock<Result<syntax::ast::File, Diagnostics>> = OnceLock::new();
+    PARSED.get_or_init(|| syntax::parse(SourceId::PRELUDE, PRELUDE)).as_ref().map_err(Clone::clone)
+}
+
+/// Parses and checks one plan given as bytes. Returns what was established
+/// (None when there are errors) and every diagnostic, warnings included.
+pub fn check_source(bytes: &[u8]) -> (Option<Checked>, Diagnostics) {
+    let text = match syntax::decode(SourceId::USER, bytes) {
+        Ok(t) => t,
+        Err(d) => return (None, d.into()),
+    };
+    let file = match syntax::parse(SourceId::USER, text) {
+        Ok(f) => f,
+        Err(d) => return (None, d),
+    };
+    let prelude = match prelude() {
+        Ok(p) => p,
+        Err(d) => return (None, d),
+    };
+    check::check(&file, prelude)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prelude_parses() {
+        assert!(super::prelude().is_ok(), "{:?}", super::prelude().err());
+    }
+}

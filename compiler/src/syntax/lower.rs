@@ -578,7 +578,10 @@ impl Lower {
                             let nspan = self.span(&n);
                             pipe.microbatches.push((self.int(n)?, nspan));
                         }
-                        Rule::schedule_stmt => pipe.schedules.push(self.ident(self.kids(item).req()?)?),
+                        Rule::schedule_stmt => {
+                            let n = self.kids(item).req()?;
+                            pipe.schedules.push(Ident { name: n.as_str().to_string(), span: self.span(&n) });
+                        }
                         _ => return Err(self.internal(&item)),
                     }
                 }

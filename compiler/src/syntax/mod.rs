@@ -238,6 +238,7 @@ fn describe_literal(tok: &str) -> Option<String> {
 fn describe_rule(r: Rule) -> Option<&'static str> {
     Some(match r {
         Rule::ident | Rule::repeat_count | Rule::spec_entry => "a name",
+        Rule::schedule_name => "a schedule (`gpipe` or `1f1b`)",
         Rule::int => "an integer",
         Rule::float => "a number",
         Rule::string | Rule::string_body => "a string",

@@ -1,0 +1,185 @@
+//! The checker's types: dtypes, dims (possibly named by a symbolic dim),
+//! tensor types, and the values an expression can evaluate to.
+
+use crate::diag::Span;
+use serde::Serialize;
+use std::fmt;
+use std::rc::Rc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    F64,
+    I32,
+    I64,
+}
+
+impl DType {
+    pub const ALL: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::F64, DType::I32, DType::I64];
+
+    pub fn parse(name: &str) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::F64 => "f64",
+            DType::I32 => "i32",
+            DType::I64 => "i64",
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
+    }
+
+    pub fn size_bytes(self) -> u64 {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 | DType::I32 => 4,
+            DType::F64 | DType::I64 => 8,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One dimension: its size, and the symbolic name it came from, if any
+/// (`batch`), so that messages read as the user wrote them.
+#[derive(Clone, Debug)]
+pub struct Dim {
+    pub size: i64,
+    pub sym: Option<Rc<str>>,
+}
+
+impl Dim {
+    pub fn known(size: i64) -> Dim {
+        Dim { size, sym: None }
+    }
+}
+
+impl PartialEq for Dim {
+    fn eq(&self, other: &Dim) -> bool {
+        self.size == other.size
+    }
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.sym {
+            Some(s) => write!(f, "{s}"),
+            None => write!(f, "{}", self.size),
+        }
+    }
+}
+
+/// A tensor type: dtype and shape. Rank 0 is a scalar.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ty {
+    pub dtype: DType,
+    pub shape: Vec<Dim>,
+}
+
+impl Ty {
+    pub fn new(dtype: DType, shape: Vec<Dim>) -> Ty {
+        Ty { dtype, shape }
+    }
+
+    pub fn scalar(dtype: DType) -> Ty {
+        Ty { dtype, shape: Vec::new() }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn numel(&self) -> i64 {
+        self.shape.iter().fold(1i64, |acc, d| acc.saturating_mul(d.size))
+    }
+
+    pub fn bytes(&self) -> u64 {
+        (self.numel().max(0) as u64).saturating_mul(self.dtype.size_bytes())
+    }
+
+    /// `f32[batch=64, 64]`: symbolic dims with their bound sizes.
+    pub fn bound(&self) -> String {
+        let dims: Vec<String> = self
+            .shape
+            .iter()
+            .map(|d| match &d.sym {
+                Some(s) => format!("{s}={}", d.size),
+                None => d.size.to_string(),
+            })
+            .collect();
+        format!("{}[{}]", self.dtype, dims.join(", "))
+    }
+}
+
+impl fmt::Display for Ty {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[", self.dtype)?;
+        for (i, d) in self.shape.iter().enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            write!(f, "{d}")?;
+        }
+        write!(f, "]")
+    }
+}
+
+/// An instance of a layer in the model's tree (index into `Model::instances`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct InstId(pub u32);
+
+/// What an expression evaluates to while checking.
+#[derive(Clone, Debug)]
+pub enum Val {
+    Int(i64, Option<Rc<str>>),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Range(Option<i64>, Option<i64>),
+    List(Vec<(Val, Span)>),
+    Tensor(Ty),
+    /// A layer instance, callable.
+    Layer(InstId),
+    /// A `repeat` stack, callable: its instances applied in order.
+    Repeat(Vec<InstId>),
+    /// A name that is an init or optimizer spec, checked where it is used.
+    Name(String),
+    /// A call such as `normal(std: 0.02)` kept for the consumer to interpret.
+    Spec(String, Vec<(Option<String>, Val, Span)>),
+    /// Already reported; silences follow-on errors.
+    Error,
+}
+
+impl Val {
+    /// Words for "found …" in messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Val::Int(i, _) => format!("the integer {i}"),
+            Val::Float(x) => format!("the number {x}"),
+            Val::Bool(b) => format!("`{b}`"),
+            Val::Str(s) => format!("the string {s:?}"),
+            Val::Range(..) => "a range".into(),
+            Val::List(_) => "a list".into(),
+            Val::Tensor(t) => format!("a tensor {t}"),
+            Val::Layer(_) => "a layer".into(),
+            Val::Repeat(_) => "a repeated layer".into(),
+            Val::Name(n) => format!("`{n}`"),
+            Val::Spec(n, _) => format!("`{n}(…)`"),
+            Val::Error => "an invalid value".into(),
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! Subcommands, argument parsing and exit codes.
+//!
+//! Exit codes: 0 success, 1 the input has errors (diagnostics printed),
+//! 2 the command line is wrong.
+
+mod check;
+pub mod render;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "shardplan", version, about = "Check, compile and run parallel training plans")]
+pub struct Cli {
+    /// When to colour output.
+    #[arg(long, value_enum, default_value_t = Color::Auto, global = true)]
+    pub color: Color,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check plan files and print a summary of each.
+    Check {
+        /// Plan files to check.
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+        /// Output format: a summary for people, or JSON for editors and tools.
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    let color = match cli.color {
+        Color::Always => true,
+        Color::Never => false,
+        Color::Auto => std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    match cli.command {
+        Command::Check { files, format } => check::run(&files, format, color),
+    }
+}
