@@ -15,5 +15,14 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    cli::run(args)
+    // The checker recurses over expressions and layer nesting, both bounded;
+    // a large stack keeps the worst bounded case far from the limit.
+    let worker = std::thread::Builder::new().name("shardplan".into()).stack_size(256 << 20).spawn(move || cli::run(args));
+    match worker.map(|h| h.join()) {
+        Ok(Ok(code)) => code,
+        _ => {
+            eprintln!("error: shardplan stopped unexpectedly; please report this with the plan file");
+            ExitCode::from(1)
+        }
+    }
 }

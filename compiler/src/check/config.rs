@@ -416,11 +416,6 @@ pub(super) fn train(t: &ast::TrainDef, model: &str, syms: &[String], diags: &mut
             None
         }
     };
-    for s in syms {
-        if !dims.contains_key(s) && ok {
-            // Reported by the caller at the input that uses it.
-        }
-    }
     Some(Train {
         model: model.to_string(),
         data,

@@ -388,7 +388,15 @@ impl<'a> Cx<'a> {
             self.err(d);
             return None;
         };
-        if self.building.contains(&def.name.name) || self.building.len() >= MAX_DEPTH {
+        if self.building.len() >= MAX_DEPTH {
+            self.err(
+                Diagnostic::error("layer::too_deep", format!("layers nest more than {MAX_DEPTH} deep"))
+                    .label(template.span, "nesting limit reached here")
+                    .help("flatten the model: fewer templates inside templates"),
+            );
+            return None;
+        }
+        if self.building.contains(&def.name.name) {
             self.err(
                 Diagnostic::error("layer::recursive", format!("layer `{}` contains itself", def.name.name))
                     .label(template.span, "instantiated again here, inside itself")

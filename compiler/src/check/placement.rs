@@ -94,19 +94,30 @@ pub(super) fn placement(p: Option<&ast::PlacementDef>, model: &Model, batch: i64
         return Some(Placement::Single);
     };
     match &p.kind {
-        PlacementKind::Auto(stmts) => auto(stmts, diags),
+        PlacementKind::Auto(stmts) => auto(stmts, devices, diags),
         PlacementKind::Explicit(stmts) => Checker { model, batch, devices, diags, head: p.head }.explicit(stmts),
     }
 }
 
-fn auto(stmts: &[ast::AutoStmt], diags: &mut Diagnostics) -> Option<Placement> {
+fn auto(stmts: &[ast::AutoStmt], devices: &[Device], diags: &mut Diagnostics) -> Option<Placement> {
     let mut memory = None;
     let mut objective = Objective::StepTime;
     let mut ok = true;
     for s in stmts {
         match s {
             ast::AutoStmt::Memory { value, .. } => match quantity(value, UnitKind::Memory, "`memory`", diags) {
-                Some(m) => memory = Some(m as u64),
+                Some(m) => {
+                    let smallest = devices.iter().filter_map(|d| d.memory.map(|m| (m, &d.name))).min();
+                    if let Some((cap, name)) = smallest.filter(|(cap, _)| (m as u64) > *cap) {
+                        diags.push(
+                            Diagnostic::error("placement::auto_memory", format!("the memory budget is more than device `{name}` has"))
+                                .label(value.span, format!("{} per device", human_bytes(m as u64)))
+                                .help(format!("`{name}` has {}; lower the budget to at most that, or omit it to use the devices' own memory", human_bytes(cap))),
+                        );
+                        ok = false;
+                    }
+                    memory = Some(m as u64)
+                }
                 None => ok = false,
             },
             ast::AutoStmt::Option { key, value, .. } => match key.name.as_str() {
@@ -735,5 +746,21 @@ fn device_range(devices: &[Device]) -> String {
         [] => "none".into(),
         [one] => one.name.clone(),
         [first, .., last] => format!("{}..{}", first.name, last.name),
+    }
+}
+
+/// `268435456` as "256 MiB".
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 || v.fract() == 0.0 {
+        format!("{v} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }

@@ -14,6 +14,9 @@ use std::sync::OnceLock;
 type P<'i> = Pair<'i, Rule>;
 type R<T> = Result<T, Diagnostic>;
 
+/// Deepest operator nesting in one expression.
+const MAX_EXPR_DEPTH: u32 = 256;
+
 pub(super) fn file(src: SourceId, mut pairs: Pairs<'_, Rule>) -> Result<File, Diagnostics> {
     let mut out = File::default();
     let lw = Lower { src };
@@ -321,15 +324,25 @@ impl Lower {
     fn expr(&self, p: P<'_>) -> R<Expr> {
         self.expect(&p, Rule::expr)?;
         let lw = *self;
+        // Depth is tracked as the tree is built: later passes recurse over
+        // it, so a chain of ten thousand `+` must stop here, not overflow.
+        let deep = |span: Span| {
+            Diagnostic::error("syntax::too_deep", format!("expression nests more than {MAX_EXPR_DEPTH} operators deep"))
+                .label(span, "this expression")
+                .help("split it with `let` bindings")
+        };
         let result = pratt()
-            .map_primary(move |prim| lw.primary(prim))
+            .map_primary(move |prim| lw.primary(prim).map(|e| (e, 1u32)))
             .map_prefix(move |op, rhs| {
-                let rhs = rhs?;
+                let (rhs, d) = rhs?;
                 let span = lw.span(&op).to(rhs.span);
-                Ok(Expr { kind: ExprKind::Neg(Box::new(rhs)), span })
+                if d >= MAX_EXPR_DEPTH {
+                    return Err(deep(span));
+                }
+                Ok((Expr { kind: ExprKind::Neg(Box::new(rhs)), span }, d + 1))
             })
             .map_infix(move |lhs, op, rhs| {
-                let (lhs, rhs) = (lhs?, rhs?);
+                let ((lhs, dl), (rhs, dr)) = (lhs?, rhs?);
                 let bin = match op.as_rule() {
                     Rule::add => BinOp::Add,
                     Rule::sub => BinOp::Sub,
@@ -339,10 +352,14 @@ impl Lower {
                     _ => return Err(lw.internal(&op)),
                 };
                 let span = lhs.span.to(rhs.span);
-                Ok(Expr { kind: ExprKind::Binary(bin, Box::new(lhs), Box::new(rhs)), span })
+                let d = dl.max(dr);
+                if d >= MAX_EXPR_DEPTH {
+                    return Err(deep(span));
+                }
+                Ok((Expr { kind: ExprKind::Binary(bin, Box::new(lhs), Box::new(rhs)), span }, d + 1))
             })
             .parse(p.into_inner());
-        result
+        result.map(|(e, _)| e)
     }
 
     fn primary(&self, p: P<'_>) -> R<Expr> {

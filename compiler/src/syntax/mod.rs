@@ -77,6 +77,23 @@ fn prescan(src: SourceId, text: &str) -> Result<(), Diagnostics> {
                 i = j + 1;
                 continue;
             }
+            b'-' => {
+                // A run of prefix minus signs recurses in the parser like brackets do.
+                let mut j = i;
+                let mut run = 0;
+                while j < bytes.len() && (bytes[j] == b'-' || bytes[j].is_ascii_whitespace()) {
+                    run += usize::from(bytes[j] == b'-');
+                    j += 1;
+                }
+                if run > MAX_NESTING {
+                    return Err(Diagnostic::error("syntax::too_deep", format!("more than {MAX_NESTING} minus signs in a row"))
+                        .label(Span::new(src, i, j), "nesting limit reached here")
+                        .help("write the sign once: `--x` is `x`")
+                        .into());
+                }
+                i = j;
+                continue;
+            }
             open @ (b'(' | b'[' | b'{') => {
                 stack.push((open, i));
                 if stack.len() > MAX_NESTING {
