@@ -94,7 +94,7 @@ pub fn summary(c: &Checked) -> Vec<(String, String)> {
             "{}: {} layers, {} parameter tensors, {} parameters ({})",
             m.name,
             layers.sum::<usize>(),
-            m.params.len(),
+            thousands(m.params.len() as i64),
             thousands(m.param_count()),
             bytes(m.param_bytes())
         ),

@@ -127,7 +127,7 @@ fn report(d: &Diagnostic, sources: &Sources) -> Report {
             let (n, t) = sources.get(src);
             Report {
                 code: "",
-                message: format!("note: see {n}"),
+                message: format!("note: in {n}"),
                 severity: miette::Severity::Advice,
                 help: None,
                 labels,

@@ -53,6 +53,8 @@ pub struct Instance {
     /// Indices into `Model::params`, in declaration order.
     pub params: Vec<usize>,
     pub children: Vec<(String, Child)>,
+    /// Members whose declaration had errors (already reported): their uses stay silent.
+    pub broken: Vec<String>,
     /// The constructor call that built it.
     pub span: Span,
 }
@@ -324,6 +326,14 @@ impl<'a> Cx<'a> {
                 d.labels.push(crate::diag::Label { span: *span, message: note.clone() });
             }
         }
+        // An error inside a prelude template is the user's call's fault:
+        // lead with the innermost place in the user's file.
+        if d.primary_span().is_some_and(|s| s.src != SourceId::USER) {
+            if let Some(i) = d.labels.iter().position(|l| l.span.src == SourceId::USER) {
+                let l = d.labels.remove(i);
+                d.labels.insert(0, l);
+            }
+        }
         self.diags.push(d);
     }
 
@@ -407,7 +417,7 @@ impl<'a> Cx<'a> {
         }
         let bound = self.bind_template_args(def, args, ctor)?;
         let id = InstId(self.insts.len() as u32);
-        self.insts.push(Instance { path: path.to_string(), template: def.name.name.clone(), args: bound.clone(), params: Vec::new(), children: Vec::new(), span: ctor });
+        self.insts.push(Instance { path: path.to_string(), template: def.name.name.clone(), args: bound.clone(), params: Vec::new(), children: Vec::new(), broken: Vec::new(), span: ctor });
         self.building.push(def.name.name.clone());
         self.frames.push((ctor, format!("in `{path} = {}(…)`", def.name.name)));
 
@@ -449,6 +459,7 @@ impl<'a> Cx<'a> {
                 ast::Member::Param(p) => {
                     let Some(ty) = self.tensor_type(&p.ty, &scope) else {
                         scope.vars.insert(p.name.name.clone(), Val::Error);
+                        self.insts[id.0 as usize].broken.push(p.name.name.clone());
                         continue;
                     };
                     if !ty.dtype.is_float() {
@@ -475,8 +486,9 @@ impl<'a> Cx<'a> {
                         None => Val::Error,
                     };
                     scope.vars.insert(s.name.name.clone(), val);
-                    if let Some(child) = child {
-                        self.insts[id.0 as usize].children.push((s.name.name.clone(), child));
+                    match child {
+                        Some(child) => self.insts[id.0 as usize].children.push((s.name.name.clone(), child)),
+                        None => self.insts[id.0 as usize].broken.push(s.name.name.clone()),
                     }
                 }
                 ast::Member::Forward(_) => {}
@@ -977,6 +989,9 @@ impl<'a> Cx<'a> {
             let short = p.path.rsplit('.').next().unwrap_or(&p.path).to_string();
             scope.vars.insert(short, Val::Tensor(p.ty.clone()));
         }
+        for n in &inst.broken {
+            scope.vars.insert(n.clone(), Val::Error);
+        }
         for (n, ch) in &inst.children {
             let v = match ch {
                 Child::One(c) => Val::Layer(*c),
@@ -1000,8 +1015,14 @@ impl<'a> Cx<'a> {
             }
             scope.vars.insert(name.name.clone(), a.val.clone());
         }
-        let where_ = if def.name.span.src == SourceId::PRELUDE { " (prelude)" } else { "" };
-        self.frames.push((c.span, format!("in this call of `{}` ({}{where_}) with {}", c.callee, def.name.name, shown.join(", "))));
+        let pushed = if inst.span.src == SourceId::USER && c.span.src == SourceId::USER {
+            let args: Vec<String> = inst.args.iter().map(|(k, v)| format!("{k} = {}", brief(v))).collect();
+            self.frames.push((inst.span, format!("`{}` is {}({})", c.callee, def.name.name, args.join(", "))));
+            2
+        } else {
+            1
+        };
+        self.frames.push((c.span, format!("in this call of `{}` with {}", c.callee, shown.join(", "))));
         for l in &fwd.lets {
             if scope.vars.contains_key(&l.name.name) && fwd.inputs.iter().any(|i| i.name == l.name.name) {
                 self.err(
@@ -1014,7 +1035,9 @@ impl<'a> Cx<'a> {
             scope.vars.insert(l.name.name.clone(), v);
         }
         let out = self.eval(&fwd.ret, &mut scope);
-        self.frames.pop();
+        for _ in 0..pushed {
+            self.frames.pop();
+        }
         match out {
             Val::Tensor(_) | Val::Error => out,
             other => {
@@ -1026,6 +1049,18 @@ impl<'a> Cx<'a> {
                 Val::Error
             }
         }
+    }
+}
+
+/// A template argument as written back in a label.
+fn brief(v: &Val) -> String {
+    match v {
+        Val::Int(i, Some(s)) => format!("{s} ({i})"),
+        Val::Int(i, None) => i.to_string(),
+        Val::Float(x) => x.to_string(),
+        Val::Bool(b) => b.to_string(),
+        Val::Str(s) => format!("{s:?}"),
+        other => other.describe(),
     }
 }
 

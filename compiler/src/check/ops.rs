@@ -232,7 +232,7 @@ fn matmul(cx: &mut Cx<'_>, x: &Ty, sa: Span, y: &Ty, sb: Span) -> Val {
             Diagnostic::error("shape::matmul_inner", format!("cannot multiply {x} @ {y}: inner dimensions {k1} and {k2} differ"))
                 .label(sa, format!("this is {x}"))
                 .label(sb, format!("this is {y}"))
-                .help(format!("the last dim of the left operand ({k1} = {}) must equal the second-to-last of the right ({k2} = {})", k1.size, k2.size)),
+                .help(format!("the last dim of the left operand ({}) must equal the second-to-last dim of the right one ({})", dim_desc(k1), dim_desc(k2))),
         );
         return Val::Error;
     }
@@ -286,6 +286,14 @@ pub(super) fn apply(cx: &mut Cx<'_>, name: &str, c: &ast::Call, args: Vec<ArgVal
                         "tanh" => Val::Float(x.tanh()),
                         "relu" => Val::Float(x.max(0.0)),
                         "sigmoid" => Val::Float(1.0 / (1.0 + (-x).exp())),
+                        "gelu" => {
+                            a.cx.err(
+                                Diagnostic::error("type::not_a_tensor", "`gelu` applies to tensors, not to numbers")
+                                    .label(span, "called on a number")
+                                    .help("pass a tensor: an input, a parameter or a layer's output"),
+                            );
+                            Val::Error
+                        }
                         _ => {
                             a.cx.err(
                                 Diagnostic::error("arith::domain", format!("`{name}({x})` is undefined"))
@@ -587,6 +595,14 @@ pub(super) fn apply(cx: &mut Cx<'_>, name: &str, c: &ast::Call, args: Vec<ArgVal
             Val::Tensor(Ty::scalar(p.dtype))
         }
         _ => Val::Error,
+    }
+}
+
+/// `128`, or `seq (= 64)` for a symbolic dim.
+fn dim_desc(d: &Dim) -> String {
+    match &d.sym {
+        Some(s) => format!("{s} = {}", d.size),
+        None => d.size.to_string(),
     }
 }
 
