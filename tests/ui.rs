@@ -4,7 +4,7 @@
 //! requires exit status 1 and that code, and compares the rendered output
 //! with its snapshot (bless with `INSTA_UPDATE=always cargo test --test ui`).
 
-use std::path::Path;
+
 use std::process::Command;
 
 fn render(rel: &str) -> (Option<i32>, String) {
@@ -21,10 +21,10 @@ fn render(rel: &str) -> (Option<i32>, String) {
 #[test]
 fn ui() {
     let mut codes = std::collections::BTreeSet::new();
-    insta::glob!("ui/*.plan", |path: &Path| {
+    insta::glob!("ui/*.plan", |path: &std::path::Path| {
         let name = path.file_name().and_then(|n| n.to_str()).expect("utf-8 file name");
         let rel = format!("tests/ui/{name}");
-        let src = std::fs::read_to_string(path).expect("readable ui file");
+        let src = String::from_utf8_lossy(&std::fs::read(path).expect("readable ui file")).into_owned();
         let want = src
             .lines()
             .next()

@@ -105,7 +105,7 @@ fn report(d: &Diagnostic, sources: &Sources) -> Report {
     let primary = d.primary_span().map(|s| s.src).unwrap_or(SourceId::USER);
     let (name, text) = sources.get(primary);
     let mut labels = Vec::new();
-    let mut others: Vec<(SourceId, Vec<LabeledSpan>)> = Vec::new();
+    let mut others: Vec<(SourceId, Vec<LabeledSpan>, usize)> = Vec::new();
     for (i, l) in d.labels.iter().enumerate() {
         let (_, t) = sources.get(l.span.src);
         let ls = if i == 0 {
@@ -115,15 +115,23 @@ fn report(d: &Diagnostic, sources: &Sources) -> Report {
         };
         if l.span.src == primary {
             labels.push(ls);
-        } else if let Some((_, v)) = others.iter_mut().find(|(s, _)| *s == l.span.src) {
-            v.push(ls);
-        } else {
-            others.push((l.span.src, vec![ls]));
+            continue;
+        }
+        // Notes in another source: one snippet per group of nearby lines,
+        // so two labels far apart do not print everything between them.
+        let line = sources.line_col(l.span).0;
+        let near = |(s, v, last): &&mut (SourceId, Vec<LabeledSpan>, usize)| *s == l.span.src && v.len() < 4 && line.abs_diff(*last) <= 2;
+        match others.iter_mut().find(|g| near(g)) {
+            Some((_, v, last)) => {
+                v.push(ls);
+                *last = line;
+            }
+            None => others.push((l.span.src, vec![ls], line)),
         }
     }
     let related = others
         .into_iter()
-        .map(|(src, labels)| {
+        .map(|(src, labels, _)| {
             let (n, t) = sources.get(src);
             Report {
                 code: "",
@@ -158,7 +166,8 @@ pub fn human(d: &Diagnostic, sources: &Sources, color: bool) -> String {
     if handler.render_report(&mut out, &report(d, sources)).is_err() {
         out = format!("{}: {}\n", d.code, d.message);
     }
-    out
+    // Related notes are advice-level reports; show them as plain notes.
+    out.replace("\nAdvice: \n  ☞ ", "\n  ")
 }
 
 #[derive(Serialize)]

@@ -72,29 +72,51 @@ fn num(v: &Val) -> Option<f64> {
     super::model::number(v)
 }
 
+/// A setting `key` whose value is not `want`.
+fn bad_setting(span: Span, key: &str, want: &str, found: &Val) -> Diagnostic {
+    let example = if want.contains("true") {
+        format!("`{key}: true` or `{key}: false`")
+    } else if want.contains("integer") {
+        format!("e.g. `{key}: 10`")
+    } else if want.contains("number") {
+        format!("e.g. `{key}: 0.1`")
+    } else if want.contains("string") {
+        format!("e.g. `{key}: \"text\"`")
+    } else if want.contains("range") {
+        format!("e.g. `{key}: 0..1000`")
+    } else {
+        format!("{want} for `{key}`")
+    };
+    Diagnostic::error("config::bad_value", format!("`{key}` must be {want}, found {}", found.describe()))
+        .label(span, format!("this is {}", found.describe()))
+        .help(format!("write {example}"))
+}
+
 fn bad_value(span: Span, want: &str, found: &Val) -> Diagnostic {
     Diagnostic::error("config::bad_value", format!("expected {want}, found {}", found.describe()))
         .label(span, format!("expected {want}"))
         .help(format!("write {want} here"))
 }
 
+/// An argument of a spec call: (name, value, span).
+type SpecArg = (Option<String>, Val, Span);
+
 /// Reads the arguments of a spec call such as `sgd(lr: 0.1, momentum: 0.9)`:
 /// positional arguments fill `params` in order.
-struct SpecArgs<'a> {
-    fname: &'a str,
+struct SpecArgs {
     vals: BTreeMap<&'static str, (Val, Span)>,
 }
 
-impl<'a> SpecArgs<'a> {
+impl SpecArgs {
     fn bind(
-        fname: &'a str,
+        fname: &str,
         code: &'static str,
         span: Span,
-        args: &[(Option<String>, Val, Span)],
+        args: &[SpecArg],
         params: &[&'static str],
         required: &[&'static str],
         diags: &mut Diagnostics,
-    ) -> Option<SpecArgs<'a>> {
+    ) -> Option<SpecArgs> {
         let mut vals = BTreeMap::new();
         let mut ok = true;
         for (i, (name, v, s)) in args.iter().enumerate() {
@@ -103,7 +125,7 @@ impl<'a> SpecArgs<'a> {
                     Some(k) => *k,
                     None => {
                         diags.push(
-                            Diagnostic::error(code, format!("`{fname}` takes at most {} argument(s)", params.len()))
+                            Diagnostic::error(code, format!("`{fname}` takes at most {} argument{}", params.len(), if params.len() == 1 { "" } else { "s" }))
                                 .label(*s, "unexpected argument")
                                 .help(format!("its arguments are: {}", params.join(", "))),
                         );
@@ -144,7 +166,7 @@ impl<'a> SpecArgs<'a> {
                 ok = false;
             }
         }
-        ok.then_some(SpecArgs { fname, vals })
+        ok.then_some(SpecArgs { vals })
     }
 
     fn float(&self, key: &str, default: f64, code: &'static str, diags: &mut Diagnostics) -> Option<f64> {
@@ -153,7 +175,7 @@ impl<'a> SpecArgs<'a> {
             Some((v, s)) => match num(v) {
                 Some(x) => Some(x),
                 None => {
-                    diags.push(bad_value(*s, "a number", v).with_code(code).help(format!("`{key}` of `{}` is a number", self.fname)));
+                    diags.push(bad_setting(*s, key, "a number", v).with_code(code));
                     None
                 }
             },
@@ -165,7 +187,7 @@ impl<'a> SpecArgs<'a> {
             None => Some(default),
             Some((Val::Int(i, _), _)) if *i >= min => Some(*i),
             Some((v, s)) => {
-                diags.push(bad_value(*s, &format!("an integer ≥ {min}"), v).with_code(code));
+                diags.push(bad_setting(*s, key, &format!("an integer ≥ {min}"), v).with_code(code));
                 None
             }
         }
@@ -176,7 +198,7 @@ impl<'a> SpecArgs<'a> {
             None => Some(default),
             Some((Val::Bool(b), _)) => Some(*b),
             Some((v, s)) => {
-                diags.push(bad_value(*s, "`true` or `false`", v).with_code(code));
+                diags.push(bad_setting(*s, key, "`true` or `false`", v).with_code(code));
                 None
             }
         }
@@ -187,7 +209,7 @@ impl<'a> SpecArgs<'a> {
             None => Some(None),
             Some((Val::Str(s), _)) => Some(Some(s.clone())),
             Some((v, s)) => {
-                diags.push(bad_value(*s, "a string", v).with_code(code));
+                diags.push(bad_setting(*s, key, "a string", v).with_code(code));
                 None
             }
         }
@@ -276,6 +298,9 @@ pub(super) fn train(t: &ast::TrainDef, model: &str, syms: &[String], diags: &mut
     let mut vals: BTreeMap<&str, (Val, Span)> = BTreeMap::new();
     let mut dims = BTreeMap::new();
     let mut ok = true;
+    // Keys already reported (bad value, or suggested for a misspelt key):
+    // their absence is not reported again.
+    let mut reported: Vec<&str> = Vec::new();
     for e in &t.entries {
         let key = e.key.name.as_str();
         if let Some(prev) = seen.insert(key, e.key.span) {
@@ -293,6 +318,7 @@ pub(super) fn train(t: &ast::TrainDef, model: &str, syms: &[String], diags: &mut
             Err(d) => {
                 diags.push(d);
                 ok = false;
+                reported.push(key);
                 continue;
             }
         };
@@ -304,7 +330,7 @@ pub(super) fn train(t: &ast::TrainDef, model: &str, syms: &[String], diags: &mut
                     dims.insert(key.to_string(), n);
                 }
                 other => {
-                    diags.push(bad_value(e.value.span, "a positive integer", &other).with_code("train::bad_value").help(format!("`{key}` is a dimension of the model")));
+                    diags.push(bad_setting(e.value.span, key, "a positive integer (it is a dimension of the model)", &other).with_code("train::bad_value"));
                     ok = false;
                 }
             }
@@ -313,7 +339,10 @@ pub(super) fn train(t: &ast::TrainDef, model: &str, syms: &[String], diags: &mut
             cands.extend(syms.iter().map(String::as_str));
             let mut d = Diagnostic::error("train::unknown_key", format!("unknown train setting `{key}`")).label(e.key.span, "not a setting");
             d = d.help(match did_you_mean(key, cands.iter().copied()) {
-                Some(s) => format!("did you mean `{s}`?"),
+                Some(s) => {
+                    reported.push(s);
+                    format!("did you mean `{s}`?")
+                }
                 None => format!(
                     "settings are {}; symbolic dims of the model{}",
                     TRAIN_KEYS.join(", "),
@@ -324,19 +353,23 @@ pub(super) fn train(t: &ast::TrainDef, model: &str, syms: &[String], diags: &mut
             ok = false;
         }
     }
-    let missing = |key: &str, example: &str| {
-        Diagnostic::error("train::missing_key", format!("the train section does not set `{key}`"))
-            .label(t.head, "this section")
-            .help(format!("add `{example}`"))
+    let missing = |key: &str, example: &str, diags: &mut Diagnostics| {
+        if !reported.contains(&key) {
+            diags.push(
+                Diagnostic::error("train::missing_key", format!("the train section does not set `{key}`"))
+                    .label(t.head, "this section")
+                    .help(format!("add `{example}`")),
+            );
+        }
     };
     let batch = match vals.get("batch") {
         Some((Val::Int(n, _), _)) if *n >= 1 => *n,
         Some((v, s)) => {
-            diags.push(bad_value(*s, "a positive integer", v).with_code("train::bad_value").help("`batch` is the number of samples per step"));
+            diags.push(bad_setting(*s, "batch", "a positive integer (samples per step)", v).with_code("train::bad_value"));
             return None;
         }
         None => {
-            diags.push(missing("batch", "batch: 64"));
+            missing("batch", "batch: 64", diags);
             return None;
         }
     };
@@ -346,7 +379,7 @@ pub(super) fn train(t: &ast::TrainDef, model: &str, syms: &[String], diags: &mut
             None => Some(None),
             Some((Val::Int(n, _), _)) if *n >= 1 => Some(Some(*n)),
             Some((v, s)) => {
-                diags.push(bad_value(*s, "a positive integer", v).with_code("train::bad_value"));
+                diags.push(bad_setting(*s, key, "a positive integer", v).with_code("train::bad_value"));
                 None
             }
         }
@@ -367,14 +400,16 @@ pub(super) fn train(t: &ast::TrainDef, model: &str, syms: &[String], diags: &mut
         (Some(Some(e)), _) => Some(Length::Epochs(e)),
         (_, Some(Some(s))) => Some(Length::Steps(s)),
         (Some(None), Some(None)) => {
-            diags.push(missing("epochs", "epochs: 10` or `steps: 1000"));
+            if !reported.contains(&"steps") {
+                missing("epochs", "epochs: 10` or `steps: 1000", diags);
+            }
             None
         }
         _ => None,
     };
     let optimizer = match vals.get("optimizer") {
         None => {
-            diags.push(missing("optimizer", "optimizer: sgd(lr: 0.1)"));
+            missing("optimizer", "optimizer: sgd(lr: 0.1)", diags);
             None
         }
         Some((v, s)) => optimizer(v, *s, diags),
@@ -387,7 +422,7 @@ pub(super) fn train(t: &ast::TrainDef, model: &str, syms: &[String], diags: &mut
         None => Some(None),
         Some((v, _)) if num(v).is_some_and(|x| x > 0.0) => Some(num(v)),
         Some((v, s)) => {
-            diags.push(bad_value(*s, "a positive number", v).with_code("train::bad_value"));
+            diags.push(bad_setting(*s, "clip_grad_norm", "a positive number", v).with_code("train::bad_value"));
             None
         }
     };
@@ -395,7 +430,7 @@ pub(super) fn train(t: &ast::TrainDef, model: &str, syms: &[String], diags: &mut
         None => Some(0),
         Some((Val::Int(n, _), _)) if *n >= 0 => Some(*n as u64),
         Some((v, s)) => {
-            diags.push(bad_value(*s, "a non-negative integer", v).with_code("train::bad_value"));
+            diags.push(bad_setting(*s, "seed", "a non-negative integer", v).with_code("train::bad_value"));
             None
         }
     };
@@ -403,7 +438,7 @@ pub(super) fn train(t: &ast::TrainDef, model: &str, syms: &[String], diags: &mut
         None => Some(true),
         Some((Val::Bool(b), _)) => Some(*b),
         Some((v, s)) => {
-            diags.push(bad_value(*s, "`true` or `false`", v).with_code("train::bad_value"));
+            diags.push(bad_setting(*s, "shuffle", "`true` or `false`", v).with_code("train::bad_value"));
             None
         }
     };
@@ -411,7 +446,7 @@ pub(super) fn train(t: &ast::TrainDef, model: &str, syms: &[String], diags: &mut
         None => None,
         Some((Val::Name(n), _)) => Some(n.clone()),
         Some((v, s)) => {
-            diags.push(bad_value(*s, "the name of a data source", v).with_code("train::bad_value"));
+            diags.push(bad_setting(*s, "data", "the name of a data source", v).with_code("train::bad_value"));
             ok = false;
             None
         }
@@ -435,11 +470,11 @@ pub(super) fn train(t: &ast::TrainDef, model: &str, syms: &[String], diags: &mut
 const OPTIMIZERS: &[&str] = &["sgd", "adam", "adamw"];
 
 fn optimizer(v: &Val, span: Span, diags: &mut Diagnostics) -> Option<Optimizer> {
-    let (name, args): (&str, &[(Option<String>, Val, Span)]) = match v {
+    let (name, args): (&str, &[SpecArg]) = match v {
         Val::Spec(n, a) => (n, a),
         Val::Name(n) => (n, &[]),
         other => {
-            diags.push(bad_value(span, "an optimizer such as `sgd(lr: 0.1)`", other).with_code("train::unknown_optimizer"));
+            diags.push(bad_setting(span, "optimizer", "an optimizer such as `sgd(lr: 0.1)`", other).with_code("train::unknown_optimizer"));
             return None;
         }
     };
@@ -514,11 +549,11 @@ fn optimizer(v: &Val, span: Span, diags: &mut Diagnostics) -> Option<Optimizer> 
 
 fn schedule(v: &Val, span: Span, diags: &mut Diagnostics) -> Option<LrSchedule> {
     const C: &str = "train::bad_schedule";
-    let (name, args): (&str, &[(Option<String>, Val, Span)]) = match v {
+    let (name, args): (&str, &[SpecArg]) = match v {
         Val::Spec(n, a) => (n, a),
         Val::Name(n) => (n, &[]),
         other => {
-            diags.push(bad_value(span, "a schedule such as `cosine(warmup: 100)`", other).with_code(C));
+            diags.push(bad_setting(span, "lr_schedule", "a schedule such as `cosine(warmup: 100)`", other).with_code(C));
             return None;
         }
     };
@@ -588,7 +623,7 @@ pub(super) fn data(d: &ast::DataDef, diags: &mut Diagnostics) -> Option<Data> {
         }
     }
     let span = d.source.span;
-    let range = |a: &SpecArgs<'_>, key: &str, diags: &mut Diagnostics| -> Option<Option<RowRange>> {
+    let range = |a: &SpecArgs, key: &str, diags: &mut Diagnostics| -> Option<Option<RowRange>> {
         match a.vals.get(key) {
             None => Some(None),
             Some((Val::Range(lo, hi), s)) => {
@@ -604,7 +639,7 @@ pub(super) fn data(d: &ast::DataDef, diags: &mut Diagnostics) -> Option<Data> {
                 Some(Some(RowRange { start, end: *hi }))
             }
             Some((v, s)) => {
-                diags.push(bad_value(*s, "a range such as `0..1500`", v).with_code(C));
+                diags.push(bad_setting(*s, key, "a range such as `0..1500`", v).with_code(C));
                 None
             }
         }
@@ -684,7 +719,7 @@ pub(super) fn data_fits_model(data: &Data, model: &Model, diags: &mut Diagnostic
         diags.push(
             Diagnostic::error("data::inputs", format!("data `{}` yields {} inputs, but model `{}` has {}", data.name, want.len(), model.name, model.inputs.len()))
                 .label(data.span, format!("yields {what}"))
-                .label(model.span, "this model")
+                .label(model.name_span, format!("has {} input{}", model.inputs.len(), if model.inputs.len() == 1 { "" } else { "s" }))
                 .help(format!("declare the model's inputs as ({})", shape_of(&want))),
         );
         return;
@@ -735,6 +770,8 @@ pub struct Device {
     pub bandwidth: Option<f64>,
     /// Seconds.
     pub latency: Option<f64>,
+    /// The `devices` line that declared it (None for the default device).
+    pub span: Option<Span>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -781,11 +818,10 @@ const UNITS: &[(&str, UnitKind, f64)] = &[
 /// A quantity in base units (bytes, bytes/s, seconds), checked to be of `kind`.
 pub(super) fn quantity(q: &ast::Quantity, kind: UnitKind, what: &str, diags: &mut Diagnostics) -> Option<f64> {
     let Some(&(_, k, scale)) = UNITS.iter().find(|(n, _, _)| *n == q.unit.name) else {
-        let names: Vec<&str> = UNITS.iter().filter(|u| u.1 == kind).map(|u| u.0).collect();
         let mut d = Diagnostic::error("units::unknown", format!("unknown unit `{}`", q.unit.name)).label(q.unit.span, "not a unit");
         d = d.help(match did_you_mean(&q.unit.name, UNITS.iter().map(|u| u.0)) {
             Some(s) => format!("did you mean `{s}`?"),
-            None => format!("{what} takes {}: {}", kind.name(), names.join(", ")),
+            None => format!("{what} takes {}", kind.name()),
         });
         diags.push(d);
         return None;
@@ -809,8 +845,11 @@ pub(super) fn quantity(q: &ast::Quantity, kind: UnitKind, what: &str, diags: &mu
     Some(q.value * scale)
 }
 
-pub(super) fn devices(defs: &[ast::DevicesDef], diags: &mut Diagnostics) -> Vec<Device> {
+/// The devices, and whether every group was valid (a bad group leaves the
+/// count unknown, so placement checks that need it are skipped).
+pub(super) fn devices(defs: &[ast::DevicesDef], diags: &mut Diagnostics) -> (Vec<Device>, bool) {
     let mut out = Vec::new();
+    let before = diags.error_count();
     let mut counts = [0usize; 2];
     for d in defs {
         let kind = match d.kind.name.as_str() {
@@ -858,12 +897,13 @@ pub(super) fn devices(defs: &[ast::DevicesDef], diags: &mut Diagnostics) -> Vec<
         let k = kind as usize;
         for _ in 0..d.count {
             let prefix = if kind == DeviceKind::Cpu { "cpu" } else { "gpu" };
-            out.push(Device { name: format!("{prefix}{}", counts[k]), kind, memory: memory.map(|m| m as u64), bandwidth, latency });
+            out.push(Device { name: format!("{prefix}{}", counts[k]), kind, memory: memory.map(|m| m as u64), bandwidth, latency, span: Some(d.span) });
             counts[k] += 1;
         }
     }
     if defs.is_empty() {
-        out.push(Device { name: "cpu0".into(), kind: DeviceKind::Cpu, memory: None, bandwidth: None, latency: None });
+        out.push(Device { name: "cpu0".into(), kind: DeviceKind::Cpu, memory: None, bandwidth: None, latency: None, span: None });
     }
-    out
+    let ok = diags.error_count() == before;
+    (out, ok)
 }

@@ -120,11 +120,24 @@ pub fn check(file: &ast::File, prelude: &ast::File) -> (Option<Checked>, Diagnos
         (Some(t), Some(m)) => config::train(t, &m.name.name, &syms, &mut diags),
         _ => None,
     };
-    let dims: BTreeMap<String, i64> = train.as_ref().map(|t| t.dims.clone()).unwrap_or_default();
+    // Dims come from the raw entries, so that a mistake elsewhere in the
+    // train section does not hide the model's own errors.
+    let dims: BTreeMap<String, i64> = match train_def {
+        Some(t) => t
+            .entries
+            .iter()
+            .filter(|e| e.key.name == "batch" || syms.contains(&e.key.name))
+            .filter_map(|e| match config::konst(&e.value) {
+                Ok(types::Val::Int(n, _)) if n >= 1 => Some((e.key.name.clone(), n)),
+                _ => None,
+            })
+            .collect(),
+        None => BTreeMap::new(),
+    };
     let unbound: HashSet<String> = sym_spans.keys().filter(|s| !dims.contains_key(*s)).cloned().collect();
-    if let (Some(_), Some(t)) = (&train, train_def) {
+    if let Some(t) = train_def {
         for (name, span) in &sym_spans {
-            if unbound.contains(name) {
+            if unbound.contains(name) && config::train_entry(t, name).is_none() {
                 diags.push(
                     Diagnostic::error("shape::unbound_dim", format!("symbolic dim `{name}` is not bound"))
                         .label(*span, format!("`{name}` is used here"))
@@ -141,6 +154,15 @@ pub fn check(file: &ast::File, prelude: &ast::File) -> (Option<Checked>, Diagnos
         model
     });
 
+    // Templates no instance uses cannot be typed (their shapes depend on
+    // their arguments), but their names can be resolved.
+    let used: HashSet<&str> = model.as_ref().map(|m| m.instances.iter().map(|i| i.template.as_str()).collect()).unwrap_or_default();
+    for l in &file.layers {
+        if !used.contains(l.name.name.as_str()) && model.is_some() {
+            lint_template(l, &templates, &mut diags);
+        }
+    }
+
     let data = match (train_def, &train) {
         (Some(t), _) => select_data(t, train.as_ref().and_then(|t| t.data.as_deref()), &datas, &mut diags),
         _ => None,
@@ -154,12 +176,14 @@ pub fn check(file: &ast::File, prelude: &ast::File) -> (Option<Checked>, Diagnos
         }
     }
     if let (Some(d), Some(m)) = (&data_checked, &model) {
-        config::data_fits_model(d, m, &mut diags);
+        if m.inputs_complete {
+            config::data_fits_model(d, m, &mut diags);
+        }
     }
 
-    let devices = config::devices(&file.devices, &mut diags);
-    let placement = match (&model, &train) {
-        (Some(m), Some(t)) => placement::placement(file.placements.first(), m, t.batch, &devices, &mut diags),
+    let (devices, devices_ok) = config::devices(&file.devices, &mut diags);
+    let placement = match (&model, dims.get("batch")) {
+        (Some(m), Some(&batch)) if devices_ok => placement::placement(file.placements.first(), m, batch, &devices, &mut diags),
         _ => None,
     };
 
@@ -288,6 +312,92 @@ fn collect_names(e: &ast::Expr, f: &mut impl FnMut(&ast::Ident)) {
         }
         ExprKind::List(items) => items.iter().for_each(|x| collect_names(x, f)),
         ExprKind::Call(c) => c.args.iter().for_each(|a| collect_names(&a.value, f)),
+        _ => {}
+    }
+}
+
+/// Name resolution for a template that is never instantiated.
+fn lint_template(l: &ast::LayerDef, templates: &HashMap<String, &ast::LayerDef>, diags: &mut Diagnostics) {
+    let mut names: Vec<String> = l.params.iter().map(|p| p.name.name.clone()).collect();
+    let mut forward = None;
+    for m in &l.members {
+        match m {
+            ast::Member::Param(p) => names.push(p.name.name.clone()),
+            ast::Member::Sublayer(s) => {
+                names.push(s.name.name.clone());
+                if !templates.contains_key(&s.template.name) {
+                    let mut d = Diagnostic::error("names::unknown_layer", format!("no layer template named `{}`", s.template.name)).label(s.template.span, "not a layer template");
+                    if let Some(t) = did_you_mean(&s.template.name, templates.keys().map(String::as_str)) {
+                        d = d.help(format!("did you mean `{t}`?"));
+                    }
+                    diags.push(d);
+                }
+            }
+            ast::Member::Forward(f) => forward = Some(f),
+        }
+    }
+    let check = |e: &ast::Expr, scope: &[String], diags: &mut Diagnostics| {
+        walk_names(e, &mut |id: &ast::Ident, called: bool| {
+            let known = scope.iter().any(|n| *n == id.name)
+                || (called && model::OPS.contains(&id.name.as_str()))
+                || (!called && (model::INITS.contains(&id.name.as_str()) || id.name == "true" || id.name == "false"));
+            if !known {
+                let mut d = Diagnostic::error("names::undefined", format!("cannot find `{}` in this scope", id.name)).label(id.span, "not found");
+                let mut cands: Vec<&str> = scope.iter().map(String::as_str).collect();
+                if called {
+                    cands.extend(model::OPS.iter().copied());
+                }
+                if let Some(s) = did_you_mean(&id.name, cands.iter().copied()) {
+                    d = d.help(format!("did you mean `{s}`?"));
+                }
+                diags.push(d);
+            }
+        });
+    };
+    for m in &l.members {
+        match m {
+            ast::Member::Param(p) => {
+                p.ty.dims.iter().for_each(|d| check(d, &names, diags));
+                if let Some(init) = &p.init {
+                    check(init, &names, diags);
+                }
+            }
+            ast::Member::Sublayer(s) => s.args.iter().for_each(|a| check(&a.value, &names, diags)),
+            ast::Member::Forward(_) => {}
+        }
+    }
+    match forward {
+        None => diags.push(
+            Diagnostic::error("layer::no_forward", format!("layer `{}` has no `forward`", l.name.name))
+                .label(l.name.span, "this template")
+                .help("add `forward(x) = …` saying what the layer computes"),
+        ),
+        Some(f) => {
+            let mut scope = names.clone();
+            scope.extend(f.inputs.iter().map(|i| i.name.clone()));
+            for let_ in &f.lets {
+                check(&let_.value, &scope, diags);
+                scope.push(let_.name.name.clone());
+            }
+            check(&f.ret, &scope, diags);
+        }
+    }
+}
+
+/// Calls `f(name, is_callee)` on the root name of every path and call.
+fn walk_names(e: &ast::Expr, f: &mut impl FnMut(&ast::Ident, bool)) {
+    match &e.kind {
+        ExprKind::Path(p) => f(&p.root, false),
+        ExprKind::Call(c) => {
+            f(&c.callee.root, c.callee.segs.is_empty());
+            c.args.iter().for_each(|a| walk_names(&a.value, f));
+        }
+        ExprKind::Neg(x) => walk_names(x, f),
+        ExprKind::Binary(_, a, b) => {
+            walk_names(a, f);
+            walk_names(b, f);
+        }
+        ExprKind::List(items) => items.iter().for_each(|x| walk_names(x, f)),
         _ => {}
     }
 }

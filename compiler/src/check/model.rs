@@ -93,6 +93,9 @@ pub struct Model {
     /// Units in the order the forward pass first runs them.
     pub forward_order: Vec<Unit>,
     pub loss: Option<Ty>,
+    /// False when an input's type had errors (and the input is missing here).
+    pub inputs_complete: bool,
+    pub name_span: Span,
     pub span: Span,
 }
 
@@ -137,6 +140,9 @@ pub const INITS: &[&str] = &["zeros", "ones", "constant", "glorot_uniform", "glo
 
 const MAX_DEPTH: usize = 48;
 
+/// Distinct layer calls (instance and input types) one forward pass may make.
+const MAX_CALLS: usize = 100_000;
+
 /// An evaluated argument.
 pub(super) struct ArgVal {
     pub name: Option<ast::Ident>,
@@ -166,6 +172,11 @@ pub(super) struct Cx<'a> {
     calls: usize,
     forward_order: Vec<Unit>,
     top_index: HashMap<InstId, Unit>,
+    /// Top-level layers mentioned at model level, called or not.
+    used: HashSet<usize>,
+    /// Results of layer calls by (instance, input types): a layer called
+    /// again with the same types gives the same result and the same errors.
+    memo: HashMap<(InstId, String), Val>,
     pub diags: Diagnostics,
 }
 
@@ -188,11 +199,14 @@ pub fn check_model(
         calls: 0,
         forward_order: Vec::new(),
         top_index: HashMap::new(),
+        used: HashSet::new(),
+        memo: HashMap::new(),
         diags: Diagnostics::default(),
     };
     let mut scope = Scope { model_level: true, ..Scope::default() };
     let mut seen: HashMap<String, Span> = HashMap::new();
     let mut inputs = Vec::new();
+    let mut inputs_complete = true;
     let mut top = Vec::new();
     let mut loss: Option<Ty> = None;
     let mut loss_span: Option<Span> = None;
@@ -219,6 +233,7 @@ pub fn check_model(
                     inputs.push(Input { name: i.name.name.clone(), ty: ty.clone(), span: i.span });
                 } else {
                     scope.vars.insert(i.name.name.clone(), Val::Error);
+                    inputs_complete = false;
                 }
             }
             ast::ModelMember::Layer(l) => {
@@ -289,7 +304,7 @@ pub fn check_model(
         );
     }
     for (i, t) in top.iter().enumerate() {
-        let used = cx.forward_order.iter().any(|u| matches!(u, Unit::Layer(j) | Unit::Elem(j, _) if *j == i));
+        let used = cx.used.contains(&i);
         if !used && loss_span.is_some() {
             cx.diags.push(
                 Diagnostic::warning("model::unused_layer", format!("layer `{}` is never called", t.name))
@@ -306,6 +321,8 @@ pub fn check_model(
         top,
         forward_order: cx.forward_order,
         loss,
+        inputs_complete,
+        name_span: def.name.span,
         span: def.span,
     };
     (model, cx.diags)
@@ -321,7 +338,11 @@ fn duplicate(name: &str, span: Span, prev: Span) -> Diagnostic {
 impl<'a> Cx<'a> {
     /// Reports an error, labelled with the calls it was found inside.
     pub(super) fn err(&mut self, mut d: Diagnostic) {
-        for (span, note) in self.frames.iter().rev() {
+        // The innermost frames say where; the outermost, which call of the
+        // user's started it. Frames between are left out.
+        let n = self.frames.len();
+        let shown = self.frames.iter().enumerate().rev().filter(|(i, _)| *i + 3 >= n || *i == 0).map(|(_, f)| f);
+        for (span, note) in shown {
             if d.labels.iter().all(|l| l.span != *span) {
                 d.labels.push(crate::diag::Label { span: *span, message: note.clone() });
             }
@@ -335,6 +356,19 @@ impl<'a> Cx<'a> {
             }
         }
         self.diags.push(d);
+    }
+
+    fn mark_used(&mut self, v: &Val) {
+        let ids: Vec<InstId> = match v {
+            Val::Layer(id) => vec![*id],
+            Val::Repeat(ids) => ids.clone(),
+            _ => return,
+        };
+        for id in ids {
+            if let Some(Unit::Layer(i) | Unit::Elem(i, _)) = self.top_index.get(&id) {
+                self.used.insert(*i);
+            }
+        }
     }
 
     // -------------------------------------------------------------- instantiation
@@ -419,7 +453,7 @@ impl<'a> Cx<'a> {
         let id = InstId(self.insts.len() as u32);
         self.insts.push(Instance { path: path.to_string(), template: def.name.name.clone(), args: bound.clone(), params: Vec::new(), children: Vec::new(), broken: Vec::new(), span: ctor });
         self.building.push(def.name.name.clone());
-        self.frames.push((ctor, format!("in `{path} = {}(…)`", def.name.name)));
+        self.frames.push((ctor, format!("building `{}` = {}(…)", short_path(path), def.name.name)));
 
         let mut scope = Scope::default();
         for (k, v) in &bound {
@@ -468,6 +502,9 @@ impl<'a> Cx<'a> {
                                 .label(p.ty.dtype.span, "trained parameters must be floats")
                                 .help("declare it as `f32[…]`"),
                         );
+                        scope.vars.insert(p.name.name.clone(), Val::Error);
+                        self.insts[id.0 as usize].broken.push(p.name.name.clone());
+                        continue;
                     }
                     let init = match &p.init {
                         None => Init::Zeros,
@@ -722,6 +759,9 @@ impl<'a> Cx<'a> {
 
     fn lookup(&mut self, name: &str, span: Span, scope: &Scope) -> Val {
         if let Some(v) = scope.vars.get(name) {
+            if scope.model_level {
+                self.mark_used(v);
+            }
             return v.clone();
         }
         if scope.model_level {
@@ -878,6 +918,9 @@ impl<'a> Cx<'a> {
         let callee = if c.callee.segs.is_empty() {
             let name = c.callee.root.name.as_str();
             if let Some(v) = scope.vars.get(name) {
+                if scope.model_level {
+                    self.mark_used(v);
+                }
                 v.clone()
             } else if OPS.contains(&name) {
                 return ops::apply(self, name, c, args);
@@ -947,13 +990,22 @@ impl<'a> Cx<'a> {
                 }
             }
         }
+        let key = (id, args.iter().map(|a| match &a.val {
+            Val::Tensor(t) => t.to_string(),
+            other => other.describe(),
+        }).collect::<Vec<_>>().join(";"));
+        if let Some(v) = self.memo.get(&key) {
+            return v.clone();
+        }
         self.calls += 1;
-        if self.frames.len() >= MAX_DEPTH || self.calls > 1_000_000 {
-            self.err(
-                Diagnostic::error("layer::too_deep", "layer calls nest too deeply")
-                    .label(c.span, "here")
-                    .help("flatten the model"),
-            );
+        if self.frames.len() >= 2 * MAX_DEPTH || self.calls > MAX_CALLS {
+            if self.calls == MAX_CALLS + 1 || self.frames.len() >= 2 * MAX_DEPTH {
+                self.err(
+                    Diagnostic::error("layer::too_deep", format!("the forward pass makes more than {MAX_CALLS} distinct layer calls"))
+                        .label(c.span, "limit reached in this call")
+                        .help("a model this large is beyond what the checker accepts; reduce `repeat` counts"),
+                );
+            }
             return Val::Error;
         }
         let inst = self.insts[id.0 as usize].clone();
@@ -1038,7 +1090,7 @@ impl<'a> Cx<'a> {
         for _ in 0..pushed {
             self.frames.pop();
         }
-        match out {
+        let out = match out {
             Val::Tensor(_) | Val::Error => out,
             other => {
                 self.err(
@@ -1048,8 +1100,19 @@ impl<'a> Cx<'a> {
                 );
                 Val::Error
             }
-        }
+        };
+        self.memo.insert(key, out.clone());
+        out
     }
+}
+
+/// `a.b.c.d.e.f` as `a.….e.f` when long.
+fn short_path(path: &str) -> String {
+    let segs: Vec<&str> = path.split('.').collect();
+    if path.len() <= 40 || segs.len() <= 4 {
+        return path.to_string();
+    }
+    format!("{}.….{}", segs[0], segs[segs.len() - 2..].join("."))
 }
 
 /// A template argument as written back in a label.

@@ -117,7 +117,7 @@ pub(super) fn binary(cx: &mut Cx<'_>, op: BinOp, (a, sa): (Val, Span), (b, sb): 
             }
         }
         (x, y) if number(x).is_some() && number(y).is_some() => {
-            let (x, y) = (number(x).unwrap_or(0.0), number(y).unwrap_or(0.0));
+            let (Some(x), Some(y)) = (number(x), number(y)) else { return Val::Error };
             match op {
                 BinOp::Add => Val::Float(x + y),
                 BinOp::Sub => Val::Float(x - y),

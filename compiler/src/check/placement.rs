@@ -83,7 +83,7 @@ pub(super) fn placement(p: Option<&ast::PlacementDef>, model: &Model, batch: i64
         if devices.len() > 1 {
             diags.push(
                 Diagnostic::error("placement::missing", format!("{} devices are declared but there is no placement", devices.len()))
-                    .label(Span::new(crate::diag::SourceId::USER, 0, 0), "the plan has no `placement`")
+                    .label(devices.iter().find_map(|d| d.span).unwrap_or(Span::new(crate::diag::SourceId::USER, 0, 0)), "several devices, and no `placement` says how to use them")
                     .help(format!(
                         "say how to use them, e.g. `placement {{ mesh (data: {n}) data_parallel over data }}`, or `placement auto {{}}`",
                         n = devices.len()
@@ -204,6 +204,7 @@ impl Checker<'_> {
         };
         let mut mesh: Vec<(String, i64)> = Vec::new();
         let mut axis_spans: Vec<Span> = Vec::new();
+        let axes_before = self.diags.error_count();
         for a in axes {
             if let Some(i) = mesh.iter().position(|(n, _)| *n == a.name.name) {
                 self.diags.push(
@@ -224,9 +225,17 @@ impl Checker<'_> {
             mesh.push((a.name.name.clone(), a.size.max(1)));
             axis_spans.push(a.name.span);
         }
-        let size = mesh.iter().fold(1i64, |acc, (_, s)| acc.saturating_mul(*s));
+        let size = mesh.iter().try_fold(1i64, |acc, (_, s)| acc.checked_mul(*s));
         let n = self.devices.len() as i64;
-        if size != n {
+        let Some(size) = size else {
+            self.diags.push(
+                Diagnostic::error("placement::mesh_size", "the mesh is impossibly large: its size overflows")
+                    .label(mesh_span, "these axis sizes multiply past 2^63")
+                    .help(format!("make the product of the axis sizes equal the {n} devices")),
+            );
+            return None;
+        };
+        if size != n && self.diags.error_count() == axes_before {
             let shape = mesh.iter().map(|(a, s)| format!("{a}: {s}")).collect::<Vec<_>>().join(" × ");
             self.diags.push(
                 Diagnostic::error("placement::mesh_size", format!("the mesh has {size} positions but there are {n} devices"))
@@ -319,8 +328,9 @@ impl Checker<'_> {
                 }
             }
         }
+        let clean = self.diags.error_count() == before;
         for (i, (name, size)) in mesh.iter().enumerate() {
-            if roles[i].is_none() && *size > 1 {
+            if clean && roles[i].is_none() && *size > 1 {
                 self.diags.push(
                     Diagnostic::warning("placement::unused_axis", format!("mesh axis `{name}` is not used: its {size} devices repeat the same work"))
                         .label(axis_spans[i], "never used")
@@ -427,8 +437,16 @@ impl Checker<'_> {
             let p = &self.model.params[pi];
             if axes.len() != p.ty.rank() {
                 self.diags.push(
-                    Diagnostic::error("placement::shard_rank", format!("`{}` is {} with {} dims, but the spec has {} entries", p.path, p.ty, p.ty.rank(), axes.len()))
-                        .label(spec_span, format!("{} entries", axes.len()))
+                    Diagnostic::error("placement::shard_rank", format!(
+                        "`{}` is {} with {} dim{}, but the spec has {} entr{}",
+                        p.path,
+                        p.ty,
+                        p.ty.rank(),
+                        if p.ty.rank() == 1 { "" } else { "s" },
+                        axes.len(),
+                        if axes.len() == 1 { "y" } else { "ies" }
+                    ))
+                        .label(spec_span, format!("{} entr{}", axes.len(), if axes.len() == 1 { "y" } else { "ies" }))
                         .label(path.span, format!("this is {}", p.ty))
                         .help(format!("give one entry per dim, `_` for dims that are not split: ({})", vec!["_"; p.ty.rank()].join(", "))),
                 );
@@ -449,7 +467,13 @@ impl Checker<'_> {
                             format!("dim {d} of `{}` has size {} , which does not divide by the {asize} devices of axis `{aname}`", p.path, dim.size).replace(" ,", ","),
                         )
                         .label(spec[d].span, format!("splits dim {d} ({}) over `{aname}` ({asize})", dim.size))
-                        .label(p.span, format!("declared {} here", p.ty))
+                        .label(
+                            match self.model.instances.get(p.inst.0 as usize).map(|i| i.span).filter(|s| s.src == crate::diag::SourceId::USER) {
+                                Some(inst) => inst,
+                                None => p.span,
+                            },
+                            format!("`{}` is {} here", p.path, p.ty),
+                        )
                         .help(format!(
                             "make dim {d} a multiple of {asize} (nearest: {near}){}",
                             if divisors.is_empty() { String::new() } else { format!(", or split it over an axis of size {}", divisors.join(" or ")) }
@@ -485,10 +509,16 @@ impl Checker<'_> {
         let before = self.diags.error_count();
         let n = mesh[axis].1;
         if p.stages.len() as i64 != n {
+            let mut d = Diagnostic::error("placement::stage_count", format!("pipeline axis `{}` has {n} devices but {} stages are given", mesh[axis].0, p.stages.len()));
+            d = match p.stages.get(n as usize) {
+                Some(extra) => d.label(extra.span, format!("stage {n} is one too many")),
+                None => match p.stages.last() {
+                    Some(last) => d.label(last.span, format!("only {} stage{}", p.stages.len(), if p.stages.len() == 1 { "" } else { "s" })),
+                    None => d.label(p.axis.span, "no stages"),
+                },
+            };
             self.diags.push(
-                Diagnostic::error("placement::stage_count", format!("pipeline axis `{}` has {n} devices but {} stages are given", mesh[axis].0, p.stages.len()))
-                    .label(p.axis.span, format!("{n} devices"))
-                    .label(p.span, format!("{} stages", p.stages.len()))
+                d.label(p.axis.span, format!("{n} devices along `{}`", mesh[axis].0))
                     .help(format!("give exactly {n} `stage` lines, one per device along `{}`", mesh[axis].0)),
             );
         }
@@ -530,7 +560,7 @@ impl Checker<'_> {
         if !missing.is_empty() && self.diags.error_count() == before {
             self.diags.push(
                 Diagnostic::error("placement::stage_missing", format!("{} not in any stage: {}", if missing.len() == 1 { "this layer is" } else { "these layers are" }, missing.join(", ")))
-                    .label(p.span, "stages do not cover the model")
+                    .label(p.stages.last().map(|s| s.span).unwrap_or(p.axis.span), "the stages end here without them")
                     .help(format!("add {} to a stage", missing.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", "))),
             );
         }
@@ -574,7 +604,13 @@ impl Checker<'_> {
             Some(d) if d > 1 => self.batch / d,
             _ => self.batch,
         };
-        if mb < 1 || per_replica % mb != 0 {
+        if mb < 1 {
+            self.diags.push(
+                Diagnostic::error("placement::microbatches_divide", format!("a pipeline needs at least 1 microbatch, found {mb}"))
+                    .label(mb_span, "too few")
+                    .help("use a count that divides the batch, e.g. `microbatches 4`"),
+            );
+        } else if per_replica % mb != 0 {
             let divs: Vec<String> = (1..=per_replica.min(1 << 16)).filter(|k| per_replica % k == 0).map(|k| k.to_string()).collect();
             let near: Vec<String> = {
                 let mut v: Vec<i64> = divs.iter().filter_map(|d| d.parse().ok()).collect();

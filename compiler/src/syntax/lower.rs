@@ -131,9 +131,11 @@ struct Lower {
 }
 
 impl Lower {
+    /// The pair's span without the whitespace and comments pest attaches
+    /// to a rule that ends in a repetition.
     fn span(&self, p: &P<'_>) -> Span {
         let s = p.as_span();
-        Span::new(self.src, s.start(), s.end())
+        Span::new(self.src, s.start(), s.start() + code_end(p.as_str()))
     }
 
     fn kids<'i>(&self, p: P<'i>) -> Kids<'i> {
@@ -147,7 +149,7 @@ impl Lower {
             .help("this is a bug in shardplan; please report it with the file")
     }
 
-    fn expect(&self, p: &P<'_>, rule: Rule) -> R<()> {
+    fn want_rule(&self, p: &P<'_>, rule: Rule) -> R<()> {
         if p.as_rule() == rule {
             Ok(())
         } else {
@@ -156,12 +158,12 @@ impl Lower {
     }
 
     fn ident(&self, p: P<'_>) -> R<Ident> {
-        self.expect(&p, Rule::ident)?;
+        self.want_rule(&p, Rule::ident)?;
         Ok(Ident { name: p.as_str().to_string(), span: self.span(&p) })
     }
 
     fn int(&self, p: P<'_>) -> R<i64> {
-        self.expect(&p, Rule::int)?;
+        self.want_rule(&p, Rule::int)?;
         let digits: String = p.as_str().chars().filter(|c| *c != '_').collect();
         digits.parse::<i64>().map_err(|_| {
             Diagnostic::error("syntax::bad_number", "integer is too large")
@@ -217,7 +219,7 @@ impl Lower {
     }
 
     fn tensor_type(&self, p: P<'_>) -> R<TensorType> {
-        self.expect(&p, Rule::tensor_type)?;
+        self.want_rule(&p, Rule::tensor_type)?;
         let span = self.span(&p);
         let mut k = self.kids(p);
         let dtype = self.ident(k.req()?)?;
@@ -243,7 +245,7 @@ impl Lower {
             }
             _ => (None, ctor),
         };
-        self.expect(&ctor, Rule::layer_ctor)?;
+        self.want_rule(&ctor, Rule::layer_ctor)?;
         let call = self.call(self.kids(ctor).req()?)?;
         let template = match call.callee.as_name() {
             Some(id) => id.clone(),
@@ -322,7 +324,7 @@ impl Lower {
     // ------------------------------------------------------------ expressions
 
     fn expr(&self, p: P<'_>) -> R<Expr> {
-        self.expect(&p, Rule::expr)?;
+        self.want_rule(&p, Rule::expr)?;
         let lw = *self;
         // Depth is tracked as the tree is built: later passes recurse over
         // it, so a chain of ten thousand `+` must stop here, not overflow.
@@ -403,7 +405,7 @@ impl Lower {
     }
 
     fn call(&self, p: P<'_>) -> R<Call> {
-        self.expect(&p, Rule::call)?;
+        self.want_rule(&p, Rule::call)?;
         let span = self.span(&p);
         let mut k = self.kids(p);
         let callee = self.path(k.req()?)?;
@@ -423,7 +425,7 @@ impl Lower {
     }
 
     fn path(&self, p: P<'_>) -> R<Path> {
-        self.expect(&p, Rule::path)?;
+        self.want_rule(&p, Rule::path)?;
         let span = self.span(&p);
         let mut k = self.kids(p);
         let root = self.ident(k.req()?)?;
@@ -452,7 +454,7 @@ impl Lower {
     }
 
     fn quantity(&self, p: P<'_>) -> R<Quantity> {
-        self.expect(&p, Rule::quantity)?;
+        self.want_rule(&p, Rule::quantity)?;
         let span = self.span(&p);
         let mut k = self.kids(p);
         let num = k.req()?;
@@ -625,4 +627,38 @@ fn unescape(s: &str) -> String {
         }
     }
     out
+}
+
+/// Length of `text` up to the end of its last character of code (not
+/// whitespace, not a comment).
+fn code_end(text: &str) -> usize {
+    let b = text.as_bytes();
+    let (mut i, mut last) = (0, 0);
+    while i < b.len() {
+        match b[i] {
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i = text[i + 2..].find("*/").map(|e| i + e + 4).unwrap_or(b.len());
+            }
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i = (i + 1).min(b.len());
+                last = i;
+            }
+            c if c.is_ascii_whitespace() => i += 1,
+            _ => {
+                i += 1;
+                last = i;
+            }
+        }
+    }
+    // A multi-byte character's tail bytes are "code" too, so `last` ends on a boundary.
+    last
 }

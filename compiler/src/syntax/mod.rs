@@ -71,7 +71,7 @@ fn prescan(src: SourceId, text: &str) -> Result<(), Diagnostics> {
                 if j >= bytes.len() || bytes[j] != b'"' {
                     return Err(Diagnostic::error("syntax::unterminated_string", "string is never closed")
                         .label(Span::new(src, i, i + 1), "this string has no closing `\"` on its line")
-                        .help("add a `\"` where the string ends")
+                        .help("add a `\"` where the string ends; an odd number of quotes on this line means one is missing, possibly earlier")
                         .into());
                 }
                 i = j + 1;
@@ -247,7 +247,7 @@ fn describe_literal(tok: &str) -> Option<String> {
     match tok {
         " " | "\t" | "\r" | "\n" | "\u{FEFF}" | "//" | "/*" | "*/" | "\"" | "\\" | "e" | "E" | "_" => None,
         // Keywords are spelt by their rules; the bare words are internal to them.
-        t if t.chars().all(|c| c.is_ascii_alphabetic() || c == '_') && t.len() > 1 => None,
+        t if t.chars().all(|c| c.is_ascii_alphabetic() || c == '_') => None,
         t => Some(format!("`{t}`")),
     }
 }
