@@ -8,7 +8,7 @@
 //! shapes it was called with.
 
 use super::ops;
-use super::types::{DType, Dim, InstId, Ty, Val};
+use super::types::{DType, Dim, InstId, Prim, TId, TraceOp, Ty, Val};
 use crate::diag::{did_you_mean, Diagnostic, Diagnostics, SourceId, Span};
 use crate::syntax::ast::{self, BinOp, ExprKind, Index, PathSeg};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -33,6 +33,8 @@ pub struct Param {
     pub ty: Ty,
     pub init: Init,
     pub inst: InstId,
+    /// Its node in the trace.
+    pub node: TId,
     /// The `param` declaration.
     pub span: Span,
 }
@@ -93,6 +95,11 @@ pub struct Model {
     /// Units in the order the forward pass first runs them.
     pub forward_order: Vec<Unit>,
     pub loss: Option<Ty>,
+    /// The forward pass as a list of primitive operations; arguments refer
+    /// to earlier entries, so the list is in a valid execution order.
+    pub trace: Vec<TraceOp>,
+    /// The loss's entry in the trace.
+    pub loss_node: Option<TId>,
     /// False when an input's type had errors (and the input is missing here).
     pub inputs_complete: bool,
     pub name_span: Span,
@@ -177,6 +184,7 @@ pub(super) struct Cx<'a> {
     /// Results of layer calls by (instance, input types): a layer called
     /// again with the same types gives the same result and the same errors.
     memo: HashMap<(InstId, String), Val>,
+    trace: Vec<TraceOp>,
     pub diags: Diagnostics,
 }
 
@@ -201,6 +209,7 @@ pub fn check_model(
         top_index: HashMap::new(),
         used: HashSet::new(),
         memo: HashMap::new(),
+        trace: Vec::new(),
         diags: Diagnostics::default(),
     };
     let mut scope = Scope { model_level: true, ..Scope::default() };
@@ -209,6 +218,7 @@ pub fn check_model(
     let mut inputs_complete = true;
     let mut top = Vec::new();
     let mut loss: Option<Ty> = None;
+    let mut loss_node: Option<TId> = None;
     let mut loss_span: Option<Span> = None;
 
     for m in &def.members {
@@ -229,7 +239,8 @@ pub fn check_model(
             ast::ModelMember::Input(i) => {
                 let ty = cx.tensor_type(&i.ty, &scope);
                 if let Some(ty) = &ty {
-                    scope.vars.insert(i.name.name.clone(), Val::Tensor(ty.clone()));
+                    let v = cx.emit(Prim::Input(inputs.len()), Vec::new(), ty.clone());
+                    scope.vars.insert(i.name.name.clone(), v);
                     inputs.push(Input { name: i.name.name.clone(), ty: ty.clone(), span: i.span });
                 } else {
                     scope.vars.insert(i.name.name.clone(), Val::Error);
@@ -273,8 +284,11 @@ pub fn check_model(
                 }
                 loss_span = Some(*span);
                 match cx.eval(e, &mut scope) {
-                    Val::Tensor(t) if t.rank() == 0 && t.dtype.is_float() => loss = Some(t),
-                    Val::Tensor(t) => {
+                    Val::Tensor(t, id) if t.rank() == 0 && t.dtype.is_float() => {
+                        loss = Some(t);
+                        loss_node = Some(id);
+                    }
+                    Val::Tensor(t, _) => {
                         let help = if t.dtype.is_float() {
                             "reduce it to a scalar, e.g. `loss mean(…)`, or use `cross_entropy`/`mse`, which return scalars"
                         } else {
@@ -321,6 +335,8 @@ pub fn check_model(
         top,
         forward_order: cx.forward_order,
         loss,
+        trace: cx.trace,
+        loss_node,
         inputs_complete,
         name_span: def.name.span,
         span: def.span,
@@ -356,6 +372,13 @@ impl<'a> Cx<'a> {
             }
         }
         self.diags.push(d);
+    }
+
+    /// Appends `prim(args) : ty` to the trace.
+    pub(super) fn emit(&mut self, prim: Prim, args: Vec<TId>, ty: Ty) -> Val {
+        let id = TId(self.trace.len() as u32);
+        self.trace.push(TraceOp { prim, args, ty: ty.clone() });
+        Val::Tensor(ty, id)
     }
 
     fn mark_used(&mut self, v: &Val) {
@@ -511,9 +534,11 @@ impl<'a> Cx<'a> {
                         Some(e) => self.init(e, &mut scope).unwrap_or(Init::Zeros),
                     };
                     let idx = self.params.len();
-                    self.params.push(Param { path: format!("{path}.{}", p.name.name), ty: ty.clone(), init, inst: id, span: p.span });
+                    let node = self.emit(Prim::Param(idx), Vec::new(), ty.clone());
+                    let Val::Tensor(_, node_id) = node else { continue };
+                    self.params.push(Param { path: format!("{path}.{}", p.name.name), ty, init, inst: id, node: node_id, span: p.span });
                     self.insts[id.0 as usize].params.push(idx);
-                    scope.vars.insert(p.name.name.clone(), Val::Tensor(ty));
+                    scope.vars.insert(p.name.name.clone(), node);
                 }
                 ast::Member::Sublayer(s) => {
                     let child = self.build_child(s, &scope, &format!("{path}.{}", s.name.name));
@@ -810,7 +835,7 @@ impl<'a> Cx<'a> {
             ExprKind::Neg(x) => match self.eval(x, scope) {
                 Val::Int(i, _) => Val::Int(i.saturating_neg(), None),
                 Val::Float(f) => Val::Float(-f),
-                Val::Tensor(t) => Val::Tensor(t),
+                Val::Tensor(t, id) => self.emit(Prim::Neg, vec![id], t),
                 Val::Error => Val::Error,
                 other => {
                     self.err(
@@ -853,7 +878,7 @@ impl<'a> Cx<'a> {
                             Child::Repeat(v) => Val::Repeat(v.clone()),
                         }
                     } else if let Some(&pi) = inst.params.iter().find(|&&pi| self.params[pi].path.rsplit('.').next() == Some(f.name.as_str())) {
-                        Val::Tensor(self.params[pi].ty.clone())
+                        Val::Tensor(self.params[pi].ty.clone(), self.params[pi].node)
                     } else {
                         let mut names: Vec<String> = inst.children.iter().map(|(n, _)| n.clone()).collect();
                         names.extend(inst.params.iter().filter_map(|&pi| self.params[pi].path.rsplit('.').next().map(str::to_string)));
@@ -991,7 +1016,7 @@ impl<'a> Cx<'a> {
             }
         }
         let key = (id, args.iter().map(|a| match &a.val {
-            Val::Tensor(t) => t.to_string(),
+            Val::Tensor(_, t) => format!("#{}", t.0),
             other => other.describe(),
         }).collect::<Vec<_>>().join(";"));
         if let Some(v) = self.memo.get(&key) {
@@ -1039,7 +1064,7 @@ impl<'a> Cx<'a> {
         for &pi in &inst.params {
             let p = &self.params[pi];
             let short = p.path.rsplit('.').next().unwrap_or(&p.path).to_string();
-            scope.vars.insert(short, Val::Tensor(p.ty.clone()));
+            scope.vars.insert(short, Val::Tensor(p.ty.clone(), p.node));
         }
         for n in &inst.broken {
             scope.vars.insert(n.clone(), Val::Error);
@@ -1054,7 +1079,7 @@ impl<'a> Cx<'a> {
         let mut shown = Vec::new();
         for (name, a) in fwd.inputs.iter().zip(args) {
             match &a.val {
-                Val::Tensor(t) => shown.push(format!("{}: {t}", name.name)),
+                Val::Tensor(t, _) => shown.push(format!("{}: {t}", name.name)),
                 Val::Error => return Val::Error,
                 other => {
                     self.err(
@@ -1091,7 +1116,7 @@ impl<'a> Cx<'a> {
             self.frames.pop();
         }
         let out = match out {
-            Val::Tensor(_) | Val::Error => out,
+            Val::Tensor(..) | Val::Error => out,
             other => {
                 self.err(
                     Diagnostic::error("type::not_a_tensor", format!("a forward returns a tensor, found {}", other.describe()))

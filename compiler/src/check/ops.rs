@@ -5,7 +5,7 @@
 //! involved with its inferred type.
 
 use super::model::{number, ArgVal, Cx};
-use super::types::{Dim, Ty, Val};
+use super::types::{Dim, Prim, TId, Ty, Val};
 use crate::diag::{did_you_mean, Diagnostic, Span};
 use crate::syntax::ast::{self, BinOp};
 
@@ -130,12 +130,12 @@ pub(super) fn binary(cx: &mut Cx<'_>, op: BinOp, (a, sa): (Val, Span), (b, sb): 
                 BinOp::MatMul => not_tensors(cx, op, &a, sa, &b, sb),
             }
         }
-        (Val::Tensor(t), n) | (n, Val::Tensor(t)) if number(n).is_some() => {
+        (Val::Tensor(t, tid), n) | (n, Val::Tensor(t, tid)) if number(n).is_some() => {
             if op == BinOp::MatMul {
                 return not_tensors(cx, op, &a, sa, &b, sb);
             }
             if matches!(n, Val::Float(_)) && !t.dtype.is_float() {
-                let tspan = if matches!(a, Val::Tensor(_)) { sa } else { sb };
+                let tspan = if matches!(a, Val::Tensor(..)) { sa } else { sb };
                 cx.err(
                     Diagnostic::error("dtype::mismatch", format!("cannot {} integer tensor {t} and a float", op.verb()))
                         .label(tspan, format!("this is {t}"))
@@ -143,9 +143,12 @@ pub(super) fn binary(cx: &mut Cx<'_>, op: BinOp, (a, sa): (Val, Span), (b, sb): 
                 );
                 return Val::Error;
             }
-            Val::Tensor(t.clone())
+            let (t, tid) = (t.clone(), *tid);
+            let Val::Tensor(_, cid) = cx.emit(Prim::Const(number(n).unwrap_or_default()), Vec::new(), Ty::scalar(t.dtype)) else { return Val::Error };
+            let args = if matches!(a, Val::Tensor(..)) { vec![tid, cid] } else { vec![cid, tid] };
+            cx.emit(binary_prim(op), args, t)
         }
-        (Val::Tensor(x), Val::Tensor(y)) => {
+        (Val::Tensor(x, xid), Val::Tensor(y, yid)) => {
             if x.dtype != y.dtype {
                 cx.err(
                     Diagnostic::error("dtype::mismatch", format!("cannot {} {} and {}: dtypes differ", op.verb(), x.dtype, y.dtype))
@@ -156,10 +159,10 @@ pub(super) fn binary(cx: &mut Cx<'_>, op: BinOp, (a, sa): (Val, Span), (b, sb): 
                 return Val::Error;
             }
             if op == BinOp::MatMul {
-                return matmul(cx, x, sa, y, sb);
+                return matmul(cx, (x, *xid), sa, (y, *yid), sb);
             }
             match broadcast(&x.shape, &y.shape) {
-                Ok(shape) => Val::Tensor(Ty::new(x.dtype, shape)),
+                Ok(shape) => cx.emit(binary_prim(op), vec![*xid, *yid], Ty::new(x.dtype, shape)),
                 Err((i, j)) => {
                     cx.err(
                         Diagnostic::error("shape::broadcast", format!("cannot {} {x} and {y}: shapes do not broadcast", op.verb()))
@@ -175,6 +178,16 @@ pub(super) fn binary(cx: &mut Cx<'_>, op: BinOp, (a, sa): (Val, Span), (b, sb): 
             }
         }
         _ => not_tensors(cx, op, &a, sa, &b, sb),
+    }
+}
+
+fn binary_prim(op: BinOp) -> Prim {
+    match op {
+        BinOp::Add => Prim::Add,
+        BinOp::Sub => Prim::Sub,
+        BinOp::Mul => Prim::Mul,
+        BinOp::Div => Prim::Div,
+        BinOp::MatMul => Prim::MatMul,
     }
 }
 
@@ -210,7 +223,7 @@ pub fn broadcast(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>, (usize, usize)> {
     Ok(out)
 }
 
-fn matmul(cx: &mut Cx<'_>, x: &Ty, sa: Span, y: &Ty, sb: Span) -> Val {
+fn matmul(cx: &mut Cx<'_>, (x, xid): (&Ty, TId), sa: Span, (y, yid): (&Ty, TId), sb: Span) -> Val {
     if x.rank() < 2 || y.rank() < 2 {
         let (bad, span) = if x.rank() < 2 { (x, sa) } else { (y, sb) };
         cx.err(
@@ -253,7 +266,7 @@ fn matmul(cx: &mut Cx<'_>, x: &Ty, sa: Span, y: &Ty, sb: Span) -> Val {
     let mut shape = batch;
     shape.push(x.shape[x.rank() - 2].clone());
     shape.push(y.shape[y.rank() - 1].clone());
-    Val::Tensor(Ty::new(x.dtype, shape))
+    cx.emit(Prim::MatMul, vec![xid, yid], Ty::new(x.dtype, shape))
 }
 
 /// A call of primitive op `name`.
@@ -306,17 +319,25 @@ pub(super) fn apply(cx: &mut Cx<'_>, name: &str, c: &ast::Call, args: Vec<ArgVal
                 }
             }
             let Some(x) = a.float_tensor(0) else { return Val::Error };
-            Val::Tensor(x)
+            let prim = match name {
+                "relu" => Prim::Relu,
+                "gelu" => Prim::Gelu,
+                "tanh" => Prim::Tanh,
+                "sigmoid" => Prim::Sigmoid,
+                "exp" => Prim::Exp,
+                "log" => Prim::Log,
+                _ => Prim::Sqrt,
+            };
+            a.emit(prim, &[0], x)
         }
         "softmax" | "log_softmax" => {
             let Some(x) = a.float_tensor(0) else { return Val::Error };
             if x.rank() == 0 {
                 return a.rank_error(0, &x, "a tensor of rank 1 or more");
             }
-            if a.axis(1, &x, -1).is_none() {
-                return Val::Error;
-            }
-            Val::Tensor(x)
+            let Some(axis) = a.axis(1, &x, -1) else { return Val::Error };
+            let prim = if name == "softmax" { Prim::Softmax { axis } } else { Prim::LogSoftmax { axis } };
+            a.emit(prim, &[0], x)
         }
         "layer_norm" => {
             let Some(x) = a.float_tensor(0) else { return Val::Error };
@@ -337,10 +358,8 @@ pub(super) fn apply(cx: &mut Cx<'_>, name: &str, c: &ast::Call, args: Vec<ArgVal
                     return Val::Error;
                 }
             }
-            if a.number(3, 1e-5).is_none() {
-                return Val::Error;
-            }
-            Val::Tensor(x)
+            let Some(eps) = a.number(3, 1e-5) else { return Val::Error };
+            a.emit(Prim::LayerNorm { eps }, &[0, 1, 2], x)
         }
         "sum" | "mean" | "max" => {
             let Some(x) = a.tensor(0) else { return Val::Error };
@@ -390,7 +409,13 @@ pub(super) fn apply(cx: &mut Cx<'_>, name: &str, c: &ast::Call, args: Vec<ArgVal
                     (true, false) => None,
                 })
                 .collect();
-            Val::Tensor(Ty::new(x.dtype, shape))
+            let (axes, keepdims) = (axes.clone(), keep);
+            let prim = match name {
+                "sum" => Prim::Sum { axes, keepdims },
+                "mean" => Prim::Mean { axes, keepdims },
+                _ => Prim::Max { axes, keepdims },
+            };
+            a.emit(prim, &[0], Ty::new(x.dtype, shape))
         }
         "reshape" => {
             let Some(x) = a.tensor(0) else { return Val::Error };
@@ -442,7 +467,7 @@ pub(super) fn apply(cx: &mut Cx<'_>, name: &str, c: &ast::Call, args: Vec<ArgVal
                 return Val::Error;
             }
             let shape = dims.into_iter().map(|d| d.unwrap_or_else(|| Dim::known(total / known))).collect();
-            Val::Tensor(Ty::new(x.dtype, shape))
+            a.emit(Prim::Reshape, &[0], Ty::new(x.dtype, shape))
         }
         "transpose" => {
             let Some(x) = a.tensor(0) else { return Val::Error };
@@ -454,7 +479,9 @@ pub(super) fn apply(cx: &mut Cx<'_>, name: &str, c: &ast::Call, args: Vec<ArgVal
                     let mut shape = x.shape.clone();
                     let r = shape.len();
                     shape.swap(r - 1, r - 2);
-                    Val::Tensor(Ty::new(x.dtype, shape))
+                    let mut perm: Vec<usize> = (0..r).collect();
+                    perm.swap(r - 1, r - 2);
+                    a.emit(Prim::Transpose { perm }, &[0], Ty::new(x.dtype, shape))
                 }
                 Some((Val::List(items), ls)) => {
                     let mut perm = Vec::new();
@@ -472,7 +499,8 @@ pub(super) fn apply(cx: &mut Cx<'_>, name: &str, c: &ast::Call, args: Vec<ArgVal
                         );
                         return Val::Error;
                     }
-                    Val::Tensor(Ty::new(x.dtype, perm.iter().map(|&i| x.shape[i].clone()).collect()))
+                    let ty = Ty::new(x.dtype, perm.iter().map(|&i| x.shape[i].clone()).collect());
+                    a.emit(Prim::Transpose { perm }, &[0], ty)
                 }
                 Some((v, s)) => {
                     a.cx.err(
@@ -502,7 +530,7 @@ pub(super) fn apply(cx: &mut Cx<'_>, name: &str, c: &ast::Call, args: Vec<ArgVal
             }
             let mut shape = ids.shape.clone();
             shape.push(table.shape[1].clone());
-            Val::Tensor(Ty::new(table.dtype, shape))
+            a.emit(Prim::Embedding, &[0, 1], Ty::new(table.dtype, shape))
         }
         "causal_attention" => {
             let Some(q) = a.float_tensor(0) else { return Val::Error };
@@ -548,7 +576,7 @@ pub(super) fn apply(cx: &mut Cx<'_>, name: &str, c: &ast::Call, args: Vec<ArgVal
                 );
                 return Val::Error;
             }
-            Val::Tensor(q)
+            a.emit(Prim::CausalAttention { heads: heads as usize }, &[0, 1, 2], q)
         }
         "cross_entropy" => {
             let Some(logits) = a.float_tensor(0) else { return Val::Error };
@@ -577,7 +605,7 @@ pub(super) fn apply(cx: &mut Cx<'_>, name: &str, c: &ast::Call, args: Vec<ArgVal
                 );
                 return Val::Error;
             }
-            Val::Tensor(Ty::scalar(logits.dtype))
+            a.emit(Prim::CrossEntropy, &[0, 1], Ty::scalar(logits.dtype))
         }
         "mse" => {
             let Some(p) = a.float_tensor(0) else { return Val::Error };
@@ -592,7 +620,7 @@ pub(super) fn apply(cx: &mut Cx<'_>, name: &str, c: &ast::Call, args: Vec<ArgVal
                 );
                 return Val::Error;
             }
-            Val::Tensor(Ty::scalar(p.dtype))
+            a.emit(Prim::Mse, &[0, 1], Ty::scalar(p.dtype))
         }
         _ => Val::Error,
     }
@@ -627,9 +655,21 @@ impl Args<'_, '_> {
         self.slots[i].as_ref().map(|(_, s)| *s).unwrap_or(Span::new(crate::diag::SourceId::USER, 0, 0))
     }
 
+    /// Emits the result of this op, taking the tensors in `slots` as arguments.
+    fn emit(&mut self, prim: Prim, slots: &[usize], ty: Ty) -> Val {
+        let mut args = Vec::with_capacity(slots.len());
+        for &i in slots {
+            match &self.slots[i] {
+                Some((Val::Tensor(_, id), _)) => args.push(*id),
+                _ => return Val::Error,
+            }
+        }
+        self.cx.emit(prim, args, ty)
+    }
+
     fn tensor(&mut self, i: usize) -> Option<Ty> {
         match self.slots[i].clone() {
-            Some((Val::Tensor(t), _)) => Some(t),
+            Some((Val::Tensor(t, _), _)) => Some(t),
             Some((Val::Error, _)) | None => None,
             Some((v, s)) => {
                 self.cx.err(

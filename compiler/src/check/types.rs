@@ -138,6 +138,60 @@ impl fmt::Display for Ty {
     }
 }
 
+/// A tensor computed by the forward pass (index into `Model::trace`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct TId(pub u32);
+
+/// A primitive operation of the forward pass, with its attributes resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prim {
+    /// Model input `i`.
+    Input(usize),
+    /// Parameter `i` of `Model::params`.
+    Param(usize),
+    /// A number, as a rank-0 tensor of the node's dtype.
+    Const(f64),
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Neg,
+    MatMul,
+    Relu,
+    Gelu,
+    Tanh,
+    Sigmoid,
+    Exp,
+    Log,
+    Sqrt,
+    Softmax { axis: usize },
+    LogSoftmax { axis: usize },
+    /// (x, gamma, beta) over the last axis.
+    LayerNorm { eps: f64 },
+    Sum { axes: Vec<usize>, keepdims: bool },
+    Mean { axes: Vec<usize>, keepdims: bool },
+    Max { axes: Vec<usize>, keepdims: bool },
+    /// To the node's shape.
+    Reshape,
+    Transpose { perm: Vec<usize> },
+    /// (table, ids)
+    Embedding,
+    /// (q, k, v)
+    CausalAttention { heads: usize },
+    /// (logits, labels): mean over all label positions.
+    CrossEntropy,
+    /// (pred, target): mean squared error.
+    Mse,
+}
+
+/// One step of the forward pass: `prim(args) : ty`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TraceOp {
+    pub prim: Prim,
+    pub args: Vec<TId>,
+    pub ty: Ty,
+}
+
 /// An instance of a layer in the model's tree (index into `Model::instances`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct InstId(pub u32);
@@ -151,7 +205,7 @@ pub enum Val {
     Str(String),
     Range(Option<i64>, Option<i64>),
     List(Vec<(Val, Span)>),
-    Tensor(Ty),
+    Tensor(Ty, TId),
     /// A layer instance, callable.
     Layer(InstId),
     /// A `repeat` stack, callable: its instances applied in order.
@@ -174,7 +228,7 @@ impl Val {
             Val::Str(s) => format!("the string {s:?}"),
             Val::Range(..) => "a range".into(),
             Val::List(_) => "a list".into(),
-            Val::Tensor(t) => format!("a tensor {t}"),
+            Val::Tensor(t, _) => format!("a tensor {t}"),
             Val::Layer(_) => "a layer".into(),
             Val::Repeat(_) => "a repeated layer".into(),
             Val::Name(n) => format!("`{n}`"),
