@@ -5,8 +5,11 @@
 //! stage's product. The compiler does no IO: sources come in as text,
 //! diagnostics go out as values, and the CLI renders them.
 
+pub mod autodiff;
 pub mod check;
 pub mod diag;
+pub mod graph;
+pub mod interp;
 pub mod syntax;
 
 pub use check::Checked;

@@ -1,1 +1,7 @@
+//! The shardplan runtime: what runs a compiled plan.
+//!
+//! Data loading and checkpoints live here; backends, transport, collectives
+//! and the executor join them as the compiler grows the stages that feed them.
 
+pub mod checkpoint;
+pub mod data;

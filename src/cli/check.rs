@@ -16,6 +16,33 @@ struct JsonFile {
     summary: Option<Vec<(String, String)>>,
 }
 
+/// Reads and checks one plan file, printing its diagnostics (warnings
+/// included) to stderr. Returns the checked plan when it has no errors.
+pub fn load(path: &std::path::Path, color: bool) -> Option<Checked> {
+    let name = path.display().to_string();
+    let (sources, checked, diags) = match std::fs::read(path) {
+        Ok(bytes) => {
+            let (checked, diags) = shardplan_compiler::check_source(&bytes);
+            (Sources::new(&name, String::from_utf8_lossy(&bytes).into_owned()), checked, diags.into_vec())
+        }
+        Err(e) => {
+            let d = Diagnostic::error("io::read", format!("cannot read `{name}`: {e}"))
+                .label(Span::new(SourceId::USER, 0, 0), "could not be read")
+                .help("check the path and its permissions");
+            (Sources::new(&name, String::new()), None, vec![d])
+        }
+    };
+    for d in &diags {
+        eprint!("{}", render::human(d, &sources, color));
+        eprintln!();
+    }
+    let errors = diags.iter().filter(|d| d.is_error()).count();
+    if errors > 0 {
+        eprintln!("{name}: {errors} error{}", if errors == 1 { "" } else { "s" });
+    }
+    checked.filter(|_| errors == 0)
+}
+
 pub fn run(files: &[PathBuf], format: Format, color: bool) -> ExitCode {
     let mut failed = false;
     let mut json_out = Vec::new();

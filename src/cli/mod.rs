@@ -4,6 +4,7 @@
 //! 2 the command line is wrong.
 
 mod check;
+mod inspect;
 pub mod render;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -30,6 +31,20 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
     },
+    /// Show what the compiler makes of a plan.
+    Inspect {
+        /// The plan file.
+        file: std::path::PathBuf,
+        /// Print the training graph (forward, backward and update) in this format.
+        #[arg(long, value_enum)]
+        graph: Option<GraphFormat>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GraphFormat {
+    /// Graphviz DOT.
+    Dot,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -53,5 +68,6 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     match cli.command {
         Command::Check { files, format } => check::run(&files, format, color),
+        Command::Inspect { file, graph } => inspect::run(&file, graph, color),
     }
 }

@@ -16,7 +16,8 @@ pub mod types;
 pub use config::{Data, DataSource, Device, DeviceKind, Length, LrSchedule, Optimizer, RowRange, Train};
 pub use model::{Child, Init, Input, Instance, Model, Param, TopLayer, Unit};
 pub use placement::{Explicit, Objective, Pipeline, Placement, Schedule, Shard};
-pub use types::{DType, Dim, InstId, Ty};
+pub use ops::broadcast as broadcast_shapes;
+pub use types::{DType, Dim, InstId, Prim, TId, TraceOp, Ty};
 
 use crate::diag::{did_you_mean, Diagnostic, Diagnostics, SourceId, Span};
 use crate::syntax::ast::{self, ExprKind};
@@ -338,7 +339,7 @@ fn lint_template(l: &ast::LayerDef, templates: &HashMap<String, &ast::LayerDef>,
     }
     let check = |e: &ast::Expr, scope: &[String], diags: &mut Diagnostics| {
         walk_names(e, &mut |id: &ast::Ident, called: bool| {
-            let known = scope.iter().any(|n| *n == id.name)
+            let known = scope.contains(&id.name)
                 || (called && model::OPS.contains(&id.name.as_str()))
                 || (!called && (model::INITS.contains(&id.name.as_str()) || id.name == "true" || id.name == "false"));
             if !known {

@@ -1,0 +1,214 @@
+//! Backward rules, one arm per op: given a node and the gradient `dy` of
+//! its result, the gradient contributions to its operands.
+//!
+//! Operands that are not differentiable (integer inputs, labels, ids,
+//! constants) get no contribution. Broadcasting in the forward op becomes a
+//! `SumTo` in the backward one.
+
+use crate::check::{Dim, Ty};
+use crate::graph::{differentiable, Graph, NodeId, Op, Role};
+
+const B: Role = Role::Backward;
+
+fn ty(g: &Graph, id: NodeId) -> Ty {
+    g.node(id).ty.clone()
+}
+
+fn konst(g: &mut Graph, v: f64, like: NodeId) -> NodeId {
+    let dt = g.node(like).ty.dtype;
+    g.add(Op::Const(v), &[], Ty::scalar(dt), B)
+}
+
+/// `d` summed down to the shape of `target` (no node when already equal).
+fn sum_to(g: &mut Graph, d: NodeId, target: NodeId) -> NodeId {
+    let t = ty(g, target);
+    if g.node(d).ty.shape == t.shape && g.node(d).ty.rank() == t.rank() {
+        return d;
+    }
+    g.add(Op::SumTo, &[d], t, B)
+}
+
+/// The last two axes swapped.
+fn swap_last(g: &mut Graph, x: NodeId) -> NodeId {
+    let t = ty(g, x);
+    let r = t.rank();
+    let mut perm: Vec<usize> = (0..r).collect();
+    perm.swap(r - 1, r - 2);
+    let shape: Vec<Dim> = perm.iter().map(|&i| t.shape[i].clone()).collect();
+    g.add(Op::Transpose { perm }, &[x], Ty::new(t.dtype, shape), B)
+}
+
+/// `a @ b` with the result's batch dims broadcast.
+fn matmul(g: &mut Graph, a: NodeId, b: NodeId) -> NodeId {
+    let (ta, tb) = (ty(g, a), ty(g, b));
+    let (ra, rb) = (ta.rank(), tb.rank());
+    let batch = crate::check::broadcast_shapes(&ta.shape[..ra - 2], &tb.shape[..rb - 2]).unwrap_or_default();
+    let mut shape = batch;
+    shape.push(ta.shape[ra - 2].clone());
+    shape.push(tb.shape[rb - 1].clone());
+    g.add(Op::MatMul, &[a, b], Ty::new(ta.dtype, shape), B)
+}
+
+/// Gradient contributions of node `id` (operands `args`) given `dy`.
+pub(super) fn vjp(g: &mut Graph, id: NodeId, args: &[NodeId], dy: NodeId) -> Vec<(NodeId, NodeId)> {
+    let op = g.node(id).op.clone();
+    let out = ty(g, id);
+    let wants = |g: &Graph, a: NodeId| differentiable(g.node(a).ty.dtype) && !matches!(g.node(a).op, Op::Const(_) | Op::Input(_) | Op::Hyper(_));
+    let mut res: Vec<(NodeId, NodeId)> = Vec::new();
+    match op {
+        Op::Input(_) | Op::Param(_) | Op::State(_) | Op::Hyper(_) | Op::Const(_) => {}
+        Op::Add | Op::Sub => {
+            if wants(g, args[0]) {
+                let d = sum_to(g, dy, args[0]);
+                res.push((args[0], d));
+            }
+            if wants(g, args[1]) {
+                let d = if op == Op::Sub { g.add(Op::Neg, &[dy], out.clone(), B) } else { dy };
+                let d = sum_to(g, d, args[1]);
+                res.push((args[1], d));
+            }
+        }
+        Op::Mul => {
+            for (i, other) in [(0, 1), (1, 0)] {
+                if wants(g, args[i]) {
+                    let d = g.add(Op::Mul, &[dy, args[other]], out.clone(), B);
+                    let d = sum_to(g, d, args[i]);
+                    res.push((args[i], d));
+                }
+            }
+        }
+        Op::Div => {
+            if wants(g, args[0]) {
+                let d = g.add(Op::Div, &[dy, args[1]], out.clone(), B);
+                let d = sum_to(g, d, args[0]);
+                res.push((args[0], d));
+            }
+            if wants(g, args[1]) {
+                // d(a/b)/db = −y/b
+                let t = g.add(Op::Mul, &[dy, id], out.clone(), B);
+                let t = g.add(Op::Div, &[t, args[1]], out.clone(), B);
+                let t = g.add(Op::Neg, &[t], out.clone(), B);
+                let d = sum_to(g, t, args[1]);
+                res.push((args[1], d));
+            }
+        }
+        Op::Neg => res.push((args[0], g.add(Op::Neg, &[dy], out, B))),
+        Op::Relu => res.push((args[0], g.add(Op::ReluGrad, &[args[0], dy], out, B))),
+        Op::Gelu => res.push((args[0], g.add(Op::GeluGrad, &[args[0], dy], out, B))),
+        Op::Exp => res.push((args[0], g.add(Op::Mul, &[dy, id], out, B))),
+        Op::Log => res.push((args[0], g.add(Op::Div, &[dy, args[0]], out, B))),
+        Op::Sqrt => {
+            let two = konst(g, 2.0, id);
+            let t = g.add(Op::Mul, &[id, two], out.clone(), B);
+            res.push((args[0], g.add(Op::Div, &[dy, t], out, B)));
+        }
+        Op::Tanh => {
+            let one = konst(g, 1.0, id);
+            let y2 = g.add(Op::Mul, &[id, id], out.clone(), B);
+            let t = g.add(Op::Sub, &[one, y2], out.clone(), B);
+            res.push((args[0], g.add(Op::Mul, &[dy, t], out, B)));
+        }
+        Op::Sigmoid => {
+            let one = konst(g, 1.0, id);
+            let t = g.add(Op::Sub, &[one, id], out.clone(), B);
+            let t = g.add(Op::Mul, &[id, t], out.clone(), B);
+            res.push((args[0], g.add(Op::Mul, &[dy, t], out, B)));
+        }
+        Op::MatMul => {
+            if wants(g, args[0]) {
+                let bt = swap_last(g, args[1]);
+                let d = matmul(g, dy, bt);
+                let d = sum_to(g, d, args[0]);
+                res.push((args[0], d));
+            }
+            if wants(g, args[1]) {
+                let at = swap_last(g, args[0]);
+                let d = matmul(g, at, dy);
+                let d = sum_to(g, d, args[1]);
+                res.push((args[1], d));
+            }
+        }
+        Op::Reshape => {
+            let t = ty(g, args[0]);
+            res.push((args[0], g.add(Op::Reshape, &[dy], t, B)));
+        }
+        Op::Transpose { perm } => {
+            let mut inv = vec![0; perm.len()];
+            for (i, &p) in perm.iter().enumerate() {
+                inv[p] = i;
+            }
+            let t = ty(g, args[0]);
+            res.push((args[0], g.add(Op::Transpose { perm: inv }, &[dy], t, B)));
+        }
+        Op::Sum { axes, keepdims } => {
+            let t = ty(g, args[0]);
+            res.push((args[0], g.add(Op::Expand { axes, keepdims }, &[dy], t, B)));
+        }
+        Op::Mean { axes, keepdims } => {
+            let t = ty(g, args[0]);
+            let n: i64 = axes.iter().map(|&a| t.shape[a].size).product();
+            let e = g.add(Op::Expand { axes, keepdims }, &[dy], t.clone(), B);
+            let k = konst(g, 1.0 / n.max(1) as f64, id);
+            res.push((args[0], g.add(Op::Mul, &[e, k], t, B)));
+        }
+        Op::Max { axes, keepdims } => {
+            let t = ty(g, args[0]);
+            res.push((args[0], g.add(Op::MaxGrad { axes, keepdims }, &[args[0], id, dy], t, B)));
+        }
+        Op::Softmax { axis } => res.push((args[0], g.add(Op::SoftmaxGrad { axis }, &[id, dy], out, B))),
+        Op::LogSoftmax { axis } => res.push((args[0], g.add(Op::LogSoftmaxGrad { axis }, &[id, dy], out, B))),
+        Op::LayerNorm { eps } => {
+            if wants(g, args[0]) {
+                res.push((args[0], g.add(Op::LayerNormGradX { eps }, &[args[0], args[1], dy], out.clone(), B)));
+            }
+            if wants(g, args[1]) {
+                let t = ty(g, args[1]);
+                res.push((args[1], g.add(Op::LayerNormGradGamma { eps }, &[args[0], dy], t, B)));
+            }
+            if wants(g, args[2]) {
+                let d = sum_to(g, dy, args[2]);
+                res.push((args[2], d));
+            }
+        }
+        Op::CausalMask { .. } => res.push((args[0], g.add(Op::CausalMask { fill: 0.0 }, &[dy], out, B))),
+        Op::Embedding => {
+            if wants(g, args[0]) {
+                let t = ty(g, args[0]);
+                res.push((args[0], g.add(Op::EmbeddingGrad, &[args[1], dy], t, B)));
+            }
+        }
+        Op::CrossEntropy => {
+            if wants(g, args[0]) {
+                let t = ty(g, args[0]);
+                res.push((args[0], g.add(Op::CrossEntropyGrad, &[args[0], args[1], dy], t, B)));
+            }
+        }
+        Op::Mse => {
+            let t = ty(g, args[0]);
+            let d = g.add(Op::MseGrad, &[args[0], args[1], dy], t.clone(), B);
+            if wants(g, args[0]) {
+                res.push((args[0], d));
+            }
+            if wants(g, args[1]) {
+                res.push((args[1], g.add(Op::Neg, &[d], t, B)));
+            }
+        }
+        // Backward and update ops are not differentiated again.
+        Op::ReluGrad
+        | Op::GeluGrad
+        | Op::ClipScale { .. }
+        | Op::MaxGrad { .. }
+        | Op::SumTo
+        | Op::Expand { .. }
+        | Op::SoftmaxGrad { .. }
+        | Op::LogSoftmaxGrad { .. }
+        | Op::LayerNormGradX { .. }
+        | Op::LayerNormGradGamma { .. }
+        | Op::EmbeddingGrad
+        | Op::CrossEntropyGrad
+        | Op::MseGrad
+        | Op::Assign(_) => {}
+    }
+    res.retain(|(a, _)| wants(g, *a));
+    res
+}

@@ -1,0 +1,392 @@
+//! Graph: the checked forward trace → a typed computation graph (petgraph).
+//!
+//! Input: a [`Checked`] plan. Output: a [`Graph`] whose nodes are operations
+//! with their result types and whose edges carry operands in order. Only what
+//! the loss depends on is kept. Attention is lowered here to matmuls, a
+//! causal mask and a softmax, so later stages (autodiff, kernels, the
+//! partitioner) need no attention-specific rules.
+//!
+//! Invariants (checked by [`Graph::verify`]): acyclic; every node's operand
+//! count matches its op; node ids are dense and in a valid execution order.
+
+mod dot;
+
+pub use dot::to_dot;
+
+use crate::check::{Checked, DType, Dim, Prim, Ty};
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::EdgeRef;
+use std::collections::HashMap;
+
+/// A node of the graph. Ids are dense, in execution order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub u32);
+
+/// Per-step scalars supplied by the executor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hyper {
+    /// Learning rate after the schedule.
+    Lr,
+    /// Adam's bias corrections, 1 / (1 - beta^t).
+    BiasCorrection1,
+    BiasCorrection2,
+}
+
+/// Where an `Assign` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    Param(usize),
+    State(usize),
+}
+
+/// Which part of the step a node belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Forward,
+    Backward,
+    Update,
+}
+
+/// The closed set of operations. Every pass matches on it exhaustively.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    // ---- sources
+    Input(usize),
+    Param(usize),
+    /// Optimizer state `i` of `Graph::states`.
+    State(usize),
+    Hyper(Hyper),
+    /// A scalar constant of the node's dtype.
+    Const(f64),
+    // ---- element-wise (operands broadcast to the node's shape)
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Neg,
+    Relu,
+    Gelu,
+    Tanh,
+    Sigmoid,
+    Exp,
+    Log,
+    Sqrt,
+    /// (x, dy): dy where x > 0.
+    ReluGrad,
+    /// (x, dy): dy · gelu'(x).
+    GeluGrad,
+    /// min(1, max_norm / (x + 1e-6)), for clipping by global norm.
+    ClipScale { max_norm: f64 },
+    // ---- structure and reductions
+    MatMul,
+    Reshape,
+    Transpose { perm: Vec<usize> },
+    Sum { axes: Vec<usize>, keepdims: bool },
+    Mean { axes: Vec<usize>, keepdims: bool },
+    Max { axes: Vec<usize>, keepdims: bool },
+    /// (x, y, dy): the gradient of Max, shared equally among tied maxima.
+    MaxGrad { axes: Vec<usize>, keepdims: bool },
+    /// Sums the operand over broadcast dims down to the node's shape.
+    SumTo,
+    /// Broadcasts the operand (a reduction result) back to the node's shape.
+    Expand { axes: Vec<usize>, keepdims: bool },
+    Softmax { axis: usize },
+    LogSoftmax { axis: usize },
+    /// (y, dy) with y = softmax(x).
+    SoftmaxGrad { axis: usize },
+    /// (y, dy) with y = log_softmax(x).
+    LogSoftmaxGrad { axis: usize },
+    /// (x, gamma, beta) over the last axis.
+    LayerNorm { eps: f64 },
+    /// (x, gamma, dy) → dx.
+    LayerNormGradX { eps: f64 },
+    /// (x, dy) → dgamma (the last axis of x).
+    LayerNormGradGamma { eps: f64 },
+    /// Keeps entries with key index ≤ query index of the last two axes; the
+    /// others become `fill`.
+    CausalMask { fill: f64 },
+    /// (table, ids)
+    Embedding,
+    /// (ids, dy) → d table, rows scatter-added.
+    EmbeddingGrad,
+    /// (logits, labels): mean over label positions.
+    CrossEntropy,
+    /// (logits, labels, dloss) → dlogits.
+    CrossEntropyGrad,
+    /// (pred, target): mean of squares.
+    Mse,
+    /// (pred, target, dloss) → dpred.
+    MseGrad,
+    // ---- effects
+    /// Writes the operand to a parameter or optimizer state at the end of the step.
+    Assign(Target),
+}
+
+impl Op {
+    /// Number of operands, where fixed.
+    pub fn arity(&self) -> usize {
+        use Op::*;
+        match self {
+            Input(_) | Param(_) | State(_) | Hyper(_) | Const(_) => 0,
+            Neg | Relu | Gelu | Tanh | Sigmoid | Exp | Log | Sqrt | ClipScale { .. } | Reshape | Transpose { .. } | Sum { .. } | Mean { .. }
+            | Max { .. } | SumTo | Expand { .. } | Softmax { .. } | LogSoftmax { .. } | CausalMask { .. } | Assign(_) => 1,
+            Add | Sub | Mul | Div | ReluGrad | GeluGrad | MatMul | SoftmaxGrad { .. } | LogSoftmaxGrad { .. } | LayerNormGradGamma { .. } | Embedding
+            | EmbeddingGrad | CrossEntropy | Mse => 2,
+            MaxGrad { .. } | LayerNorm { .. } | LayerNormGradX { .. } | CrossEntropyGrad | MseGrad => 3,
+        }
+    }
+
+    /// Short name for listings and DOT.
+    pub fn name(&self) -> String {
+        use Op::*;
+        match self {
+            Input(i) => format!("input {i}"),
+            Param(i) => format!("param {i}"),
+            State(i) => format!("state {i}"),
+            Hyper(h) => format!("{h:?}").to_lowercase(),
+            Const(c) => format!("{c}"),
+            Transpose { perm } => format!("transpose {perm:?}"),
+            Sum { axes, keepdims } => format!("sum {axes:?}{}", if *keepdims { " keep" } else { "" }),
+            Mean { axes, keepdims } => format!("mean {axes:?}{}", if *keepdims { " keep" } else { "" }),
+            Max { axes, keepdims } => format!("max {axes:?}{}", if *keepdims { " keep" } else { "" }),
+            MaxGrad { axes, .. } => format!("max_grad {axes:?}"),
+            Expand { axes, .. } => format!("expand {axes:?}"),
+            Softmax { axis } => format!("softmax {axis}"),
+            LogSoftmax { axis } => format!("log_softmax {axis}"),
+            SoftmaxGrad { axis } => format!("softmax_grad {axis}"),
+            LogSoftmaxGrad { axis } => format!("log_softmax_grad {axis}"),
+            ClipScale { max_norm } => format!("clip_scale {max_norm}"),
+            CausalMask { fill } => format!("causal_mask {fill}"),
+            Assign(Target::Param(i)) => format!("assign param {i}"),
+            Assign(Target::State(i)) => format!("assign state {i}"),
+            other => {
+                let s = format!("{other:?}");
+                let base = s.split([' ', '{', '(']).next().unwrap_or(&s).to_string();
+                snake(&base)
+            }
+        }
+    }
+
+    /// Element-wise ops: each output element depends only on the operands'
+    /// elements at the same (broadcast) index. Fusion chains these.
+    pub fn is_elementwise(&self) -> bool {
+        use Op::*;
+        matches!(self, Add | Sub | Mul | Div | Neg | Relu | Gelu | Tanh | Sigmoid | Exp | Log | Sqrt | ReluGrad | GeluGrad | ClipScale { .. })
+    }
+}
+
+fn snake(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub op: Op,
+    pub ty: Ty,
+    pub role: Role,
+}
+
+/// An optimizer state tensor (momentum buffer, Adam moments).
+#[derive(Clone, Debug)]
+pub struct StateVar {
+    /// `optim.m.fc1.w`: the checkpoint name.
+    pub name: String,
+    pub ty: Ty,
+    /// The parameter it belongs to.
+    pub param: usize,
+}
+
+/// The computation of one training step.
+#[derive(Clone, Debug)]
+pub struct Graph {
+    g: DiGraph<Node, usize>,
+    /// The loss node.
+    pub loss: NodeId,
+    /// Gradient of each parameter (filled by autodiff).
+    pub grads: HashMap<usize, NodeId>,
+    pub states: Vec<StateVar>,
+}
+
+impl Graph {
+    pub(crate) fn new() -> Graph {
+        Graph { g: DiGraph::new(), loss: NodeId(0), grads: HashMap::new(), states: Vec::new() }
+    }
+
+    /// Adds a node; operands must already exist, which keeps ids in execution order.
+    pub fn add(&mut self, op: Op, args: &[NodeId], ty: Ty, role: Role) -> NodeId {
+        let n = self.g.add_node(Node { op, ty, role });
+        for (i, a) in args.iter().enumerate() {
+            self.g.add_edge(NodeIndex::new(a.0 as usize), n, i);
+        }
+        NodeId(n.index() as u32)
+    }
+
+    pub fn len(&self) -> usize {
+        self.g.node_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.g.node_count() == 0
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.g[NodeIndex::new(id.0 as usize)]
+    }
+
+    /// Operands of `id`, in order.
+    pub fn args(&self, id: NodeId) -> Vec<NodeId> {
+        let mut e: Vec<(usize, NodeId)> =
+            self.g.edges_directed(NodeIndex::new(id.0 as usize), petgraph::Direction::Incoming).map(|e| (*e.weight(), NodeId(e.source().index() as u32))).collect();
+        e.sort_by_key(|(i, _)| *i);
+        e.into_iter().map(|(_, n)| n).collect()
+    }
+
+    /// Number of nodes that use `id`.
+    pub fn users(&self, id: NodeId) -> usize {
+        self.g.edges_directed(NodeIndex::new(id.0 as usize), petgraph::Direction::Outgoing).count()
+    }
+
+    /// All node ids in execution order.
+    pub fn ids(&self) -> impl Iterator<Item = NodeId> {
+        (0..self.g.node_count() as u32).map(NodeId)
+    }
+
+    /// The assignments (param/state targets and their value nodes).
+    pub fn assigns(&self) -> Vec<(Target, NodeId)> {
+        self.ids()
+            .filter_map(|id| match self.node(id).op {
+                Op::Assign(t) => self.args(id).first().map(|a| (t, *a)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Structural invariants; a failure is a compiler bug.
+    pub fn verify(&self) -> Result<(), String> {
+        for id in self.ids() {
+            let n = self.node(id);
+            let args = self.args(id);
+            if args.len() != n.op.arity() {
+                return Err(format!("node {} ({}) has {} operands, expected {}", id.0, n.op.name(), args.len(), n.op.arity()));
+            }
+            if let Some(a) = args.iter().find(|a| a.0 >= id.0) {
+                return Err(format!("node {} uses node {} defined later", id.0, a.0));
+            }
+            if n.op.is_elementwise() {
+                for a in &args {
+                    let at = &self.node(*a).ty;
+                    if crate::check::broadcast_shapes(&at.shape, &n.ty.shape).map(|s| s.iter().map(|d| d.size).collect::<Vec<_>>())
+                        != Ok(n.ty.shape.iter().map(|d| d.size).collect())
+                    {
+                        return Err(format!("node {} ({}): operand {} of type {} does not broadcast to {}", id.0, n.op.name(), a.0, at, n.ty));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds the forward graph of a checked plan: the nodes the loss depends on.
+pub fn build(c: &Checked) -> Graph {
+    let m = &c.model;
+    let mut g = Graph::new();
+    let Some(loss) = m.loss_node else { return g };
+    // Live set: what the loss depends on.
+    let mut live = vec![false; m.trace.len()];
+    live[loss.0 as usize] = true;
+    for i in (0..m.trace.len()).rev() {
+        if live[i] {
+            for a in &m.trace[i].args {
+                live[a.0 as usize] = true;
+            }
+        }
+    }
+    let mut map: Vec<Option<NodeId>> = vec![None; m.trace.len()];
+    for (i, t) in m.trace.iter().enumerate() {
+        if !live[i] {
+            continue;
+        }
+        let args: Vec<NodeId> = t.args.iter().filter_map(|a| map[a.0 as usize]).collect();
+        let f = Role::Forward;
+        let id = match &t.prim {
+            Prim::CausalAttention { heads } => attention(&mut g, &args, *heads, &t.ty),
+            p => g.add(forward_op(p), &args, t.ty.clone(), f),
+        };
+        map[i] = Some(id);
+    }
+    g.loss = map[loss.0 as usize].unwrap_or(NodeId(0));
+    g
+}
+
+fn forward_op(p: &Prim) -> Op {
+    match p {
+        Prim::Input(i) => Op::Input(*i),
+        Prim::Param(i) => Op::Param(*i),
+        Prim::Const(c) => Op::Const(*c),
+        Prim::Add => Op::Add,
+        Prim::Sub => Op::Sub,
+        Prim::Mul => Op::Mul,
+        Prim::Div => Op::Div,
+        Prim::Neg => Op::Neg,
+        Prim::MatMul => Op::MatMul,
+        Prim::Relu => Op::Relu,
+        Prim::Gelu => Op::Gelu,
+        Prim::Tanh => Op::Tanh,
+        Prim::Sigmoid => Op::Sigmoid,
+        Prim::Exp => Op::Exp,
+        Prim::Log => Op::Log,
+        Prim::Sqrt => Op::Sqrt,
+        Prim::Softmax { axis } => Op::Softmax { axis: *axis },
+        Prim::LogSoftmax { axis } => Op::LogSoftmax { axis: *axis },
+        Prim::LayerNorm { eps } => Op::LayerNorm { eps: *eps },
+        Prim::Sum { axes, keepdims } => Op::Sum { axes: axes.clone(), keepdims: *keepdims },
+        Prim::Mean { axes, keepdims } => Op::Mean { axes: axes.clone(), keepdims: *keepdims },
+        Prim::Max { axes, keepdims } => Op::Max { axes: axes.clone(), keepdims: *keepdims },
+        Prim::Reshape => Op::Reshape,
+        Prim::Transpose { perm } => Op::Transpose { perm: perm.clone() },
+        Prim::Embedding => Op::Embedding,
+        Prim::CrossEntropy => Op::CrossEntropy,
+        Prim::Mse => Op::Mse,
+        // Lowered by `attention`.
+        Prim::CausalAttention { .. } => Op::MatMul,
+    }
+}
+
+/// causal_attention(q, k, v) over [B, S, D] with H heads, as primitives:
+/// split heads → scores q·kᵀ/√(D/H) → causal mask → softmax → ·v → merge heads.
+pub(crate) fn attention(g: &mut Graph, args: &[NodeId], heads: usize, ty: &Ty) -> NodeId {
+    let f = Role::Forward;
+    let (b, s, d) = (ty.shape[0].clone(), ty.shape[1].clone(), ty.shape[2].clone());
+    let dt = ty.dtype;
+    let h = heads.max(1) as i64;
+    let dh = Dim::known(d.size / h);
+    let hd = Dim::known(h);
+    let split = |g: &mut Graph, x: NodeId| {
+        let r = g.add(Op::Reshape, &[x], Ty::new(dt, vec![b.clone(), s.clone(), hd.clone(), dh.clone()]), f);
+        g.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[r], Ty::new(dt, vec![b.clone(), hd.clone(), s.clone(), dh.clone()]), f)
+    };
+    let (q, k, v) = (split(g, args[0]), split(g, args[1]), split(g, args[2]));
+    let kt = g.add(Op::Transpose { perm: vec![0, 1, 3, 2] }, &[k], Ty::new(dt, vec![b.clone(), hd.clone(), dh.clone(), s.clone()]), f);
+    let scores_ty = Ty::new(dt, vec![b.clone(), hd.clone(), s.clone(), s.clone()]);
+    let scores = g.add(Op::MatMul, &[q, kt], scores_ty.clone(), f);
+    let scale = g.add(Op::Const(1.0 / (dh.size as f64).sqrt()), &[], Ty::scalar(dt), f);
+    let scaled = g.add(Op::Mul, &[scores, scale], scores_ty.clone(), f);
+    let masked = g.add(Op::CausalMask { fill: f64::NEG_INFINITY }, &[scaled], scores_ty.clone(), f);
+    let p = g.add(Op::Softmax { axis: 3 }, &[masked], scores_ty, f);
+    let o = g.add(Op::MatMul, &[p, v], Ty::new(dt, vec![b.clone(), hd.clone(), s.clone(), dh.clone()]), f);
+    let ot = g.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[o], Ty::new(dt, vec![b.clone(), s.clone(), hd, dh]), f);
+    g.add(Op::Reshape, &[ot], Ty::new(dt, vec![b, s, d]), f)
+}
+
+/// Whether a dtype is trained (gets gradients).
+pub fn differentiable(d: DType) -> bool {
+    d.is_float()
+}
