@@ -63,11 +63,19 @@ fn shape_of(g: &Graph, id: NodeId) -> Vec<usize> {
 }
 
 fn eval(g: &Graph, id: NodeId, vals: &[Tensor], env: &Env<'_>) -> Result<Tensor, String> {
-    let node = g.node(id);
     let out = shape_of(g, id);
     let a: Vec<&Tensor> = g.args(id).iter().map(|x| &vals[x.0 as usize]).collect();
+    apply(&g.node(id).op, &a, &out, env)
+}
+
+/// Applies one op to operand values; `out` is the result's shape.
+pub fn apply(op: &Op, a: &[&Tensor], out: &[usize], env: &Env<'_>) -> Result<Tensor, String> {
+    let out = out.to_vec();
     let get = |src: &[Tensor], i: usize, what: &str| src.get(i).cloned().ok_or_else(|| format!("no {what} {i}"));
-    Ok(match &node.op {
+    if a.len() != op.arity() {
+        return Err(format!("{} takes {} operands, got {}", op.name(), op.arity(), a.len()));
+    }
+    Ok(match op {
         Op::Input(i) => get(env.inputs, *i, "input")?,
         Op::Param(i) => get(env.params, *i, "param")?,
         Op::State(i) => get(env.states, *i, "state")?,
@@ -266,6 +274,12 @@ fn reduce(x: &Tensor, axes: &[usize], out: &[usize], init: f64, f: impl Fn(f64, 
 /// Shape of x with `axis` set to 1.
 fn keep_shape(shape: &[usize], axis: usize) -> Vec<usize> {
     shape.iter().enumerate().map(|(i, &d)| if i == axis { 1 } else { d }).collect()
+}
+
+/// Broadcasts `x` (right-aligned, numpy rules) to `out`.
+pub fn broadcast(x: &Tensor, out: &[usize]) -> Tensor {
+    let idx = broadcast_index(out, &x.shape);
+    Tensor::new(out.to_vec(), idx.iter().map(|&i| x.data[i]).collect())
 }
 
 /// Broadcasts a reduction result (over `axes` of `out`) back to `out`.

@@ -10,6 +10,7 @@ pub mod check;
 pub mod diag;
 pub mod graph;
 pub mod interp;
+pub mod kernel;
 pub mod syntax;
 
 pub use check::Checked;

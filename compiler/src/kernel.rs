@@ -1,0 +1,480 @@
+//! Kernels: the training graph → a backend-neutral program of kernels.
+//!
+//! Input: a [`Graph`]. Output: a [`Program`]: buffers (one per value that
+//! must exist in memory) and steps in execution order. Chains of
+//! element-wise ops of one shape fuse into a single [`Fused`] kernel, an
+//! expression over its inputs that each backend lowers to machine code
+//! (cranelift IR on CPUs, CUDA C on GPUs). Every other op is one library
+//! step. `Reshape` costs nothing: its buffer aliases its operand's.
+//!
+//! A fused kernel iterates its output as `rows × cols` (row-major); input
+//! `k` is read at `r * row_stride[k] + c * col_stride[k]` with col stride 0
+//! or 1, which covers same-shape operands, scalars, and operands broadcast
+//! along rows (a bias) or along columns (a kept-dim reduction). Inputs
+//! broadcast in other ways are first expanded by a `Broadcast` step.
+
+use crate::graph::{Graph, Hyper, NodeId, Op, Target};
+use std::collections::HashMap;
+
+/// A buffer of the program (dense index).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BufId(pub u32);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elem {
+    F32,
+    I32,
+}
+
+/// Where a buffer's contents come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BufKind {
+    /// A batch tensor, set before each step.
+    Input(usize),
+    Param(usize),
+    State(usize),
+    Hyper(Hyper),
+    Const(f64),
+    /// Computed by a step.
+    Temp,
+    /// Shares the memory of another buffer (a reshape).
+    Alias(BufId),
+}
+
+#[derive(Clone, Debug)]
+pub struct Buffer {
+    pub kind: BufKind,
+    pub elem: Elem,
+    pub shape: Vec<usize>,
+    /// The graph node it holds.
+    pub node: NodeId,
+}
+
+impl Buffer {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Unary element-wise operations of a fused body.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    Neg,
+    Relu,
+    Gelu,
+    Tanh,
+    Sigmoid,
+    Exp,
+    Log,
+    Sqrt,
+    /// min(1, max_norm / (x + 1e-6))
+    ClipScale(f64),
+}
+
+/// Binary element-wise operations of a fused body.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    /// (x, dy) → x > 0 ? dy : 0
+    ReluGrad,
+    /// (x, dy) → dy · gelu'(x)
+    GeluGrad,
+}
+
+/// One instruction of a fused body; operands index earlier instructions.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Inst {
+    /// Element of fused input `k`.
+    Load(usize),
+    Const(f64),
+    Unary(Unary, usize),
+    Binary(Binary, usize, usize),
+}
+
+/// A fused element-wise kernel. The last instruction is stored to the output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fused {
+    pub rows: usize,
+    pub cols: usize,
+    pub row_strides: Vec<usize>,
+    /// Each 0 (the input is constant along a row) or 1.
+    pub col_strides: Vec<usize>,
+    pub body: Vec<Inst>,
+}
+
+impl Fused {
+    /// Evaluates the kernel in f64: the reference for generated code.
+    pub fn eval_f64(&self, inputs: &[&[f64]], out: &mut [f64]) {
+        let mut regs = vec![0.0f64; self.body.len()];
+        for r in 0..self.rows {
+            for c in 0..self.cols {
+                for (i, inst) in self.body.iter().enumerate() {
+                    regs[i] = match *inst {
+                        Inst::Load(k) => inputs[k][r * self.row_strides[k] + c * self.col_strides[k]],
+                        Inst::Const(v) => v,
+                        Inst::Unary(u, a) => unary(u, regs[a]),
+                        Inst::Binary(b, x, y) => binary(b, regs[x], regs[y]),
+                    };
+                }
+                if let Some(v) = regs.last() {
+                    out[r * self.cols + c] = *v;
+                }
+            }
+        }
+    }
+
+    /// The same on f32 data (computed in f64, rounded once at the end).
+    pub fn reference(&self, inputs: &[&[f32]], out: &mut [f32]) {
+        let ins: Vec<Vec<f64>> = inputs.iter().map(|x| x.iter().map(|&v| v as f64).collect()).collect();
+        let refs: Vec<&[f64]> = ins.iter().map(Vec::as_slice).collect();
+        let mut o = vec![0.0f64; out.len()];
+        self.eval_f64(&refs, &mut o);
+        for (d, s) in out.iter_mut().zip(o) {
+            *d = s as f32;
+        }
+    }
+
+    /// A stable text form, for golden tests and `inspect --kernels`.
+    pub fn display(&self) -> String {
+        let mut s = format!("fused [{} × {}]\n", self.rows, self.cols);
+        for (k, (rs, cs)) in self.row_strides.iter().zip(&self.col_strides).enumerate() {
+            s += &format!("  in{k}: row stride {rs}, col stride {cs}\n");
+        }
+        for (i, inst) in self.body.iter().enumerate() {
+            let line = match inst {
+                Inst::Load(k) => format!("load in{k}"),
+                Inst::Const(v) => format!("const {v}"),
+                Inst::Unary(u, a) => format!("{u:?} v{a}").to_lowercase(),
+                Inst::Binary(b, x, y) => format!("{b:?} v{x}, v{y}").to_lowercase(),
+            };
+            s += &format!("  v{i} = {line}\n");
+        }
+        s
+    }
+}
+
+pub fn unary(u: Unary, x: f64) -> f64 {
+    match u {
+        Unary::Neg => -x,
+        Unary::Relu => x.max(0.0),
+        Unary::Gelu => crate::interp::gelu(x),
+        Unary::Tanh => x.tanh(),
+        Unary::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        Unary::Exp => x.exp(),
+        Unary::Log => x.ln(),
+        Unary::Sqrt => x.sqrt(),
+        Unary::ClipScale(m) => (m / (x + 1e-6)).min(1.0),
+    }
+}
+
+pub fn binary(b: Binary, x: f64, y: f64) -> f64 {
+    match b {
+        Binary::Add => x + y,
+        Binary::Sub => x - y,
+        Binary::Mul => x * y,
+        Binary::Div => x / y,
+        Binary::ReluGrad => {
+            if x > 0.0 {
+                y
+            } else {
+                0.0
+            }
+        }
+        Binary::GeluGrad => y * crate::interp::gelu_grad(x),
+    }
+}
+
+/// What a step does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StepKind {
+    Fused(Fused),
+    /// A library kernel for this graph op (never element-wise, never Reshape).
+    Op(Op),
+    /// Copies the operand, broadcast, to the output's shape.
+    Broadcast,
+}
+
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub kind: StepKind,
+    pub inputs: Vec<BufId>,
+    pub output: BufId,
+}
+
+/// The program of one training step.
+#[derive(Clone, Debug)]
+pub struct Program {
+    pub buffers: Vec<Buffer>,
+    pub steps: Vec<Step>,
+    pub loss: BufId,
+    /// At the end of a step, each target takes the value of its buffer.
+    pub assigns: Vec<(Target, BufId)>,
+}
+
+impl Program {
+    /// The buffer whose memory `b` uses (following aliases).
+    pub fn storage(&self, mut b: BufId) -> BufId {
+        while let BufKind::Alias(a) = self.buffers[b.0 as usize].kind {
+            b = a;
+        }
+        b
+    }
+}
+
+fn elementwise(op: &Op) -> Option<Result<Unary, Binary>> {
+    Some(match op {
+        Op::Add => Err(Binary::Add),
+        Op::Sub => Err(Binary::Sub),
+        Op::Mul => Err(Binary::Mul),
+        Op::Div => Err(Binary::Div),
+        Op::ReluGrad => Err(Binary::ReluGrad),
+        Op::GeluGrad => Err(Binary::GeluGrad),
+        Op::Neg => Ok(Unary::Neg),
+        Op::Relu => Ok(Unary::Relu),
+        Op::Gelu => Ok(Unary::Gelu),
+        Op::Tanh => Ok(Unary::Tanh),
+        Op::Sigmoid => Ok(Unary::Sigmoid),
+        Op::Exp => Ok(Unary::Exp),
+        Op::Log => Ok(Unary::Log),
+        Op::Sqrt => Ok(Unary::Sqrt),
+        Op::ClipScale { max_norm } => Ok(Unary::ClipScale(*max_norm)),
+        _ => return None,
+    })
+}
+
+fn dims(g: &Graph, id: NodeId) -> Vec<usize> {
+    g.node(id).ty.shape.iter().map(|d| d.size as usize).collect()
+}
+
+/// Lowers a training graph to a program of kernels.
+pub fn lower(g: &Graph) -> Program {
+    let n = g.len();
+    // Users of each node; a node is "fusable into its user" when it is
+    // element-wise, has exactly one user, that user is element-wise, and
+    // both have one shape. Nodes read after the step (the loss, assigned
+    // values) must exist in memory.
+    let mut users: Vec<Vec<NodeId>> = vec![Vec::new(); n];
+    for id in g.ids() {
+        for a in g.args(id) {
+            users[a.0 as usize].push(id);
+        }
+    }
+    let mut needed = vec![false; n];
+    needed[g.loss.0 as usize] = true;
+    for (_, v) in g.assigns() {
+        needed[v.0 as usize] = true;
+    }
+    let fused_into = |id: NodeId| -> Option<NodeId> {
+        let node = g.node(id);
+        if needed[id.0 as usize] || elementwise(&node.op).is_none() {
+            return None;
+        }
+        match users[id.0 as usize].as_slice() {
+            [u] if elementwise(&g.node(*u).op).is_some() && dims(g, *u) == dims(g, id) => Some(*u),
+            _ => None,
+        }
+    };
+
+    let mut p = Program { buffers: Vec::new(), steps: Vec::new(), loss: BufId(0), assigns: Vec::new() };
+    let mut buf_of: HashMap<NodeId, BufId> = HashMap::new();
+    let new_buf = |p: &mut Program, kind: BufKind, elem: Elem, shape: Vec<usize>, node: NodeId| {
+        let b = BufId(p.buffers.len() as u32);
+        p.buffers.push(Buffer { kind, elem, shape, node });
+        b
+    };
+    for id in g.ids() {
+        let node = g.node(id);
+        let elem = if node.ty.dtype.is_float() { Elem::F32 } else { Elem::I32 };
+        let shape = dims(g, id);
+        let args = g.args(id);
+        let b = match &node.op {
+            Op::Input(i) => new_buf(&mut p, BufKind::Input(*i), elem, shape, id),
+            Op::Param(i) => new_buf(&mut p, BufKind::Param(*i), elem, shape, id),
+            Op::State(i) => new_buf(&mut p, BufKind::State(*i), elem, shape, id),
+            Op::Hyper(h) => new_buf(&mut p, BufKind::Hyper(*h), elem, shape, id),
+            Op::Const(c) => new_buf(&mut p, BufKind::Const(*c), elem, shape, id),
+            Op::Reshape => {
+                let src = buf_of.get(&args[0]).copied().unwrap_or(BufId(0));
+                new_buf(&mut p, BufKind::Alias(src), elem, shape, id)
+            }
+            Op::Assign(t) => {
+                if let Some(&src) = buf_of.get(&args[0]) {
+                    p.assigns.push((*t, src));
+                }
+                continue;
+            }
+            op if elementwise(op).is_some() => {
+                if fused_into(id).is_some() {
+                    continue; // emitted as part of its user
+                }
+                let out = new_buf(&mut p, BufKind::Temp, Elem::F32, shape.clone(), id);
+                fuse(g, id, &shape, &buf_of, &fused_into, &mut p, out);
+                out
+            }
+            op => {
+                let out = new_buf(&mut p, BufKind::Temp, elem, shape, id);
+                let inputs = args.iter().map(|a| buf_of.get(a).copied().unwrap_or(BufId(0))).collect();
+                p.steps.push(Step { kind: StepKind::Op(op.clone()), inputs, output: out });
+                out
+            }
+        };
+        buf_of.insert(id, b);
+    }
+    p.loss = buf_of.get(&g.loss).copied().unwrap_or(BufId(0));
+    p
+}
+
+/// Emits the fused kernel rooted at `root` (whose buffer is `out`).
+fn fuse(
+    g: &Graph,
+    root: NodeId,
+    shape: &[usize],
+    buf_of: &HashMap<NodeId, BufId>,
+    fused_into: &dyn Fn(NodeId) -> Option<NodeId>,
+    p: &mut Program,
+    out: BufId,
+) {
+    // Collect the body by walking operands that fuse into this kernel.
+    let mut body: Vec<Inst> = Vec::new();
+    let mut inputs: Vec<BufId> = Vec::new();
+    let mut memo: HashMap<NodeId, usize> = HashMap::new();
+    fn emit(
+        g: &Graph,
+        id: NodeId,
+        root: NodeId,
+        body: &mut Vec<Inst>,
+        inputs: &mut Vec<BufId>,
+        memo: &mut HashMap<NodeId, usize>,
+        buf_of: &HashMap<NodeId, BufId>,
+        fused_into: &dyn Fn(NodeId) -> Option<NodeId>,
+    ) -> usize {
+        if let Some(&r) = memo.get(&id) {
+            return r;
+        }
+        let inner = id == root || fused_into(id).is_some();
+        let r = match (inner, elementwise(&g.node(id).op), &g.node(id).op) {
+            (_, _, Op::Const(c)) => {
+                body.push(Inst::Const(*c));
+                body.len() - 1
+            }
+            (true, Some(kind), _) => {
+                let args: Vec<usize> = g.args(id).into_iter().map(|a| emit(g, a, root, body, inputs, memo, buf_of, fused_into)).collect();
+                body.push(match kind {
+                    Ok(u) => Inst::Unary(u, args[0]),
+                    Err(b) => Inst::Binary(b, args[0], args[1]),
+                });
+                body.len() - 1
+            }
+            _ => {
+                let b = buf_of.get(&id).copied().unwrap_or(BufId(0));
+                let k = match inputs.iter().position(|x| *x == b) {
+                    Some(k) => k,
+                    None => {
+                        inputs.push(b);
+                        inputs.len() - 1
+                    }
+                };
+                body.push(Inst::Load(k));
+                body.len() - 1
+            }
+        };
+        memo.insert(id, r);
+        r
+    }
+    emit(g, root, root, &mut body, &mut inputs, &mut memo, buf_of, fused_into);
+
+    // Choose the widest `cols` (a suffix of the output dims) for which every
+    // input reads linearly; inputs that never do are expanded first.
+    let in_shapes: Vec<Vec<usize>> = inputs.iter().map(|b| p.buffers[b.0 as usize].shape.clone()).collect();
+    let rank = shape.len();
+    let mut chosen: Option<(usize, Vec<(usize, usize)>)> = None;
+    for k in 0..=rank {
+        let strides: Option<Vec<(usize, usize)>> = in_shapes.iter().map(|s| linear_strides(s, shape, k)).collect();
+        if let Some(st) = strides {
+            chosen = Some((k, st));
+            break;
+        }
+    }
+    let (k, strides) = match chosen {
+        Some(c) => c,
+        None => {
+            // Expand the inputs that do not read linearly with cols = last dim.
+            let k = rank.saturating_sub(1);
+            let mut st = Vec::new();
+            for (i, s) in in_shapes.iter().enumerate() {
+                match linear_strides(s, shape, k) {
+                    Some(x) => st.push(x),
+                    None => {
+                        let src = inputs[i];
+                        let node = p.buffers[src.0 as usize].node;
+                        let b = BufId(p.buffers.len() as u32);
+                        p.buffers.push(Buffer { kind: BufKind::Temp, elem: Elem::F32, shape: shape.to_vec(), node });
+                        p.steps.push(Step { kind: StepKind::Broadcast, inputs: vec![src], output: b });
+                        inputs[i] = b;
+                        let cols: usize = shape[k..].iter().product();
+                        st.push((cols, 1));
+                    }
+                }
+            }
+            (k, st)
+        }
+    };
+    let cols: usize = shape[k..].iter().product();
+    let rows: usize = shape[..k].iter().product();
+    let fused = Fused { rows, cols, row_strides: strides.iter().map(|s| s.0).collect(), col_strides: strides.iter().map(|s| s.1).collect(), body };
+    p.steps.push(Step { kind: StepKind::Fused(fused), inputs, output: out });
+}
+
+/// (row stride, col stride) of an input of shape `s` broadcast to `out`,
+/// iterated with cols = out[k..], if its index is linear in (row, col).
+fn linear_strides(s: &[usize], out: &[usize], k: usize) -> Option<(usize, usize)> {
+    let pad = out.len() - s.len().min(out.len());
+    let full: Vec<usize> = std::iter::repeat_n(1, pad).chain(s.iter().copied()).collect();
+    let (lead, trail) = (&full[..k], &full[k..]);
+    let (olead, otrail) = (&out[..k], &out[k..]);
+    let col = if trail == otrail {
+        1
+    } else if trail.iter().all(|&d| d == 1) {
+        0
+    } else {
+        return None;
+    };
+    let inner: usize = trail.iter().product();
+    // Leading dims: the input's leading index must be a linear function of
+    // the flattened row index, i.e. equal to it (same dims) or constant.
+    let row = if lead.iter().all(|&d| d == 1) {
+        0
+    } else if lead == olead {
+        inner
+    } else {
+        // e.g. [1, S] read as rows of [B, S]: index r mod S is not linear.
+        return None;
+    };
+    Some((row, col))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strides_cover_common_broadcasts() {
+        // x[B, D] + b[D]
+        assert_eq!(linear_strides(&[4, 8], &[4, 8], 1), Some((8, 1)));
+        assert_eq!(linear_strides(&[8], &[4, 8], 1), Some((0, 1)));
+        // keepdims reduction [B, 1] against [B, D]
+        assert_eq!(linear_strides(&[4, 1], &[4, 8], 1), Some((1, 0)));
+        // scalar
+        assert_eq!(linear_strides(&[], &[4, 8], 0), Some((0, 0)));
+        assert_eq!(linear_strides(&[], &[4, 8], 1), Some((0, 0)));
+        // [B, 1, D] against [B, S, D] is not linear with cols = D
+        assert_eq!(linear_strides(&[2, 1, 8], &[2, 3, 8], 2), None);
+    }
+}

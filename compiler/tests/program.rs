@@ -1,0 +1,144 @@
+//! The kernel program of a training step computes what its graph computes:
+//! every step run plainly in f64 (fused bodies by their reference
+//! evaluator, library ops by the interpreter) against the interpreter on the
+//! whole graph.
+
+use shardplan_compiler::graph::{Hyper, Target};
+use shardplan_compiler::interp::{apply, broadcast, run, Env, Tensor};
+use shardplan_compiler::kernel::{lower, BufKind, Program, StepKind};
+use shardplan_compiler::{autodiff, check_source, graph};
+
+fn shape(t: &shardplan_compiler::check::Ty) -> Vec<usize> {
+    t.shape.iter().map(|d| d.size as usize).collect()
+}
+
+/// Runs `p` in f64; returns every buffer's value.
+fn execute(p: &Program, env: &Env<'_>) -> Vec<Tensor> {
+    let mut vals: Vec<Option<Tensor>> = vec![None; p.buffers.len()];
+    for (i, b) in p.buffers.iter().enumerate() {
+        vals[i] = match &b.kind {
+            BufKind::Input(k) => Some(env.inputs[*k].clone()),
+            BufKind::Param(k) => Some(env.params[*k].clone()),
+            BufKind::State(k) => Some(env.states[*k].clone()),
+            BufKind::Hyper(h) => Some(Tensor::scalar((env.hyper)(*h))),
+            BufKind::Const(c) => Some(Tensor::scalar(*c)),
+            BufKind::Temp | BufKind::Alias(_) => None,
+        };
+    }
+    let get = |vals: &[Option<Tensor>], p: &Program, b: shardplan_compiler::kernel::BufId| {
+        let s = p.storage(b);
+        let mut t = vals[s.0 as usize].clone().expect("buffer computed before use");
+        t.shape = p.buffers[b.0 as usize].shape.clone();
+        t
+    };
+    for step in &p.steps {
+        let ins: Vec<Tensor> = step.inputs.iter().map(|b| get(&vals, p, *b)).collect();
+        let out_shape = p.buffers[step.output.0 as usize].shape.clone();
+        let out = match &step.kind {
+            StepKind::Fused(f) => {
+                let refs: Vec<&[f64]> = ins.iter().map(|t| t.data.as_slice()).collect();
+                let mut o = vec![0.0; out_shape.iter().product()];
+                f.eval_f64(&refs, &mut o);
+                Tensor::new(out_shape, o)
+            }
+            StepKind::Op(op) => apply(op, &ins.iter().collect::<Vec<_>>(), &out_shape, env).expect("op runs"),
+            StepKind::Broadcast => broadcast(&ins[0], &out_shape),
+        };
+        vals[step.output.0 as usize] = Some(out);
+    }
+    (0..p.buffers.len()).map(|i| vals[p.storage(shardplan_compiler::kernel::BufId(i as u32)).0 as usize].clone().unwrap_or(Tensor::scalar(f64::NAN))).collect()
+}
+
+fn same_as_graph(src: &str, int_hi: f64) {
+    let (c, d) = check_source(src.as_bytes());
+    let c = c.unwrap_or_else(|| panic!("{:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()));
+    let g = autodiff::differentiate(graph::build(&c), &c);
+    let p = lower(&g);
+    let fused = p.steps.iter().filter(|s| matches!(s.kind, StepKind::Fused(_))).count();
+    assert!(fused > 0 && p.steps.len() < g.len(), "fusion should merge nodes: {} steps for {} nodes", p.steps.len(), g.len());
+    let mut seed = 11u64;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 11) as f64) / ((1u64 << 53) as f64)
+    };
+    let params: Vec<Tensor> = c.model.params.iter().map(|p| {
+        let s = shape(&p.ty);
+        let n = s.iter().product();
+        Tensor::new(s, (0..n).map(|_| rnd() - 0.5).collect())
+    }).collect();
+    let inputs: Vec<Tensor> = c.model.inputs.iter().map(|i| {
+        let s = shape(&i.ty);
+        let n = s.iter().product();
+        let data = if i.ty.dtype.is_float() { (0..n).map(|_| rnd() * 2.0 - 1.0).collect() } else { (0..n).map(|_| (rnd() * int_hi).floor()).collect() };
+        Tensor::new(s, data)
+    }).collect();
+    let states: Vec<Tensor> = g.states.iter().map(|s| {
+        let sh = shape(&s.ty);
+        let n = sh.iter().product();
+        Tensor::new(sh, (0..n).map(|_| rnd() * 0.01).collect())
+    }).collect();
+    let hyper = |h: Hyper| match h {
+        Hyper::Lr => 0.05,
+        Hyper::BiasCorrection1 => 1.5,
+        Hyper::BiasCorrection2 => 1.2,
+    };
+    let env = Env { inputs: &inputs, params: &params, states: &states, hyper: &hyper };
+    let want = run(&g, &env).expect("graph runs");
+    let got = execute(&p, &env);
+    let close = |a: &[f64], b: &[f64], what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-12 * x.abs().max(1.0), "{what}: {x} vs {y}");
+        }
+    };
+    close(&got[p.loss.0 as usize].data, &want[g.loss.0 as usize].data, "loss");
+    let assigns = g.assigns();
+    assert_eq!(assigns.len(), p.assigns.len());
+    for ((t, node), (pt, buf)) in assigns.iter().zip(&p.assigns) {
+        assert_eq!(t, pt);
+        let what = match t {
+            Target::Param(i) => format!("param {}", c.model.params[*i].path),
+            Target::State(i) => format!("state {}", g.states[*i].name),
+        };
+        close(&got[buf.0 as usize].data, &want[node.0 as usize].data, &what);
+    }
+}
+
+#[test]
+fn mlp_program_matches_graph() {
+    same_as_graph(
+        r#"
+model Mlp {
+  input x: f32[batch, 6]
+  input label: i32[batch]
+  layer fc1 = Linear(6, 8)
+  layer fc2 = Linear(8, 3)
+  loss cross_entropy(fc2(relu(fc1(x))), label)
+}
+data d = synthetic(features: 6, classes: 3)
+train { batch: 4, steps: 1, optimizer: sgd(lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 0.01), clip_grad_norm: 0.5 }
+"#,
+        3.0,
+    );
+}
+
+#[test]
+fn transformer_program_matches_graph() {
+    same_as_graph(
+        r#"
+model Gpt {
+  input tokens: i32[batch, seq]
+  input targets: i32[batch, seq]
+  layer embed = Embedding(11, 8)
+  layer pos = PositionalEmbedding(seq, 8)
+  layer blocks = repeat 2 Block(8, 2)
+  layer ln = LayerNorm(8)
+  layer head = Linear(8, 11)
+  loss cross_entropy(head(ln(blocks(pos(embed(tokens))))), targets)
+}
+data corpus = text("t.txt")
+train { batch: 2, seq: 5, steps: 1, optimizer: adamw(lr: 0.001), clip_grad_norm: 1.0 }
+"#,
+        11.0,
+    );
+}
