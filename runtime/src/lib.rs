@@ -3,5 +3,6 @@
 //! Data loading and checkpoints live here; backends, transport, collectives
 //! and the executor join them as the compiler grows the stages that feed them.
 
+pub mod backend;
 pub mod checkpoint;
 pub mod data;

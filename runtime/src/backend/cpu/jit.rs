@@ -1,0 +1,1 @@
+//! Fused element-wise kernels compiled with cranelift (in progress).

@@ -1,0 +1,4 @@
+//! Backends: where kernels run. `cpu` JIT-compiles fused kernels with
+//! cranelift and runs matmuls through a tuned GEMM.
+
+pub mod cpu;
