@@ -255,6 +255,11 @@ fn dims(g: &Graph, id: NodeId) -> Vec<usize> {
 
 /// Lowers a training graph to a program of kernels.
 pub fn lower(g: &Graph) -> Program {
+    lower_keeping(g, &[]).0
+}
+
+/// As [`lower`], also keeping the values of `keep` in buffers (returned in order).
+pub fn lower_keeping(g: &Graph, keep: &[NodeId]) -> (Program, Vec<BufId>) {
     let n = g.len();
     // Users of each node; a node is "fusable into its user" when it is
     // element-wise, has exactly one user, that user is element-wise, and
@@ -270,6 +275,9 @@ pub fn lower(g: &Graph) -> Program {
     needed[g.loss.0 as usize] = true;
     for (_, v) in g.assigns() {
         needed[v.0 as usize] = true;
+    }
+    for k in keep {
+        needed[k.0 as usize] = true;
     }
     let fused_into = |id: NodeId| -> Option<NodeId> {
         let node = g.node(id);
@@ -328,7 +336,8 @@ pub fn lower(g: &Graph) -> Program {
         buf_of.insert(id, b);
     }
     p.loss = buf_of.get(&g.loss).copied().unwrap_or(BufId(0));
-    p
+    let kept = keep.iter().map(|k| buf_of.get(k).copied().unwrap_or(BufId(0))).collect();
+    (p, kept)
 }
 
 /// Emits the fused kernel rooted at `root` (whose buffer is `out`).

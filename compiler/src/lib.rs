@@ -31,6 +31,11 @@ pub fn prelude() -> Result<&'static syntax::ast::File, Diagnostics> {
 /// Parses and checks one plan given as bytes. Returns what was established
 /// (None when there are errors) and every diagnostic, warnings included.
 pub fn check_source(bytes: &[u8]) -> (Option<Checked>, Diagnostics) {
+    check_source_with(bytes, &std::collections::BTreeMap::new())
+}
+
+/// As [`check_source`], binding some symbolic dims to other sizes.
+pub fn check_source_with(bytes: &[u8], overrides: &std::collections::BTreeMap<String, i64>) -> (Option<Checked>, Diagnostics) {
     let text = match syntax::decode(SourceId::USER, bytes) {
         Ok(t) => t,
         Err(d) => return (None, d.into()),
@@ -43,7 +48,7 @@ pub fn check_source(bytes: &[u8]) -> (Option<Checked>, Diagnostics) {
         Ok(p) => p,
         Err(d) => return (None, d),
     };
-    check::check(&file, prelude)
+    check::check_with(&file, prelude, overrides)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 mod check;
 mod inspect;
 pub mod render;
+mod run;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
@@ -31,6 +32,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
     },
+    /// Train a plan.
+    Run(run::RunArgs),
     /// Show what the compiler makes of a plan.
     Inspect {
         /// The plan file.
@@ -69,5 +72,6 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Check { files, format } => check::run(&files, format, color),
         Command::Inspect { file, graph } => inspect::run(&file, graph, color),
+        Command::Run(args) => run::run(&args, color),
     }
 }

@@ -25,6 +25,12 @@ impl Sources {
         }
     }
 
+    /// Adds another text (a data file) that diagnostics may point into.
+    pub fn add(&mut self, name: &str, text: String) -> SourceId {
+        self.files.push((name.to_string(), Arc::new(text)));
+        SourceId(self.files.len() as u32 - 1)
+    }
+
     fn get(&self, id: SourceId) -> (&str, &Arc<String>) {
         let (n, t) = &self.files[(id.0 as usize).min(self.files.len() - 1)];
         (n, t)

@@ -35,6 +35,12 @@ pub struct Checked {
 
 /// Checks `file` against the `prelude` templates.
 pub fn check(file: &ast::File, prelude: &ast::File) -> (Option<Checked>, Diagnostics) {
+    check_with(file, prelude, &BTreeMap::new())
+}
+
+/// As [`check`], with some symbolic dims bound to other sizes than the train
+/// section's (an evaluation batch, say). The train settings keep their own.
+pub fn check_with(file: &ast::File, prelude: &ast::File, overrides: &BTreeMap<String, i64>) -> (Option<Checked>, Diagnostics) {
     let mut diags = Diagnostics::default();
 
     // Templates: the prelude's, then the user's (which shadow them).
@@ -135,6 +141,7 @@ pub fn check(file: &ast::File, prelude: &ast::File) -> (Option<Checked>, Diagnos
             .collect(),
         None => BTreeMap::new(),
     };
+    let dims: BTreeMap<String, i64> = dims.into_iter().chain(overrides.iter().map(|(k, v)| (k.clone(), *v))).collect();
     let unbound: HashSet<String> = sym_spans.keys().filter(|s| !dims.contains_key(*s)).cloned().collect();
     if let Some(t) = train_def {
         for (name, span) in &sym_spans {

@@ -1,0 +1,221 @@
+//! The executor: runs a kernel [`Program`] on the CPU backend, step after step.
+//!
+//! Input: a program and the values of its sources. Output: the loss (and any
+//! kept buffers) of each step, with parameters and optimizer states updated
+//! in place by the program's assignments at the end of the step.
+//!
+//! Memory: every buffer is allocated once, when the executor is built, and
+//! reused by every step; reshapes share their operand's memory. Fused kernels
+//! are compiled once, at build time. Work is split over threads in fixed
+//! contiguous blocks, so results do not depend on timing.
+
+use crate::backend::cpu::jit::{CompiledKernel, Jit};
+use crate::backend::cpu::{ops, Arg, KernelError, Operand};
+use shardplan_compiler::graph::Hyper;
+use shardplan_compiler::kernel::{BufId, BufKind, Elem, Program, StepKind};
+
+/// The memory of one buffer.
+#[derive(Clone, Debug)]
+enum Storage {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+    /// Uses another buffer's memory (a reshape).
+    Alias,
+}
+
+pub struct Executor {
+    program: Program,
+    storage: Vec<Storage>,
+    kernels: Vec<Option<CompiledKernel>>,
+    threads: usize,
+    /// Kept alive as long as the compiled kernels are used.
+    _jit: Jit,
+}
+
+/// Elements below which a fused kernel runs on one thread.
+const PARALLEL_MIN: usize = 1 << 16;
+
+impl Executor {
+    /// Allocates every buffer and compiles every fused kernel.
+    pub fn new(program: Program, threads: usize) -> Result<Executor, KernelError> {
+        let mut jit = Jit::new()?;
+        let storage = program
+            .buffers
+            .iter()
+            .map(|b| match (&b.kind, b.elem) {
+                (BufKind::Alias(_), _) => Storage::Alias,
+                (BufKind::Const(c), Elem::F32) => Storage::F32(vec![*c as f32; b.len()]),
+                (BufKind::Const(c), Elem::I32) => Storage::I32(vec![*c as i32; b.len()]),
+                (_, Elem::F32) => Storage::F32(vec![0.0; b.len()]),
+                (_, Elem::I32) => Storage::I32(vec![0; b.len()]),
+            })
+            .collect();
+        let mut kernels = Vec::with_capacity(program.steps.len());
+        for s in &program.steps {
+            kernels.push(match &s.kind {
+                StepKind::Fused(f) => Some(jit.compile(f)?),
+                _ => None,
+            });
+        }
+        Ok(Executor { program, storage, kernels, threads: threads.max(1), _jit: jit })
+    }
+
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    fn find(&self, want: &BufKind) -> Option<usize> {
+        self.program.buffers.iter().position(|b| &b.kind == want)
+    }
+
+    /// The f32 data of the buffer holding `kind` (a parameter, a state).
+    pub fn get(&self, kind: &BufKind) -> Option<&[f32]> {
+        let i = self.find(kind)?;
+        match &self.storage[self.program.storage(BufId(i as u32)).0 as usize] {
+            Storage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Sets a parameter, state or input. Values of the wrong length are refused.
+    pub fn set(&mut self, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError> {
+        let Some(i) = self.find(kind) else {
+            // The graph does not read it (a parameter the loss ignores): nothing to set.
+            return Ok(());
+        };
+        let i = self.program.storage(BufId(i as u32)).0 as usize;
+        match (&mut self.storage[i], data) {
+            (Storage::F32(dst), Data::F32(src)) if dst.len() == src.len() => dst.copy_from_slice(src),
+            (Storage::I32(dst), Data::I32(src)) if dst.len() == src.len() => dst.copy_from_slice(src),
+            (dst, src) => {
+                let have = match dst {
+                    Storage::F32(v) => format!("f32 × {}", v.len()),
+                    Storage::I32(v) => format!("i32 × {}", v.len()),
+                    Storage::Alias => "an alias".into(),
+                };
+                let got = match src {
+                    Data::F32(v) => format!("f32 × {}", v.len()),
+                    Data::I32(v) => format!("i32 × {}", v.len()),
+                };
+                return Err(KernelError::Invalid(format!("{kind:?} holds {have}, was given {got}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The f32 data of buffer `b`.
+    pub fn buffer(&self, b: BufId) -> &[f32] {
+        match &self.storage[self.program.storage(b).0 as usize] {
+            Storage::F32(v) => v,
+            _ => &[],
+        }
+    }
+
+    /// Runs one step: every kernel, then the assignments. Returns the loss.
+    pub fn step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<f32, KernelError> {
+        for (i, b) in self.program.buffers.iter().enumerate() {
+            if let (BufKind::Hyper(h), Storage::F32(v)) = (&b.kind, &mut self.storage[i]) {
+                v.fill(hyper(*h) as f32);
+            }
+        }
+        for si in 0..self.program.steps.len() {
+            self.run_step(si)?;
+        }
+        // Assignments read values computed this step; copy them out first so
+        // that an assignment never sees another's result.
+        let updates: Vec<(usize, Vec<f32>)> = self
+            .program
+            .assigns
+            .iter()
+            .filter_map(|(t, src)| {
+                let kind = match t {
+                    shardplan_compiler::graph::Target::Param(i) => BufKind::Param(*i),
+                    shardplan_compiler::graph::Target::State(i) => BufKind::State(*i),
+                };
+                let dst = self.find(&kind)?;
+                Some((self.program.storage(BufId(dst as u32)).0 as usize, self.buffer(*src).to_vec()))
+            })
+            .collect();
+        for (dst, v) in updates {
+            if let Storage::F32(d) = &mut self.storage[dst] {
+                d.copy_from_slice(&v);
+            }
+        }
+        Ok(self.buffer(self.program.loss).first().copied().unwrap_or(f32::NAN))
+    }
+
+    fn run_step(&mut self, si: usize) -> Result<(), KernelError> {
+        let step = &self.program.steps[si];
+        let out_i = self.program.storage(step.output).0 as usize;
+        let mut out = match std::mem::replace(&mut self.storage[out_i], Storage::Alias) {
+            Storage::F32(v) => v,
+            other => {
+                self.storage[out_i] = other;
+                return Err(KernelError::Invalid(format!("step {si} writes a buffer that is not f32")));
+            }
+        };
+        let out_shape = self.program.buffers[step.output.0 as usize].shape.clone();
+        let result = {
+            let args: Vec<Operand<'_>> = step
+                .inputs
+                .iter()
+                .map(|b| {
+                    let shape = self.program.buffers[b.0 as usize].shape.as_slice();
+                    match &self.storage[self.program.storage(*b).0 as usize] {
+                        Storage::F32(v) => Operand { data: Arg::F32(v), shape },
+                        Storage::I32(v) => Operand { data: Arg::I32(v), shape },
+                        Storage::Alias => Operand { data: Arg::F32(&[]), shape },
+                    }
+                })
+                .collect();
+            match (&step.kind, &self.kernels[si]) {
+                (StepKind::Fused(f), Some(k)) => {
+                    let ins: Vec<&[f32]> = args.iter().map(|a| if let Arg::F32(v) = a.data { v } else { &[][..] }).collect();
+                    run_fused(k, &ins, &mut out, f.rows, f.cols, self.threads)
+                }
+                (StepKind::Op(op), _) => ops::run(op, &args, &mut out, &out_shape, self.threads),
+                (StepKind::Broadcast, _) => match args.first() {
+                    Some(a) => ops::broadcast(a, &mut out, &out_shape),
+                    None => Err(KernelError::Invalid("broadcast without an operand".into())),
+                },
+                (StepKind::Fused(_), None) => Err(KernelError::Invalid(format!("step {si} was not compiled"))),
+            }
+        };
+        self.storage[out_i] = Storage::F32(out);
+        result
+    }
+}
+
+/// A fused kernel over all rows, split in contiguous blocks over threads.
+fn run_fused(k: &CompiledKernel, ins: &[&[f32]], out: &mut [f32], rows: usize, cols: usize, threads: usize) -> Result<(), KernelError> {
+    if threads <= 1 || rows < 2 || rows * cols < PARALLEL_MIN {
+        return k.run(ins, out);
+    }
+    let t = threads.min(rows);
+    let per = rows.div_ceil(t);
+    std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        let mut rest: &mut [f32] = out;
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + per).min(rows);
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut((r1 - r0) * cols);
+            rest = tail;
+            let (a, b) = (r0, r1);
+            handles.push(s.spawn(move || {
+                // The kernel writes rows [a, b) at their offsets in a full-size
+                // output; give it a view whose row 0 is row `a`.
+                k.run_block(ins, mine, a, b)
+            }));
+            r0 = r1;
+        }
+        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(KernelError::Invalid("a kernel thread panicked".into()))))
+    })
+}
+
+/// Source data handed to [`Executor::set`].
+#[derive(Clone, Copy, Debug)]
+pub enum Data<'a> {
+    F32(&'a [f32]),
+    I32(&'a [i32]),
+}

@@ -1,0 +1,452 @@
+//! `shardplan run FILE`: train a plan on one CPU device.
+//!
+//! Loads and checks the plan, loads its data, compiles the training step
+//! (graph → autodiff → kernels), initialises or loads the parameters, runs
+//! the steps with a progress bar, evaluates the held-out split, and writes
+//! metrics and checkpoints atomically.
+
+use super::check;
+use super::render::{self, Sources};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use shardplan_compiler::check::{Init, Length, LrSchedule, Optimizer, Prim};
+use shardplan_compiler::graph::{Hyper, NodeId, Op};
+use shardplan_compiler::kernel::{lower, lower_keeping, BufKind};
+use shardplan_compiler::{autodiff, graph, Checked, Diagnostic, SourceId, Span};
+use shardplan_runtime::checkpoint::{self, Tensor};
+use shardplan_runtime::data::{self, rng::Xoshiro256, Batch, DataError, Dataset, Sampler};
+use shardplan_runtime::exec::{Data, Executor};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Options of `shardplan run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// The plan file.
+    pub file: PathBuf,
+    /// Train for this many steps (overrides the plan).
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<u64>,
+    /// Train for this many epochs (overrides the plan).
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Seed for initialisation and data order (overrides the plan).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write one JSON line per step: step, epoch, loss, lr, samples/s, wall time.
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
+    /// Initial parameters (safetensors; names are the model's dotted paths).
+    #[arg(long, value_name = "FILE", conflicts_with = "resume")]
+    pub init: Option<PathBuf>,
+    /// Save parameters, optimizer state and step at the end (safetensors).
+    #[arg(long, value_name = "FILE")]
+    pub save: Option<PathBuf>,
+    /// Continue a run saved with --save.
+    #[arg(long, value_name = "FILE")]
+    pub resume: Option<PathBuf>,
+    /// Stop after this global step (the schedule still spans the whole run);
+    /// with --save, a checkpoint to --resume from later.
+    #[arg(long, value_name = "STEP")]
+    pub stop_after: Option<u64>,
+    /// Threads for kernels (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// A failure that is not a diagnostic of the plan itself.
+struct Failure {
+    code: &'static str,
+    message: String,
+    help: String,
+}
+
+fn fail(code: &'static str, message: impl Into<String>, help: impl Into<String>) -> Failure {
+    Failure { code, message: message.into(), help: help.into() }
+}
+
+pub fn run(args: &RunArgs, color: bool) -> ExitCode {
+    let Some(mut c) = check::load(&args.file, color) else { return ExitCode::from(1) };
+    let plan_text = std::fs::read(&args.file).unwrap_or_default();
+    if let Some(s) = args.seed {
+        c.train.seed = s;
+    }
+    match (args.steps, args.epochs) {
+        (Some(s), _) => c.train.length = Length::Steps(s as i64),
+        (_, Some(e)) => c.train.length = Length::Epochs(e as i64),
+        _ => {}
+    }
+    let base = args.file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+    match train(args, &c, &plan_text, &base) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Data(e)) => {
+            report_data_error(&e, &args.file, &plan_text, &c, color);
+            ExitCode::from(1)
+        }
+        Err(Error::Other(f)) => {
+            let sources = Sources::new(&args.file.display().to_string(), String::from_utf8_lossy(&plan_text).into_owned());
+            let d = Diagnostic::error(f.code, f.message).help(f.help);
+            eprint!("{}", render::human(&d, &sources, color));
+            ExitCode::from(1)
+        }
+    }
+}
+
+enum Error {
+    Data(DataError),
+    Other(Failure),
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Error {
+        Error::Other(f)
+    }
+}
+
+/// Renders a data error with the data file's line when there is one.
+fn report_data_error(e: &DataError, plan: &Path, plan_text: &[u8], c: &Checked, color: bool) {
+    let mut sources = Sources::new(&plan.display().to_string(), String::from_utf8_lossy(plan_text).into_owned());
+    let mut d = Diagnostic::error(e.code, e.message.clone()).help(e.help.clone());
+    let text = e.span.and_then(|_| std::fs::read(&e.path).ok()).map(|b| String::from_utf8_lossy(&b).into_owned());
+    match (e.span, text) {
+        (Some((a, b)), Some(text)) if b <= text.len() => {
+            let id = sources.add(&e.path.display().to_string(), text);
+            let what = match (&e.line, &e.column) {
+                (Some(l), Some(col)) => format!("line {l}, column `{col}`"),
+                (Some(l), None) => format!("line {l}"),
+                _ => "here".to_string(),
+            };
+            d = d.label(Span::new(id, a, b.max(a)), what);
+        }
+        _ => {}
+    }
+    // Also point at the data source in the plan.
+    d = d.label(c.data.span, "the data source");
+    if d.labels.first().is_some_and(|l| l.span.src == SourceId::USER) && e.path.as_os_str().len() > 0 {
+        d.message = format!("{} ({})", d.message, e.path.display());
+    }
+    eprint!("{}", render::human(&d, &sources, color));
+}
+
+/// The number of classes of the model's cross-entropy, if it has one.
+fn classes(c: &Checked) -> Option<usize> {
+    c.model.trace.iter().find_map(|t| match t.prim {
+        Prim::CrossEntropy => t.args.first().and_then(|a| c.model.trace[a.0 as usize].ty.shape.last()).map(|d| d.size as usize),
+        _ => None,
+    })
+}
+
+/// The logits node of a forward graph (the cross-entropy's first operand).
+fn logits(g: &graph::Graph) -> Option<NodeId> {
+    g.ids().find(|&id| g.node(id).op == Op::CrossEntropy).and_then(|id| g.args(id).first().copied())
+}
+
+fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(), Error> {
+    let t0 = Instant::now();
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+    let seq = c.train.dims.get("seq").map(|&s| s as usize);
+    let splits = data::load(&c.data.source, base, seq, classes(c)).map_err(Error::Data)?;
+    let batch = c.train.batch as usize;
+    let sampler = Sampler::new(splits.train.len(), batch, c.train.shuffle, c.train.seed);
+    let per_epoch = sampler.batches_per_epoch() as u64;
+    if per_epoch == 0 {
+        return Err(fail(
+            "run::batch_too_large",
+            format!("the training split has {} samples, fewer than one batch of {batch}", splits.train.len()),
+            "lower `batch` in the train section, or train on more data",
+        )
+        .into());
+    }
+    let total = match c.train.length {
+        Length::Epochs(e) => e as u64 * per_epoch,
+        Length::Steps(s) => s as u64,
+    };
+    let end = args.stop_after.map(|s| s.min(total)).unwrap_or(total);
+
+    // Compile the training step.
+    let g = autodiff::differentiate(graph::build(c), c);
+    g.verify().map_err(|e| fail("run::internal", format!("the training graph is malformed: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
+    let states: Vec<(String, Vec<usize>)> = g.states.iter().map(|s| (s.name.clone(), s.ty.shape.iter().map(|d| d.size as usize).collect())).collect();
+    let mut exec = Executor::new(lower(&g), threads).map_err(|e| fail("run::compile", format!("cannot compile the training step: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
+
+    // Parameters: initialised, loaded, or resumed.
+    let shapes: Vec<(String, Vec<usize>)> = c.model.params.iter().map(|p| (p.path.clone(), p.ty.shape.iter().map(|d| d.size as usize).collect())).collect();
+    let mut params: Vec<Vec<f32>> = c.model.params.iter().enumerate().map(|(i, p)| init(&p.init, &shapes[i].1, c.train.seed, i as u64)).collect();
+    let mut state_vals: Vec<Vec<f32>> = states.iter().map(|(_, s)| vec![0.0; s.iter().product()]).collect();
+    let mut start = 0u64;
+    let ck = |e: checkpoint::CheckpointError| fail(e.code(), e.to_string(), e.help());
+    if let Some(path) = &args.init {
+        let (found, _) = checkpoint::load(path).map_err(ck)?;
+        let found = checkpoint::select(path, found, &shapes).map_err(ck)?;
+        params = found.into_iter().map(|t| t.data).collect();
+    }
+    if let Some(path) = &args.resume {
+        let (found, meta) = checkpoint::load(path).map_err(ck)?;
+        let mut expected = shapes.clone();
+        expected.extend(states.iter().cloned());
+        let found = checkpoint::select(path, found, &expected).map_err(ck)?;
+        let mut it = found.into_iter();
+        params = it.by_ref().take(shapes.len()).map(|t| t.data).collect();
+        state_vals = it.map(|t| t.data).collect();
+        start = checkpoint::meta_parse(path, &meta, "step").map_err(ck)?;
+        let seed: u64 = checkpoint::meta_parse(path, &meta, "seed").map_err(ck)?;
+        if args.seed.is_none() && seed != c.train.seed {
+            return Err(fail("run::resume_seed", format!("the checkpoint was trained with seed {seed}, the plan says {}", c.train.seed), format!("resume with `--seed {seed}` to continue the same run")).into());
+        }
+    }
+    let kernel_err = |e: shardplan_runtime::backend::cpu::KernelError| fail("run::kernel", e.to_string(), "check the data: an index or label is outside the model's range");
+    for (i, p) in params.iter().enumerate() {
+        exec.set(&BufKind::Param(i), Data::F32(p)).map_err(kernel_err)?;
+    }
+    for (i, s) in state_vals.iter().enumerate() {
+        exec.set(&BufKind::State(i), Data::F32(s)).map_err(kernel_err)?;
+    }
+
+    // The loop.
+    let pb = if args.quiet { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(end), ProgressDrawTarget::stderr()) };
+    pb.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    pb.set_position(start);
+    let mut metrics = match &args.metrics {
+        Some(p) => Some(AtomicFile::create(p).map_err(|e| fail("run::metrics", format!("cannot write `{}`: {e}", p.display()), "check the directory exists and is writable"))?),
+        None => None,
+    };
+    let loop_start = Instant::now();
+    let mut last_loss = f32::NAN;
+    let mut recent: Vec<f32> = Vec::new();
+    let mut epoch_order: Option<(u64, Vec<Vec<usize>>)> = None;
+    for step in start..end {
+        let epoch = step / per_epoch;
+        if epoch_order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            epoch_order = Some((epoch, sampler.epoch(epoch)));
+        }
+        let rows = &epoch_order.as_ref().map(|(_, o)| o[(step % per_epoch) as usize].clone()).unwrap_or_default();
+        set_batch(&mut exec, &splits.train.gather(rows)).map_err(kernel_err)?;
+        let lr = learning_rate(c, step, total);
+        let (b1, b2) = match c.train.optimizer {
+            Optimizer::Adam { beta1, beta2, .. } => (beta1, beta2),
+            Optimizer::Sgd { .. } => (0.0, 0.0),
+        };
+        let t = (step + 1) as i32;
+        let hyper = move |h: Hyper| match h {
+            Hyper::Lr => lr,
+            Hyper::BiasCorrection1 => 1.0 / (1.0 - b1.powi(t)),
+            Hyper::BiasCorrection2 => 1.0 / (1.0 - b2.powi(t)).sqrt(),
+        };
+        let loss = exec.step(&hyper).map_err(kernel_err)?;
+        if !loss.is_finite() {
+            pb.abandon();
+            return Err(fail("run::diverged", format!("the loss became {loss} at step {}", step + 1), "lower the learning rate, or clip gradients with `clip_grad_norm: 1.0`").into());
+        }
+        last_loss = loss;
+        recent.push(loss);
+        if recent.len() > per_epoch.min(50) as usize {
+            recent.remove(0);
+        }
+        let elapsed = loop_start.elapsed().as_secs_f64();
+        let sps = ((step + 1 - start) as f64 * batch as f64) / elapsed.max(1e-9);
+        if let Some(m) = metrics.as_mut() {
+            let line = serde_json::json!({"step": step + 1, "epoch": epoch + 1, "loss": loss, "lr": lr, "samples_per_s": sps, "wall_s": t0.elapsed().as_secs_f64()});
+            m.line(&line.to_string()).map_err(|e| fail("run::metrics", format!("cannot write metrics: {e}"), "check the disk"))?;
+        }
+        pb.set_message(format!("epoch {} | loss {loss:.4} | {sps:.0} samples/s", epoch + 1));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    if let Some(m) = metrics {
+        m.commit().map_err(|e| fail("run::metrics", format!("cannot write metrics: {e}"), "check the disk"))?;
+    }
+
+    // Read back the trained parameters.
+    let params: Vec<Vec<f32>> = (0..c.model.params.len()).map(|i| exec.get(&BufKind::Param(i)).map(<[f32]>::to_vec).unwrap_or_default()).collect();
+    let states_now: Vec<Vec<f32>> = (0..states.len()).map(|i| exec.get(&BufKind::State(i)).map(<[f32]>::to_vec).unwrap_or_default()).collect();
+    if let Some(path) = &args.save {
+        let mut tensors: Vec<Tensor> = shapes.iter().zip(&params).map(|((n, s), d)| Tensor { name: n.clone(), shape: s.clone(), data: d.clone() }).collect();
+        tensors.extend(states.iter().zip(&states_now).map(|((n, s), d)| Tensor { name: n.clone(), shape: s.clone(), data: d.clone() }));
+        let meta: BTreeMap<String, String> = [
+            ("format".to_string(), "shardplan-checkpoint-1".to_string()),
+            ("model".to_string(), c.model.name.clone()),
+            ("step".to_string(), end.max(start).to_string()),
+            ("seed".to_string(), c.train.seed.to_string()),
+        ]
+        .into_iter()
+        .collect();
+        checkpoint::save(path, &tensors, &meta).map_err(ck)?;
+    }
+
+    // Report.
+    let trained = end.saturating_sub(start);
+    let secs = loop_start.elapsed().as_secs_f64();
+    let mean_recent = if recent.is_empty() { last_loss } else { recent.iter().sum::<f32>() / recent.len() as f32 };
+    println!("{}: trained {} steps ({} epochs of {} batches) in {:.2}s, {:.0} samples/s", args.file.display(), trained, fmt_epochs(trained, per_epoch), per_epoch, secs, trained as f64 * batch as f64 / secs.max(1e-9));
+    println!("  train loss {mean_recent:.4} (mean of the last {} steps)", recent.len());
+    if let Some(test) = &splits.test {
+        let (loss, acc) = evaluate(c, plan_text, test, &params, threads)?;
+        match acc {
+            Some(a) => println!("  test  loss {loss:.4}, accuracy {:.2}% ({} samples)", a * 100.0, test.len()),
+            None => println!("  test  loss {loss:.4} ({} samples)", test.len()),
+        }
+    }
+    if let Some(p) = &args.save {
+        println!("  saved {}", p.display());
+    }
+    Ok(())
+}
+
+fn fmt_epochs(steps: u64, per_epoch: u64) -> String {
+    let e = steps as f64 / per_epoch as f64;
+    if e.fract() == 0.0 {
+        format!("{e:.0}")
+    } else {
+        format!("{e:.2}")
+    }
+}
+
+fn set_batch(exec: &mut Executor, b: &Batch) -> Result<(), shardplan_runtime::backend::cpu::KernelError> {
+    match b {
+        Batch::Table { features, labels } => {
+            exec.set(&BufKind::Input(0), Data::F32(features))?;
+            exec.set(&BufKind::Input(1), Data::I32(labels))
+        }
+        Batch::Text { tokens, targets } => {
+            exec.set(&BufKind::Input(0), Data::I32(tokens))?;
+            exec.set(&BufKind::Input(1), Data::I32(targets))
+        }
+    }
+}
+
+/// Mean loss and (for classifiers) accuracy over the whole split.
+fn evaluate(c: &Checked, plan_text: &[u8], test: &Dataset, params: &[Vec<f32>], threads: usize) -> Result<(f32, Option<f64>), Error> {
+    let n = test.len();
+    let chunk = n.clamp(1, 512);
+    let mut total_loss = 0.0f64;
+    let mut correct = 0usize;
+    let mut counted = 0usize;
+    let mut classifier = false;
+    let mut programs: BTreeMap<usize, (Executor, Option<shardplan_compiler::kernel::BufId>)> = BTreeMap::new();
+    let mut start = 0;
+    while start < n {
+        let size = chunk.min(n - start);
+        if !programs.contains_key(&size) {
+            let overrides: BTreeMap<String, i64> = [("batch".to_string(), size as i64)].into_iter().collect();
+            let (ce, _) = shardplan_compiler::check_source_with(plan_text, &overrides);
+            let ce = ce.ok_or_else(|| fail("run::internal", "the plan does not check at the evaluation batch size", "this is a bug in shardplan; please report it with the plan"))?;
+            let g = graph::build(&ce);
+            let keep: Vec<NodeId> = logits(&g).into_iter().collect();
+            let (p, kept) = lower_keeping(&g, &keep);
+            let mut exec = Executor::new(p, threads).map_err(|e| fail("run::compile", e.to_string(), "this is a bug in shardplan"))?;
+            for (i, v) in params.iter().enumerate() {
+                exec.set(&BufKind::Param(i), Data::F32(v)).map_err(|e| fail("run::kernel", e.to_string(), "this is a bug in shardplan"))?;
+            }
+            programs.insert(size, (exec, kept.first().copied()));
+        }
+        let Some((exec, logits_buf)) = programs.get_mut(&size) else { break };
+        let rows: Vec<usize> = (start..start + size).collect();
+        let b = test.gather(&rows);
+        set_batch(exec, &b).map_err(|e| fail("run::kernel", e.to_string(), "check the data"))?;
+        let loss = exec.step(&|_| 0.0).map_err(|e| fail("run::kernel", e.to_string(), "check the data: an index or label is outside the model's range"))?;
+        total_loss += loss as f64 * size as f64;
+        if let (Some(lb), Batch::Table { labels, .. }) = (logits_buf, &b) {
+            classifier = true;
+            let logits = exec.buffer(*lb);
+            let k = logits.len() / size.max(1);
+            for (i, &label) in labels.iter().enumerate() {
+                let row = &logits[i * k..(i + 1) * k];
+                let best = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |acc, (j, &v)| if v > acc.1 { (j, v) } else { acc }).0;
+                correct += usize::from(best as i32 == label);
+                counted += 1;
+            }
+        }
+        start += size;
+    }
+    let acc = (classifier && counted > 0).then(|| correct as f64 / counted as f64);
+    Ok(((total_loss / n.max(1) as f64) as f32, acc))
+}
+
+/// The learning rate of `step` (0-based) out of `total`.
+fn learning_rate(c: &Checked, step: u64, total: u64) -> f64 {
+    let base = match c.train.optimizer {
+        Optimizer::Sgd { lr, .. } | Optimizer::Adam { lr, .. } => lr,
+    };
+    let t = step as f64;
+    match c.train.lr_schedule {
+        LrSchedule::Constant => base,
+        LrSchedule::Warmup { steps } => base * ((t + 1.0) / steps as f64).min(1.0),
+        LrSchedule::Cosine { warmup, min_lr } => {
+            if (step as i64) < warmup {
+                base * (t + 1.0) / warmup as f64
+            } else {
+                let span = (total as f64 - warmup as f64).max(1.0);
+                let progress = ((t - warmup as f64) / span).clamp(0.0, 1.0);
+                min_lr + (base - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
+/// Initial values of a parameter, from its own seeded stream (so adding a
+/// parameter does not change the others).
+fn init(init: &Init, shape: &[usize], seed: u64, index: u64) -> Vec<f32> {
+    const DOMAIN_INIT: u64 = 0x1417;
+    let n: usize = shape.iter().product();
+    let mut rng = Xoshiro256::stream(seed, DOMAIN_INIT, index);
+    let (fan_in, fan_out) = match shape {
+        [] => (1.0, 1.0),
+        [d] => (*d as f64, *d as f64),
+        [.., i, o] => (*i as f64, *o as f64),
+    };
+    match *init {
+        Init::Zeros => vec![0.0; n],
+        Init::Ones => vec![1.0; n],
+        Init::Constant(v) => vec![v as f32; n],
+        Init::GlorotUniform => {
+            let a = (6.0 / (fan_in + fan_out)).sqrt();
+            (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * a) as f32).collect()
+        }
+        Init::GlorotNormal => {
+            let s = (2.0 / (fan_in + fan_out)).sqrt();
+            (0..n).map(|_| (rng.normal() * s) as f32).collect()
+        }
+        Init::Normal { mean, std } => (0..n).map(|_| (mean + rng.normal() * std) as f32).collect(),
+        Init::Uniform { low, high } => (0..n).map(|_| (low + rng.uniform() * (high - low)) as f32).collect(),
+    }
+}
+
+/// A file written to a temporary name and renamed into place when complete.
+struct AtomicFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+}
+
+impl AtomicFile {
+    fn create(path: &Path) -> std::io::Result<AtomicFile> {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "metrics".into());
+        let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
+        let out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        Ok(AtomicFile { tmp, path: path.to_path_buf(), out })
+    }
+
+    fn line(&mut self, s: &str) -> std::io::Result<()> {
+        writeln!(self.out, "{s}")
+    }
+
+    fn commit(mut self) -> std::io::Result<()> {
+        self.out.flush()?;
+        self.out.get_ref().sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        // After a commit the temporary name no longer exists; otherwise the
+        // partial file is removed and the destination is left untouched.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
