@@ -10,7 +10,7 @@ fn root() -> &'static Path {
 /// Every `"area::kind"` string literal in the sources.
 fn codes_in_sources() -> std::collections::BTreeSet<String> {
     let mut out = std::collections::BTreeSet::new();
-    let mut stack = vec![root().join("compiler/src"), root().join("src")];
+    let mut stack = vec![root().join("compiler/src"), root().join("runtime/src"), root().join("src")];
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir).expect("source dir").flatten() {
             let p = e.path();

@@ -354,6 +354,7 @@ fn fuse(
     let mut body: Vec<Inst> = Vec::new();
     let mut inputs: Vec<BufId> = Vec::new();
     let mut memo: HashMap<NodeId, usize> = HashMap::new();
+    #[allow(clippy::too_many_arguments)]
     fn emit(
         g: &Graph,
         id: NodeId,
@@ -435,8 +436,24 @@ fn fuse(
             (k, st)
         }
     };
-    let cols: usize = shape[k..].iter().product();
-    let rows: usize = shape[..k].iter().product();
+    let mut cols: usize = shape[k..].iter().product();
+    let mut rows: usize = shape[..k].iter().product();
+    let mut strides = strides;
+    // A kernel over whole tensors (every input full or scalar) is re-tiled
+    // into rows of about 4K elements, so that its rows can be shared out
+    // among threads.
+    let plain = strides.iter().all(|&(r, c)| (r == cols && c == 1) || (r == 0 && c == 0) || rows == 1 && c == 1);
+    if rows == 1 && plain && cols >= 8192 {
+        let mut r = 1;
+        while cols.is_multiple_of(r * 2) && cols / (r * 2) >= 4096 {
+            r *= 2;
+        }
+        if r > 1 {
+            rows = r;
+            cols /= r;
+            strides = strides.iter().map(|&(_, c)| if c == 1 { (cols, 1) } else { (0, 0) }).collect();
+        }
+    }
     let fused = Fused { rows, cols, row_strides: strides.iter().map(|s| s.0).collect(), col_strides: strides.iter().map(|s| s.1).collect(), body };
     p.steps.push(Step { kind: StepKind::Fused(fused), inputs, output: out });
 }

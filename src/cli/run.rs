@@ -99,7 +99,7 @@ pub fn run(args: &RunArgs, color: bool) -> ExitCode {
 }
 
 enum Error {
-    Data(DataError),
+    Data(Box<DataError>),
     Other(Failure),
 }
 
@@ -128,7 +128,7 @@ fn report_data_error(e: &DataError, plan: &Path, plan_text: &[u8], c: &Checked, 
     }
     // Also point at the data source in the plan.
     d = d.label(c.data.span, "the data source");
-    if d.labels.first().is_some_and(|l| l.span.src == SourceId::USER) && e.path.as_os_str().len() > 0 {
+    if d.labels.first().is_some_and(|l| l.span.src == SourceId::USER) && !e.path.as_os_str().is_empty() {
         d.message = format!("{} ({})", d.message, e.path.display());
     }
     eprint!("{}", render::human(&d, &sources, color));
@@ -151,7 +151,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
     let t0 = Instant::now();
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
     let seq = c.train.dims.get("seq").map(|&s| s as usize);
-    let splits = data::load(&c.data.source, base, seq, classes(c)).map_err(Error::Data)?;
+    let splits = data::load(&c.data.source, base, seq, classes(c)).map_err(|e| Error::Data(Box::new(e)))?;
     let batch = c.train.batch as usize;
     let sampler = Sampler::new(splits.train.len(), batch, c.train.shuffle, c.train.seed);
     let per_epoch = sampler.batches_per_epoch() as u64;
@@ -286,7 +286,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
     println!("{}: trained {} steps ({} epochs of {} batches) in {:.2}s, {:.0} samples/s", args.file.display(), trained, fmt_epochs(trained, per_epoch), per_epoch, secs, trained as f64 * batch as f64 / secs.max(1e-9));
     println!("  train loss {mean_recent:.4} (mean of the last {} steps)", recent.len());
     if let Some(test) = &splits.test {
-        let (loss, acc) = evaluate(c, plan_text, test, &params, threads)?;
+        let (loss, acc) = evaluate(plan_text, test, &params, threads)?;
         match acc {
             Some(a) => println!("  test  loss {loss:.4}, accuracy {:.2}% ({} samples)", a * 100.0, test.len()),
             None => println!("  test  loss {loss:.4} ({} samples)", test.len()),
@@ -321,7 +321,7 @@ fn set_batch(exec: &mut Executor, b: &Batch) -> Result<(), shardplan_runtime::ba
 }
 
 /// Mean loss and (for classifiers) accuracy over the whole split.
-fn evaluate(c: &Checked, plan_text: &[u8], test: &Dataset, params: &[Vec<f32>], threads: usize) -> Result<(f32, Option<f64>), Error> {
+fn evaluate(plan_text: &[u8], test: &Dataset, params: &[Vec<f32>], threads: usize) -> Result<(f32, Option<f64>), Error> {
     let n = test.len();
     let chunk = n.clamp(1, 512);
     let mut total_loss = 0.0f64;
@@ -332,7 +332,7 @@ fn evaluate(c: &Checked, plan_text: &[u8], test: &Dataset, params: &[Vec<f32>], 
     let mut start = 0;
     while start < n {
         let size = chunk.min(n - start);
-        if !programs.contains_key(&size) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = programs.entry(size) {
             let overrides: BTreeMap<String, i64> = [("batch".to_string(), size as i64)].into_iter().collect();
             let (ce, _) = shardplan_compiler::check_source_with(plan_text, &overrides);
             let ce = ce.ok_or_else(|| fail("run::internal", "the plan does not check at the evaluation batch size", "this is a bug in shardplan; please report it with the plan"))?;
@@ -343,7 +343,7 @@ fn evaluate(c: &Checked, plan_text: &[u8], test: &Dataset, params: &[Vec<f32>], 
             for (i, v) in params.iter().enumerate() {
                 exec.set(&BufKind::Param(i), Data::F32(v)).map_err(|e| fail("run::kernel", e.to_string(), "this is a bug in shardplan"))?;
             }
-            programs.insert(size, (exec, kept.first().copied()));
+            slot.insert((exec, kept.first().copied()));
         }
         let Some((exec, logits_buf)) = programs.get_mut(&size) else { break };
         let rows: Vec<usize> = (start..start + size).collect();

@@ -1,0 +1,333 @@
+//! Row-wise kernels: softmax, log-softmax and their gradients along an
+//! axis, layer norm and its gradients along the last axis.
+//!
+//! Each row is contiguous and processed by one thread with the lane
+//! primitives of [`lanes`]; rows are split across threads in contiguous
+//! blocks. A softmax along another axis moves that axis last with two
+//! transposes (rare in real models, so the copies are acceptable).
+
+use super::lanes::BLOCK;
+use super::{expect_shape, invalid, lanes, layout, par_rows, F32Arg, KernelError, Name};
+
+/// Softmax or log-softmax along `axis`.
+pub(super) fn softmax(
+    name: Name<'_>,
+    (x, xs): F32Arg<'_>,
+    axis: usize,
+    log: bool,
+    out: &mut [f32],
+    out_shape: &[usize],
+    threads: usize,
+) -> Result<(), KernelError> {
+    expect_shape(name, out_shape, xs)?;
+    along_last(name, &[x], xs, axis, out, threads, |ins, d, out| {
+        let x = ins[0];
+        par_rows(
+            out,
+            d,
+            threads,
+            x.len(),
+            #[inline(always)]
+            |r0, block| {
+                for (i, o) in block.chunks_exact_mut(d).enumerate() {
+                    let s = (r0 + i) * d;
+                    softmax_row(x.get(s..s + d).unwrap_or(&[]), log, o);
+                }
+            },
+        );
+    })
+}
+
+/// One row of softmax (numerically stable: the row max is subtracted).
+/// A row with no finite maximum (all −∞) gives 0, or −∞ for log-softmax.
+#[inline(always)]
+fn softmax_row(x: &[f32], log: bool, out: &mut [f32]) {
+    let m = lanes::max(x);
+    if m == f32::NEG_INFINITY {
+        out.fill(if log { f32::NEG_INFINITY } else { 0.0 });
+        return;
+    }
+    if log {
+        // (x − m) − ln Σ: adding m back first would round at m's scale.
+        let ln_s = lanes::sum_exp_shifted(x, m).ln();
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = (v - m) - ln_s;
+        }
+    } else {
+        let inv = 1.0 / lanes::exp_shifted(x, m, out);
+        for o in out.iter_mut() {
+            *o *= inv;
+        }
+    }
+}
+
+/// (y, dy) → dx for y = softmax(x): y·(dy − Σ dy·y); for y = log_softmax(x):
+/// dy − exp(y)·Σ dy.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn softmax_grad(
+    name: Name<'_>,
+    (y, ys): F32Arg<'_>,
+    (dy, dys): F32Arg<'_>,
+    axis: usize,
+    log: bool,
+    out: &mut [f32],
+    out_shape: &[usize],
+    threads: usize,
+) -> Result<(), KernelError> {
+    expect_shape(name, out_shape, ys)?;
+    if dys != ys {
+        return Err(invalid(name, format!("dy has shape {dys:?}, y has {ys:?}")));
+    }
+    along_last(name, &[y, dy], ys, axis, out, threads, |ins, d, out| {
+        let (y, dy) = (ins[0], ins[1]);
+        par_rows(
+            out,
+            d,
+            threads,
+            2 * y.len(),
+            #[inline(always)]
+            |r0, block| {
+                for (i, o) in block.chunks_exact_mut(d).enumerate() {
+                    let s = (r0 + i) * d;
+                    let (Some(y), Some(dy)) = (y.get(s..s + d), dy.get(s..s + d)) else { return };
+                    if log {
+                        let sum = lanes::sum(dy);
+                        for ((o, &y), &g) in o.iter_mut().zip(y).zip(dy) {
+                            *o = g - lanes::exp(y) * sum;
+                        }
+                    } else {
+                        let sum = lanes::dot(dy, y);
+                        for ((o, &y), &g) in o.iter_mut().zip(y).zip(dy) {
+                            *o = y * (g - sum);
+                        }
+                    }
+                }
+            },
+        );
+    })
+}
+
+/// Runs `rows(inputs, d, out)` on the inputs viewed as rows of `d` along
+/// `axis`: directly when `axis` is the last one, else between transposes.
+fn along_last(
+    name: Name<'_>,
+    ins: &[&[f32]],
+    shape: &[usize],
+    axis: usize,
+    out: &mut [f32],
+    threads: usize,
+    rows: impl Fn(&[&[f32]], usize, &mut [f32]),
+) -> Result<(), KernelError> {
+    let rank = shape.len();
+    if axis >= rank {
+        return Err(invalid(name, format!("axis {axis} is out of range for {shape:?}")));
+    }
+    let d = shape[axis];
+    if d == 0 || out.is_empty() {
+        return Ok(());
+    }
+    if axis == rank - 1 {
+        rows(ins, d, out);
+        return Ok(());
+    }
+    let perm: Vec<usize> = (0..rank).filter(|&a| a != axis).chain([axis]).collect();
+    let moved: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let mut inverse = vec![0; rank];
+    for (i, &p) in perm.iter().enumerate() {
+        inverse[p] = i;
+    }
+    let mut t_ins = Vec::with_capacity(ins.len());
+    for x in ins {
+        let mut t = vec![0.0f32; x.len()];
+        layout::transpose(name, (x, shape), &perm, &mut t, &moved, threads)?;
+        t_ins.push(t);
+    }
+    let t_refs: Vec<&[f32]> = t_ins.iter().map(Vec::as_slice).collect();
+    let mut t_out = vec![0.0f32; out.len()];
+    rows(&t_refs, d, &mut t_out);
+    layout::transpose(name, (&t_out, &moved), &inverse, out, shape, threads)
+}
+
+/// Row statistics of layer norm: (mean, 1/√(var + eps)), accumulated in f64.
+#[inline(always)]
+fn stats(row: &[f32], eps: f64) -> (f32, f32) {
+    let n = row.len().max(1) as f64;
+    let mu = (lanes::sum_f64(row) / n) as f32;
+    let var = lanes::sq_dev_f64(row, mu) / n;
+    (mu, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// The last dim of `shape` (1 for a scalar) and the number of rows.
+fn last_dim(shape: &[usize], len: usize) -> (usize, usize) {
+    let d = shape.last().copied().unwrap_or(1);
+    (d, len.checked_div(d).unwrap_or(0))
+}
+
+fn expect_len(name: Name<'_>, what: &str, got: usize, want: usize) -> Result<(), KernelError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(invalid(name, format!("{what} has {got} elements, expected {want}")))
+    }
+}
+
+/// (x, gamma, beta) → (x − mean)/√(var + eps)·gamma + beta over the last axis.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn layer_norm(
+    name: Name<'_>,
+    (x, xs): F32Arg<'_>,
+    (gamma, _): F32Arg<'_>,
+    (beta, _): F32Arg<'_>,
+    eps: f64,
+    out: &mut [f32],
+    out_shape: &[usize],
+    threads: usize,
+) -> Result<(), KernelError> {
+    expect_shape(name, out_shape, xs)?;
+    let (d, _) = last_dim(xs, x.len());
+    expect_len(name, "gamma", gamma.len(), d)?;
+    expect_len(name, "beta", beta.len(), d)?;
+    if d == 0 {
+        return Ok(());
+    }
+    par_rows(
+        out,
+        d,
+        threads,
+        x.len(),
+        #[inline(always)]
+        |r0, block| {
+            for (i, o) in block.chunks_exact_mut(d).enumerate() {
+                let s = (r0 + i) * d;
+                let Some(row) = x.get(s..s + d) else { return };
+                let (mu, rstd) = stats(row, eps);
+                for (((o, &v), &g), &b) in o.iter_mut().zip(row).zip(gamma).zip(beta) {
+                    *o = (v - mu) * rstd * g + b;
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
+/// (x, gamma, dy) → dx of layer norm.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn layer_norm_grad_x(
+    name: Name<'_>,
+    (x, xs): F32Arg<'_>,
+    (gamma, _): F32Arg<'_>,
+    (dy, _): F32Arg<'_>,
+    eps: f64,
+    out: &mut [f32],
+    out_shape: &[usize],
+    threads: usize,
+) -> Result<(), KernelError> {
+    expect_shape(name, out_shape, xs)?;
+    let (d, _) = last_dim(xs, x.len());
+    expect_len(name, "gamma", gamma.len(), d)?;
+    expect_len(name, "dy", dy.len(), x.len())?;
+    if d == 0 {
+        return Ok(());
+    }
+    let n = d as f32;
+    par_rows(
+        out,
+        d,
+        threads,
+        2 * x.len(),
+        #[inline(always)]
+        |r0, block| {
+            for (i, o) in block.chunks_exact_mut(d).enumerate() {
+                let s = (r0 + i) * d;
+                let (Some(row), Some(dy)) = (x.get(s..s + d), dy.get(s..s + d)) else { return };
+                let (mu, rstd) = stats(row, eps);
+                // With g = dy·gamma and x̂ = (x − mu)·rstd:
+                // dx = rstd/n · (n·g − Σg − x̂·Σ g·x̂).
+                let (sg, sgd) = grad_sums(row, dy, gamma, mu);
+                let (sg, sgx) = (sg as f32, (sgd * rstd as f64) as f32);
+                let a = rstd / n;
+                for (((o, &v), &dy), &g) in o.iter_mut().zip(row).zip(dy).zip(gamma) {
+                    let xhat = (v - mu) * rstd;
+                    *o = a * (n * (dy * g) - sg - xhat * sgx);
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
+/// (Σ dy·gamma, Σ dy·gamma·(x − mu)), accumulated as [`lanes::sum_f64`]:
+/// per block, the products go to a buffer (an element-wise loop LLVM
+/// vectorises) that [`lanes::sum`] then folds.
+#[inline(always)]
+fn grad_sums(x: &[f32], dy: &[f32], gamma: &[f32], mu: f32) -> (f64, f64) {
+    let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+    let mut g = [0.0f32; BLOCK];
+    let mut gx = [0.0f32; BLOCK];
+    for ((x, dy), gamma) in x.chunks(BLOCK).zip(dy.chunks(BLOCK)).zip(gamma.chunks(BLOCK)) {
+        let n = x.len().min(dy.len()).min(gamma.len());
+        for ((((g, gx), &x), &dy), &gamma) in g.iter_mut().zip(gx.iter_mut()).zip(x).zip(dy).zip(gamma) {
+            *g = dy * gamma;
+            *gx = *g * (x - mu);
+        }
+        sg += lanes::sum(&g[..n]) as f64;
+        sgx += lanes::sum(&gx[..n]) as f64;
+    }
+    (sg, sgx)
+}
+
+/// (x, dy) → dgamma = Σ over rows of dy·x̂, one output per column of x.
+pub(super) fn layer_norm_grad_gamma(
+    name: Name<'_>,
+    (x, xs): F32Arg<'_>,
+    (dy, _): F32Arg<'_>,
+    eps: f64,
+    out: &mut [f32],
+    out_shape: &[usize],
+    threads: usize,
+) -> Result<(), KernelError> {
+    let (d, r) = last_dim(xs, x.len());
+    expect_shape(name, out_shape, &[d])?;
+    expect_len(name, "dy", dy.len(), x.len())?;
+    if d == 0 {
+        return Ok(());
+    }
+    // Row statistics first (rows split across threads), then columns
+    // (columns split), each column summed over rows in order.
+    let mut st = vec![(0.0f32, 0.0f32); r];
+    par_rows(
+        &mut st,
+        1,
+        threads,
+        x.len(),
+        #[inline(always)]
+        |r0, block| {
+            for (i, s) in block.iter_mut().enumerate() {
+                let o = (r0 + i) * d;
+                *s = stats(x.get(o..o + d).unwrap_or(&[]), eps);
+            }
+        },
+    );
+    par_rows(
+        out,
+        1,
+        threads,
+        x.len(),
+        #[inline(always)]
+        |c0, block| {
+            let w = block.len();
+            let mut acc = vec![0.0f64; w];
+            for (i, &(mu, rstd)) in st.iter().enumerate() {
+                let o = i * d + c0;
+                let (Some(x), Some(dy)) = (x.get(o..o + w), dy.get(o..o + w)) else { return };
+                for ((a, &v), &g) in acc.iter_mut().zip(x).zip(dy) {
+                    *a += (g * ((v - mu) * rstd)) as f64;
+                }
+            }
+            for (o, a) in block.iter_mut().zip(acc) {
+                *o = a as f32;
+            }
+        },
+    );
+    Ok(())
+}
