@@ -43,6 +43,21 @@ fn execute(p: &Program, env: &Env<'_>) -> Vec<Tensor> {
             }
             StepKind::Op(op) => apply(op, &ins.iter().collect::<Vec<_>>(), &out_shape, env).expect("op runs"),
             StepKind::Broadcast => broadcast(&ins[0], &out_shape),
+            StepKind::MatMul { trans_a, trans_b } => {
+                let t = |x: &Tensor, on: bool| {
+                    if !on {
+                        return x.clone();
+                    }
+                    let r = x.shape.len();
+                    let mut perm: Vec<usize> = (0..r).collect();
+                    perm.swap(r - 1, r - 2);
+                    let mut s = x.shape.clone();
+                    s.swap(r - 1, r - 2);
+                    apply(&shardplan_compiler::graph::Op::Transpose { perm }, &[x], &s, env).expect("transpose")
+                };
+                let (a, b) = (t(&ins[0], *trans_a), t(&ins[1], *trans_b));
+                apply(&shardplan_compiler::graph::Op::MatMul, &[&a, &b], &out_shape, env).expect("matmul")
+            }
         };
         vals[step.output.0 as usize] = Some(out);
     }
@@ -56,6 +71,8 @@ fn same_as_graph(src: &str, int_hi: f64) {
     let p = lower(&g);
     let fused = p.steps.iter().filter(|s| matches!(s.kind, StepKind::Fused(_))).count();
     assert!(fused > 0 && p.steps.len() < g.len(), "fusion should merge nodes: {} steps for {} nodes", p.steps.len(), g.len());
+    let folded = p.steps.iter().filter(|s| matches!(s.kind, StepKind::MatMul { trans_a: true, .. } | StepKind::MatMul { trans_b: true, .. })).count();
+    assert!(folded > 0, "backward matmuls read transposes in place");
     let mut seed = 11u64;
     let mut rnd = move || {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);

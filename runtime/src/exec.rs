@@ -24,6 +24,8 @@ enum Storage {
 }
 
 pub struct Executor {
+    /// Seconds spent in each step, summed over runs (when profiling).
+    profile: Option<Vec<f64>>,
     program: Program,
     storage: Vec<Storage>,
     kernels: Vec<Option<CompiledKernel>>,
@@ -57,11 +59,21 @@ impl Executor {
                 _ => None,
             });
         }
-        Ok(Executor { program, storage, kernels, threads: threads.max(1), _jit: jit })
+        Ok(Executor { profile: None, program, storage, kernels, threads: threads.max(1), _jit: jit })
     }
 
     pub fn program(&self) -> &Program {
         &self.program
+    }
+
+    /// Starts timing every step.
+    pub fn enable_profile(&mut self) {
+        self.profile = Some(vec![0.0; self.program.steps.len()]);
+    }
+
+    /// Seconds spent in each step so far (empty unless profiling).
+    pub fn profile(&self) -> &[f64] {
+        self.profile.as_deref().unwrap_or(&[])
     }
 
     fn find(&self, want: &BufKind) -> Option<usize> {
@@ -119,26 +131,35 @@ impl Executor {
             }
         }
         for si in 0..self.program.steps.len() {
+            let t = self.profile.is_some().then(std::time::Instant::now);
             self.run_step(si)?;
+            if let (Some(p), Some(t)) = (self.profile.as_mut(), t) {
+                p[si] += t.elapsed().as_secs_f64();
+            }
         }
-        // Assignments read values computed this step; copy them out first so
-        // that an assignment never sees another's result.
-        let updates: Vec<(usize, Vec<f32>)> = self
-            .program
-            .assigns
-            .iter()
-            .filter_map(|(t, src)| {
-                let kind = match t {
-                    shardplan_compiler::graph::Target::Param(i) => BufKind::Param(*i),
-                    shardplan_compiler::graph::Target::State(i) => BufKind::State(*i),
-                };
-                let dst = self.find(&kind)?;
-                Some((self.program.storage(BufId(dst as u32)).0 as usize, self.buffer(*src).to_vec()))
-            })
-            .collect();
-        for (dst, v) in updates {
-            if let Storage::F32(d) = &mut self.storage[dst] {
-                d.copy_from_slice(&v);
+        // A parameter takes its new value by trading memory with the
+        // temporary that holds it (rewritten from scratch next step), so an
+        // update costs no copy. Values held elsewhere are copied.
+        let mut traded: Vec<usize> = Vec::new();
+        for (t, src) in &self.program.assigns {
+            let kind = match t {
+                shardplan_compiler::graph::Target::Param(i) => BufKind::Param(*i),
+                shardplan_compiler::graph::Target::State(i) => BufKind::State(*i),
+            };
+            let Some(dst) = self.find(&kind) else { continue };
+            let dst = self.program.storage(BufId(dst as u32)).0 as usize;
+            let src = self.program.storage(*src).0 as usize;
+            let is_temp = self.program.buffers[src].kind == BufKind::Temp;
+            if is_temp && !traded.contains(&src) && src != dst {
+                traded.push(src);
+                let (lo, hi) = (dst.min(src), dst.max(src));
+                let (a, b) = self.storage.split_at_mut(hi);
+                std::mem::swap(&mut a[lo], &mut b[0]);
+            } else if let Storage::F32(v) = &self.storage[src] {
+                let v = v.clone();
+                if let Storage::F32(d) = &mut self.storage[dst] {
+                    d.copy_from_slice(&v);
+                }
             }
         }
         Ok(self.buffer(self.program.loss).first().copied().unwrap_or(f32::NAN))
@@ -174,6 +195,10 @@ impl Executor {
                     run_fused(k, &ins, &mut out, f.rows, f.cols, self.threads)
                 }
                 (StepKind::Op(op), _) => ops::run(op, &args, &mut out, &out_shape, self.threads),
+                (StepKind::MatMul { trans_a, trans_b }, _) => match args.as_slice() {
+                    [a, b] => ops::matmul(a, *trans_a, b, *trans_b, &mut out, &out_shape, self.threads),
+                    _ => Err(KernelError::Invalid("matmul without two operands".into())),
+                },
                 (StepKind::Broadcast, _) => match args.first() {
                     Some(a) => ops::broadcast(a, &mut out, &out_shape),
                     None => Err(KernelError::Invalid("broadcast without an operand".into())),
@@ -186,31 +211,25 @@ impl Executor {
     }
 }
 
-/// A fused kernel over all rows, split in contiguous blocks over threads.
+/// A fused kernel over all rows, split in blocks of whole rows over the
+/// kernel worker threads (each row is computed the same way whatever the split).
 fn run_fused(k: &CompiledKernel, ins: &[&[f32]], out: &mut [f32], rows: usize, cols: usize, threads: usize) -> Result<(), KernelError> {
     if threads <= 1 || rows < 2 || rows * cols < PARALLEL_MIN {
         return k.run(ins, out);
     }
-    let t = threads.min(rows);
-    let per = rows.div_ceil(t);
-    std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        let mut rest: &mut [f32] = out;
-        let mut r0 = 0;
-        while r0 < rows {
-            let r1 = (r0 + per).min(rows);
-            let (mine, tail) = std::mem::take(&mut rest).split_at_mut((r1 - r0) * cols);
-            rest = tail;
-            let (a, b) = (r0, r1);
-            handles.push(s.spawn(move || {
-                // The kernel writes rows [a, b) at their offsets in a full-size
-                // output; give it a view whose row 0 is row `a`.
-                k.run_block(ins, mine, a, b)
-            }));
-            r0 = r1;
+    let failure: std::sync::Mutex<Option<KernelError>> = std::sync::Mutex::new(None);
+    ops::par_rows(out, cols, threads, rows * cols, |first, block| {
+        let n = block.len() / cols.max(1);
+        if let Err(e) = k.run_block(ins, block, first, first + n) {
+            if let Ok(mut f) = failure.lock() {
+                f.get_or_insert(e);
+            }
         }
-        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(KernelError::Invalid("a kernel thread panicked".into()))))
-    })
+    });
+    match failure.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Source data handed to [`Executor::set`].

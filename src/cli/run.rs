@@ -57,6 +57,9 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Time every kernel and print where a step spends its time.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// A failure that is not a diagnostic of the plan itself.
@@ -174,6 +177,9 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
     g.verify().map_err(|e| fail("run::internal", format!("the training graph is malformed: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
     let states: Vec<(String, Vec<usize>)> = g.states.iter().map(|s| (s.name.clone(), s.ty.shape.iter().map(|d| d.size as usize).collect())).collect();
     let mut exec = Executor::new(lower(&g), threads).map_err(|e| fail("run::compile", format!("cannot compile the training step: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
+    if args.profile {
+        exec.enable_profile();
+    }
 
     // Parameters: initialised, loaded, or resumed.
     let shapes: Vec<(String, Vec<usize>)> = c.model.params.iter().map(|p| (p.path.clone(), p.ty.shape.iter().map(|d| d.size as usize).collect())).collect();
@@ -295,7 +301,54 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
     if let Some(p) = &args.save {
         println!("  saved {}", p.display());
     }
+    if args.profile {
+        print_profile(&exec, trained);
+    }
     Ok(())
+}
+
+/// The kernels that take the most time per step.
+fn print_profile(exec: &Executor, steps: u64) {
+    use shardplan_compiler::kernel::StepKind;
+    let p = exec.program();
+    let times = exec.profile();
+    let total: f64 = times.iter().sum();
+    let mut rows: Vec<(f64, String)> = p
+        .steps
+        .iter()
+        .zip(times)
+        .map(|(s, t)| {
+            let what = match &s.kind {
+                StepKind::Fused(f) => format!("fused {} ops [{} × {}]", f.body.len(), f.rows, f.cols),
+                StepKind::Op(op) => op.name(),
+                StepKind::Broadcast => "broadcast".into(),
+                StepKind::MatMul { trans_a, trans_b } => format!("matmul{}{}", if *trans_a { " Aᵀ" } else { "" }, if *trans_b { " Bᵀ" } else { "" }),
+            };
+            let ins: Vec<String> = s.inputs.iter().map(|b| format!("{:?}", p.buffers[b.0 as usize].shape)).collect();
+            (*t, format!("{what} {} → {:?}", ins.join(" "), p.buffers[s.output.0 as usize].shape))
+        })
+        .collect();
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let n = steps.max(1) as f64;
+    // Totals by kind of kernel (the text before the shapes).
+    let mut kinds: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for (t, what) in &rows {
+        let kind = what.split(" [").next().unwrap_or(what).split(" ops").next().unwrap_or(what).to_string();
+        let e = kinds.entry(kind).or_default();
+        e.0 += t;
+        e.1 += 1;
+    }
+    let mut kinds: Vec<(String, (f64, usize))> = kinds.into_iter().collect();
+    kinds.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    println!("  profile: {:.2} ms per step in {} kernels", total / n * 1e3, p.steps.len());
+    println!("  by kind:");
+    for (kind, (t, count)) in kinds.iter().take(12) {
+        println!("    {:7.3} ms {:5.1}%  {kind} (×{count})", t / n * 1e3, 100.0 * t / total.max(1e-12));
+    }
+    println!("  slowest kernels:");
+    for (t, what) in rows.iter().take(15) {
+        println!("    {:7.3} ms {:5.1}%  {what}", t / n * 1e3, 100.0 * t / total.max(1e-12));
+    }
 }
 
 fn fmt_epochs(steps: u64, per_epoch: u64) -> String {

@@ -122,9 +122,22 @@ pub(super) fn vjp(g: &mut Graph, id: NodeId, args: &[NodeId], dy: NodeId) -> Vec
                 res.push((args[0], d));
             }
             if wants(g, args[1]) {
-                let at = swap_last(g, args[0]);
-                let d = matmul(g, at, dy);
-                let d = sum_to(g, d, args[1]);
+                let (ta, tb) = (ty(g, args[0]), ty(g, args[1]));
+                let d = if tb.rank() == 2 && ta.rank() > 2 {
+                    // A weight shared by every batch row: one product over
+                    // the flattened rows, not a batch of products summed.
+                    let rows: i64 = ta.shape[..ta.rank() - 1].iter().map(|d| d.size).product();
+                    let k = ta.shape[ta.rank() - 1].clone();
+                    let n = out.shape[out.rank() - 1].clone();
+                    let a2 = g.add(Op::Reshape, &[args[0]], Ty::new(ta.dtype, vec![Dim::known(rows), k]), B);
+                    let d2 = g.add(Op::Reshape, &[dy], Ty::new(ta.dtype, vec![Dim::known(rows), n]), B);
+                    let at = swap_last(g, a2);
+                    matmul(g, at, d2)
+                } else {
+                    let at = swap_last(g, args[0]);
+                    let d = matmul(g, at, dy);
+                    sum_to(g, d, args[1])
+                };
                 res.push((args[1], d));
             }
         }

@@ -198,7 +198,7 @@ fn par_each<T: Send>(items: Vec<T>, threads: usize, f: impl Fn(T) + Sync) {
 /// [`par_each`]; one block when `work` (elements touched) is small. Each row
 /// is computed the same way whatever the split, so results do not depend on
 /// `threads`.
-fn par_rows<T: Send>(out: &mut [T], row: usize, threads: usize, work: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+pub fn par_rows<T: Send>(out: &mut [T], row: usize, threads: usize, work: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let rows = out.len().checked_div(row).unwrap_or(0);
     let t = if threads <= 1 || rows < 2 || work < PARALLEL_MIN { 1 } else { threads.min(rows) };
     // A few blocks per thread, so that a helper that wakes late still finds work.
