@@ -187,13 +187,15 @@ def run_torch(kind, steps, python):
     return out["times"], out["rss"]
 
 
-def numpy_gflops(kind):
+NUMPY = textwrap.dedent(
+    """
+    import sys, time
     import numpy as np
     shapes = {
         "mlp": [(256, 1024, 4096), (256, 4096, 4096), (256, 4096, 1024)],
         "gpt": [(2048, 256, 256), (2048, 256, 1024), (2048, 1024, 256)],
         "digits": [(64, 64, 128), (64, 128, 64), (64, 64, 10)],
-    }[kind]
+    }[sys.argv[1]]
     mats = [(np.random.rand(m, k).astype(np.float32), np.random.rand(k, n).astype(np.float32)) for m, k, n in shapes]
     flops = sum(2 * m * k * n for m, k, n in shapes)
     for a, b in mats:
@@ -204,7 +206,22 @@ def numpy_gflops(kind):
         for a, b in mats:
             a @ b
         reps += 1
-    return flops * reps / (time.perf_counter() - t0) / 1e9
+    print(flops * reps / (time.perf_counter() - t0) / 1e9)
+    """
+)
+
+
+def numpy_gflops(kind, python):
+    # This machine pins OpenBLAS to an older core type for safety; that slows
+    # a current numpy, so the comparison runs without the pin (and with the
+    # same 2 threads).
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    env["OPENBLAS_NUM_THREADS"] = str(THREADS)
+    r = subprocess.run([python, "-c", NUMPY, kind], capture_output=True, text=True, env=env)
+    try:
+        return float(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return float("nan")
 
 
 def main():
@@ -212,11 +229,16 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--only", default="mlp,gpt,digits")
+    ap.add_argument("--numpy-only", action="store_true", help="only the numpy GFLOP/s column")
     ap.add_argument("--python", default=sys.executable, help="a Python with torch installed")
     a = ap.parse_args()
     if not os.path.exists(BIN):
         sys.exit("build first: cargo build --release")
     kinds = a.only.split(",")
+    if a.numpy_only:
+        for k in kinds:
+            print(f"{k:8} numpy {numpy_gflops(k, a.python):.1f} GFLOP/s")
+        return
     load0 = os.getloadavg()
     results = {k: {"ratios": [], "sp": [], "pt": [], "sp_rss": 0, "pt_rss": 0} for k in kinds}
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,7 +263,7 @@ def main():
     for k in kinds:
         r = results[k]
         sp, pt = statistics.median(r["sp"]), statistics.median(r["pt"])
-        print(f"{k:8} {statistics.median(r['ratios']):12.2f} {sp * 1e3:12.2f} {pt * 1e3:10.2f} {FLOPS[k] / sp / 1e9:10.1f} {FLOPS[k] / pt / 1e9:10.1f} {numpy_gflops(k):13.1f} {r['sp_rss'] / 2**20:11.0f} {r['pt_rss'] / 2**20:11.0f}")
+        print(f"{k:8} {statistics.median(r['ratios']):12.2f} {sp * 1e3:12.2f} {pt * 1e3:10.2f} {FLOPS[k] / sp / 1e9:10.1f} {FLOPS[k] / pt / 1e9:10.1f} {numpy_gflops(k, a.python):13.1f} {r['sp_rss'] / 2**20:11.0f} {r['pt_rss'] / 2**20:11.0f}")
 
 
 if __name__ == "__main__":
