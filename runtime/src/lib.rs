@@ -1,7 +1,9 @@
 //! The shardplan runtime: what runs a compiled plan.
 //!
-//! Data loading and checkpoints live here; backends, transport, collectives
-//! and the executor join them as the compiler grows the stages that feed them.
+//! `backend::cpu` runs kernels (cranelift-compiled fused kernels, library
+//! kernels, GEMM); `exec` runs a kernel program step after step; `data`
+//! loads training data; `checkpoint` reads and writes safetensors files.
+//! Transport and collectives between devices join them with the partitioner.
 
 pub mod backend;
 pub mod checkpoint;
