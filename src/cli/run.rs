@@ -131,7 +131,8 @@ fn report_data_error(e: &DataError, plan: &Path, plan_text: &[u8], c: &Checked, 
     }
     // Also point at the data source in the plan.
     d = d.label(c.data.span, "the data source");
-    if d.labels.first().is_some_and(|l| l.span.src == SourceId::USER) && !e.path.as_os_str().is_empty() {
+    let shown = e.path.display().to_string();
+    if d.labels.first().is_some_and(|l| l.span.src == SourceId::USER) && !shown.is_empty() && !d.message.contains(&shown) {
         d.message = format!("{} ({})", d.message, e.path.display());
     }
     eprint!("{}", render::human(&d, &sources, color));

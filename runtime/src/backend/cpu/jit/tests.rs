@@ -9,16 +9,12 @@ use shardplan_compiler::kernel::{Binary as B, Inst as I, Unary as U};
 /// an ulp of their inputs' scale, not of a result near 0).
 const TOL: f64 = 4e-6;
 
-/// splitmix64: small, seedable, good enough for test data.
-struct Rng(u64);
+/// Test data from the runtime's own seeded generator.
+struct Rng(crate::data::rng::SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).
@@ -127,7 +123,7 @@ fn check_with(jits: &mut [Jit], k: &Fused, ins: &[Vec<f32>], tol: f64) -> Result
 }
 
 fn check(k: &Fused, dists: &[Dist], seed: u64) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(seed));
     let ins = inputs(k, dists, &mut rng);
     if let Err(e) = check_with(&mut jits(), k, &ins, TOL) {
         panic!("{e}");
@@ -176,7 +172,7 @@ fn every_unary_op_matches_the_reference() {
     for (seed, (op, dist)) in unary_cases().into_iter().enumerate() {
         // 4103 = 256 × 16 + 4 + 3: the unrolled loop, one more vector and a 3-lane tail.
         let k = fused(4, 4103, &[(4103, 1)], vec![I::Load(0), I::Unary(op, 0)]);
-        let mut rng = Rng(seed as u64);
+        let mut rng = Rng(crate::data::rng::SplitMix64::new(seed as u64));
         let mut ins = inputs(&k, &[dist], &mut rng);
         // Special values at the start, in the middle of a vector and in the tail.
         for (i, &s) in SPECIALS.iter().enumerate() {
@@ -206,7 +202,7 @@ fn every_binary_op_matches_the_reference() {
     let mut jits = jits();
     for (seed, (op, dx, dy)) in binary_cases().into_iter().enumerate() {
         let k = fused(3, 1001, &[(1001, 1), (1001, 1)], vec![I::Load(0), I::Load(1), I::Binary(op, 0, 1)]);
-        let mut rng = Rng(100 + seed as u64);
+        let mut rng = Rng(crate::data::rng::SplitMix64::new(100 + seed as u64));
         let mut ins = inputs(&k, &[dx, dy], &mut rng);
         // Infinities give NaN in the reference's gelu'(x) formula (∞·0) but
         // the limits 0 and 1 here; leave them out for that op.
@@ -432,7 +428,7 @@ fn random_chain(rng: &mut Rng, n_in: usize, len: usize) -> Vec<Inst> {
 
 #[test]
 fn random_long_chains_match_the_reference() {
-    let mut rng = Rng(7);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(7));
     let mut jits = jits();
     for case in 0..24 {
         let n_in = 1 + rng.below(4);
@@ -455,7 +451,7 @@ const ROWS: [usize; 3] = [1, 2, 7];
 #[test]
 fn every_broadcast_pattern_and_shape() {
     let mut jits = jits();
-    let mut rng = Rng(11);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(11));
     for rows in ROWS {
         for cols in COLS {
             // full, bias (row stride 0), kept-dim column (col stride 0),
@@ -493,7 +489,7 @@ fn every_broadcast_pattern_and_shape() {
 
 #[test]
 fn odd_bodies() {
-    let mut rng = Rng(5);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(5));
     // Only a constant; an unused input; one input read twice; dead code.
     let bodies = [
         (vec![I::Const(2.5)], 1),
@@ -525,7 +521,7 @@ fn sample_kernel(rows: usize, cols: usize) -> Fused {
 #[test]
 fn run_rows_writes_only_its_rows() {
     let mut jit = Jit::new().expect("jit");
-    let mut rng = Rng(3);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(3));
     for cols in [1, 5, 33] {
         let k = sample_kernel(7, cols);
         let kernel = jit.compile(&k).expect("compile");
@@ -558,7 +554,7 @@ fn threads_share_a_kernel_over_disjoint_rows() {
     let (rows, cols) = (64, 257);
     let k = sample_kernel(rows, cols);
     let kernel = Jit::new().expect("jit").compile(&k).expect("compile");
-    let ins = inputs(&k, &[Dist::Uniform(-3.0, 3.0)], &mut Rng(9));
+    let ins = inputs(&k, &[Dist::Uniform(-3.0, 3.0)], &mut Rng(crate::data::rng::SplitMix64::new(9)));
     let refs: Vec<&[f32]> = ins.iter().map(Vec::as_slice).collect();
     let mut want = vec![0.0; rows * cols];
     kernel.run(&refs, &mut want).expect("run");
@@ -646,7 +642,7 @@ fn kernels_outlive_their_jit_and_cross_threads() {
         let mut jit = Jit::new().expect("jit");
         jit.compile(&k).expect("compile")
     };
-    let ins = inputs(&k, &[Dist::Uniform(-1.0, 1.0)], &mut Rng(1));
+    let ins = inputs(&k, &[Dist::Uniform(-1.0, 1.0)], &mut Rng(crate::data::rng::SplitMix64::new(1)));
     let refs: Vec<&[f32]> = ins.iter().map(Vec::as_slice).collect();
     let mut got = vec![0.0; 18];
     std::thread::scope(|s| {
@@ -699,7 +695,7 @@ fn bandwidth() {
         let t0 = Instant::now();
         let kernel = jit.compile(&k).expect("compile");
         let compile = t0.elapsed();
-        let mut rng = Rng(1);
+        let mut rng = Rng(crate::data::rng::SplitMix64::new(1));
         let ins = inputs(&k, &[Dist::Uniform(-1.0, 1.0)], &mut rng);
         let refs: Vec<&[f32]> = ins.iter().map(Vec::as_slice).collect();
         let mut out = vec![0.0f32; n];
@@ -742,7 +738,7 @@ fn bandwidth() {
     for (name, op) in [("exp", U::Exp), ("gelu", U::Gelu), ("tanh", U::Tanh)] {
         let k = fused(1, n, &[(n, 1)], vec![I::Load(0), I::Unary(op, 0)]);
         let kernel = jit.compile(&k).expect("compile");
-        let xs = inputs(&k, &[Dist::Uniform(-5.0, 5.0)], &mut Rng(2)).remove(0);
+        let xs = inputs(&k, &[Dist::Uniform(-5.0, 5.0)], &mut Rng(crate::data::rng::SplitMix64::new(2))).remove(0);
         let mut out = vec![0.0f32; n];
         let t = Instant::now();
         for _ in 0..20 {

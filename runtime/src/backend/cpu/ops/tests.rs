@@ -5,16 +5,12 @@
 use super::*;
 use shardplan_compiler::interp::{self, Env, Tensor};
 
-/// splitmix64: small, fast, and the same everywhere.
-struct Rng(u64);
+/// Test data from the runtime's own seeded generator.
+struct Rng(crate::data::rng::SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [-1, 1).
@@ -135,7 +131,7 @@ const BIG: [usize; 2] = [300, 257];
 
 #[test]
 fn matmul_matches_reference() {
-    let mut rng = Rng(1);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(1));
     let cases: &[(&[usize], &[usize], &[usize])] = &[
         (&[1, 1], &[1, 1], &[1, 1]),
         (&[3, 7], &[7, 17], &[3, 17]),
@@ -160,7 +156,7 @@ fn matmul_matches_reference() {
 
 #[test]
 fn matmul_reads_transposed_operands_in_place() {
-    let mut rng = Rng(2);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(2));
     let cases: &[(&[usize], &[usize])] = &[(&[7, 17], &[17, 5]), (&[2, 3, 33, 17], &[3, 17, 9]), (&[1, 9, 4], &[2, 4, 3]), (&[130, 70], &[70, 150])];
     for &(sa, sb) in cases {
         let (a, b) = (rng.vec(numel(sa)), rng.vec(numel(sb)));
@@ -203,7 +199,7 @@ fn matmul_reads_transposed_operands_in_place() {
 
 #[test]
 fn transpose_matches_reference() {
-    let mut rng = Rng(3);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(3));
     let cases: &[(&[usize], &[usize])] = &[
         (&[3, 7], &[1, 0]),
         (&[7], &[0]),
@@ -238,7 +234,7 @@ fn reduced_shape(s: &[usize], axes: &[usize], keep: bool) -> Vec<usize> {
 
 #[test]
 fn reductions_match_reference() {
-    let mut rng = Rng(4);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(4));
     let cases: &[(&[usize], &[usize])] = &[
         (&[7], &[0]),
         (&[7], &[]),
@@ -276,7 +272,7 @@ fn reductions_match_reference() {
 
 #[test]
 fn max_grad_matches_reference() {
-    let mut rng = Rng(5);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(5));
     let cases: &[(&[usize], &[usize])] =
         &[(&[7], &[0]), (&[3, 17], &[1]), (&[3, 17], &[0]), (&[2, 3, 4, 5], &[1, 3]), (&[2, 3, 4, 5], &[0, 1, 2, 3]), (&[33, 7], &[])];
     for &(s, axes) in cases {
@@ -293,7 +289,7 @@ fn max_grad_matches_reference() {
 
 #[test]
 fn sum_to_matches_reference() {
-    let mut rng = Rng(6);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(6));
     let cases: &[(&[usize], &[usize])] = &[
         (&[2, 3, 4], &[4]),
         (&[2, 3, 4], &[3, 1]),
@@ -313,7 +309,7 @@ fn sum_to_matches_reference() {
 
 #[test]
 fn expand_and_broadcast_match_reference() {
-    let mut rng = Rng(7);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(7));
     let cases: &[(&[usize], &[usize])] = &[(&[3, 7, 5], &[1]), (&[3, 7, 5], &[0, 2]), (&[3, 7, 5], &[0, 1, 2]), (&[17], &[0]), (&[3, 7, 5], &[])];
     for &(s, axes) in cases {
         for keepdims in [false, true] {
@@ -350,7 +346,7 @@ fn masked(x: Vec<f32>, s: &[usize]) -> Vec<f32> {
 
 #[test]
 fn softmax_matches_reference() {
-    let mut rng = Rng(8);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(8));
     let cases: &[(&[usize], usize)] =
         &[(&[1], 0), (&[3, 7], 1), (&[3, 7], 0), (&[2, 17, 33], 2), (&[2, 17, 33], 1), (&[2, 17, 33], 0), (&BIG, 1), (&[BIG[1], BIG[0]], 0)];
     for &(s, axis) in cases {
@@ -382,7 +378,7 @@ fn softmax_of_fully_masked_rows_is_zero() {
 
 #[test]
 fn softmax_grads_match_reference() {
-    let mut rng = Rng(9);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(9));
     let cases: &[(&[usize], usize)] = &[(&[7], 0), (&[3, 17], 1), (&[2, 17, 33], 2), (&[2, 17, 33], 1), (&BIG, 1)];
     for &(s, axis) in cases {
         let x = rng.vec(numel(s));
@@ -396,7 +392,7 @@ fn softmax_grads_match_reference() {
 
 #[test]
 fn layer_norm_and_grads_match_reference() {
-    let mut rng = Rng(10);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(10));
     for s in [&[17][..], &[3, 7], &[2, 5, 33], &[1, 1], &BIG] {
         let d = s[s.len() - 1];
         let n = numel(s);
@@ -411,7 +407,7 @@ fn layer_norm_and_grads_match_reference() {
 
 #[test]
 fn causal_mask_matches_reference() {
-    let mut rng = Rng(11);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(11));
     for s in [&[3, 3][..], &[2, 5, 7], &[2, 7, 5], &[1, 1], &[4, 130, 130]] {
         for fill in [f64::NEG_INFINITY, -1e9] {
             check(&Op::CausalMask { fill }, &[f(rng.vec(numel(s)), s)], s);
@@ -421,7 +417,7 @@ fn causal_mask_matches_reference() {
 
 #[test]
 fn embedding_and_grad_match_reference() {
-    let mut rng = Rng(12);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(12));
     for (v, d, ids_shape) in [(17, 33, &[3, 7][..]), (1, 1, &[5]), (5, 3, &[]), (65, 33, &[40, 100])] {
         let table = rng.vec(v * d);
         let ids = rng.ids(numel(ids_shape), v);
@@ -450,7 +446,7 @@ fn embedding_ids_out_of_range_are_index_errors() {
 
 #[test]
 fn cross_entropy_and_grad_match_reference() {
-    let mut rng = Rng(13);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(13));
     for s in [&[7, 17][..], &[2, 3, 33], &[1, 1], &[5], &BIG] {
         let c = s[s.len() - 1];
         let rows = numel(s) / c;
@@ -479,7 +475,7 @@ fn labels_out_of_range_are_index_errors() {
 
 #[test]
 fn mse_and_grad_match_reference() {
-    let mut rng = Rng(14);
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(14));
     for s in [&[17][..], &[3, 7], &[1], &BIG, &[70000]] {
         let (p, t) = (rng.vec(numel(s)), rng.vec(numel(s)));
         check(&Op::Mse, &[f(p.clone(), s), f(t.clone(), s)], &[]);
