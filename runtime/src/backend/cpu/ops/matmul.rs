@@ -70,6 +70,10 @@ pub fn matmul(a: &Operand<'_>, trans_a: bool, b: &Operand<'_>, trans_b: bool, ou
     // batch folds into the rows of a single product (the linear layer).
     if b_count == 1 && ((a_count == nb && !trans_a) || nb == 1) {
         let rows = nb * m;
+        if threads > 1 && !trans_b && n >= 256 * threads && rows * n * k >= COLUMN_SPLIT_MIN {
+            columns(rows, n, k, lhs(ad), rhs(bd), out, threads);
+            return Ok(());
+        }
         let par = if threads > 1 && rows * n * k >= GEMM_PARALLEL_MIN { Parallelism::Rayon(threads) } else { Parallelism::None };
         product(rows, n, k, lhs(ad), rhs(bd), out, par);
         return Ok(());
@@ -128,6 +132,63 @@ fn batch_dims(batch: &[usize], a: &[usize], b: &[usize], a_len: usize, b_len: us
     };
     let (sa, sb) = (strides(a, a_len), strides(b, b_len));
     (0..batch.len()).map(|d| (batch[d], sa[d], sb[d])).collect()
+}
+
+/// Products at least this large (m·n·k) split their columns over threads.
+const COLUMN_SPLIT_MIN: usize = 1 << 26;
+
+/// A raw output pointer shared by threads writing disjoint columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each thread writes only its own column block of the output (see
+// `columns`), so no element is written by two threads.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// out = lhs · rhs with rhs (k × n, row-major) split into one column block per
+/// thread, each a single-threaded product: every thread reads the whole
+/// (small) left operand once and its own share of the right one, which packs
+/// better than splitting one product's inner loops.
+fn columns(m: usize, n: usize, k: usize, lhs: Mat<'_>, rhs: Mat<'_>, out: &mut [f32], threads: usize) {
+    let fits = |x: &Mat<'_>, r: usize, c: usize| (r - 1) * x.rs + (c - 1) * x.cs < x.data.len();
+    if m == 0 || n == 0 || k == 0 || out.len() < m * n || !fits(&lhs, m, k) || !fits(&rhs, k, n) || rhs.cs != 1 {
+        return;
+    }
+    let per = n.div_ceil(threads).next_multiple_of(16).min(n);
+    let blocks: Vec<(usize, usize)> = (0..n).step_by(per).map(|j| (j, per.min(n - j))).collect();
+    let dst = OutPtr(out.as_mut_ptr());
+    par_each(blocks, threads, |(j, w)| {
+        let dst = dst;
+        // SAFETY: lhs is read at i·rs + p·cs (i < m, p < k), in bounds by
+        // `fits`; rhs at p·rs + (j + q) for p < k, q < w, with j + w ≤ n, in
+        // bounds by `fits`; the output is written at i·n + j + q for i < m,
+        // q < w, inside `out` (m·n elements checked above). Blocks have
+        // disjoint column ranges, so threads never write the same element,
+        // and `out` is borrowed mutably for the whole call.
+        unsafe {
+            gemm::gemm(
+                m,
+                w,
+                k,
+                dst.0.add(j),
+                1,
+                n as isize,
+                false,
+                lhs.data.as_ptr(),
+                lhs.cs as isize,
+                lhs.rs as isize,
+                rhs.data.as_ptr().add(j),
+                rhs.cs as isize,
+                rhs.rs as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    });
 }
 
 /// out (m × n, row-major, dense) = lhs (m × k) · rhs (k × n).

@@ -537,3 +537,21 @@ fn exp_is_accurate_over_its_range() {
     assert_eq!(lanes::exp(89.0), f32::INFINITY);
     assert!(lanes::exp(f32::NAN).is_nan());
 }
+
+/// Products large enough to split their columns over threads, with a column
+/// count that does not divide evenly, against the plain single-threaded one
+/// and the reference.
+#[test]
+fn large_products_split_by_columns_match() {
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(77));
+    for (m, k, n) in [(64usize, 1024usize, 1030usize), (3 * 64, 512, 1024)] {
+        let a: Vec<f32> = (0..m * k).map(|_| rng.f32()).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.f32()).collect();
+        let ins = [f(a, &[m, k]), f(b, &[k, n])];
+        let split = ours(&Op::MatMul, &ins, &[m, n], 2).expect("split matmul");
+        let plain = ours(&Op::MatMul, &ins, &[m, n], 1).expect("plain matmul");
+        let want = reference(&Op::MatMul, &ins, &[m, n]).expect("reference");
+        assert_close(&format!("matmul {m}×{k}×{n}"), &split, &want.data, 1e-5 * (k as f64).sqrt());
+        assert_close(&format!("matmul {m}×{k}×{n} vs one thread"), &split, &plain.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-5 * (k as f64).sqrt());
+    }
+}
