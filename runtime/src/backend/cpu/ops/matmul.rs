@@ -145,6 +145,14 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Taking `self` makes closures capture the whole (Send) wrapper, not
+    /// the raw pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// out = lhs · rhs with rhs (k × n, row-major) split into one column block per
 /// thread, each a single-threaded product: every thread reads the whole
 /// (small) left operand once and its own share of the right one, which packs
@@ -158,7 +166,6 @@ fn columns(m: usize, n: usize, k: usize, lhs: Mat<'_>, rhs: Mat<'_>, out: &mut [
     let blocks: Vec<(usize, usize)> = (0..n).step_by(per).map(|j| (j, per.min(n - j))).collect();
     let dst = OutPtr(out.as_mut_ptr());
     par_each(blocks, threads, |(j, w)| {
-        let dst = dst;
         // SAFETY: lhs is read at i·rs + p·cs (i < m, p < k), in bounds by
         // `fits`; rhs at p·rs + (j + q) for p < k, q < w, with j + w ≤ n, in
         // bounds by `fits`; the output is written at i·n + j + q for i < m,
@@ -170,7 +177,7 @@ fn columns(m: usize, n: usize, k: usize, lhs: Mat<'_>, rhs: Mat<'_>, out: &mut [
                 m,
                 w,
                 k,
-                dst.0.add(j),
+                dst.get().add(j),
                 1,
                 n as isize,
                 false,
