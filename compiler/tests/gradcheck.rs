@@ -201,3 +201,24 @@ train {{ batch: 4, steps: 1, optimizer: {opt}, {clip_line} }}
         }
     }
 }
+
+/// A batch smaller than the weights: the input gradient of a linear layer is
+/// then computed as (W · dYᵀ)ᵀ; it must still match finite differences.
+#[test]
+fn small_batch_input_gradients_match_finite_differences() {
+    grad_check(
+        r#"
+model Wide {
+  input x: f32[batch, 6]
+  input label: i32[batch]
+  layer fc1 = Linear(6, 12)
+  layer fc2 = Linear(12, 10)
+  layer fc3 = Linear(10, 5)
+  loss cross_entropy(fc3(tanh(fc2(tanh(fc1(x))))), label)
+}
+data d = synthetic(features: 6, classes: 5)
+train { batch: 2, steps: 1, optimizer: sgd(lr: 0.1) }
+"#,
+        5.0,
+    );
+}

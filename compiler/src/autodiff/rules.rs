@@ -116,9 +116,25 @@ pub(super) fn vjp(g: &mut Graph, id: NodeId, args: &[NodeId], dy: NodeId) -> Vec
         }
         Op::MatMul => {
             if wants(g, args[0]) {
-                let bt = swap_last(g, args[1]);
-                let d = matmul(g, dy, bt);
-                let d = sum_to(g, d, args[0]);
+                let (ta, tb) = (ty(g, args[0]), ty(g, args[1]));
+                let rows: i64 = ta.shape[..ta.rank() - 1].iter().map(|d| d.size).product();
+                let (k, n) = (tb.shape[0].size, tb.shape.get(1).map(|d| d.size).unwrap_or(1));
+                let d = if tb.rank() == 2 && rows * (k + n) < k * n {
+                    // dA = dY · Bᵀ needs Bᵀ, a copy of the whole weight. When
+                    // the activations are the smaller side, compute
+                    // dAᵀ = B · dYᵀ instead: the copies are of dY and dAᵀ.
+                    let dt = ta.dtype;
+                    let (kd, nd) = (tb.shape[0].clone(), tb.shape[1].clone());
+                    let d2 = g.add(Op::Reshape, &[dy], Ty::new(dt, vec![Dim::known(rows), nd]), B);
+                    let d2t = swap_last(g, d2);
+                    let p = g.add(Op::MatMul, &[args[1], d2t], Ty::new(dt, vec![kd, Dim::known(rows)]), B);
+                    let pt = swap_last(g, p);
+                    g.add(Op::Reshape, &[pt], ta.clone(), B)
+                } else {
+                    let bt = swap_last(g, args[1]);
+                    let d = matmul(g, dy, bt);
+                    sum_to(g, d, args[0])
+                };
                 res.push((args[0], d));
             }
             if wants(g, args[1]) {
