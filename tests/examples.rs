@@ -28,15 +28,7 @@ fn examples() -> Vec<String> {
 #[test]
 fn every_example_checks_clean() {
     let all = examples();
-    for required in [
-        "digits_mlp",
-        "tiny_gpt",
-        "tensor_parallel",
-        "pipeline_1f1b",
-        "data_tensor_pipeline",
-        "parameter_server",
-        "auto",
-    ] {
+    for required in ["digits_mlp", "tiny_gpt", "tensor_parallel", "pipeline_1f1b", "data_tensor_pipeline", "parameter_server", "auto"] {
         assert!(all.contains(&format!("examples/{required}.plan")), "missing example {required}");
     }
     for ex in &all {
@@ -60,7 +52,13 @@ fn digits_summary_counts_parameters() {
 
 #[test]
 fn summaries_are_stable() {
-    for ex in ["examples/digits_mlp.plan", "examples/data_tensor_pipeline.plan", "examples/pipeline_1f1b.plan", "examples/parameter_server.plan", "examples/auto.plan"] {
+    for ex in [
+        "examples/digits_mlp.plan",
+        "examples/data_tensor_pipeline.plan",
+        "examples/pipeline_1f1b.plan",
+        "examples/parameter_server.plan",
+        "examples/auto.plan",
+    ] {
         let (status, stdout, _) = check(&[ex]);
         assert_eq!(status, Some(0));
         insta::assert_snapshot!(ex.trim_start_matches("examples/").trim_end_matches(".plan"), stdout);

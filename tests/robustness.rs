@@ -26,7 +26,15 @@ fn tokens(src: &[u8]) -> Vec<&[u8]> {
     let mut i = 0;
     while i < src.len() {
         let c = src[i];
-        let class = |b: u8| if b.is_ascii_alphanumeric() || b == b'_' || b == b'.' { 0 } else if b.is_ascii_whitespace() { 1 } else { 2 };
+        let class = |b: u8| {
+            if b.is_ascii_alphanumeric() || b == b'_' || b == b'.' {
+                0
+            } else if b.is_ascii_whitespace() {
+                1
+            } else {
+                2
+            }
+        };
         let k = class(c);
         let mut j = i + 1;
         if k != 2 {
@@ -96,7 +104,8 @@ fn mutate(src: &[u8], rng: &mut Rng) -> Vec<u8> {
 #[test]
 fn mutated_examples_never_panic_and_errors_are_located() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("examples").filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "plan")).collect();
+    let mut files: Vec<_> =
+        std::fs::read_dir(&dir).expect("examples").filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "plan")).collect();
     files.sort();
     assert!(files.len() >= 7);
     let seed = std::env::var("SHARDPLAN_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_2026_u64);

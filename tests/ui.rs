@@ -4,7 +4,6 @@
 //! requires exit status 1 and that code, and compares the rendered output
 //! with its snapshot (bless with `INSTA_UPDATE=always cargo test --test ui`).
 
-
 use std::process::Command;
 
 fn render(rel: &str) -> (Option<i32>, String) {

@@ -201,7 +201,10 @@ pub enum StepKind {
     Broadcast,
     /// A matmul whose operands may be read transposed in place: operand
     /// `a` (or `b`) holds the logical matrix with its last two dims swapped.
-    MatMul { trans_a: bool, trans_b: bool },
+    MatMul {
+        trans_a: bool,
+        trans_b: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -378,15 +381,7 @@ pub fn lower_keeping(g: &Graph, keep: &[NodeId]) -> (Program, Vec<BufId>) {
 }
 
 /// Emits the fused kernel rooted at `root` (whose buffer is `out`).
-fn fuse(
-    g: &Graph,
-    root: NodeId,
-    shape: &[usize],
-    buf_of: &HashMap<NodeId, BufId>,
-    fused_into: &dyn Fn(NodeId) -> Option<NodeId>,
-    p: &mut Program,
-    out: BufId,
-) {
+fn fuse(g: &Graph, root: NodeId, shape: &[usize], buf_of: &HashMap<NodeId, BufId>, fused_into: &dyn Fn(NodeId) -> Option<NodeId>, p: &mut Program, out: BufId) {
     // Collect the body by walking operands that fuse into this kernel.
     let mut body: Vec<Inst> = Vec::new();
     let mut inputs: Vec<BufId> = Vec::new();

@@ -48,7 +48,8 @@ fn values(c: &Checked, rng: &mut Rng, int_hi: f64) -> (Vec<Tensor>, Vec<Tensor>)
         .map(|i| {
             let s = shape(&i.ty);
             let n = s.iter().product();
-            let data = if i.ty.dtype.is_float() { (0..n).map(|_| rng.next() * 2.0 - 1.0).collect() } else { (0..n).map(|_| (rng.next() * int_hi).floor()).collect() };
+            let data =
+                if i.ty.dtype.is_float() { (0..n).map(|_| rng.next() * 2.0 - 1.0).collect() } else { (0..n).map(|_| (rng.next() * int_hi).floor()).collect() };
             Tensor::new(s, data)
         })
         .collect();

@@ -78,22 +78,36 @@ fn same_as_graph(src: &str, int_hi: f64) {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((seed >> 11) as f64) / ((1u64 << 53) as f64)
     };
-    let params: Vec<Tensor> = c.model.params.iter().map(|p| {
-        let s = shape(&p.ty);
-        let n = s.iter().product();
-        Tensor::new(s, (0..n).map(|_| rnd() - 0.5).collect())
-    }).collect();
-    let inputs: Vec<Tensor> = c.model.inputs.iter().map(|i| {
-        let s = shape(&i.ty);
-        let n = s.iter().product();
-        let data = if i.ty.dtype.is_float() { (0..n).map(|_| rnd() * 2.0 - 1.0).collect() } else { (0..n).map(|_| (rnd() * int_hi).floor()).collect() };
-        Tensor::new(s, data)
-    }).collect();
-    let states: Vec<Tensor> = g.states.iter().map(|s| {
-        let sh = shape(&s.ty);
-        let n = sh.iter().product();
-        Tensor::new(sh, (0..n).map(|_| rnd() * 0.01).collect())
-    }).collect();
+    let params: Vec<Tensor> = c
+        .model
+        .params
+        .iter()
+        .map(|p| {
+            let s = shape(&p.ty);
+            let n = s.iter().product();
+            Tensor::new(s, (0..n).map(|_| rnd() - 0.5).collect())
+        })
+        .collect();
+    let inputs: Vec<Tensor> = c
+        .model
+        .inputs
+        .iter()
+        .map(|i| {
+            let s = shape(&i.ty);
+            let n = s.iter().product();
+            let data = if i.ty.dtype.is_float() { (0..n).map(|_| rnd() * 2.0 - 1.0).collect() } else { (0..n).map(|_| (rnd() * int_hi).floor()).collect() };
+            Tensor::new(s, data)
+        })
+        .collect();
+    let states: Vec<Tensor> = g
+        .states
+        .iter()
+        .map(|s| {
+            let sh = shape(&s.ty);
+            let n = sh.iter().product();
+            Tensor::new(sh, (0..n).map(|_| rnd() * 0.01).collect())
+        })
+        .collect();
     let hyper = |h: Hyper| match h {
         Hyper::Lr => 0.05,
         Hyper::BiasCorrection1 => 1.5,

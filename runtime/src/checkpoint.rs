@@ -64,11 +64,7 @@ pub enum CheckpointError {
         "checkpoint {}: tensor `{name}` has dtype {dtype}, but only F32 tensors are supported",
         .path.display()
     )]
-    Dtype {
-        path: PathBuf,
-        name: String,
-        dtype: String,
-    },
+    Dtype { path: PathBuf, name: String, dtype: String },
 
     #[error("{}", mismatch_message(.path, .missing, .extra, .misshaped))]
     Mismatch {
@@ -80,44 +76,21 @@ pub enum CheckpointError {
     },
 
     #[error("checkpoint {}: metadata `{key}`: {reason}", .path.display())]
-    Meta {
-        path: PathBuf,
-        key: String,
-        reason: String,
-    },
+    Meta { path: PathBuf, key: String, reason: String },
 }
 
-fn mismatch_message(
-    path: &Path,
-    missing: &[String],
-    extra: &[String],
-    misshaped: &[(String, Vec<usize>, Vec<usize>)],
-) -> String {
-    let mut out = format!(
-        "checkpoint {} does not match the model ({} missing, {} extra, {} mis-shaped):",
-        path.display(),
-        missing.len(),
-        extra.len(),
-        misshaped.len()
-    );
+fn mismatch_message(path: &Path, missing: &[String], extra: &[String], misshaped: &[(String, Vec<usize>, Vec<usize>)]) -> String {
+    let mut out =
+        format!("checkpoint {} does not match the model ({} missing, {} extra, {} mis-shaped):", path.display(), missing.len(), extra.len(), misshaped.len());
     // Writing into a String cannot fail, so the results are safe to drop.
     for name in missing {
-        let _ = write!(
-            out,
-            "\n  missing:    `{name}` (the model has it, the file does not)"
-        );
+        let _ = write!(out, "\n  missing:    `{name}` (the model has it, the file does not)");
     }
     for name in extra {
-        let _ = write!(
-            out,
-            "\n  extra:      `{name}` (the file has it, the model does not)"
-        );
+        let _ = write!(out, "\n  extra:      `{name}` (the file has it, the model does not)");
     }
     for (name, expected, found) in misshaped {
-        let _ = write!(
-            out,
-            "\n  mis-shaped: `{name}` expected {expected:?}, found {found:?}"
-        );
+        let _ = write!(out, "\n  mis-shaped: `{name}` expected {expected:?}, found {found:?}");
     }
     out
 }
@@ -137,40 +110,23 @@ impl CheckpointError {
     /// One line telling the user how to fix it.
     pub fn help(&self) -> String {
         match self {
-            CheckpointError::Io { .. } => {
-                "check that the directory exists, that you may read/write it, and that the disk is not full"
-                    .to_string()
+            CheckpointError::Io { .. } => "check that the directory exists, that you may read/write it, and that the disk is not full".to_string(),
+            CheckpointError::Corrupt { .. } => "the file is damaged or not a safetensors checkpoint; restore it from a backup or save it again".to_string(),
+            CheckpointError::Dtype { name, .. } => format!("convert `{name}` to float32 before saving (in PyTorch: `tensor.float()`)"),
+            CheckpointError::Mismatch { .. } => "load a checkpoint saved from this same model, or change the model to match the checkpoint".to_string(),
+            CheckpointError::Meta { key, .. } => {
+                format!("the checkpoint was not written by a compatible shardplan run; save it again so that it records `{key}`")
             }
-            CheckpointError::Corrupt { .. } => {
-                "the file is damaged or not a safetensors checkpoint; restore it from a backup or save it again"
-                    .to_string()
-            }
-            CheckpointError::Dtype { name, .. } => format!(
-                "convert `{name}` to float32 before saving (in PyTorch: `tensor.float()`)"
-            ),
-            CheckpointError::Mismatch { .. } => {
-                "load a checkpoint saved from this same model, or change the model to match the checkpoint"
-                    .to_string()
-            }
-            CheckpointError::Meta { key, .. } => format!(
-                "the checkpoint was not written by a compatible shardplan run; save it again so that it records `{key}`"
-            ),
         }
     }
 }
 
 fn io_err(path: &Path, source: io::Error) -> CheckpointError {
-    CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    CheckpointError::Io { path: path.to_path_buf(), source }
 }
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> CheckpointError {
-    CheckpointError::Corrupt {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    CheckpointError::Corrupt { path: path.to_path_buf(), reason: reason.into() }
 }
 
 fn from_safetensors(path: &Path, err: SafeTensorError) -> CheckpointError {
@@ -198,17 +154,12 @@ fn f32_byte_len(shape: &[usize]) -> Option<usize> {
 /// Tensors must have distinct names (not `__metadata__`) and data lengths
 /// matching their shapes; otherwise nothing is written and the error is
 /// `checkpoint::corrupt`.
-pub fn save(
-    path: &Path,
-    tensors: &[Tensor],
-    metadata: &BTreeMap<String, String>,
-) -> Result<(), CheckpointError> {
+pub fn save(path: &Path, tensors: &[Tensor], metadata: &BTreeMap<String, String>) -> Result<(), CheckpointError> {
     let header = build_header(path, tensors, metadata)?;
 
     let (tmp_path, file) = create_temp_sibling(path)?;
     let written = write_body(path, file, &header, tensors);
-    let renamed =
-        written.and_then(|()| std::fs::rename(&tmp_path, path).map_err(|e| io_err(path, e)));
+    let renamed = written.and_then(|()| std::fs::rename(&tmp_path, path).map_err(|e| io_err(path, e)));
     if let Err(err) = renamed {
         // Best effort: the original error is the one worth reporting.
         let _ = std::fs::remove_file(&tmp_path);
@@ -222,84 +173,34 @@ pub fn save(
 /// rules (contiguous offsets, 8-byte padding) are the library's, while the
 /// tensor bytes can still be streamed in the caller's order without first
 /// copying the whole checkpoint into memory.
-fn build_header(
-    path: &Path,
-    tensors: &[Tensor],
-    metadata: &BTreeMap<String, String>,
-) -> Result<Vec<u8>, CheckpointError> {
+fn build_header(path: &Path, tensors: &[Tensor], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>, CheckpointError> {
     let mut seen: HashSet<&str> = HashSet::with_capacity(tensors.len());
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
     for t in tensors {
         if t.name == METADATA_KEY {
-            return Err(corrupt(
-                path,
-                format!(
-                    "refusing to write a tensor named `{METADATA_KEY}`, which the format reserves"
-                ),
-            ));
+            return Err(corrupt(path, format!("refusing to write a tensor named `{METADATA_KEY}`, which the format reserves")));
         }
         if !seen.insert(&t.name) {
-            return Err(corrupt(
-                path,
-                format!("refusing to write two tensors named `{}`", t.name),
-            ));
+            return Err(corrupt(path, format!("refusing to write two tensors named `{}`", t.name)));
         }
-        let count = element_count(&t.shape).ok_or_else(|| {
-            corrupt(
-                path,
-                format!("tensor `{}` shape {:?} overflows", t.name, t.shape),
-            )
-        })?;
+        let count = element_count(&t.shape).ok_or_else(|| corrupt(path, format!("tensor `{}` shape {:?} overflows", t.name, t.shape)))?;
         if count != t.data.len() {
-            return Err(corrupt(
-                path,
-                format!(
-                    "refusing to write tensor `{}`: shape {:?} holds {count} values but it has {}",
-                    t.name,
-                    t.shape,
-                    t.data.len()
-                ),
-            ));
+            return Err(corrupt(path, format!("refusing to write tensor `{}`: shape {:?} holds {count} values but it has {}", t.name, t.shape, t.data.len())));
         }
-        let end = f32_byte_len(&t.shape)
-            .and_then(|n| offset.checked_add(n))
-            .ok_or_else(|| corrupt(path, "total tensor size overflows"))?;
-        infos.push((
-            t.name.clone(),
-            TensorInfo {
-                dtype: Dtype::F32,
-                shape: t.shape.clone(),
-                data_offsets: (offset, end),
-            },
-        ));
+        let end = f32_byte_len(&t.shape).and_then(|n| offset.checked_add(n)).ok_or_else(|| corrupt(path, "total tensor size overflows"))?;
+        infos.push((t.name.clone(), TensorInfo { dtype: Dtype::F32, shape: t.shape.clone(), data_offsets: (offset, end) }));
         offset = end;
     }
 
-    let meta = if metadata.is_empty() {
-        None
-    } else {
-        Some(
-            metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        )
-    };
+    let meta = if metadata.is_empty() { None } else { Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()) };
     let meta = Metadata::new(meta, infos).map_err(|e| from_safetensors(path, e))?;
-    let mut header = serde_json::to_vec(&meta)
-        .map_err(|e| corrupt(path, format!("cannot encode header: {e}")))?;
+    let mut header = serde_json::to_vec(&meta).map_err(|e| corrupt(path, format!("cannot encode header: {e}")))?;
     // The format pads the header with spaces so the data starts 8-byte aligned.
     let padded = header.len().next_multiple_of(LEN_PREFIX);
     header.resize(padded, b' ');
     if header.len() as u64 > MAX_HEADER_LEN {
-        return Err(corrupt(
-            path,
-            format!(
-                "header would be {} bytes, over the {MAX_HEADER_LEN}-byte limit readers accept",
-                header.len()
-            ),
-        ));
+        return Err(corrupt(path, format!("header would be {} bytes, over the {MAX_HEADER_LEN}-byte limit readers accept", header.len())));
     }
     Ok(header)
 }
@@ -309,20 +210,12 @@ fn build_header(
 fn create_temp_sibling(path: &Path) -> Result<(PathBuf, File), CheckpointError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
 
-    let file_name = path.file_name().ok_or_else(|| {
-        io_err(
-            path,
-            io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"),
-        )
-    })?;
+    let file_name = path.file_name().ok_or_else(|| io_err(path, io::Error::new(io::ErrorKind::InvalidInput, "path has no file name")))?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let mut last_err = None;
     // A few attempts only guard against a stale file from a crashed writer
     // that happened to pick the same name.
@@ -338,24 +231,15 @@ fn create_temp_sibling(path: &Path) -> Result<(PathBuf, File), CheckpointError> 
             Err(e) => return Err(io_err(path, e)),
         }
     }
-    Err(io_err(
-        path,
-        last_err.unwrap_or_else(|| io::Error::other("cannot create a temporary file")),
-    ))
+    Err(io_err(path, last_err.unwrap_or_else(|| io::Error::other("cannot create a temporary file"))))
 }
 
 /// Errors name the final `path`: the temporary file is an implementation
 /// detail that is gone by the time the user reads the message.
-fn write_body(
-    path: &Path,
-    file: File,
-    header: &[u8],
-    tensors: &[Tensor],
-) -> Result<(), CheckpointError> {
+fn write_body(path: &Path, file: File, header: &[u8], tensors: &[Tensor]) -> Result<(), CheckpointError> {
     let err = |e| io_err(path, e);
     let mut w = io::BufWriter::with_capacity(1 << 20, file);
-    w.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(err)?;
+    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(err)?;
     w.write_all(header).map_err(err)?;
     let mut buf = Vec::with_capacity(WRITE_CHUNK * size_of::<f32>());
     for t in tensors {
@@ -394,12 +278,8 @@ pub fn load(path: &Path) -> Result<(Vec<Tensor>, BTreeMap<String, String>), Chec
     let bytes = read_bounded(path)?;
     // read_metadata validates the whole layout: offsets contiguous, sizes
     // consistent with shapes, and the last offset ending exactly at the file end.
-    let (header_len, meta) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| from_safetensors(path, e))?;
-    let data = LEN_PREFIX
-        .checked_add(header_len)
-        .and_then(|start| bytes.get(start..))
-        .ok_or_else(|| corrupt(path, "header runs past the end of the file"))?;
+    let (header_len, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| from_safetensors(path, e))?;
+    let data = LEN_PREFIX.checked_add(header_len).and_then(|start| bytes.get(start..)).ok_or_else(|| corrupt(path, "header runs past the end of the file"))?;
 
     let mut infos: Vec<(String, &TensorInfo)> = meta.tensors().into_iter().collect();
     infos.sort_by(|a, b| a.0.cmp(&b.0));
@@ -407,52 +287,23 @@ pub fn load(path: &Path) -> Result<(Vec<Tensor>, BTreeMap<String, String>), Chec
     // allocation beyond its bytes.
     for (name, info) in &infos {
         if info.dtype != Dtype::F32 {
-            return Err(CheckpointError::Dtype {
-                path: path.to_path_buf(),
-                name: name.clone(),
-                dtype: info.dtype.to_string(),
-            });
+            return Err(CheckpointError::Dtype { path: path.to_path_buf(), name: name.clone(), dtype: info.dtype.to_string() });
         }
     }
 
     let mut tensors = Vec::with_capacity(infos.len());
     for (name, info) in infos {
         let (start, end) = info.data_offsets;
-        let raw = data
-            .get(start..end)
-            .ok_or_else(|| corrupt(path, format!("tensor `{name}` data lies outside the file")))?;
-        let want = f32_byte_len(&info.shape).ok_or_else(|| {
-            corrupt(
-                path,
-                format!("tensor `{name}` shape {:?} overflows", info.shape),
-            )
-        })?;
+        let raw = data.get(start..end).ok_or_else(|| corrupt(path, format!("tensor `{name}` data lies outside the file")))?;
+        let want = f32_byte_len(&info.shape).ok_or_else(|| corrupt(path, format!("tensor `{name}` shape {:?} overflows", info.shape)))?;
         if raw.len() != want {
-            return Err(corrupt(
-                path,
-                format!(
-                    "tensor `{name}` has {} data bytes but shape {:?} needs {want}",
-                    raw.len(),
-                    info.shape
-                ),
-            ));
+            return Err(corrupt(path, format!("tensor `{name}` has {} data bytes but shape {:?} needs {want}", raw.len(), info.shape)));
         }
-        let data = raw
-            .chunks_exact(size_of::<f32>())
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        tensors.push(Tensor {
-            name,
-            shape: info.shape.clone(),
-            data,
-        });
+        let data = raw.chunks_exact(size_of::<f32>()).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        tensors.push(Tensor { name, shape: info.shape.clone(), data });
     }
 
-    let metadata = meta
-        .metadata()
-        .as_ref()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default();
+    let metadata = meta.metadata().as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
     Ok((tensors, metadata))
 }
 
@@ -465,10 +316,7 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, CheckpointError> {
 
     let mut prefix = [0u8; LEN_PREFIX];
     if file_len < LEN_PREFIX as u64 {
-        return Err(corrupt(
-            path,
-            format!("file is {file_len} bytes, too short for a safetensors header"),
-        ));
+        return Err(corrupt(path, format!("file is {file_len} bytes, too short for a safetensors header")));
     }
     file.read_exact(&mut prefix).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -479,45 +327,20 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, CheckpointError> {
     })?;
     let header_len = u64::from_le_bytes(prefix);
     if header_len > MAX_HEADER_LEN {
-        return Err(corrupt(
-            path,
-            format!("header length {header_len} exceeds the {MAX_HEADER_LEN}-byte limit"),
-        ));
+        return Err(corrupt(path, format!("header length {header_len} exceeds the {MAX_HEADER_LEN}-byte limit")));
     }
     if header_len > file_len - LEN_PREFIX as u64 {
-        return Err(corrupt(
-            path,
-            format!("header claims {header_len} bytes but the file has only {file_len} in total"),
-        ));
+        return Err(corrupt(path, format!("header claims {header_len} bytes but the file has only {file_len} in total")));
     }
 
-    let len = usize::try_from(file_len).map_err(|_| {
-        corrupt(
-            path,
-            format!("file of {file_len} bytes is too large to load"),
-        )
-    })?;
+    let len = usize::try_from(file_len).map_err(|_| corrupt(path, format!("file of {file_len} bytes is too large to load")))?;
     let mut bytes = Vec::new();
-    bytes.try_reserve_exact(len).map_err(|_| {
-        io_err(
-            path,
-            io::Error::new(
-                io::ErrorKind::OutOfMemory,
-                format!("cannot allocate {len} bytes"),
-            ),
-        )
-    })?;
+    bytes.try_reserve_exact(len).map_err(|_| io_err(path, io::Error::new(io::ErrorKind::OutOfMemory, format!("cannot allocate {len} bytes"))))?;
     bytes.extend_from_slice(&prefix);
     // `take` bounds the read to the size we reserved, even if the file grows.
-    (&mut file)
-        .take(file_len - LEN_PREFIX as u64)
-        .read_to_end(&mut bytes)
-        .map_err(|e| io_err(path, e))?;
+    (&mut file).take(file_len - LEN_PREFIX as u64).read_to_end(&mut bytes).map_err(|e| io_err(path, e))?;
     if bytes.len() != len {
-        return Err(corrupt(
-            path,
-            format!("file shrank while reading ({} of {len} bytes)", bytes.len()),
-        ));
+        return Err(corrupt(path, format!("file shrank while reading ({} of {len} bytes)", bytes.len())));
     }
     Ok(bytes)
 }
@@ -529,11 +352,7 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, CheckpointError> {
 /// A name repeated in `found` beyond its first occurrence counts as extra; a
 /// name repeated in `expected` can only be satisfied once, so its repeats
 /// count as missing.
-pub fn select(
-    path: &Path,
-    found: Vec<Tensor>,
-    expected: &[(String, Vec<usize>)],
-) -> Result<Vec<Tensor>, CheckpointError> {
+pub fn select(path: &Path, found: Vec<Tensor>, expected: &[(String, Vec<usize>)]) -> Result<Vec<Tensor>, CheckpointError> {
     let mut extra = Vec::new();
     let mut by_name: HashMap<String, Tensor> = HashMap::with_capacity(found.len());
     for t in found {
@@ -560,48 +379,24 @@ pub fn select(
     if missing.is_empty() && extra.is_empty() && misshaped.is_empty() {
         Ok(out)
     } else {
-        Err(CheckpointError::Mismatch {
-            path: path.to_path_buf(),
-            missing,
-            extra,
-            misshaped,
-        })
+        Err(CheckpointError::Mismatch { path: path.to_path_buf(), missing, extra, misshaped })
     }
 }
 
 /// The metadata value under `key`, or a `checkpoint::meta` error naming it.
-pub fn meta_str<'a>(
-    path: &Path,
-    metadata: &'a BTreeMap<String, String>,
-    key: &str,
-) -> Result<&'a str, CheckpointError> {
-    metadata
-        .get(key)
-        .map(String::as_str)
-        .ok_or_else(|| CheckpointError::Meta {
-            path: path.to_path_buf(),
-            key: key.to_string(),
-            reason: "missing".to_string(),
-        })
+pub fn meta_str<'a>(path: &Path, metadata: &'a BTreeMap<String, String>, key: &str) -> Result<&'a str, CheckpointError> {
+    metadata.get(key).map(String::as_str).ok_or_else(|| CheckpointError::Meta { path: path.to_path_buf(), key: key.to_string(), reason: "missing".to_string() })
 }
 
 /// The metadata value under `key` parsed as `T`, or a `checkpoint::meta`
 /// error saying what was there and why it did not parse.
-pub fn meta_parse<T>(
-    path: &Path,
-    metadata: &BTreeMap<String, String>,
-    key: &str,
-) -> Result<T, CheckpointError>
+pub fn meta_parse<T>(path: &Path, metadata: &BTreeMap<String, String>, key: &str) -> Result<T, CheckpointError>
 where
     T: FromStr,
     T::Err: std::fmt::Display,
 {
     let raw = meta_str(path, metadata, key)?;
-    raw.parse().map_err(|e| CheckpointError::Meta {
-        path: path.to_path_buf(),
-        key: key.to_string(),
-        reason: format!("cannot parse {raw:?}: {e}"),
-    })
+    raw.parse().map_err(|e| CheckpointError::Meta { path: path.to_path_buf(), key: key.to_string(), reason: format!("cannot parse {raw:?}: {e}") })
 }
 
 #[cfg(test)]
@@ -615,15 +410,8 @@ mod tests {
     impl TempDir {
         fn new(tag: &str) -> TempDir {
             static N: AtomicU64 = AtomicU64::new(0);
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            let dir = std::env::temp_dir().join(format!(
-                "shardplan-checkpoint-{tag}-{}-{nanos}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let dir = std::env::temp_dir().join(format!("shardplan-checkpoint-{tag}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
             std::fs::create_dir_all(&dir).unwrap();
             TempDir(dir)
         }
@@ -633,10 +421,7 @@ mod tests {
         }
 
         fn entries(&self) -> Vec<String> {
-            let mut names: Vec<String> = std::fs::read_dir(&self.0)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
+            let mut names: Vec<String> = std::fs::read_dir(&self.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
             names.sort();
             names
         }
@@ -649,11 +434,7 @@ mod tests {
     }
 
     fn t(name: &str, shape: &[usize], data: Vec<f32>) -> Tensor {
-        Tensor {
-            name: name.to_string(),
-            shape: shape.to_vec(),
-            data,
-        }
+        Tensor { name: name.to_string(), shape: shape.to_vec(), data }
     }
 
     fn bits(v: &[f32]) -> Vec<u32> {
@@ -716,89 +497,45 @@ mod tests {
             assert_eq!(got.shape, orig.shape);
             assert_eq!(bits(&got.data), bits(&orig.data), "tensor {}", orig.name);
         }
-        assert_eq!(
-            meta_parse::<u64>(&path, &loaded_meta, "step").unwrap(),
-            1200
-        );
+        assert_eq!(meta_parse::<u64>(&path, &loaded_meta, "step").unwrap(), 1200);
     }
 
     #[test]
     fn data_is_laid_out_in_the_given_order() {
         let dir = TempDir::new("order");
         let path = dir.path("c.safetensors");
-        save(
-            &path,
-            &[t("b", &[1], vec![2.0]), t("a", &[1], vec![1.0])],
-            &BTreeMap::new(),
-        )
-        .unwrap();
+        save(&path, &[t("b", &[1], vec![2.0]), t("a", &[1], vec![1.0])], &BTreeMap::new()).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         assert_eq!(n % 8, 0, "header must be padded to 8 bytes");
-        assert_eq!(
-            &bytes[8 + n..],
-            [2.0f32.to_le_bytes(), 1.0f32.to_le_bytes()].concat()
-        );
+        assert_eq!(&bytes[8 + n..], [2.0f32.to_le_bytes(), 1.0f32.to_le_bytes()].concat());
     }
 
     #[test]
     fn bytes_match_the_reference_serializer_for_name_ordered_input() {
         let dir = TempDir::new("reference");
         let path = dir.path("c.safetensors");
-        let tensors = vec![
-            t("a", &[2], vec![1.0, -0.0]),
-            t("b", &[1, 1], vec![f32::NAN]),
-        ];
+        let tensors = vec![t("a", &[2], vec![1.0, -0.0]), t("b", &[1, 1], vec![f32::NAN])];
         let mut meta = BTreeMap::new();
         meta.insert("k".to_string(), "v".to_string());
         save(&path, &tensors, &meta).unwrap();
 
-        let raw: Vec<Vec<u8>> = tensors
-            .iter()
-            .map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-            .collect();
-        let views: Vec<(String, TensorView<'_>)> = tensors
-            .iter()
-            .zip(&raw)
-            .map(|(t, r)| {
-                (
-                    t.name.clone(),
-                    TensorView::new(Dtype::F32, t.shape.clone(), r).unwrap(),
-                )
-            })
-            .collect();
-        let reference = safetensors::serialize(
-            views,
-            Some(meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
-        )
-        .unwrap();
+        let raw: Vec<Vec<u8>> = tensors.iter().map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+        let views: Vec<(String, TensorView<'_>)> =
+            tensors.iter().zip(&raw).map(|(t, r)| (t.name.clone(), TensorView::new(Dtype::F32, t.shape.clone(), r).unwrap())).collect();
+        let reference = safetensors::serialize(views, Some(meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect())).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), reference);
     }
 
     #[test]
     fn select_reports_missing_extra_and_misshaped_together() {
         let path = Path::new("ckpt/step-10.safetensors");
-        let found = vec![
-            t("w1", &[2, 3], vec![0.0; 6]),
-            t("b1", &[3], vec![0.0; 3]),
-            t("stray", &[1], vec![0.0]),
-            t("w2", &[3, 2], vec![0.0; 6]),
-        ];
-        let expected = vec![
-            ("w1".to_string(), vec![2, 3]),
-            ("w2".to_string(), vec![2, 3]),
-            ("b2".to_string(), vec![2]),
-            ("b1".to_string(), vec![3]),
-        ];
+        let found = vec![t("w1", &[2, 3], vec![0.0; 6]), t("b1", &[3], vec![0.0; 3]), t("stray", &[1], vec![0.0]), t("w2", &[3, 2], vec![0.0; 6])];
+        let expected = vec![("w1".to_string(), vec![2, 3]), ("w2".to_string(), vec![2, 3]), ("b2".to_string(), vec![2]), ("b1".to_string(), vec![3])];
         let err = select(path, found, &expected).unwrap_err();
         assert_eq!(err.code(), "checkpoint::mismatch");
         match &err {
-            CheckpointError::Mismatch {
-                missing,
-                extra,
-                misshaped,
-                ..
-            } => {
+            CheckpointError::Mismatch { missing, extra, misshaped, .. } => {
                 assert_eq!(missing, &["b2"]);
                 assert_eq!(extra, &["stray"]);
                 assert_eq!(misshaped, &[("w2".to_string(), vec![2, 3], vec![3, 2])]);
@@ -809,20 +546,9 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[0].contains("ckpt/step-10.safetensors"), "{text}");
-        assert!(
-            lines[1].contains("missing") && lines[1].contains("`b2`"),
-            "{text}"
-        );
-        assert!(
-            lines[2].contains("extra") && lines[2].contains("`stray`"),
-            "{text}"
-        );
-        assert!(
-            lines[3].contains("mis-shaped")
-                && lines[3].contains("`w2`")
-                && lines[3].contains("expected [2, 3], found [3, 2]"),
-            "{text}"
-        );
+        assert!(lines[1].contains("missing") && lines[1].contains("`b2`"), "{text}");
+        assert!(lines[2].contains("extra") && lines[2].contains("`stray`"), "{text}");
+        assert!(lines[3].contains("mis-shaped") && lines[3].contains("`w2`") && lines[3].contains("expected [2, 3], found [3, 2]"), "{text}");
         assert!(!err.help().is_empty());
     }
 
@@ -831,10 +557,7 @@ mod tests {
         let found = vec![t("b", &[1], vec![2.0]), t("a", &[2], vec![0.5, 1.0])];
         let expected = vec![("a".to_string(), vec![2]), ("b".to_string(), vec![1])];
         let got = select(Path::new("x"), found, &expected).unwrap();
-        assert_eq!(
-            got.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
-            ["a", "b"]
-        );
+        assert_eq!(got.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(got[0].data, [0.5, 1.0]);
     }
 
@@ -854,10 +577,7 @@ mod tests {
     fn assert_corrupt(path: &Path) {
         let err = load_err(path);
         assert_eq!(err.code(), "checkpoint::corrupt", "{err}");
-        assert!(
-            err.to_string().contains(&path.display().to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
     }
 
     #[test]
@@ -915,11 +635,7 @@ mod tests {
     fn header_claiming_more_data_than_present_is_corrupt() {
         let dir = TempDir::new("short-data");
         let path = dir.path("c.safetensors");
-        write_header(
-            &path,
-            r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
-            &[0u8; 8],
-        );
+        write_header(&path, r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, &[0u8; 8]);
         assert_corrupt(&path);
     }
 
@@ -927,17 +643,9 @@ mod tests {
     fn header_inconsistent_with_shape_is_corrupt() {
         let dir = TempDir::new("bad-shape");
         let path = dir.path("c.safetensors");
-        write_header(
-            &path,
-            r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}}"#,
-            &[0u8; 16],
-        );
+        write_header(&path, r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}}"#, &[0u8; 16]);
         assert_corrupt(&path);
-        write_header(
-            &path,
-            r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,16]}}"#,
-            &[0u8; 16],
-        );
+        write_header(&path, r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,16]}}"#, &[0u8; 16]);
         assert_corrupt(&path);
     }
 
@@ -959,13 +667,7 @@ mod tests {
         let path = dir.path("c.safetensors");
         let raw: Vec<u8> = [1.0f64, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         let f32_raw = 1.0f32.to_le_bytes();
-        let views = vec![
-            (
-                "ok",
-                TensorView::new(Dtype::F32, vec![1], &f32_raw).unwrap(),
-            ),
-            ("wide", TensorView::new(Dtype::F64, vec![2], &raw).unwrap()),
-        ];
+        let views = vec![("ok", TensorView::new(Dtype::F32, vec![1], &f32_raw).unwrap()), ("wide", TensorView::new(Dtype::F64, vec![2], &raw).unwrap())];
         std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
         let err = load_err(&path);
         assert_eq!(err.code(), "checkpoint::dtype");
@@ -1017,10 +719,7 @@ mod tests {
         let path = dir.path("no/such/dir/c.safetensors");
         let err = save(&path, &[t("w", &[1], vec![1.0])], &BTreeMap::new()).unwrap_err();
         assert_eq!(err.code(), "checkpoint::io");
-        assert!(
-            err.to_string().contains("no/such/dir/c.safetensors"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("no/such/dir/c.safetensors"), "{err}");
         assert!(dir.entries().is_empty());
     }
 
@@ -1048,27 +747,11 @@ mod tests {
     fn every_error_has_a_code_and_help() {
         let p = PathBuf::from("c.safetensors");
         let errs = [
-            CheckpointError::Io {
-                path: p.clone(),
-                source: io::Error::other("x"),
-            },
+            CheckpointError::Io { path: p.clone(), source: io::Error::other("x") },
             corrupt(&p, "x"),
-            CheckpointError::Dtype {
-                path: p.clone(),
-                name: "w".into(),
-                dtype: "F16".into(),
-            },
-            CheckpointError::Mismatch {
-                path: p.clone(),
-                missing: vec![],
-                extra: vec!["e".into()],
-                misshaped: vec![],
-            },
-            CheckpointError::Meta {
-                path: p,
-                key: "k".into(),
-                reason: "missing".into(),
-            },
+            CheckpointError::Dtype { path: p.clone(), name: "w".into(), dtype: "F16".into() },
+            CheckpointError::Mismatch { path: p.clone(), missing: vec![], extra: vec!["e".into()], misshaped: vec![] },
+            CheckpointError::Meta { path: p, key: "k".into(), reason: "missing".into() },
         ];
         for e in &errs {
             assert!(e.code().starts_with("checkpoint::"));

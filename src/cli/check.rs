@@ -147,7 +147,9 @@ pub fn summary(c: &Checked) -> Vec<(String, String)> {
                 rows(train),
                 test.as_ref().map(|t| format!(", test bytes {}", rows(t))).unwrap_or_default()
             ),
-            DataSource::Synthetic { rows, features, classes, seed } => format!("{}: synthetic, {rows} rows × {features} features, {classes} classes, seed {seed}", d.name),
+            DataSource::Synthetic { rows, features, classes, seed } => {
+                format!("{}: synthetic, {rows} rows × {features} features, {classes} classes, seed {seed}", d.name)
+            }
         },
     ));
     let t = &c.train;
@@ -225,7 +227,8 @@ fn explicit(c: &Checked, e: &Explicit) -> Vec<String> {
         let p = &m.params[s.param];
         let spec: Vec<&str> = s.spec.iter().map(|a| a.map(|a| e.mesh[a].0.as_str()).unwrap_or("_")).collect();
         let local: Vec<String> = p.ty.shape.iter().zip(&s.spec).map(|(d, a)| (d.size / a.map(|a| e.mesh[a].1).unwrap_or(1)).to_string()).collect();
-        let path: Vec<String> = p.path.split('.').map(|seg| if seg.chars().all(|c| c.is_ascii_digit()) { "[*]".to_string() } else { format!(".{seg}") }).collect();
+        let path: Vec<String> =
+            p.path.split('.').map(|seg| if seg.chars().all(|c| c.is_ascii_digit()) { "[*]".to_string() } else { format!(".{seg}") }).collect();
         let path = path.concat().trim_start_matches('.').replace(".[*]", "[*]");
         let line = format!("shard {path} ({}): {} → {}[{}] per device", spec.join(", "), p.ty, p.ty.dtype, local.join(", "));
         match shard_lines.iter_mut().find(|(l, _)| *l == line) {
@@ -237,13 +240,7 @@ fn explicit(c: &Checked, e: &Explicit) -> Vec<String> {
         lines.push(if n > 1 { format!("{line} (×{n})") } else { line });
     }
     if let Some(p) = &e.pipeline {
-        lines.push(format!(
-            "pipeline over `{}`: {} stages, {} microbatches, {}",
-            e.mesh[p.axis].0,
-            p.stages.len(),
-            p.microbatches,
-            p.schedule.name()
-        ));
+        lines.push(format!("pipeline over `{}`: {} stages, {} microbatches, {}", e.mesh[p.axis].0, p.stages.len(), p.microbatches, p.schedule.name()));
         for (i, st) in p.stages.iter().enumerate() {
             lines.push(format!("  stage {i}: {}", st.iter().map(|u| m.unit_name(*u)).collect::<Vec<_>>().join(", ")));
         }

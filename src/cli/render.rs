@@ -17,12 +17,7 @@ pub struct Sources {
 impl Sources {
     /// The user's file (`SourceId::USER`) and the prelude (`SourceId::PRELUDE`).
     pub fn new(user_name: &str, user_text: String) -> Sources {
-        Sources {
-            files: vec![
-                (user_name.to_string(), Arc::new(user_text)),
-                ("<prelude>".to_string(), Arc::new(shardplan_compiler::PRELUDE.to_string())),
-            ],
-        }
+        Sources { files: vec![(user_name.to_string(), Arc::new(user_text)), ("<prelude>".to_string(), Arc::new(shardplan_compiler::PRELUDE.to_string()))] }
     }
 
     /// Adds another text (a data file) that diagnostics may point into.

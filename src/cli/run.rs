@@ -175,9 +175,11 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
 
     // Compile the training step.
     let g = autodiff::differentiate(graph::build(c), c);
-    g.verify().map_err(|e| fail("run::internal", format!("the training graph is malformed: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
+    g.verify()
+        .map_err(|e| fail("run::internal", format!("the training graph is malformed: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
     let states: Vec<(String, Vec<usize>)> = g.states.iter().map(|s| (s.name.clone(), s.ty.shape.iter().map(|d| d.size as usize).collect())).collect();
-    let mut exec = Executor::new(lower(&g), threads).map_err(|e| fail("run::compile", format!("cannot compile the training step: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
+    let mut exec = Executor::new(lower(&g), threads)
+        .map_err(|e| fail("run::compile", format!("cannot compile the training step: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
     if args.profile {
         exec.enable_profile();
     }
@@ -204,10 +206,16 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
         start = checkpoint::meta_parse(path, &meta, "step").map_err(ck)?;
         let seed: u64 = checkpoint::meta_parse(path, &meta, "seed").map_err(ck)?;
         if args.seed.is_none() && seed != c.train.seed {
-            return Err(fail("run::resume_seed", format!("the checkpoint was trained with seed {seed}, the plan says {}", c.train.seed), format!("resume with `--seed {seed}` to continue the same run")).into());
+            return Err(fail(
+                "run::resume_seed",
+                format!("the checkpoint was trained with seed {seed}, the plan says {}", c.train.seed),
+                format!("resume with `--seed {seed}` to continue the same run"),
+            )
+            .into());
         }
     }
-    let kernel_err = |e: shardplan_runtime::backend::cpu::KernelError| fail("run::kernel", e.to_string(), "check the data: an index or label is outside the model's range");
+    let kernel_err =
+        |e: shardplan_runtime::backend::cpu::KernelError| fail("run::kernel", e.to_string(), "check the data: an index or label is outside the model's range");
     for (i, p) in params.iter().enumerate() {
         exec.set(&BufKind::Param(i), Data::F32(p)).map_err(kernel_err)?;
     }
@@ -220,7 +228,10 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
     pb.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     pb.set_position(start);
     let mut metrics = match &args.metrics {
-        Some(p) => Some(AtomicFile::create(p).map_err(|e| fail("run::metrics", format!("cannot write `{}`: {e}", p.display()), "check the directory exists and is writable"))?),
+        Some(p) => Some(
+            AtomicFile::create(p)
+                .map_err(|e| fail("run::metrics", format!("cannot write `{}`: {e}", p.display()), "check the directory exists and is writable"))?,
+        ),
         None => None,
     };
     let loop_start = Instant::now();
@@ -248,7 +259,12 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
         let loss = exec.step(&hyper).map_err(kernel_err)?;
         if !loss.is_finite() {
             pb.abandon();
-            return Err(fail("run::diverged", format!("the loss became {loss} at step {}", step + 1), "lower the learning rate, or clip gradients with `clip_grad_norm: 1.0`").into());
+            return Err(fail(
+                "run::diverged",
+                format!("the loss became {loss} at step {}", step + 1),
+                "lower the learning rate, or clip gradients with `clip_grad_norm: 1.0`",
+            )
+            .into());
         }
         last_loss = loss;
         recent.push(loss);
@@ -258,7 +274,8 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
         let elapsed = loop_start.elapsed().as_secs_f64();
         let sps = ((step + 1 - start) as f64 * batch as f64) / elapsed.max(1e-9);
         if let Some(m) = metrics.as_mut() {
-            let line = serde_json::json!({"step": step + 1, "epoch": epoch + 1, "loss": loss, "lr": lr, "samples_per_s": sps, "wall_s": t0.elapsed().as_secs_f64()});
+            let line =
+                serde_json::json!({"step": step + 1, "epoch": epoch + 1, "loss": loss, "lr": lr, "samples_per_s": sps, "wall_s": t0.elapsed().as_secs_f64()});
             m.line(&line.to_string()).map_err(|e| fail("run::metrics", format!("cannot write metrics: {e}"), "check the disk"))?;
         }
         pb.set_message(format!("epoch {} | loss {loss:.4} | {sps:.0} samples/s", epoch + 1));
@@ -290,7 +307,15 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
     let trained = end.saturating_sub(start);
     let secs = loop_start.elapsed().as_secs_f64();
     let mean_recent = if recent.is_empty() { last_loss } else { recent.iter().sum::<f32>() / recent.len() as f32 };
-    println!("{}: trained {} steps ({} epochs of {} batches) in {:.2}s, {:.0} samples/s", args.file.display(), trained, fmt_epochs(trained, per_epoch), per_epoch, secs, trained as f64 * batch as f64 / secs.max(1e-9));
+    println!(
+        "{}: trained {} steps ({} epochs of {} batches) in {:.2}s, {:.0} samples/s",
+        args.file.display(),
+        trained,
+        fmt_epochs(trained, per_epoch),
+        per_epoch,
+        secs,
+        trained as f64 * batch as f64 / secs.max(1e-9)
+    );
     println!("  train loss {mean_recent:.4} (mean of the last {} steps)", recent.len());
     if let Some(test) = &splits.test {
         let (loss, acc) = evaluate(plan_text, test, &params, threads)?;
@@ -389,7 +414,9 @@ fn evaluate(plan_text: &[u8], test: &Dataset, params: &[Vec<f32>], threads: usiz
         if let std::collections::btree_map::Entry::Vacant(slot) = programs.entry(size) {
             let overrides: BTreeMap<String, i64> = [("batch".to_string(), size as i64)].into_iter().collect();
             let (ce, _) = shardplan_compiler::check_source_with(plan_text, &overrides);
-            let ce = ce.ok_or_else(|| fail("run::internal", "the plan does not check at the evaluation batch size", "this is a bug in shardplan; please report it with the plan"))?;
+            let ce = ce.ok_or_else(|| {
+                fail("run::internal", "the plan does not check at the evaluation batch size", "this is a bug in shardplan; please report it with the plan")
+            })?;
             let g = graph::build(&ce);
             let keep: Vec<NodeId> = logits(&g).into_iter().collect();
             let (p, kept) = lower_keeping(&g, &keep);

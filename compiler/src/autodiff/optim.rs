@@ -37,10 +37,13 @@ pub(super) fn append_update(g: &mut Graph, c: &Checked, params: &[(usize, NodeId
         if let Some(total) = total {
             let norm = g.add(Op::Sqrt, &[total], scalar.clone(), U);
             let scale = g.add(Op::ClipScale { max_norm }, &[norm], scalar.clone(), U);
-            grads = grads.iter().map(|&gr| {
-                let t = g.node(gr).ty.clone();
-                g.add(Op::Mul, &[gr, scale], t, U)
-            }).collect();
+            grads = grads
+                .iter()
+                .map(|&gr| {
+                    let t = g.node(gr).ty.clone();
+                    g.add(Op::Mul, &[gr, scale], t, U)
+                })
+                .collect();
         }
     }
     let lr = g.add(Op::Hyper(Hyper::Lr), &[], scalar.clone(), U);

@@ -111,10 +111,30 @@ fn node(g: &mut Graph, op: Op, args: &[NodeId], shape: &[i64]) -> NodeId {
 
 fn cases() -> Vec<Case> {
     vec![
-        Case { name: "add broadcast", params: vec![(vec![2, 3], -1.0, 1.0), (vec![3], -1.0, 1.0)], ints: vec![], body: |g, p, _| node(g, Op::Add, &[p[0], p[1]], &[2, 3]) },
-        Case { name: "sub broadcast", params: vec![(vec![2, 1], -1.0, 1.0), (vec![2, 3], -1.0, 1.0)], ints: vec![], body: |g, p, _| node(g, Op::Sub, &[p[0], p[1]], &[2, 3]) },
-        Case { name: "mul", params: vec![(vec![2, 3], -1.0, 1.0), (vec![1, 3], -1.0, 1.0)], ints: vec![], body: |g, p, _| node(g, Op::Mul, &[p[0], p[1]], &[2, 3]) },
-        Case { name: "div", params: vec![(vec![2, 3], -1.0, 1.0), (vec![3], 0.5, 2.0)], ints: vec![], body: |g, p, _| node(g, Op::Div, &[p[0], p[1]], &[2, 3]) },
+        Case {
+            name: "add broadcast",
+            params: vec![(vec![2, 3], -1.0, 1.0), (vec![3], -1.0, 1.0)],
+            ints: vec![],
+            body: |g, p, _| node(g, Op::Add, &[p[0], p[1]], &[2, 3]),
+        },
+        Case {
+            name: "sub broadcast",
+            params: vec![(vec![2, 1], -1.0, 1.0), (vec![2, 3], -1.0, 1.0)],
+            ints: vec![],
+            body: |g, p, _| node(g, Op::Sub, &[p[0], p[1]], &[2, 3]),
+        },
+        Case {
+            name: "mul",
+            params: vec![(vec![2, 3], -1.0, 1.0), (vec![1, 3], -1.0, 1.0)],
+            ints: vec![],
+            body: |g, p, _| node(g, Op::Mul, &[p[0], p[1]], &[2, 3]),
+        },
+        Case {
+            name: "div",
+            params: vec![(vec![2, 3], -1.0, 1.0), (vec![3], 0.5, 2.0)],
+            ints: vec![],
+            body: |g, p, _| node(g, Op::Div, &[p[0], p[1]], &[2, 3]),
+        },
         Case { name: "neg", params: vec![(vec![4], -1.0, 1.0)], ints: vec![], body: |g, p, _| node(g, Op::Neg, &[p[0]], &[4]) },
         Case { name: "relu", params: vec![(vec![7], -1.0, 1.0)], ints: vec![], body: |g, p, _| node(g, Op::Relu, &[p[0]], &[7]) },
         Case { name: "gelu", params: vec![(vec![7], -3.0, 3.0)], ints: vec![], body: |g, p, _| node(g, Op::Gelu, &[p[0]], &[7]) },
@@ -123,7 +143,12 @@ fn cases() -> Vec<Case> {
         Case { name: "exp", params: vec![(vec![5], -2.0, 2.0)], ints: vec![], body: |g, p, _| node(g, Op::Exp, &[p[0]], &[5]) },
         Case { name: "log", params: vec![(vec![5], 0.5, 3.0)], ints: vec![], body: |g, p, _| node(g, Op::Log, &[p[0]], &[5]) },
         Case { name: "sqrt", params: vec![(vec![5], 0.5, 3.0)], ints: vec![], body: |g, p, _| node(g, Op::Sqrt, &[p[0]], &[5]) },
-        Case { name: "matmul", params: vec![(vec![3, 4], -1.0, 1.0), (vec![4, 2], -1.0, 1.0)], ints: vec![], body: |g, p, _| node(g, Op::MatMul, &[p[0], p[1]], &[3, 2]) },
+        Case {
+            name: "matmul",
+            params: vec![(vec![3, 4], -1.0, 1.0), (vec![4, 2], -1.0, 1.0)],
+            ints: vec![],
+            body: |g, p, _| node(g, Op::MatMul, &[p[0], p[1]], &[3, 2]),
+        },
         Case {
             name: "batched matmul, broadcast rhs",
             params: vec![(vec![2, 3, 4], -1.0, 1.0), (vec![4, 5], -1.0, 1.0)],
@@ -137,18 +162,43 @@ fn cases() -> Vec<Case> {
             ints: vec![],
             body: |g, p, _| node(g, Op::Transpose { perm: vec![2, 0, 1] }, &[p[0]], &[4, 2, 3]),
         },
-        Case { name: "sum axis", params: vec![(vec![2, 3, 4], -1.0, 1.0)], ints: vec![], body: |g, p, _| node(g, Op::Sum { axes: vec![1], keepdims: false }, &[p[0]], &[2, 4]) },
+        Case {
+            name: "sum axis",
+            params: vec![(vec![2, 3, 4], -1.0, 1.0)],
+            ints: vec![],
+            body: |g, p, _| node(g, Op::Sum { axes: vec![1], keepdims: false }, &[p[0]], &[2, 4]),
+        },
         Case {
             name: "sum keepdims",
             params: vec![(vec![2, 3, 4], -1.0, 1.0)],
             ints: vec![],
             body: |g, p, _| node(g, Op::Sum { axes: vec![0, 2], keepdims: true }, &[p[0]], &[1, 3, 1]),
         },
-        Case { name: "mean", params: vec![(vec![3, 4], -1.0, 1.0)], ints: vec![], body: |g, p, _| node(g, Op::Mean { axes: vec![1], keepdims: false }, &[p[0]], &[3]) },
-        Case { name: "max", params: vec![(vec![3, 4], -1.0, 1.0)], ints: vec![], body: |g, p, _| node(g, Op::Max { axes: vec![1], keepdims: false }, &[p[0]], &[3]) },
+        Case {
+            name: "mean",
+            params: vec![(vec![3, 4], -1.0, 1.0)],
+            ints: vec![],
+            body: |g, p, _| node(g, Op::Mean { axes: vec![1], keepdims: false }, &[p[0]], &[3]),
+        },
+        Case {
+            name: "max",
+            params: vec![(vec![3, 4], -1.0, 1.0)],
+            ints: vec![],
+            body: |g, p, _| node(g, Op::Max { axes: vec![1], keepdims: false }, &[p[0]], &[3]),
+        },
         Case { name: "softmax", params: vec![(vec![3, 5], -2.0, 2.0)], ints: vec![], body: |g, p, _| node(g, Op::Softmax { axis: 1 }, &[p[0]], &[3, 5]) },
-        Case { name: "softmax axis 0", params: vec![(vec![3, 5], -2.0, 2.0)], ints: vec![], body: |g, p, _| node(g, Op::Softmax { axis: 0 }, &[p[0]], &[3, 5]) },
-        Case { name: "log_softmax", params: vec![(vec![3, 5], -2.0, 2.0)], ints: vec![], body: |g, p, _| node(g, Op::LogSoftmax { axis: 1 }, &[p[0]], &[3, 5]) },
+        Case {
+            name: "softmax axis 0",
+            params: vec![(vec![3, 5], -2.0, 2.0)],
+            ints: vec![],
+            body: |g, p, _| node(g, Op::Softmax { axis: 0 }, &[p[0]], &[3, 5]),
+        },
+        Case {
+            name: "log_softmax",
+            params: vec![(vec![3, 5], -2.0, 2.0)],
+            ints: vec![],
+            body: |g, p, _| node(g, Op::LogSoftmax { axis: 1 }, &[p[0]], &[3, 5]),
+        },
         Case {
             name: "layer_norm",
             params: vec![(vec![3, 6], -2.0, 2.0), (vec![6], 0.5, 1.5), (vec![6], -0.5, 0.5)],
@@ -173,7 +223,12 @@ fn cases() -> Vec<Case> {
             ints: vec![(vec![2, 3], 5)],
             body: |g, p, i| node(g, Op::CrossEntropy, &[p[0], i[0]], &[]),
         },
-        Case { name: "mse", params: vec![(vec![2, 3], -1.0, 1.0), (vec![2, 3], -1.0, 1.0)], ints: vec![], body: |g, p, _| node(g, Op::Mse, &[p[0], p[1]], &[]) },
+        Case {
+            name: "mse",
+            params: vec![(vec![2, 3], -1.0, 1.0), (vec![2, 3], -1.0, 1.0)],
+            ints: vec![],
+            body: |g, p, _| node(g, Op::Mse, &[p[0], p[1]], &[]),
+        },
         Case {
             name: "shared operand (accumulated gradient)",
             params: vec![(vec![3], -1.0, 1.0)],

@@ -35,7 +35,8 @@ pub(super) fn konst(e: &ast::Expr) -> Result<Val, Diagnostic> {
                     .label(c.callee.span, "not a plain name")
                     .help("write e.g. `sgd(lr: 0.1)`"));
             };
-            let args = c.args.iter().map(|a| Ok((a.name.as_ref().map(|n| n.name.clone()), konst(&a.value)?, a.value.span))).collect::<Result<_, Diagnostic>>()?;
+            let args =
+                c.args.iter().map(|a| Ok((a.name.as_ref().map(|n| n.name.clone()), konst(&a.value)?, a.value.span))).collect::<Result<_, Diagnostic>>()?;
             Val::Spec(name.name.clone(), args)
         }
         ExprKind::Neg(x) => match konst(x)? {
@@ -233,9 +234,21 @@ pub enum Length {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Optimizer {
-    Sgd { lr: f64, momentum: f64, nesterov: bool, weight_decay: f64 },
+    Sgd {
+        lr: f64,
+        momentum: f64,
+        nesterov: bool,
+        weight_decay: f64,
+    },
     /// Adam; `decoupled` weight decay makes it AdamW.
-    Adam { lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64, decoupled: bool },
+    Adam {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+        decoupled: bool,
+    },
 }
 
 impl Optimizer {
@@ -594,10 +607,25 @@ pub struct RowRange {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum DataSource {
-    Csv { path: String, label: String, scale: f64, train: RowRange, test: Option<RowRange> },
+    Csv {
+        path: String,
+        label: String,
+        scale: f64,
+        train: RowRange,
+        test: Option<RowRange>,
+    },
     /// Byte-level text: windows of `seq` bytes, targets shifted by one.
-    Text { path: String, train: RowRange, test: Option<RowRange> },
-    Synthetic { rows: i64, features: i64, classes: i64, seed: u64 },
+    Text {
+        path: String,
+        train: RowRange,
+        test: Option<RowRange>,
+    },
+    Synthetic {
+        rows: i64,
+        features: i64,
+        classes: i64,
+        seed: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -711,16 +739,33 @@ pub(super) fn data_fits_model(data: &Data, model: &Model, diags: &mut Diagnostic
     };
     let shape_of = |want: &[(&str, bool, usize)]| {
         want.iter()
-            .map(|(n, f, r)| format!("{n}: {}[batch{}]", if *f { "f32" } else { "i32" }, if *r == 2 { if *f { ", F" } else { ", seq" } } else { "" }))
+            .map(|(n, f, r)| {
+                format!(
+                    "{n}: {}[batch{}]",
+                    if *f { "f32" } else { "i32" },
+                    if *r == 2 {
+                        if *f {
+                            ", F"
+                        } else {
+                            ", seq"
+                        }
+                    } else {
+                        ""
+                    }
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
     if model.inputs.len() != want.len() {
         diags.push(
-            Diagnostic::error("data::inputs", format!("data `{}` yields {} inputs, but model `{}` has {}", data.name, want.len(), model.name, model.inputs.len()))
-                .label(data.span, format!("yields {what}"))
-                .label(model.name_span, format!("has {} input{}", model.inputs.len(), if model.inputs.len() == 1 { "" } else { "s" }))
-                .help(format!("declare the model's inputs as ({})", shape_of(&want))),
+            Diagnostic::error(
+                "data::inputs",
+                format!("data `{}` yields {} inputs, but model `{}` has {}", data.name, want.len(), model.name, model.inputs.len()),
+            )
+            .label(data.span, format!("yields {what}"))
+            .label(model.name_span, format!("has {} input{}", model.inputs.len(), if model.inputs.len() == 1 { "" } else { "s" }))
+            .help(format!("declare the model's inputs as ({})", shape_of(&want))),
         );
         return;
     }
@@ -835,11 +880,7 @@ pub(super) fn quantity(q: &ast::Quantity, kind: UnitKind, what: &str, diags: &mu
         return None;
     }
     if q.value <= 0.0 {
-        diags.push(
-            Diagnostic::error("units::not_positive", format!("{what} must be positive"))
-                .label(q.span, "not positive")
-                .help("write a positive amount"),
-        );
+        diags.push(Diagnostic::error("units::not_positive", format!("{what} must be positive")).label(q.span, "not positive").help("write a positive amount"));
         return None;
     }
     Some(q.value * scale)

@@ -15,8 +15,8 @@ pub mod types;
 
 pub use config::{Data, DataSource, Device, DeviceKind, Length, LrSchedule, Optimizer, RowRange, Train};
 pub use model::{Child, Init, Input, Instance, Model, Param, TopLayer, Unit};
-pub use placement::{Explicit, Objective, Pipeline, Placement, Schedule, Shard};
 pub use ops::broadcast as broadcast_shapes;
+pub use placement::{Explicit, Objective, Pipeline, Placement, Schedule, Shard};
 pub use types::{DType, Dim, InstId, Prim, TId, TraceOp, Ty};
 
 use crate::diag::{did_you_mean, Diagnostic, Diagnostics, SourceId, Span};
@@ -70,12 +70,17 @@ pub fn check_with(file: &ast::File, prelude: &ast::File, overrides: &BTreeMap<St
         }
         datas.push(d);
     }
-    for (what, extra) in [("train", file.trains.iter().skip(1).map(|t| t.head).collect::<Vec<_>>()), ("placement", file.placements.iter().skip(1).map(|p| p.head).collect())] {
+    for (what, extra) in
+        [("train", file.trains.iter().skip(1).map(|t| t.head).collect::<Vec<_>>()), ("placement", file.placements.iter().skip(1).map(|p| p.head).collect())]
+    {
         for span in extra {
             diags.push(
-                Diagnostic::error(if what == "train" { "train::duplicate" } else { "placement::duplicate" }, format!("the plan has more than one `{what}` section"))
-                    .label(span, "another one here")
-                    .help(format!("a plan has one `{what}` section; merge them")),
+                Diagnostic::error(
+                    if what == "train" { "train::duplicate" } else { "placement::duplicate" },
+                    format!("the plan has more than one `{what}` section"),
+                )
+                .label(span, "another one here")
+                .help(format!("a plan has one `{what}` section; merge them")),
             );
         }
     }
@@ -226,9 +231,7 @@ fn select_model<'a>(models: &[&'a ast::ModelDef], train: Option<&ast::TrainDef>,
                 ExprKind::Path(p) if p.segs.is_empty() => &p.root,
                 _ => {
                     diags.push(
-                        Diagnostic::error("train::bad_value", "`model` names a model")
-                            .label(e.value.span, "not a model name")
-                            .help("write `model: MyModel`"),
+                        Diagnostic::error("train::bad_value", "`model` names a model").label(e.value.span, "not a model name").help("write `model: MyModel`"),
                     );
                     return None;
                 }
@@ -294,15 +297,13 @@ fn select_data<'a>(t: &ast::TrainDef, name: Option<&str>, datas: &[&'a ast::Data
         None => match datas {
             [one] => Some(one),
             _ => {
-                diags.push(
-                    Diagnostic::error("train::missing_key", "the train section does not set `data`")
-                        .label(t.head, "this section")
-                        .help(if datas.is_empty() {
-                            "define a source, e.g. `data digits = csv(\"data/digits.csv\", label: \"label\")`, and add `data: digits`".to_string()
-                        } else {
-                            format!("add `data: {}`", datas[0].name.name)
-                        }),
-                );
+                diags.push(Diagnostic::error("train::missing_key", "the train section does not set `data`").label(t.head, "this section").help(
+                    if datas.is_empty() {
+                        "define a source, e.g. `data digits = csv(\"data/digits.csv\", label: \"label\")`, and add `data: digits`".to_string()
+                    } else {
+                        format!("add `data: {}`", datas[0].name.name)
+                    },
+                ));
                 None
             }
         },
@@ -334,7 +335,8 @@ fn lint_template(l: &ast::LayerDef, templates: &HashMap<String, &ast::LayerDef>,
             ast::Member::Sublayer(s) => {
                 names.push(s.name.name.clone());
                 if !templates.contains_key(&s.template.name) {
-                    let mut d = Diagnostic::error("names::unknown_layer", format!("no layer template named `{}`", s.template.name)).label(s.template.span, "not a layer template");
+                    let mut d = Diagnostic::error("names::unknown_layer", format!("no layer template named `{}`", s.template.name))
+                        .label(s.template.span, "not a layer template");
                     if let Some(t) = did_you_mean(&s.template.name, templates.keys().map(String::as_str)) {
                         d = d.help(format!("did you mean `{t}`?"));
                     }

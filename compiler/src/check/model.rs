@@ -138,8 +138,25 @@ impl Model {
 
 /// Names of the primitive ops, for "did you mean".
 pub const OPS: &[&str] = &[
-    "relu", "gelu", "tanh", "sigmoid", "exp", "log", "sqrt", "softmax", "log_softmax", "layer_norm", "sum", "mean", "max",
-    "reshape", "transpose", "embedding", "causal_attention", "cross_entropy", "mse",
+    "relu",
+    "gelu",
+    "tanh",
+    "sigmoid",
+    "exp",
+    "log",
+    "sqrt",
+    "softmax",
+    "log_softmax",
+    "layer_norm",
+    "sum",
+    "mean",
+    "max",
+    "reshape",
+    "transpose",
+    "embedding",
+    "causal_attention",
+    "cross_entropy",
+    "mse",
 ];
 
 /// Names an init may have.
@@ -399,11 +416,8 @@ impl<'a> Cx<'a> {
     /// Builds `layer name = [repeat N] Template(args)` in `scope`.
     fn build_child(&mut self, decl: &ast::SublayerDecl, scope: &Scope, path: &str) -> Option<Child> {
         let mut eval_scope = Scope { vars: scope.vars.clone(), model_level: scope.model_level };
-        let args: Vec<ArgVal> = decl
-            .args
-            .iter()
-            .map(|a| ArgVal { name: a.name.clone(), val: self.eval(&a.value, &mut eval_scope), span: a.value.span })
-            .collect();
+        let args: Vec<ArgVal> =
+            decl.args.iter().map(|a| ArgVal { name: a.name.clone(), val: self.eval(&a.value, &mut eval_scope), span: a.value.span }).collect();
         match &decl.repeat {
             None => self.instantiate(&decl.template, &args, decl.ctor_span, path).map(Child::One),
             Some(count) => {
@@ -442,8 +456,8 @@ impl<'a> Cx<'a> {
     fn instantiate(&mut self, template: &ast::Ident, args: &[ArgVal], ctor: Span, path: &str) -> Option<InstId> {
         let Some(def) = self.templates.get(&template.name).copied() else {
             let names: Vec<&str> = self.templates.keys().map(String::as_str).collect();
-            let mut d = Diagnostic::error("names::unknown_layer", format!("no layer template named `{}`", template.name))
-                .label(template.span, "not a layer template");
+            let mut d =
+                Diagnostic::error("names::unknown_layer", format!("no layer template named `{}`", template.name)).label(template.span, "not a layer template");
             d = match did_you_mean(&template.name, names.iter().copied()) {
                 Some(s) => d.help(format!("did you mean `{s}`?")),
                 None => {
@@ -474,7 +488,15 @@ impl<'a> Cx<'a> {
         }
         let bound = self.bind_template_args(def, args, ctor)?;
         let id = InstId(self.insts.len() as u32);
-        self.insts.push(Instance { path: path.to_string(), template: def.name.name.clone(), args: bound.clone(), params: Vec::new(), children: Vec::new(), broken: Vec::new(), span: ctor });
+        self.insts.push(Instance {
+            path: path.to_string(),
+            template: def.name.name.clone(),
+            args: bound.clone(),
+            params: Vec::new(),
+            children: Vec::new(),
+            broken: Vec::new(),
+            span: ctor,
+        });
         self.building.push(def.name.name.clone());
         self.frames.push((ctor, format!("building `{}` = {}(…)", short_path(path), def.name.name)));
 
@@ -1015,10 +1037,16 @@ impl<'a> Cx<'a> {
                 }
             }
         }
-        let key = (id, args.iter().map(|a| match &a.val {
-            Val::Tensor(_, t) => format!("#{}", t.0),
-            other => other.describe(),
-        }).collect::<Vec<_>>().join(";"));
+        let key = (
+            id,
+            args.iter()
+                .map(|a| match &a.val {
+                    Val::Tensor(_, t) => format!("#{}", t.0),
+                    other => other.describe(),
+                })
+                .collect::<Vec<_>>()
+                .join(";"),
+        );
         if let Some(v) = self.memo.get(&key) {
             return v.clone();
         }
@@ -1049,11 +1077,7 @@ impl<'a> Cx<'a> {
                 )
                 .label(c.span, format!("{} input{} given", args.len(), plural(args.len())))
                 .label(fwd.span, "forward defined here")
-                .help(format!(
-                    "call it as `{}({})`",
-                    c.callee,
-                    fwd.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
-                )),
+                .help(format!("call it as `{}({})`", c.callee, fwd.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", "))),
             );
             return Val::Error;
         }
@@ -1169,11 +1193,7 @@ fn plural(n: usize) -> &'static str {
 }
 
 fn param_list(def: &ast::LayerDef) -> String {
-    def.params
-        .iter()
-        .map(|p| if p.default.is_some() { format!("{} = …", p.name.name) } else { p.name.name.clone() })
-        .collect::<Vec<_>>()
-        .join(", ")
+    def.params.iter().map(|p| if p.default.is_some() { format!("{} = …", p.name.name) } else { p.name.name.clone() }).collect::<Vec<_>>().join(", ")
 }
 
 impl BinOp {

@@ -10,14 +10,7 @@ use crate::diag::{did_you_mean, Diagnostic, Span};
 use crate::syntax::ast::{self, BinOp};
 
 /// Binds call arguments to parameter names. Returns one slot per parameter.
-pub(super) fn bind_args(
-    cx: &mut Cx<'_>,
-    fname: &str,
-    call_span: Span,
-    args: &[ArgVal],
-    params: &[&str],
-    required: usize,
-) -> Option<Vec<Option<(Val, Span)>>> {
+pub(super) fn bind_args(cx: &mut Cx<'_>, fname: &str, call_span: Span, args: &[ArgVal], params: &[&str], required: usize) -> Option<Vec<Option<(Val, Span)>>> {
     let mut slots: Vec<Option<(Val, Span)>> = vec![None; params.len()];
     let mut ok = true;
     let mut pos = 0;
@@ -28,9 +21,17 @@ pub(super) fn bind_args(
                 pos += 1;
                 if pos > params.len() {
                     cx.err(
-                        Diagnostic::error("call::arity", format!("`{fname}` takes at most {} argument{}, but {} were given", params.len(), if params.len() == 1 { "" } else { "s" }, args.len()))
-                            .label(a.span, "unexpected argument")
-                            .help(format!("the signature is `{fname}({sig})`")),
+                        Diagnostic::error(
+                            "call::arity",
+                            format!(
+                                "`{fname}` takes at most {} argument{}, but {} were given",
+                                params.len(),
+                                if params.len() == 1 { "" } else { "s" },
+                                args.len()
+                            ),
+                        )
+                        .label(a.span, "unexpected argument")
+                        .help(format!("the signature is `{fname}({sig})`")),
                     );
                     ok = false;
                     continue;
@@ -40,7 +41,8 @@ pub(super) fn bind_args(
             Some(n) => match params.iter().position(|p| *p == n.name) {
                 Some(i) => i,
                 None => {
-                    let mut d = Diagnostic::error("names::unknown_argument", format!("`{fname}` has no argument `{}`", n.name)).label(n.span, "unknown argument");
+                    let mut d =
+                        Diagnostic::error("names::unknown_argument", format!("`{fname}` has no argument `{}`", n.name)).label(n.span, "unknown argument");
                     d = d.help(match did_you_mean(&n.name, params.iter().copied()) {
                         Some(s) => format!("did you mean `{s}`?"),
                         None => format!("the signature is `{fname}({sig})`"),
@@ -79,12 +81,7 @@ pub(super) fn bind_args(
 }
 
 fn signature(params: &[&str], required: usize) -> String {
-    params
-        .iter()
-        .enumerate()
-        .map(|(i, p)| if i < required { p.to_string() } else { format!("{p}: …") })
-        .collect::<Vec<_>>()
-        .join(", ")
+    params.iter().enumerate().map(|(i, p)| if i < required { p.to_string() } else { format!("{p}: …") }).collect::<Vec<_>>().join(", ")
 }
 
 /// `a op b` for numbers (folded) and tensors (typed).
@@ -168,10 +165,7 @@ pub(super) fn binary(cx: &mut Cx<'_>, op: BinOp, (a, sa): (Val, Span), (b, sb): 
                         Diagnostic::error("shape::broadcast", format!("cannot {} {x} and {y}: shapes do not broadcast", op.verb()))
                             .label(sa, format!("this is {x}"))
                             .label(sb, format!("this is {y}"))
-                            .help(format!(
-                                "aligned from the right, dims `{}` and `{}` differ and neither is 1",
-                                x.shape[i], y.shape[j]
-                            )),
+                            .help(format!("aligned from the right, dims `{}` and `{}` differ and neither is 1", x.shape[i], y.shape[j])),
                     );
                     Val::Error
                 }
@@ -210,7 +204,13 @@ pub fn broadcast(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>, (usize, usize)> {
         let da = (k < a.len()).then(|| &a[a.len() - 1 - k]);
         let db = (k < b.len()).then(|| &b[b.len() - 1 - k]);
         let d = match (da, db) {
-            (Some(x), Some(y)) if x.size == y.size => if x.sym.is_some() { x.clone() } else { y.clone() },
+            (Some(x), Some(y)) if x.size == y.size => {
+                if x.sym.is_some() {
+                    x.clone()
+                } else {
+                    y.clone()
+                }
+            }
             (Some(x), Some(y)) if y.size == 1 => x.clone(),
             (Some(x), Some(y)) if x.size == 1 => y.clone(),
             (Some(_), Some(_)) => return Err((a.len() - 1 - k, b.len() - 1 - k)),
@@ -543,10 +543,13 @@ pub(super) fn apply(cx: &mut Cx<'_>, name: &str, c: &ast::Call, args: Vec<ArgVal
                 if t.shape != q.shape || t.dtype != q.dtype {
                     let (qs, ts) = (a.span(0), a.span(i));
                     a.cx.err(
-                        Diagnostic::error("shape::attention_shapes", format!("`causal_attention` needs q, k and v of one type; {} is {t}, q is {q}", a.params[i]))
-                            .label(ts, format!("this is {t}"))
-                            .label(qs, format!("q is {q}"))
-                            .help("project q, k and v to the same [batch, seq, dim]"),
+                        Diagnostic::error(
+                            "shape::attention_shapes",
+                            format!("`causal_attention` needs q, k and v of one type; {} is {t}, q is {q}", a.params[i]),
+                        )
+                        .label(ts, format!("this is {t}"))
+                        .label(qs, format!("q is {q}"))
+                        .help("project q, k and v to the same [batch, seq, dim]"),
                     );
                     return Val::Error;
                 }
@@ -742,14 +745,17 @@ impl Args<'_, '_> {
             Val::Int(a, _) => {
                 let xs = self.span(0);
                 self.cx.err(
-                    Diagnostic::error("shape::axis_out_of_range", format!("axis {a} is out of range for {x}, which has {r} dimension{}", if r == 1 { "" } else { "s" }))
-                        .label(s, format!("axis {a}"))
-                        .label(xs, format!("this is {x}"))
-                        .help(if r == 0 {
-                            "a scalar has no axes".to_string()
-                        } else {
-                            format!("axes run from {} to {} (negative counts from the end)", -r, r - 1)
-                        }),
+                    Diagnostic::error(
+                        "shape::axis_out_of_range",
+                        format!("axis {a} is out of range for {x}, which has {r} dimension{}", if r == 1 { "" } else { "s" }),
+                    )
+                    .label(s, format!("axis {a}"))
+                    .label(xs, format!("this is {x}"))
+                    .help(if r == 0 {
+                        "a scalar has no axes".to_string()
+                    } else {
+                        format!("axes run from {} to {} (negative counts from the end)", -r, r - 1)
+                    }),
                 );
                 None
             }

@@ -65,7 +65,10 @@ pub enum Placement {
     /// One device, no placement written.
     Single,
     Explicit(Explicit),
-    Auto { memory_per_device: Option<u64>, objective: Objective },
+    Auto {
+        memory_per_device: Option<u64>,
+        objective: Objective,
+    },
 }
 
 /// What a path in a placement resolves to.
@@ -83,7 +86,10 @@ pub(super) fn placement(p: Option<&ast::PlacementDef>, model: &Model, batch: i64
         if devices.len() > 1 {
             diags.push(
                 Diagnostic::error("placement::missing", format!("{} devices are declared but there is no placement", devices.len()))
-                    .label(devices.iter().find_map(|d| d.span).unwrap_or(Span::new(crate::diag::SourceId::USER, 0, 0)), "several devices, and no `placement` says how to use them")
+                    .label(
+                        devices.iter().find_map(|d| d.span).unwrap_or(Span::new(crate::diag::SourceId::USER, 0, 0)),
+                        "several devices, and no `placement` says how to use them",
+                    )
                     .help(format!(
                         "say how to use them, e.g. `placement {{ mesh (data: {n}) data_parallel over data }}`, or `placement auto {{}}`",
                         n = devices.len()
@@ -112,7 +118,10 @@ fn auto(stmts: &[ast::AutoStmt], devices: &[Device], diags: &mut Diagnostics) ->
                         diags.push(
                             Diagnostic::error("placement::auto_memory", format!("the memory budget is more than device `{name}` has"))
                                 .label(value.span, format!("{} per device", human_bytes(m as u64)))
-                                .help(format!("`{name}` has {}; lower the budget to at most that, or omit it to use the devices' own memory", human_bytes(cap))),
+                                .help(format!(
+                                    "`{name}` has {}; lower the budget to at most that, or omit it to use the devices' own memory",
+                                    human_bytes(cap)
+                                )),
                         );
                         ok = false;
                     }
@@ -125,7 +134,8 @@ fn auto(stmts: &[ast::AutoStmt], devices: &[Device], diags: &mut Diagnostics) ->
                     "step_time" => objective = Objective::StepTime,
                     "memory" => objective = Objective::Memory,
                     other => {
-                        let mut d = Diagnostic::error("placement::unknown_objective", format!("cannot optimize `{other}`")).label(value.span, "not an objective");
+                        let mut d =
+                            Diagnostic::error("placement::unknown_objective", format!("cannot optimize `{other}`")).label(value.span, "not an objective");
                         d = d.help(match did_you_mean(other, ["step_time", "memory"]) {
                             Some(s) => format!("did you mean `{s}`?"),
                             None => "objectives are `step_time` and `memory`".into(),
@@ -195,11 +205,11 @@ impl Checker<'_> {
             );
         }
         let Some(&(axes, mesh_span)) = meshes.first() else {
-            self.diags.push(
-                Diagnostic::error("placement::no_mesh", "the placement has no mesh")
-                    .label(self.head, "this placement")
-                    .help(format!("start it with a mesh over the {} devices, e.g. `mesh (data: {})`", self.devices.len(), self.devices.len())),
-            );
+            self.diags.push(Diagnostic::error("placement::no_mesh", "the placement has no mesh").label(self.head, "this placement").help(format!(
+                "start it with a mesh over the {} devices, e.g. `mesh (data: {})`",
+                self.devices.len(),
+                self.devices.len()
+            )));
             return None;
         };
         let mut mesh: Vec<(String, i64)> = Vec::new();
@@ -268,14 +278,19 @@ impl Checker<'_> {
                         data_axis = Some(i);
                         if self.batch < mesh[i].1 {
                             self.diags.push(
-                                Diagnostic::error("placement::batch_too_small", format!("batch {} cannot be split over {} data-parallel replicas", self.batch, mesh[i].1))
-                                    .label(*span, format!("{} replicas", mesh[i].1))
-                                    .help(format!("use a batch of at least {}", mesh[i].1)),
+                                Diagnostic::error(
+                                    "placement::batch_too_small",
+                                    format!("batch {} cannot be split over {} data-parallel replicas", self.batch, mesh[i].1),
+                                )
+                                .label(*span, format!("{} replicas", mesh[i].1))
+                                .help(format!("use a batch of at least {}", mesh[i].1)),
                             );
                         }
                     }
                 }
-                PlacementStmt::Shard { path, spec, spec_span, span } => self.shard(&mesh, &mut roles, path, spec, *spec_span, *span, &mut shards, &mut shard_spans),
+                PlacementStmt::Shard { path, spec, spec_span, span } => {
+                    self.shard(&mesh, &mut roles, path, spec, *spec_span, *span, &mut shards, &mut shard_spans)
+                }
                 PlacementStmt::Pipeline(p) => {
                     if pipeline.is_some() {
                         self.diags.push(
@@ -301,7 +316,8 @@ impl Checker<'_> {
                         Some(i) => ps = Some(i),
                         None => {
                             let names: Vec<&str> = self.devices.iter().map(|d| d.name.as_str()).collect();
-                            let mut d = Diagnostic::error("placement::unknown_device", format!("there is no device `{}`", device.name)).label(device.span, "not a device");
+                            let mut d = Diagnostic::error("placement::unknown_device", format!("there is no device `{}`", device.name))
+                                .label(device.span, "not a device");
                             d = d.help(match did_you_mean(&device.name, names.iter().copied()) {
                                 Some(s) => format!("did you mean `{s}`?"),
                                 None => format!("devices are {}", device_range(self.devices)),
@@ -437,18 +453,21 @@ impl Checker<'_> {
             let p = &self.model.params[pi];
             if axes.len() != p.ty.rank() {
                 self.diags.push(
-                    Diagnostic::error("placement::shard_rank", format!(
-                        "`{}` is {} with {} dim{}, but the spec has {} entr{}",
-                        p.path,
-                        p.ty,
-                        p.ty.rank(),
-                        if p.ty.rank() == 1 { "" } else { "s" },
-                        axes.len(),
-                        if axes.len() == 1 { "y" } else { "ies" }
-                    ))
-                        .label(spec_span, format!("{} entr{}", axes.len(), if axes.len() == 1 { "y" } else { "ies" }))
-                        .label(path.span, format!("this is {}", p.ty))
-                        .help(format!("give one entry per dim, `_` for dims that are not split: ({})", vec!["_"; p.ty.rank()].join(", "))),
+                    Diagnostic::error(
+                        "placement::shard_rank",
+                        format!(
+                            "`{}` is {} with {} dim{}, but the spec has {} entr{}",
+                            p.path,
+                            p.ty,
+                            p.ty.rank(),
+                            if p.ty.rank() == 1 { "" } else { "s" },
+                            axes.len(),
+                            if axes.len() == 1 { "y" } else { "ies" }
+                        ),
+                    )
+                    .label(spec_span, format!("{} entr{}", axes.len(), if axes.len() == 1 { "y" } else { "ies" }))
+                    .label(path.span, format!("this is {}", p.ty))
+                    .help(format!("give one entry per dim, `_` for dims that are not split: ({})", vec!["_"; p.ty.rank()].join(", "))),
                 );
                 return;
             }
@@ -464,7 +483,8 @@ impl Checker<'_> {
                     self.diags.push(
                         Diagnostic::error(
                             "placement::shard_indivisible",
-                            format!("dim {d} of `{}` has size {} , which does not divide by the {asize} devices of axis `{aname}`", p.path, dim.size).replace(" ,", ","),
+                            format!("dim {d} of `{}` has size {} , which does not divide by the {asize} devices of axis `{aname}`", p.path, dim.size)
+                                .replace(" ,", ","),
                         )
                         .label(spec[d].span, format!("splits dim {d} ({}) over `{aname}` ({asize})", dim.size))
                         .label(
@@ -509,7 +529,10 @@ impl Checker<'_> {
         let before = self.diags.error_count();
         let n = mesh[axis].1;
         if p.stages.len() as i64 != n {
-            let mut d = Diagnostic::error("placement::stage_count", format!("pipeline axis `{}` has {n} devices but {} stages are given", mesh[axis].0, p.stages.len()));
+            let mut d = Diagnostic::error(
+                "placement::stage_count",
+                format!("pipeline axis `{}` has {n} devices but {} stages are given", mesh[axis].0, p.stages.len()),
+            );
             d = match p.stages.get(n as usize) {
                 Some(extra) => d.label(extra.span, format!("stage {n} is one too many")),
                 None => match p.stages.last() {
@@ -559,9 +582,12 @@ impl Checker<'_> {
         let missing: Vec<String> = self.model.forward_order.iter().filter(|u| !at.contains_key(u)).map(|u| self.model.unit_name(*u)).collect();
         if !missing.is_empty() && self.diags.error_count() == before {
             self.diags.push(
-                Diagnostic::error("placement::stage_missing", format!("{} not in any stage: {}", if missing.len() == 1 { "this layer is" } else { "these layers are" }, missing.join(", ")))
-                    .label(p.stages.last().map(|s| s.span).unwrap_or(p.axis.span), "the stages end here without them")
-                    .help(format!("add {} to a stage", missing.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", "))),
+                Diagnostic::error(
+                    "placement::stage_missing",
+                    format!("{} not in any stage: {}", if missing.len() == 1 { "this layer is" } else { "these layers are" }, missing.join(", ")),
+                )
+                .label(p.stages.last().map(|s| s.span).unwrap_or(p.axis.span), "the stages end here without them")
+                .help(format!("add {} to a stage", missing.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", "))),
             );
         }
         // Forward order: every unit of stage i runs before every unit of stage i+1.
@@ -575,11 +601,18 @@ impl Checker<'_> {
                             self.diags.push(
                                 Diagnostic::error(
                                     "placement::stage_order",
-                                    format!("`{}` (stage {si}) runs before `{}` (stage {lsi}) in the forward pass", self.model.unit_name(*u), self.model.unit_name(lu)),
+                                    format!(
+                                        "`{}` (stage {si}) runs before `{}` (stage {lsi}) in the forward pass",
+                                        self.model.unit_name(*u),
+                                        self.model.unit_name(lu)
+                                    ),
                                 )
                                 .label(*s, format!("stage {si}"))
                                 .label(ls, format!("stage {lsi}"))
-                                .help(format!("stages follow the forward order: {}", self.model.forward_order.iter().map(|u| self.model.unit_name(*u)).collect::<Vec<_>>().join(" → "))),
+                                .help(format!(
+                                    "stages follow the forward order: {}",
+                                    self.model.forward_order.iter().map(|u| self.model.unit_name(*u)).collect::<Vec<_>>().join(" → ")
+                                )),
                             );
                             break 'outer;
                         }
@@ -662,7 +695,8 @@ impl Checker<'_> {
         let m = self.model;
         let Some(ti) = m.top.iter().position(|t| t.name == path.root.name) else {
             let names: Vec<&str> = m.top.iter().map(|t| t.name.as_str()).collect();
-            let mut d = Diagnostic::error("placement::unknown_path", format!("model `{}` has no layer `{}`", m.name, path.root.name)).label(path.root.span, "no such layer");
+            let mut d = Diagnostic::error("placement::unknown_path", format!("model `{}` has no layer `{}`", m.name, path.root.name))
+                .label(path.root.span, "no such layer");
             d = d.help(match did_you_mean(&path.root.name, names.iter().copied()) {
                 Some(s) => format!("did you mean `{s}`?"),
                 None => format!("its layers are {}", names.join(", ")),
@@ -727,7 +761,8 @@ impl Checker<'_> {
                         } else {
                             let mut names: Vec<&str> = inst.children.iter().map(|(n, _)| n.as_str()).collect();
                             names.extend(inst.params.iter().filter_map(|&pi| m.params[pi].path.rsplit('.').next()));
-                            let mut d = Diagnostic::error("placement::unknown_path", format!("`{walked}` ({}) has no member `{}`", inst.template, f.name)).label(f.span, "no such member");
+                            let mut d = Diagnostic::error("placement::unknown_path", format!("`{walked}` ({}) has no member `{}`", inst.template, f.name))
+                                .label(f.span, "no such member");
                             d = d.help(match did_you_mean(&f.name, names.iter().copied()) {
                                 Some(s) => format!("did you mean `{s}`?"),
                                 None => format!("its members are {}", names.join(", ")),

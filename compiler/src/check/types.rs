@@ -164,20 +164,39 @@ pub enum Prim {
     Exp,
     Log,
     Sqrt,
-    Softmax { axis: usize },
-    LogSoftmax { axis: usize },
+    Softmax {
+        axis: usize,
+    },
+    LogSoftmax {
+        axis: usize,
+    },
     /// (x, gamma, beta) over the last axis.
-    LayerNorm { eps: f64 },
-    Sum { axes: Vec<usize>, keepdims: bool },
-    Mean { axes: Vec<usize>, keepdims: bool },
-    Max { axes: Vec<usize>, keepdims: bool },
+    LayerNorm {
+        eps: f64,
+    },
+    Sum {
+        axes: Vec<usize>,
+        keepdims: bool,
+    },
+    Mean {
+        axes: Vec<usize>,
+        keepdims: bool,
+    },
+    Max {
+        axes: Vec<usize>,
+        keepdims: bool,
+    },
     /// To the node's shape.
     Reshape,
-    Transpose { perm: Vec<usize> },
+    Transpose {
+        perm: Vec<usize>,
+    },
     /// (table, ids)
     Embedding,
     /// (q, k, v)
-    CausalAttention { heads: usize },
+    CausalAttention {
+        heads: usize,
+    },
     /// (logits, labels): mean over all label positions.
     CrossEntropy,
     /// (pred, target): mean squared error.

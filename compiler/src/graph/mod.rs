@@ -76,35 +76,70 @@ pub enum Op {
     /// (x, dy): dy · gelu'(x).
     GeluGrad,
     /// min(1, max_norm / (x + 1e-6)), for clipping by global norm.
-    ClipScale { max_norm: f64 },
+    ClipScale {
+        max_norm: f64,
+    },
     // ---- structure and reductions
     MatMul,
     Reshape,
-    Transpose { perm: Vec<usize> },
-    Sum { axes: Vec<usize>, keepdims: bool },
-    Mean { axes: Vec<usize>, keepdims: bool },
-    Max { axes: Vec<usize>, keepdims: bool },
+    Transpose {
+        perm: Vec<usize>,
+    },
+    Sum {
+        axes: Vec<usize>,
+        keepdims: bool,
+    },
+    Mean {
+        axes: Vec<usize>,
+        keepdims: bool,
+    },
+    Max {
+        axes: Vec<usize>,
+        keepdims: bool,
+    },
     /// (x, y, dy): the gradient of Max, shared equally among tied maxima.
-    MaxGrad { axes: Vec<usize>, keepdims: bool },
+    MaxGrad {
+        axes: Vec<usize>,
+        keepdims: bool,
+    },
     /// Sums the operand over broadcast dims down to the node's shape.
     SumTo,
     /// Broadcasts the operand (a reduction result) back to the node's shape.
-    Expand { axes: Vec<usize>, keepdims: bool },
-    Softmax { axis: usize },
-    LogSoftmax { axis: usize },
+    Expand {
+        axes: Vec<usize>,
+        keepdims: bool,
+    },
+    Softmax {
+        axis: usize,
+    },
+    LogSoftmax {
+        axis: usize,
+    },
     /// (y, dy) with y = softmax(x).
-    SoftmaxGrad { axis: usize },
+    SoftmaxGrad {
+        axis: usize,
+    },
     /// (y, dy) with y = log_softmax(x).
-    LogSoftmaxGrad { axis: usize },
+    LogSoftmaxGrad {
+        axis: usize,
+    },
     /// (x, gamma, beta) over the last axis.
-    LayerNorm { eps: f64 },
+    LayerNorm {
+        eps: f64,
+    },
     /// (x, gamma, dy) → dx.
-    LayerNormGradX { eps: f64 },
+    LayerNormGradX {
+        eps: f64,
+    },
     /// (x, dy) → dgamma (the last axis of x).
-    LayerNormGradGamma { eps: f64 },
+    LayerNormGradGamma {
+        eps: f64,
+    },
     /// Keeps entries with key index ≤ query index of the last two axes; the
     /// others become `fill`.
-    CausalMask { fill: f64 },
+    CausalMask {
+        fill: f64,
+    },
     /// (table, ids)
     Embedding,
     /// (ids, dy) → d table, rows scatter-added.
@@ -128,10 +163,40 @@ impl Op {
         use Op::*;
         match self {
             Input(_) | Param(_) | State(_) | Hyper(_) | Const(_) => 0,
-            Neg | Relu | Gelu | Tanh | Sigmoid | Exp | Log | Sqrt | ClipScale { .. } | Reshape | Transpose { .. } | Sum { .. } | Mean { .. }
-            | Max { .. } | SumTo | Expand { .. } | Softmax { .. } | LogSoftmax { .. } | CausalMask { .. } | Assign(_) => 1,
-            Add | Sub | Mul | Div | ReluGrad | GeluGrad | MatMul | SoftmaxGrad { .. } | LogSoftmaxGrad { .. } | LayerNormGradGamma { .. } | Embedding
-            | EmbeddingGrad | CrossEntropy | Mse => 2,
+            Neg
+            | Relu
+            | Gelu
+            | Tanh
+            | Sigmoid
+            | Exp
+            | Log
+            | Sqrt
+            | ClipScale { .. }
+            | Reshape
+            | Transpose { .. }
+            | Sum { .. }
+            | Mean { .. }
+            | Max { .. }
+            | SumTo
+            | Expand { .. }
+            | Softmax { .. }
+            | LogSoftmax { .. }
+            | CausalMask { .. }
+            | Assign(_) => 1,
+            Add
+            | Sub
+            | Mul
+            | Div
+            | ReluGrad
+            | GeluGrad
+            | MatMul
+            | SoftmaxGrad { .. }
+            | LogSoftmaxGrad { .. }
+            | LayerNormGradGamma { .. }
+            | Embedding
+            | EmbeddingGrad
+            | CrossEntropy
+            | Mse => 2,
             MaxGrad { .. } | LayerNorm { .. } | LayerNormGradX { .. } | CrossEntropyGrad | MseGrad => 3,
         }
     }
@@ -242,8 +307,11 @@ impl Graph {
 
     /// Operands of `id`, in order.
     pub fn args(&self, id: NodeId) -> Vec<NodeId> {
-        let mut e: Vec<(usize, NodeId)> =
-            self.g.edges_directed(NodeIndex::new(id.0 as usize), petgraph::Direction::Incoming).map(|e| (*e.weight(), NodeId(e.source().index() as u32))).collect();
+        let mut e: Vec<(usize, NodeId)> = self
+            .g
+            .edges_directed(NodeIndex::new(id.0 as usize), petgraph::Direction::Incoming)
+            .map(|e| (*e.weight(), NodeId(e.source().index() as u32)))
+            .collect();
         e.sort_by_key(|(i, _)| *i);
         e.into_iter().map(|(_, n)| n).collect()
     }

@@ -279,9 +279,7 @@ impl Lower {
                 _ => return Err(self.internal(&k)),
             }
         }
-        let ret = ret.ok_or_else(|| {
-            Diagnostic::error("syntax::internal", "forward without a result").label(span, "here")
-        })?;
+        let ret = ret.ok_or_else(|| Diagnostic::error("syntax::internal", "forward without a result").label(span, "here"))?;
         Ok(ForwardDef { inputs, lets, ret, span })
     }
 
@@ -414,11 +412,7 @@ impl Lower {
             let aspan = self.span(&a);
             let mut ak = self.kids(a);
             let first = ak.req()?;
-            let (name, value) = if first.as_rule() == Rule::ident {
-                (Some(self.ident(first)?), self.expr(ak.req()?)?)
-            } else {
-                (None, self.expr(first)?)
-            };
+            let (name, value) = if first.as_rule() == Rule::ident { (Some(self.ident(first)?), self.expr(ak.req()?)?) } else { (None, self.expr(first)?) };
             args.push(Arg { name, value, span: aspan });
         }
         Ok(Call { callee, args, span })

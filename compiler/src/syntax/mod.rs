@@ -112,14 +112,11 @@ fn prescan(src: SourceId, text: &str) -> Result<(), Diagnostics> {
                 match stack.pop() {
                     Some((open, _)) if open == want => {}
                     Some((open, at)) => {
-                        return Err(Diagnostic::error(
-                            "syntax::unbalanced",
-                            format!("`{}` closes `{}`", close as char, open as char),
-                        )
-                        .label(Span::new(src, i, i + 1), "this closing bracket")
-                        .label(Span::new(src, at, at + 1), "does not match this one")
-                        .help(format!("close the `{}` with `{}` first", open as char, closing(open)))
-                        .into())
+                        return Err(Diagnostic::error("syntax::unbalanced", format!("`{}` closes `{}`", close as char, open as char))
+                            .label(Span::new(src, i, i + 1), "this closing bracket")
+                            .label(Span::new(src, at, at + 1), "does not match this one")
+                            .help(format!("close the `{}` with `{}` first", open as char, closing(open)))
+                            .into())
                     }
                     None => {
                         return Err(Diagnostic::error("syntax::unbalanced", format!("unmatched `{}`", close as char))
@@ -206,11 +203,7 @@ fn syntax_error(src: SourceId, text: &str, e: &pest::error::Error<Rule>) -> Diag
             .help("simplify the file; split long expressions with `let`");
     }
     let want = join_or(&expected);
-    let message = if want.is_empty() {
-        format!("unexpected {found_desc}")
-    } else {
-        format!("expected {want}, found {found_desc}")
-    };
+    let message = if want.is_empty() { format!("unexpected {found_desc}") } else { format!("expected {want}, found {found_desc}") };
     let mut d = Diagnostic::error("syntax::unexpected", message).label(Span::new(src, pos, end), format!("unexpected {found_desc}"));
     if let Some(h) = syntax_help(&expected, found) {
         d = d.help(h);
@@ -413,7 +406,15 @@ mod tests {
 
     #[test]
     fn errors_have_locations() {
-        for bad in ["model M {", "model M { loss }", "layer L { param w f32[2] }", "\"abc", "/* x", "model M { loss ((((a }", "train { batch: 99999999999999999999999 }"] {
+        for bad in [
+            "model M {",
+            "model M { loss }",
+            "layer L { param w f32[2] }",
+            "\"abc",
+            "/* x",
+            "model M { loss ((((a }",
+            "train { batch: 99999999999999999999999 }",
+        ] {
             let d = parse(SourceId::USER, bad).expect_err(bad);
             for diag in d.iter() {
                 assert!(diag.primary_span().is_some(), "{bad}: {diag:?}");

@@ -27,13 +27,7 @@ pub(super) struct Table {
 }
 
 /// Parses the whole file; see the module doc.
-pub(super) fn parse(
-    bytes: &[u8],
-    path: &Path,
-    label: &str,
-    scale: f64,
-    classes: Option<usize>,
-) -> Result<Table, DataError> {
+pub(super) fn parse(bytes: &[u8], path: &Path, label: &str, scale: f64, classes: Option<usize>) -> Result<Table, DataError> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         let at = e.valid_up_to();
         let line = line_of(bytes, at);
@@ -69,15 +63,11 @@ pub(super) fn parse(
             .help(help));
     };
     if found.next().is_some() {
-        return Err(DataError::new(
-            "data::duplicate_column",
-            format!("the header has more than one column named `{label}`"),
-            path,
-        )
-        .line(header.line)
-        .column(label)
-        .span(header_span.0, header_span.1)
-        .help("rename the columns so that the label column is named once"));
+        return Err(DataError::new("data::duplicate_column", format!("the header has more than one column named `{label}`"), path)
+            .line(header.line)
+            .column(label)
+            .span(header_span.0, header_span.1)
+            .help("rename the columns so that the label column is named once"));
     }
     let columns = names.len();
     let width = columns - 1;
@@ -102,12 +92,7 @@ pub(super) fn parse(
         if cells.len() != columns {
             return Err(DataError::new(
                 "data::ragged_row",
-                format!(
-                    "line {} has {} cell{} but the header has {columns} columns",
-                    row.line,
-                    cells.len(),
-                    if cells.len() == 1 { "" } else { "s" }
-                ),
+                format!("line {} has {} cell{} but the header has {columns} columns", row.line, cells.len(), if cells.len() == 1 { "" } else { "s" }),
                 path,
             )
             .line(row.line)
@@ -140,11 +125,7 @@ fn parse_feature(value: &str, scale: f64, column: &str, path: &Path) -> Result<f
     };
     let y = (x * scale) as f32;
     if !y.is_finite() {
-        let why = if x.is_finite() {
-            format!("times the scale {scale} is outside the f32 range")
-        } else {
-            "is not a finite number".to_string()
-        };
+        let why = if x.is_finite() { format!("times the scale {scale} is outside the f32 range") } else { "is not a finite number".to_string() };
         return Err(DataError::new("data::not_finite", format!("`{value}` in column `{column}` {why}"), path)
             .help("features must be finite numbers within the f32 range (about ±3.4e38, after `scale`)"));
     }
@@ -152,11 +133,7 @@ fn parse_feature(value: &str, scale: f64, column: &str, path: &Path) -> Result<f
 }
 
 fn not_numeric(value: &str, column: &str, path: &Path) -> DataError {
-    let message = if value.is_empty() {
-        format!("the cell in column `{column}` is empty")
-    } else {
-        format!("`{value}` in column `{column}` is not a number")
-    };
+    let message = if value.is_empty() { format!("the cell in column `{column}` is empty") } else { format!("`{value}` in column `{column}` is not a number") };
     DataError::new("data::not_numeric", message, path).help("every cell must be a number, such as `3`, `0.25` or `-1e-3`")
 }
 
@@ -184,10 +161,7 @@ fn parse_label(value: &str, classes: Option<i64>, column: &str, path: &Path) -> 
     let i = i32::try_from(n).ok().filter(|_| fits);
     i.ok_or_else(|| {
         let (message, help) = match classes {
-            Some(c) => (
-                format!("the label `{value}` is outside 0..{c}"),
-                format!("the model has {c} classes, so labels must be from 0 to {}", c - 1),
-            ),
+            Some(c) => (format!("the label `{value}` is outside 0..{c}"), format!("the model has {c} classes, so labels must be from 0 to {}", c - 1)),
             None if n < 0 => (format!("the label `{value}` is negative"), "labels are class indices from 0".to_string()),
             None => (format!("the label `{value}` does not fit in i32"), "labels are class indices from 0".to_string()),
         };
@@ -296,8 +270,7 @@ mod tests {
     fn load_csv(contents: &[u8], label: &str, classes: Option<usize>) -> Result<super::super::Splits, DataError> {
         let dir = TempDir::new("csv");
         let f = dir.write("t.csv", contents);
-        let source =
-            DataSource::Csv { path: f, label: label.into(), scale: 1.0, train: range(0, None), test: None };
+        let source = DataSource::Csv { path: f, label: label.into(), scale: 1.0, train: range(0, None), test: None };
         load(&source, &dir.0, None, classes)
     }
 

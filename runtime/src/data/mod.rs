@@ -51,15 +51,7 @@ pub struct DataError {
 
 impl DataError {
     fn new(code: &'static str, message: impl Into<String>, path: &Path) -> DataError {
-        DataError {
-            code,
-            message: message.into(),
-            path: path.to_path_buf(),
-            line: None,
-            column: None,
-            span: None,
-            help: String::new(),
-        }
+        DataError { code, message: message.into(), path: path.to_path_buf(), line: None, column: None, span: None, help: String::new() }
     }
 
     fn line(mut self, line: usize) -> DataError {
@@ -231,9 +223,7 @@ pub fn load(source: &DataSource, base: &Path, seq: Option<usize>, classes: Optio
             let bytes = read(&path)?;
             text::split(&bytes, &path, train, test.as_ref(), seq)
         }
-        DataSource::Synthetic { rows, features, classes: own, seed } => {
-            synthetic::generate(*rows, *features, *own, *seed, classes)
-        }
+        DataSource::Synthetic { rows, features, classes: own, seed } => synthetic::generate(*rows, *features, *own, *seed, classes),
     }
 }
 
@@ -242,9 +232,7 @@ pub fn load(source: &DataSource, base: &Path, seq: Option<usize>, classes: Optio
 fn read(path: &Path) -> Result<Vec<u8>, DataError> {
     std::fs::read(path).map_err(|e| {
         let (code, help) = match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                ("data::missing_file", "data paths are relative to the directory of the plan file")
-            }
+            std::io::ErrorKind::NotFound => ("data::missing_file", "data paths are relative to the directory of the plan file"),
             _ => ("data::unreadable", "check that the path names a readable file"),
         };
         DataError::new(code, format!("cannot read `{}`: {e}", path.display()), path).help(help)
@@ -274,8 +262,7 @@ fn resolve(range: &RowRange, n: usize, split: &str, unit: &str, path: &Path) -> 
             .help("write `start..end` with 0 <= start < end, or `start..`"));
     }
     if n == 0 {
-        return Err(DataError::new("data::empty", format!("the file has no {unit}"), path)
-            .help("add data to the file, or point the plan at another one"));
+        return Err(DataError::new("data::empty", format!("the file has no {unit}"), path).help("add data to the file, or point the plan at another one"));
     }
     let past = start >= n || end.is_some_and(|e| e > n);
     if past {
@@ -374,10 +361,7 @@ mod tests {
         let dir = TempDir::new("order");
         let f = dir.write("t.csv", b"a,label,b\n1,0,2\n3,1,4\n5,2,6\n");
         let splits = load(&csv(&f, "label", range(0, None), None), &dir.0, None, None).unwrap();
-        assert_eq!(
-            splits.train.gather(&[2, 0, 2]),
-            Batch::Table { features: vec![5.0, 6.0, 1.0, 2.0, 5.0, 6.0], labels: vec![2, 0, 2] }
-        );
+        assert_eq!(splits.train.gather(&[2, 0, 2]), Batch::Table { features: vec![5.0, 6.0, 1.0, 2.0, 5.0, 6.0], labels: vec![2, 0, 2] });
         assert!(splits.test.is_none());
         assert_eq!(splits.train.gather(&[]), Batch::Table { features: vec![], labels: vec![] });
     }
@@ -389,13 +373,7 @@ mod tests {
         assert_eq!(e.code, "data::missing_file");
         assert!(e.path.ends_with("nope.csv"));
         assert!(e.message.contains("No such file") || e.message.contains("cannot find"), "{}", e.message);
-        let e = load(
-            &DataSource::Text { path: "nope.txt".into(), train: range(0, None), test: None },
-            &dir.0,
-            Some(4),
-            None,
-        )
-        .unwrap_err();
+        let e = load(&DataSource::Text { path: "nope.txt".into(), train: range(0, None), test: None }, &dir.0, Some(4), None).unwrap_err();
         assert_eq!(e.code, "data::missing_file");
         // A directory is not a missing file, but it is not readable as one.
         std::fs::create_dir_all(dir.0.join("sub")).unwrap();

@@ -24,13 +24,7 @@ const DOMAIN: u64 = 0x7379_6e74_6865_7469; // "syntheti"
 /// what a synthetic benchmark needs and short of exhausting a machine.
 const MAX_VALUES: usize = 1 << 30;
 
-pub(super) fn generate(
-    rows: i64,
-    features: i64,
-    classes: i64,
-    seed: u64,
-    model_classes: Option<usize>,
-) -> Result<Splits, DataError> {
+pub(super) fn generate(rows: i64, features: i64, classes: i64, seed: u64, model_classes: Option<usize>) -> Result<Splits, DataError> {
     let nowhere = Path::new("");
     let positive = |v: i64, name: &str, min: i64| -> Result<usize, DataError> {
         // The checker enforces these minimums; they are checked again so a
@@ -45,24 +39,15 @@ pub(super) fn generate(
     let width = positive(features, "features", 1)?;
     let classes = positive(classes, "classes", 2)?;
     if rows.checked_mul(width).is_none_or(|n| n > MAX_VALUES) || classes.checked_mul(width).is_none_or(|n| n > MAX_VALUES) {
-        return Err(DataError::new(
-            "data::too_large",
-            format!("synthetic data of {rows} rows × {width} features is too large to generate"),
-            nowhere,
-        )
-        .help(format!("keep rows × features (and classes × features) at most {MAX_VALUES}")));
+        return Err(DataError::new("data::too_large", format!("synthetic data of {rows} rows × {width} features is too large to generate"), nowhere)
+            .help(format!("keep rows × features (and classes × features) at most {MAX_VALUES}")));
     }
     if i32::try_from(classes).is_err() {
-        return Err(DataError::new("data::bad_argument", format!("synthetic `classes` is {classes}, beyond i32"), nowhere)
-            .help("use fewer classes"));
+        return Err(DataError::new("data::bad_argument", format!("synthetic `classes` is {classes}, beyond i32"), nowhere).help("use fewer classes"));
     }
     if let Some(c) = model_classes.filter(|&c| classes > c) {
-        return Err(DataError::new(
-            "data::label_out_of_range",
-            format!("the synthetic source has {classes} classes, but the model has {c}"),
-            nowhere,
-        )
-        .help(format!("set `classes: {c}` in the source, or widen the model's output to {classes}")));
+        return Err(DataError::new("data::label_out_of_range", format!("the synthetic source has {classes} classes, but the model has {c}"), nowhere)
+            .help(format!("set `classes: {c}` in the source, or widen the model's output to {classes}")));
     }
 
     let mut rng = Xoshiro256::stream(seed, DOMAIN, 0);
@@ -138,9 +123,8 @@ mod tests {
 
     #[test]
     fn arguments_are_checked() {
-        let err = |rows, features, classes, model| {
-            load(&DataSource::Synthetic { rows, features, classes, seed: 0 }, Path::new("."), None, model).unwrap_err().code
-        };
+        let err =
+            |rows, features, classes, model| load(&DataSource::Synthetic { rows, features, classes, seed: 0 }, Path::new("."), None, model).unwrap_err().code;
         assert_eq!(err(0, 4, 2, None), "data::bad_argument");
         assert_eq!(err(4, -1, 2, None), "data::bad_argument");
         assert_eq!(err(4, 4, 1, None), "data::bad_argument");

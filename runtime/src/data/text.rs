@@ -14,13 +14,7 @@ use super::{resolve, DataError, Dataset, Splits};
 use shardplan_compiler::check::RowRange;
 use std::path::Path;
 
-pub(super) fn split(
-    bytes: &[u8],
-    path: &Path,
-    train: &RowRange,
-    test: Option<&RowRange>,
-    seq: Option<usize>,
-) -> Result<Splits, DataError> {
+pub(super) fn split(bytes: &[u8], path: &Path, train: &RowRange, test: Option<&RowRange>, seq: Option<usize>) -> Result<Splits, DataError> {
     let seq = match seq {
         Some(s) if s >= 1 => s,
         Some(_) => {
@@ -37,13 +31,9 @@ pub(super) fn split(
         let n = r.len();
         let need = seq.saturating_add(1);
         if n < need {
-            return Err(DataError::new(
-                "data::too_short",
-                format!("the `{name}` range holds {n} bytes, but one window needs seq + 1 = {need}"),
-                path,
-            )
-            .span(r.start, r.end)
-            .help("lower `seq` or widen the range"));
+            return Err(DataError::new("data::too_short", format!("the `{name}` range holds {n} bytes, but one window needs seq + 1 = {need}"), path)
+                .span(r.start, r.end)
+                .help("lower `seq` or widen the range"));
         }
         Ok(Dataset::text(bytes[r].to_vec(), seq))
     };
@@ -70,10 +60,7 @@ mod tests {
         assert_eq!(s.train.len(), 3);
         assert_eq!(s.train.width(), 3);
         let b = |t: &[u8]| t.iter().map(|&x| i32::from(x)).collect::<Vec<i32>>();
-        assert_eq!(
-            s.train.gather(&[2, 0]),
-            Batch::Text { tokens: [b(b"cde"), b(b"abc")].concat(), targets: [b(b"def"), b(b"bcd")].concat() }
-        );
+        assert_eq!(s.train.gather(&[2, 0]), Batch::Text { tokens: [b(b"cde"), b(b"abc")].concat(), targets: [b(b"def"), b(b"bcd")].concat() });
         // The test split sees only its own bytes.
         let test = s.test.unwrap();
         assert_eq!(test.len(), 1);
@@ -116,8 +103,7 @@ mod tests {
     #[test]
     fn loads_the_example_corpus() {
         let base = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples"));
-        let source =
-            DataSource::Text { path: "data/tiny.txt".into(), train: range(0, Some(30000)), test: Some(range(30000, None)) };
+        let source = DataSource::Text { path: "data/tiny.txt".into(), train: range(0, Some(30000)), test: Some(range(30000, None)) };
         let s = load(&source, &base, Some(64), None).unwrap();
         assert_eq!(s.train.len(), 30000 - 64);
         let test = s.test.unwrap();

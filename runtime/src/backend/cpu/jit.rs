@@ -35,10 +35,10 @@ use codegen::Target;
 use cranelift_codegen::ir::{Function, UserFuncName};
 use cranelift_codegen::isa::OwnedTargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
-use cranelift_codegen::{Context, print_errors};
+use cranelift_codegen::{print_errors, Context};
 use cranelift_frontend::FunctionBuilderContext;
 use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{Module, ModuleError, default_libcall_names};
+use cranelift_module::{default_libcall_names, Module, ModuleError};
 use shardplan_compiler::kernel::{Binary, Fused, Inst, Unary};
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
@@ -162,7 +162,11 @@ impl CompiledKernel {
         self.check_range(row_begin, row_end)?;
         let want = (row_end - row_begin) * self.cols;
         if out_rows.len() != want {
-            return Err(KernelError::Invalid(format!("output part has {} elements, rows {row_begin}..{row_end} of {} columns need {want}", out_rows.len(), self.cols)));
+            return Err(KernelError::Invalid(format!(
+                "output part has {} elements, rows {row_begin}..{row_end} of {} columns need {want}",
+                out_rows.len(),
+                self.cols
+            )));
         }
         if inputs.len() != self.input_lens.len() {
             return Err(KernelError::Invalid(format!("kernel takes {} inputs, got {}", self.input_lens.len(), inputs.len())));

@@ -299,47 +299,47 @@ fn gelu_grad_accuracy() {
 #[test]
 fn hand_written_chains_match_the_reference() {
     let adam = vec![
-        I::Load(0),                       // v0 p
-        I::Load(1),                       // v1 g
-        I::Load(2),                       // v2 m
-        I::Load(3),                       // v3 v
-        I::Load(4),                       // v4 lr (scalar)
-        I::Const(0.9),                    // v5
-        I::Const(0.1),                    // v6
-        I::Binary(B::Mul, 5, 2),          // v7
-        I::Binary(B::Mul, 6, 1),          // v8
-        I::Binary(B::Add, 7, 8),          // v9 m'
-        I::Const(0.999),                  // v10
-        I::Const(0.001),                  // v11
-        I::Binary(B::Mul, 10, 3),         // v12
-        I::Binary(B::Mul, 1, 1),          // v13
-        I::Binary(B::Mul, 11, 13),        // v14
-        I::Binary(B::Add, 12, 14),        // v15 v'
-        I::Unary(U::Sqrt, 15),            // v16
-        I::Const(1e-8),                   // v17
-        I::Binary(B::Add, 16, 17),        // v18
-        I::Binary(B::Div, 9, 18),         // v19
-        I::Binary(B::Mul, 4, 19),         // v20
-        I::Binary(B::Sub, 0, 20),         // v21 p'
+        I::Load(0),                // v0 p
+        I::Load(1),                // v1 g
+        I::Load(2),                // v2 m
+        I::Load(3),                // v3 v
+        I::Load(4),                // v4 lr (scalar)
+        I::Const(0.9),             // v5
+        I::Const(0.1),             // v6
+        I::Binary(B::Mul, 5, 2),   // v7
+        I::Binary(B::Mul, 6, 1),   // v8
+        I::Binary(B::Add, 7, 8),   // v9 m'
+        I::Const(0.999),           // v10
+        I::Const(0.001),           // v11
+        I::Binary(B::Mul, 10, 3),  // v12
+        I::Binary(B::Mul, 1, 1),   // v13
+        I::Binary(B::Mul, 11, 13), // v14
+        I::Binary(B::Add, 12, 14), // v15 v'
+        I::Unary(U::Sqrt, 15),     // v16
+        I::Const(1e-8),            // v17
+        I::Binary(B::Add, 16, 17), // v18
+        I::Binary(B::Div, 9, 18),  // v19
+        I::Binary(B::Mul, 4, 19),  // v20
+        I::Binary(B::Sub, 0, 20),  // v21 p'
     ];
     let k = fused(5, 67, &[(67, 1), (67, 1), (67, 1), (67, 1), (0, 0)], adam);
     let pos = Dist::LogUniform(-10.0, 0.0);
     check(&k, &[Dist::Uniform(-1.0, 1.0), Dist::Uniform(-1.0, 1.0), Dist::Uniform(-0.1, 0.1), pos, Dist::Uniform(1e-3, 1e-2)], 1);
 
     let mlp = vec![
-        I::Load(0),               // x
-        I::Load(1),               // bias (row broadcast)
-        I::Binary(B::Add, 0, 1),  // v2
-        I::Unary(U::Gelu, 2),     // v3
-        I::Load(2),               // residual
-        I::Binary(B::Add, 3, 4),  // v5
-        I::Unary(U::Tanh, 5),     // v6
-        I::Unary(U::Sigmoid, 6),  // v7
-        I::Unary(U::Exp, 7),      // v8
-        I::Unary(U::Log, 8),      // v9 = v7
-        I::Binary(B::Mul, 9, 6),  // v10
-        I::Unary(U::Relu, 10),    // v11
-        I::Unary(U::Neg, 11),     // v12
+        I::Load(0),              // x
+        I::Load(1),              // bias (row broadcast)
+        I::Binary(B::Add, 0, 1), // v2
+        I::Unary(U::Gelu, 2),    // v3
+        I::Load(2),              // residual
+        I::Binary(B::Add, 3, 4), // v5
+        I::Unary(U::Tanh, 5),    // v6
+        I::Unary(U::Sigmoid, 6), // v7
+        I::Unary(U::Exp, 7),     // v8
+        I::Unary(U::Log, 8),     // v9 = v7
+        I::Binary(B::Mul, 9, 6), // v10
+        I::Unary(U::Relu, 10),   // v11
+        I::Unary(U::Neg, 11),    // v12
         I::Binary(B::GeluGrad, 2, 12),
     ];
     check(&fused(7, 130, &[(130, 1), (0, 1), (130, 1)], mlp), &[Dist::Uniform(-3.0, 3.0)], 2);
@@ -470,7 +470,11 @@ fn every_broadcast_pattern_and_shape() {
                 I::Unary(U::Tanh, 8),
             ];
             let k = fused(rows, cols, &strides, all);
-            let ins = inputs(&k, &[Dist::Uniform(-2.0, 2.0), Dist::Uniform(-2.0, 2.0), Dist::Uniform(-2.0, 2.0), Dist::Uniform(-2.0, 2.0), Dist::Uniform(1.0, 2.0)], &mut rng);
+            let ins = inputs(
+                &k,
+                &[Dist::Uniform(-2.0, 2.0), Dist::Uniform(-2.0, 2.0), Dist::Uniform(-2.0, 2.0), Dist::Uniform(-2.0, 2.0), Dist::Uniform(1.0, 2.0)],
+                &mut rng,
+            );
             if let Err(e) = check_with(&mut jits, &k, &ins, TOL) {
                 panic!("all patterns: {e}");
             }
@@ -595,13 +599,13 @@ fn bad_calls_are_errors() {
     assert!(kernel.run(&[&long, &long], &mut out).is_ok());
 
     let bad_kernels = [
-        fused(2, 2, &[(2, 2)], vec![I::Load(0)]),                           // col stride 2
-        fused(2, 2, &[(2, 1)], vec![I::Load(1)]),                           // missing input
-        fused(2, 2, &[(2, 1)], vec![I::Unary(U::Exp, 0)]),                  // reads itself
-        fused(2, 2, &[(2, 1)], vec![I::Load(0), I::Binary(B::Add, 0, 2)]),  // reads a later value
-        fused(2, 2, &[(2, 1)], vec![]),                                     // empty body
-        fused(usize::MAX / 2, 4, &[(4, 1)], vec![I::Load(0)]),              // too large
-        fused(3, 4, &[(usize::MAX / 2, 1)], vec![I::Load(0)]),              // stride overflows
+        fused(2, 2, &[(2, 2)], vec![I::Load(0)]),                          // col stride 2
+        fused(2, 2, &[(2, 1)], vec![I::Load(1)]),                          // missing input
+        fused(2, 2, &[(2, 1)], vec![I::Unary(U::Exp, 0)]),                 // reads itself
+        fused(2, 2, &[(2, 1)], vec![I::Load(0), I::Binary(B::Add, 0, 2)]), // reads a later value
+        fused(2, 2, &[(2, 1)], vec![]),                                    // empty body
+        fused(usize::MAX / 2, 4, &[(4, 1)], vec![I::Load(0)]),             // too large
+        fused(3, 4, &[(usize::MAX / 2, 1)], vec![I::Load(0)]),             // stride overflows
     ];
     for k in bad_kernels {
         assert!(matches!(jit.compile(&k), Err(KernelError::Invalid(_))), "{}", k.display());
@@ -659,7 +663,12 @@ fn kernels_outlive_their_jit_and_cross_threads() {
 #[test]
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn clif_golden() {
-    let k = fused(2, 21, &[(21, 1), (0, 1), (0, 0)], vec![I::Load(0), I::Load(1), I::Binary(B::Add, 0, 1), I::Load(2), I::Binary(B::Mul, 2, 3), I::Unary(U::Relu, 4)]);
+    let k = fused(
+        2,
+        21,
+        &[(21, 1), (0, 1), (0, 0)],
+        vec![I::Load(0), I::Load(1), I::Binary(B::Add, 0, 1), I::Load(2), I::Binary(B::Mul, 2, 3), I::Unary(U::Relu, 4)],
+    );
     let got = clif(&k).expect("clif");
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/backend/cpu/jit/golden/add_mul_relu.clif");
     if std::env::var("INSTA_UPDATE").is_ok_and(|v| v == "always") {
