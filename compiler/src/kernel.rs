@@ -199,6 +199,14 @@ pub enum StepKind {
     Op(Op),
     /// Copies the operand, broadcast, to the output's shape.
     Broadcast,
+    /// A reduction (`Sum`, `Mean`, `Max`, `SumTo`) whose element-wise
+    /// consumer is applied where the reduction leaves its result: the
+    /// epilogue's input 0 is the reduction's output, read and overwritten
+    /// in place; its other inputs follow the reduction's operand.
+    Reduce {
+        op: Op,
+        epilogue: Fused,
+    },
     /// A matmul whose operands may be read transposed in place: operand
     /// `a` (or `b`) holds the logical matrix with its last two dims swapped.
     MatMul {
@@ -363,7 +371,9 @@ pub fn lower_keeping(g: &Graph, keep: &[NodeId]) -> (Program, Vec<BufId>) {
                     continue; // emitted as part of its user
                 }
                 let out = new_buf(&mut p, BufKind::Temp, Elem::F32, shape.clone(), id);
-                fuse(g, id, &shape, &buf_of, &fused_into, &mut p, out);
+                // A reduction read by nothing else becomes this kernel's prologue.
+                let absorbable = |n: NodeId| users[n.0 as usize].len() == 1 && !needed[n.0 as usize];
+                fuse(g, id, &shape, &buf_of, &fused_into, &absorbable, &mut p, out);
                 out
             }
             op => {
@@ -381,7 +391,17 @@ pub fn lower_keeping(g: &Graph, keep: &[NodeId]) -> (Program, Vec<BufId>) {
 }
 
 /// Emits the fused kernel rooted at `root` (whose buffer is `out`).
-fn fuse(g: &Graph, root: NodeId, shape: &[usize], buf_of: &HashMap<NodeId, BufId>, fused_into: &dyn Fn(NodeId) -> Option<NodeId>, p: &mut Program, out: BufId) {
+#[allow(clippy::too_many_arguments)]
+fn fuse(
+    g: &Graph,
+    root: NodeId,
+    shape: &[usize],
+    buf_of: &HashMap<NodeId, BufId>,
+    fused_into: &dyn Fn(NodeId) -> Option<NodeId>,
+    absorbable: &dyn Fn(NodeId) -> bool,
+    p: &mut Program,
+    out: BufId,
+) {
     // Collect the body by walking operands that fuse into this kernel.
     let mut body: Vec<Inst> = Vec::new();
     let mut inputs: Vec<BufId> = Vec::new();
@@ -486,7 +506,50 @@ fn fuse(g: &Graph, root: NodeId, shape: &[usize], buf_of: &HashMap<NodeId, BufId
             strides = strides.iter().map(|&(_, c)| if c == 1 { (cols, 1) } else { (0, 0) }).collect();
         }
     }
-    let fused = Fused { rows, cols, row_strides: strides.iter().map(|s| s.0).collect(), col_strides: strides.iter().map(|s| s.1).collect(), body };
+    let mut fused = Fused { rows, cols, row_strides: strides.iter().map(|s| s.0).collect(), col_strides: strides.iter().map(|s| s.1).collect(), body };
+
+    // Epilogue of a reduction: an input that is the whole output of a
+    // reduction step read only here, at the output's own index.
+    let total = rows * cols;
+    let candidate = inputs.iter().enumerate().find_map(|(k, &b)| {
+        let full = fused.col_strides[k] == 1 && (fused.row_strides[k] == cols || rows == 1) && p.buffers[b.0 as usize].len() == total;
+        let step =
+            p.steps.iter().rposition(|s| s.output == b && matches!(&s.kind, StepKind::Op(Op::Sum { .. } | Op::Mean { .. } | Op::Max { .. } | Op::SumTo)))?;
+        (full && absorbable(p.buffers[b.0 as usize].node) && p.buffers[b.0 as usize].kind == BufKind::Temp).then_some((k, step, b))
+    });
+    if let Some((k, step, b)) = candidate {
+        // Make the reduction's output input 0 of the epilogue.
+        let remap = |i: usize| {
+            if i == k {
+                0
+            } else if i < k {
+                i + 1
+            } else {
+                i
+            }
+        };
+        for inst in &mut fused.body {
+            if let Inst::Load(i) = inst {
+                *i = remap(*i);
+            }
+        }
+        let mut order: Vec<usize> = (0..inputs.len()).collect();
+        order.sort_by_key(|&i| remap(i));
+        fused.row_strides = order.iter().map(|&i| fused.row_strides[i]).collect();
+        fused.col_strides = order.iter().map(|&i| fused.col_strides[i]).collect();
+        let rest: Vec<BufId> = order.iter().skip(1).map(|&i| inputs[i]).collect();
+        if let StepKind::Op(op) = p.steps[step].kind.clone() {
+            // The combined step runs here, where every epilogue input exists;
+            // the reduction's operand existed already where it was.
+            let mut reduce = p.steps.remove(step);
+            reduce.kind = StepKind::Reduce { op, epilogue: fused };
+            reduce.inputs.extend(rest);
+            p.steps.push(reduce);
+            // The epilogue's result lives where the reduction wrote.
+            p.buffers[out.0 as usize].kind = BufKind::Alias(b);
+            return;
+        }
+    }
     p.steps.push(Step { kind: StepKind::Fused(fused), inputs, output: out });
 }
 

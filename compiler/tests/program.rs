@@ -43,6 +43,15 @@ fn execute(p: &Program, env: &Env<'_>) -> Vec<Tensor> {
             }
             StepKind::Op(op) => apply(op, &ins.iter().collect::<Vec<_>>(), &out_shape, env).expect("op runs"),
             StepKind::Broadcast => broadcast(&ins[0], &out_shape),
+            StepKind::Reduce { op, epilogue } => {
+                let n = op.arity();
+                let r = apply(op, &ins[..n].iter().collect::<Vec<_>>(), &out_shape, env).expect("reduction runs");
+                let mut refs: Vec<&[f64]> = vec![r.data.as_slice()];
+                refs.extend(ins[n..].iter().map(|t| t.data.as_slice()));
+                let mut o = vec![0.0; out_shape.iter().product()];
+                epilogue.eval_f64(&refs, &mut o);
+                Tensor::new(out_shape, o)
+            }
             StepKind::MatMul { trans_a, trans_b } => {
                 let t = |x: &Tensor, on: bool| {
                     if !on {
@@ -73,6 +82,8 @@ fn same_as_graph(src: &str, int_hi: f64) {
     assert!(fused > 0 && p.steps.len() < g.len(), "fusion should merge nodes: {} steps for {} nodes", p.steps.len(), g.len());
     let folded = p.steps.iter().filter(|s| matches!(s.kind, StepKind::MatMul { trans_a: true, .. } | StepKind::MatMul { trans_b: true, .. })).count();
     assert!(folded > 0, "backward matmuls read transposes in place");
+    let epilogues = p.steps.iter().filter(|s| matches!(s.kind, StepKind::Reduce { .. })).count();
+    assert!(epilogues > 0, "reductions carry their element-wise consumers");
     let mut seed = 11u64;
     let mut rnd = move || {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);

@@ -55,7 +55,7 @@ impl Executor {
         let mut kernels = Vec::with_capacity(program.steps.len());
         for s in &program.steps {
             kernels.push(match &s.kind {
-                StepKind::Fused(f) => Some(jit.compile(f)?),
+                StepKind::Fused(f) | StepKind::Reduce { epilogue: f, .. } => Some(jit.compile(f)?),
                 _ => None,
             });
         }
@@ -195,6 +195,12 @@ impl Executor {
                     run_fused(k, &ins, &mut out, f.rows, f.cols, self.threads)
                 }
                 (StepKind::Op(op), _) => ops::run(op, &args, &mut out, &out_shape, self.threads),
+                (StepKind::Reduce { op, .. }, Some(k)) => {
+                    let n = op.arity().min(args.len());
+                    let rest: Vec<&[f32]> = args[n..].iter().map(|a| if let Arg::F32(v) = a.data { v } else { &[][..] }).collect();
+                    ops::run(op, &args[..n], &mut out, &out_shape, self.threads).and_then(|()| k.run_in_place(&rest, &mut out))
+                }
+                (StepKind::Reduce { .. }, None) => Err(KernelError::Invalid(format!("step {si} was not compiled"))),
                 (StepKind::MatMul { trans_a, trans_b }, _) => match args.as_slice() {
                     [a, b] => ops::matmul(a, *trans_a, b, *trans_b, &mut out, &out_shape, self.threads),
                     _ => Err(KernelError::Invalid("matmul without two operands".into())),

@@ -348,6 +348,7 @@ fn print_profile(exec: &Executor, steps: u64) {
                 StepKind::Fused(f) => format!("fused {} ops [{} × {}]", f.body.len(), f.rows, f.cols),
                 StepKind::Op(op) => op.name(),
                 StepKind::Broadcast => "broadcast".into(),
+                StepKind::Reduce { op, epilogue } => format!("{} + {} ops", op.name(), epilogue.body.len()),
                 StepKind::MatMul { trans_a, trans_b } => format!("matmul{}{}", if *trans_a { " Aᵀ" } else { "" }, if *trans_b { " Bᵀ" } else { "" }),
             };
             let ins: Vec<String> = s.inputs.iter().map(|b| format!("{:?}", p.buffers[b.0 as usize].shape)).collect();

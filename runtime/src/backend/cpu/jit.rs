@@ -204,6 +204,47 @@ impl CompiledKernel {
         Ok(())
     }
 
+    /// Runs every row with `io` as both input 0 and the output: an
+    /// epilogue applied where a reduction left its result. Input 0 must be
+    /// read at the output's own index (row stride `cols`, column stride 1),
+    /// so each element is loaded before the store that replaces it and no
+    /// other element's store touches it. `rest` are inputs 1.. .
+    pub fn run_in_place(&self, rest: &[&[f32]], io: &mut [f32]) -> Result<(), KernelError> {
+        let total = self.rows * self.cols;
+        if io.len() != total || self.input_lens.first() != Some(&total) {
+            return Err(KernelError::Invalid(format!(
+                "in place: the buffer has {} elements and input 0 is read over {:?}; both must be the {} × {} output",
+                io.len(),
+                self.input_lens.first(),
+                self.rows,
+                self.cols
+            )));
+        }
+        if rest.len() + 1 != self.input_lens.len() {
+            return Err(KernelError::Invalid(format!("kernel takes {} inputs, got {}", self.input_lens.len(), rest.len() + 1)));
+        }
+        for (k, (x, &need)) in rest.iter().zip(&self.input_lens[1..]).enumerate() {
+            if x.len() < need {
+                return Err(KernelError::Invalid(format!("input {} has {} elements, the kernel reads {need}", k + 1, x.len())));
+            }
+        }
+        if total == 0 {
+            return Ok(());
+        }
+        let mut ptrs: Vec<*const f32> = Vec::with_capacity(rest.len() + 1);
+        ptrs.push(io.as_ptr());
+        ptrs.extend(rest.iter().map(|x| x.as_ptr()));
+        // SAFETY: as in `run_block`, every input is read within its checked
+        // length and the output is written within `io`. Input 0 and the
+        // output are the same memory, read and written at the same index
+        // (its length is the whole output, which with column stride 0 or 1
+        // only the output's own layout gives), and the code loads an element
+        // before it stores that element, so every element is read before it
+        // is replaced. `io` is borrowed uniquely for the call.
+        unsafe { (self.entry)(ptrs.as_ptr(), io.as_mut_ptr(), 0, self.rows) };
+        Ok(())
+    }
+
     fn check_range(&self, row_begin: usize, row_end: usize) -> Result<(), KernelError> {
         if row_begin > row_end || row_end > self.rows {
             return Err(KernelError::Invalid(format!("row range {row_begin}..{row_end} is not within 0..{}", self.rows)));

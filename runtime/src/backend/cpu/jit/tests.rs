@@ -769,3 +769,29 @@ fn bandwidth() {
         println!("{name}: jit {:.2} ns/element, std (libm, scalar) {:.2} ns/element", jit_s * 1e9 / n as f64, std_s * 1e9 / n as f64);
     }
 }
+
+/// An epilogue run in place over its input 0 gives what it gives out of
+/// place; a kernel whose input 0 is not read at the output's index is refused.
+#[test]
+fn in_place_epilogue_matches_out_of_place() {
+    let mut jit = Jit::new().expect("jit");
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(21));
+    for (rows, cols) in [(1, 1), (1, 17), (3, 5), (7, 64), (2, 1001)] {
+        // y = sqrt(x0 · c + x1) with x1 a per-column vector.
+        let body = vec![I::Load(0), I::Const(0.5), I::Binary(B::Mul, 0, 1), I::Load(1), I::Binary(B::Add, 2, 3), I::Unary(U::Sqrt, 4)];
+        let k = fused(rows, cols, &[(cols, 1), (0, 1)], body);
+        let x0: Vec<f32> = (0..rows * cols).map(|_| rng.uniform(0.0, 2.0)).collect();
+        let x1: Vec<f32> = (0..cols).map(|_| rng.uniform(0.0, 2.0)).collect();
+        let c = jit.compile(&k).expect("compiles");
+        let mut want = vec![0.0; rows * cols];
+        c.run(&[&x0, &x1], &mut want).expect("runs");
+        let mut io = x0.clone();
+        c.run_in_place(&[&x1], &mut io).expect("runs in place");
+        assert_eq!(io.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{rows} × {cols}");
+    }
+    // Input 0 broadcast along columns is not the output's layout.
+    let k = fused(3, 4, &[(1, 0)], vec![I::Load(0), I::Unary(U::Neg, 0)]);
+    let c = jit.compile(&k).expect("compiles");
+    let mut io = vec![1.0; 12];
+    assert!(matches!(c.run_in_place(&[], &mut io), Err(KernelError::Invalid(_))));
+}
