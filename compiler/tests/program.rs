@@ -6,11 +6,10 @@
 use shardplan_compiler::graph::{Hyper, Target};
 use shardplan_compiler::interp::{apply, broadcast, run, Env, Tensor};
 use shardplan_compiler::kernel::{lower, BufKind, Program, StepKind};
-use shardplan_compiler::{autodiff, check_source, graph};
+use shardplan_compiler::{autodiff, graph};
 
-fn shape(t: &shardplan_compiler::check::Ty) -> Vec<usize> {
-    t.shape.iter().map(|d| d.size as usize).collect()
-}
+mod common;
+use common::{shape, values, Rng};
 
 /// Runs `p` in f64; returns every buffer's value.
 fn execute(p: &Program, env: &Env<'_>) -> Vec<Tensor> {
@@ -74,8 +73,7 @@ fn execute(p: &Program, env: &Env<'_>) -> Vec<Tensor> {
 }
 
 fn same_as_graph(src: &str, int_hi: f64) {
-    let (c, d) = check_source(src.as_bytes());
-    let c = c.unwrap_or_else(|| panic!("{:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()));
+    let c = common::checked(src);
     let g = autodiff::differentiate(graph::build(&c), &c);
     let p = lower(&g);
     let fused = p.steps.iter().filter(|s| matches!(s.kind, StepKind::Fused(_))).count();
@@ -84,39 +82,15 @@ fn same_as_graph(src: &str, int_hi: f64) {
     assert!(folded > 0, "backward matmuls read transposes in place");
     let epilogues = p.steps.iter().filter(|s| matches!(s.kind, StepKind::Reduce { .. })).count();
     assert!(epilogues > 0, "reductions carry their element-wise consumers");
-    let mut seed = 11u64;
-    let mut rnd = move || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((seed >> 11) as f64) / ((1u64 << 53) as f64)
-    };
-    let params: Vec<Tensor> = c
-        .model
-        .params
-        .iter()
-        .map(|p| {
-            let s = shape(&p.ty);
-            let n = s.iter().product();
-            Tensor::new(s, (0..n).map(|_| rnd() - 0.5).collect())
-        })
-        .collect();
-    let inputs: Vec<Tensor> = c
-        .model
-        .inputs
-        .iter()
-        .map(|i| {
-            let s = shape(&i.ty);
-            let n = s.iter().product();
-            let data = if i.ty.dtype.is_float() { (0..n).map(|_| rnd() * 2.0 - 1.0).collect() } else { (0..n).map(|_| (rnd() * int_hi).floor()).collect() };
-            Tensor::new(s, data)
-        })
-        .collect();
+    let mut rng = Rng(11);
+    let (params, inputs) = values(&c, &mut rng, int_hi);
     let states: Vec<Tensor> = g
         .states
         .iter()
         .map(|s| {
             let sh = shape(&s.ty);
             let n = sh.iter().product();
-            Tensor::new(sh, (0..n).map(|_| rnd() * 0.01).collect())
+            Tensor::new(sh, (0..n).map(|_| rng.next() * 0.01).collect())
         })
         .collect();
     let hyper = |h: Hyper| match h {

@@ -16,11 +16,11 @@ struct JsonFile {
     summary: Option<Vec<(String, String)>>,
 }
 
-/// Reads and checks one plan file, printing its diagnostics (warnings
-/// included) to stderr. Returns the checked plan when it has no errors.
-pub fn load(path: &std::path::Path, color: bool) -> Option<Checked> {
+/// Reads and checks one plan file: its text (for rendering), what was
+/// established, and every diagnostic (an unreadable file is `io::read`).
+fn read_and_check(path: &std::path::Path) -> (Sources, Option<Checked>, Vec<Diagnostic>) {
     let name = path.display().to_string();
-    let (sources, checked, diags) = match std::fs::read(path) {
+    match std::fs::read(path) {
         Ok(bytes) => {
             let (checked, diags) = shardplan_compiler::check_source(&bytes);
             (Sources::new(&name, String::from_utf8_lossy(&bytes).into_owned()), checked, diags.into_vec())
@@ -31,15 +31,28 @@ pub fn load(path: &std::path::Path, color: bool) -> Option<Checked> {
                 .help("check the path and its permissions");
             (Sources::new(&name, String::new()), None, vec![d])
         }
-    };
-    for d in &diags {
-        eprint!("{}", render::human(d, &sources, color));
+    }
+}
+
+/// Prints diagnostics (warnings included) to stderr, and the error count
+/// when there are errors. Returns that count.
+fn report(name: &str, sources: &Sources, diags: &[Diagnostic], color: bool) -> usize {
+    for d in diags {
+        eprint!("{}", render::human(d, sources, color));
         eprintln!();
     }
     let errors = diags.iter().filter(|d| d.is_error()).count();
     if errors > 0 {
         eprintln!("{name}: {errors} error{}", if errors == 1 { "" } else { "s" });
     }
+    errors
+}
+
+/// Reads and checks one plan file, printing its diagnostics. Returns the
+/// checked plan when it has no errors.
+pub fn load(path: &std::path::Path, color: bool) -> Option<Checked> {
+    let (sources, checked, diags) = read_and_check(path);
+    let errors = report(&path.display().to_string(), &sources, &diags, color);
     checked.filter(|_| errors == 0)
 }
 
@@ -48,18 +61,7 @@ pub fn run(files: &[PathBuf], format: Format, color: bool) -> ExitCode {
     let mut json_out = Vec::new();
     for (i, path) in files.iter().enumerate() {
         let name = path.display().to_string();
-        let (sources, checked, diags) = match std::fs::read(path) {
-            Ok(bytes) => {
-                let (checked, diags) = shardplan_compiler::check_source(&bytes);
-                (Sources::new(&name, String::from_utf8_lossy(&bytes).into_owned()), checked, diags.into_vec())
-            }
-            Err(e) => {
-                let d = Diagnostic::error("io::read", format!("cannot read `{name}`: {e}"))
-                    .label(Span::new(SourceId::USER, 0, 0), "could not be read")
-                    .help("check the path and its permissions");
-                (Sources::new(&name, String::new()), None, vec![d])
-            }
-        };
+        let (sources, checked, diags) = read_and_check(path);
         let ok = checked.is_some() && !diags.iter().any(Diagnostic::is_error);
         failed |= !ok;
         match format {
@@ -70,26 +72,17 @@ pub fn run(files: &[PathBuf], format: Format, color: bool) -> ExitCode {
                 summary: checked.as_ref().filter(|_| ok).map(summary),
             }),
             Format::Human => {
-                for d in &diags {
-                    eprint!("{}", render::human(d, &sources, color));
-                    eprintln!();
-                }
+                report(&name, &sources, &diags, color);
                 if i > 0 {
                     println!();
                 }
-                match (&checked, ok) {
-                    (Some(c), true) => {
-                        println!("{name}: ok");
-                        let mut last = String::new();
-                        for (k, v) in summary(c) {
-                            let shown = if k == last { "" } else { k.as_str() };
-                            println!("  {shown:<10} {v}");
-                            last = k;
-                        }
-                    }
-                    _ => {
-                        let n = diags.iter().filter(|d| d.is_error()).count();
-                        eprintln!("{name}: {n} error{}", if n == 1 { "" } else { "s" });
+                if let (Some(c), true) = (&checked, ok) {
+                    println!("{name}: ok");
+                    let mut last = String::new();
+                    for (k, v) in summary(c) {
+                        let shown = if k == last { "" } else { k.as_str() };
+                        println!("  {shown:<10} {v}");
+                        last = k;
                     }
                 }
             }
