@@ -108,3 +108,23 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).expect("temp dir");
     d
 }
+
+#[test]
+fn inspect_prints_graph_and_kernels() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardplan"))
+        .args(["inspect", "examples/digits_mlp.plan", "--graph", "dot"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("runs");
+    let dot = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(dot.starts_with("digraph \"DigitsMlp\"") && dot.contains("param fc1.w") && dot.contains("assign fc1.w"), "{dot}");
+    let out = Command::new(env!("CARGO_BIN_EXE_shardplan"))
+        .args(["inspect", "examples/digits_mlp.plan", "--kernels", "clif"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("fused [") && text.contains("function %fused") && text.contains("f32x4"), "{text}");
+}

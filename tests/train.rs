@@ -121,3 +121,16 @@ fn bad_checkpoints_and_data_are_clear_errors() {
     assert!(!ok);
     assert!(err.contains("data::not_numeric") && err.contains("line 3"), "{err}");
 }
+
+#[test]
+fn metrics_as_csv_and_profile() {
+    let m = tmp("metrics.csv");
+    let (ok, out, err) = run(&["examples/digits_mlp.plan", "--steps", "5", "--metrics", m.to_str().expect("p"), "--profile"]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&m).expect("metrics written");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "step,epoch,loss,lr,samples_per_s,wall_s");
+    assert_eq!(lines.len(), 6);
+    assert!(lines[1].starts_with("1,1,"), "{}", lines[1]);
+    assert!(out.contains("profile:") && out.contains("matmul"), "{out}");
+}

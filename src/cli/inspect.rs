@@ -1,17 +1,43 @@
 //! `shardplan inspect FILE`: what the compiler makes of a plan.
 
 use super::check;
-use super::GraphFormat;
+use super::{GraphFormat, KernelFormat};
+use shardplan_compiler::kernel::{lower, StepKind};
 use shardplan_compiler::{autodiff, graph};
+use shardplan_runtime::backend::cpu::jit;
 use std::path::Path;
 use std::process::ExitCode;
 
-pub fn run(file: &Path, graph_format: Option<GraphFormat>, color: bool) -> ExitCode {
+pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<KernelFormat>, color: bool) -> ExitCode {
     let Some(c) = check::load(file, color) else { return ExitCode::from(1) };
     let g = autodiff::differentiate(graph::build(&c), &c);
     if let Err(e) = g.verify() {
         eprintln!("error: internal: the training graph is malformed ({e}); please report this with the plan file");
         return ExitCode::from(1);
+    }
+    if kernels == Some(KernelFormat::Clif) {
+        let p = lower(&g);
+        println!("{}: {} kernels, {} buffers", file.display(), p.steps.len(), p.buffers.len());
+        for (i, step) in p.steps.iter().enumerate() {
+            let shape = |b: &shardplan_compiler::kernel::BufId| format!("{:?}", p.buffers[b.0 as usize].shape);
+            let ins: Vec<String> = step.inputs.iter().map(shape).collect();
+            let (name, fused) = match &step.kind {
+                StepKind::Fused(f) => ("fused".to_string(), Some(f)),
+                StepKind::Reduce { op, epilogue } => (format!("{} with epilogue", op.name()), Some(epilogue)),
+                StepKind::Op(op) => (op.name(), None),
+                StepKind::Broadcast => ("broadcast".to_string(), None),
+                StepKind::MatMul { trans_a, trans_b } => (format!("matmul{}{}", if *trans_a { " Aᵀ" } else { "" }, if *trans_b { " Bᵀ" } else { "" }), None),
+            };
+            println!("\nk{i}: {name} {} → {}", ins.join(" "), shape(&step.output));
+            if let Some(f) = fused {
+                print!("{}", f.display());
+                match jit::clif(f) {
+                    Ok(text) => print!("{text}"),
+                    Err(e) => println!("  (no CLIF: {e})"),
+                }
+            }
+        }
+        return ExitCode::SUCCESS;
     }
     match graph_format {
         Some(GraphFormat::Dot) => print!("{}", graph::to_dot(&g, &c)),
@@ -21,7 +47,8 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, color: bool) -> ExitC
             println!("  nodes      {} forward, {} backward, {} update", count(graph::Role::Forward), count(graph::Role::Backward), count(graph::Role::Update));
             println!("  parameters {} with gradients", g.grads.len());
             println!("  optimizer  {} state tensors", g.states.len());
-            println!("  (use --graph dot for the whole graph)");
+            println!("  kernels    {} after fusion", lower(&g).steps.len());
+            println!("  (--graph dot prints the whole graph; --kernels clif the generated kernels)");
         }
     }
     ExitCode::SUCCESS

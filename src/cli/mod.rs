@@ -41,7 +41,16 @@ pub enum Command {
         /// Print the training graph (forward, backward and update) in this format.
         #[arg(long, value_enum)]
         graph: Option<GraphFormat>,
+        /// Print the generated kernels in this form.
+        #[arg(long, value_enum)]
+        kernels: Option<KernelFormat>,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KernelFormat {
+    /// The kernel program and, for each fused kernel, its cranelift IR.
+    Clif,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -71,7 +80,7 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     match cli.command {
         Command::Check { files, format } => check::run(&files, format, color),
-        Command::Inspect { file, graph } => inspect::run(&file, graph, color),
+        Command::Inspect { file, graph, kernels } => inspect::run(&file, graph, kernels, color),
         Command::Run(args) => run::run(&args, color),
     }
 }

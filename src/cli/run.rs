@@ -35,7 +35,8 @@ pub struct RunArgs {
     /// Seed for initialisation and data order (overrides the plan).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Write one JSON line per step: step, epoch, loss, lr, samples/s, wall time.
+    /// Write one line per step: step, epoch, loss, lr, samples/s, wall time
+    /// (JSON lines; CSV when FILE ends in .csv).
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
     /// Initial parameters (safetensors; names are the model's dotted paths).
@@ -227,6 +228,8 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
     let pb = if args.quiet { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(end), ProgressDrawTarget::stderr()) };
     pb.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     pb.set_position(start);
+    // Metrics are JSON lines, or CSV when the file is named `*.csv`.
+    let csv = args.metrics.as_ref().and_then(|p| p.extension()).is_some_and(|e| e.eq_ignore_ascii_case("csv"));
     let mut metrics = match &args.metrics {
         Some(p) => Some(
             AtomicFile::create(p)
@@ -234,6 +237,9 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
         ),
         None => None,
     };
+    if let (true, Some(m)) = (csv, metrics.as_mut()) {
+        m.line("step,epoch,loss,lr,samples_per_s,wall_s").map_err(|e| fail("run::metrics", format!("cannot write metrics: {e}"), "check the disk"))?;
+    }
     let loop_start = Instant::now();
     let mut last_loss = f32::NAN;
     let mut recent: Vec<f32> = Vec::new();
@@ -274,9 +280,13 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
         let elapsed = loop_start.elapsed().as_secs_f64();
         let sps = ((step + 1 - start) as f64 * batch as f64) / elapsed.max(1e-9);
         if let Some(m) = metrics.as_mut() {
-            let line =
-                serde_json::json!({"step": step + 1, "epoch": epoch + 1, "loss": loss, "lr": lr, "samples_per_s": sps, "wall_s": t0.elapsed().as_secs_f64()});
-            m.line(&line.to_string()).map_err(|e| fail("run::metrics", format!("cannot write metrics: {e}"), "check the disk"))?;
+            let wall = t0.elapsed().as_secs_f64();
+            let line = if csv {
+                format!("{},{},{loss},{lr},{sps},{wall}", step + 1, epoch + 1)
+            } else {
+                serde_json::json!({"step": step + 1, "epoch": epoch + 1, "loss": loss, "lr": lr, "samples_per_s": sps, "wall_s": wall}).to_string()
+            };
+            m.line(&line).map_err(|e| fail("run::metrics", format!("cannot write metrics: {e}"), "check the disk"))?;
         }
         pb.set_message(format!("epoch {} | loss {loss:.4} | {sps:.0} samples/s", epoch + 1));
         pb.inc(1);
