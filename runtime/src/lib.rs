@@ -7,5 +7,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod collectives;
 pub mod data;
 pub mod exec;
+pub mod transport;

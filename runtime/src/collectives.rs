@@ -1,0 +1,453 @@
+//! Collectives over the transport: all-reduce, reduce-scatter, all-gather, broadcast.
+//!
+//! Input: every member of `group` calls the same function with the same `group`,
+//! `tag` and lengths, each with its own data; `group` lists member ranks in ring
+//! order. Output: the collective's result in each member's buffer, or the first
+//! `TransportError` (which also fails the fabric, so no member hangs).
+//! Invariants:
+//! - chunk layout: `len` elements split into `n` contiguous chunks, the first
+//!   `len % n` of them one element longer; member at position `i` of `group` owns chunk `i`;
+//! - sums follow the ring: chunk `c` starts at the member after `c` and each next
+//!   member adds its own part to the running sum it received, so the reduction order, and
+//!   therefore every bit of the result, is the same on every run and every member;
+//! - ring algorithms move about `2 (n-1)/n * len` elements per member, never `n * len`;
+//! - message `k` of a collective carries sequence number `tag.seq + k` and kind
+//!   `tag.name`, so a peer running a different instruction is reported at once;
+//! - a group of one is a no-op (beyond copying into `out`).
+
+use std::ops::Range;
+
+use crate::transport::{Endpoint, Header, Message, TransportError};
+
+/// Identifies one collective instruction on the wire.
+#[derive(Debug, Clone)]
+pub struct Tag {
+    /// Hash of the plan being run.
+    pub plan: u64,
+    /// Instruction id of the collective.
+    pub instr: u32,
+    /// First sequence number the collective's messages use.
+    pub seq: u64,
+    /// Kind named in errors, e.g. `all-reduce(data)`.
+    pub name: String,
+}
+
+/// Elements `[start, end)` of chunk `i` when `len` elements are split `n` ways.
+pub fn chunk_range(len: usize, n: usize, i: usize) -> Range<usize> {
+    if n == 0 {
+        return 0..0;
+    }
+    let (base, rem) = (len / n, len % n);
+    let start = i * base + i.min(rem);
+    start..start + base + usize::from(i < rem)
+}
+
+/// Sums `data` across `group`; every member ends with the same bits.
+pub fn all_reduce(ep: &Endpoint, group: &[usize], tag: &Tag, data: &mut [f32]) -> Result<(), TransportError> {
+    let ring = Ring::new(ep, group, tag)?;
+    if ring.n() == 1 {
+        return Ok(());
+    }
+    ring.reduce_scatter(data, 0)?;
+    ring.all_gather(data, ring.n() as u64 - 1)
+}
+
+/// Member `i` of `group` gets in `out` the sum over members of chunk `i` of `data`.
+pub fn reduce_scatter(ep: &Endpoint, group: &[usize], tag: &Tag, data: &[f32], out: &mut Vec<f32>) -> Result<(), TransportError> {
+    let ring = Ring::new(ep, group, tag)?;
+    let mut work = data.to_vec();
+    if ring.n() > 1 {
+        ring.reduce_scatter(&mut work, 0)?;
+    }
+    out.clear();
+    out.extend_from_slice(&work[chunk_range(data.len(), ring.n(), ring.pos)]);
+    Ok(())
+}
+
+/// Concatenates every member's chunk `mine` into `out` (`total_len` elements, layout as above).
+pub fn all_gather(ep: &Endpoint, group: &[usize], tag: &Tag, mine: &[f32], total_len: usize, out: &mut [f32]) -> Result<(), TransportError> {
+    let ring = Ring::new(ep, group, tag)?;
+    let own = chunk_range(total_len, ring.n(), ring.pos);
+    if out.len() != total_len || mine.len() != own.len() {
+        return Err(ring.malformed(format!(
+            "all-gather of {total_len} elements needs an output of {total_len} and a chunk of {}, got {} and {}",
+            own.len(),
+            out.len(),
+            mine.len()
+        )));
+    }
+    out[own].copy_from_slice(mine);
+    if ring.n() == 1 {
+        return Ok(());
+    }
+    ring.all_gather(out, 0)
+}
+
+/// Copies `data` of the member with rank `root` to every member of `group`:
+/// the root scatters one chunk to each member, then a ring all-gather.
+pub fn broadcast(ep: &Endpoint, group: &[usize], root: usize, tag: &Tag, data: &mut [f32]) -> Result<(), TransportError> {
+    let ring = Ring::new(ep, group, tag)?;
+    let n = ring.n();
+    let Some(root_pos) = group.iter().position(|&r| r == root) else {
+        return Err(ring.malformed(format!("broadcast root {root} is not in group {group:?}")));
+    };
+    if n == 1 {
+        return Ok(());
+    }
+    let len = data.len();
+    if ring.pos == root_pos {
+        for (i, &member) in group.iter().enumerate().filter(|&(i, _)| i != root_pos) {
+            let chunk = data[chunk_range(len, n, i)].to_vec();
+            ep.send(member, Message { header: ring.header(i as u64), data: chunk })?;
+        }
+    } else {
+        let got = ep.recv(root, &ring.header(ring.pos as u64))?;
+        let own = chunk_range(len, n, ring.pos);
+        if got.len() != own.len() {
+            return Err(ring.wrong_length(own.len(), got.len()));
+        }
+        data[own].copy_from_slice(&got);
+    }
+    ring.all_gather(data, n as u64)
+}
+
+/// One member's view of a ring collective.
+struct Ring<'a> {
+    ep: &'a Endpoint,
+    group: &'a [usize],
+    tag: &'a Tag,
+    /// This member's position in `group`.
+    pos: usize,
+}
+
+impl<'a> Ring<'a> {
+    fn new(ep: &'a Endpoint, group: &'a [usize], tag: &'a Tag) -> Result<Self, TransportError> {
+        let malformed = |reason: String| TransportError::Malformed { device: ep.rank(), instr: tag.instr, reason };
+        let Some(pos) = group.iter().position(|&r| r == ep.rank()) else {
+            return Err(malformed(format!("{} called on a device outside its group {group:?}", tag.name)));
+        };
+        if group.iter().enumerate().any(|(i, r)| group[..i].contains(r)) {
+            return Err(malformed(format!("{} group {group:?} names a device twice", tag.name)));
+        }
+        Ok(Ring { ep, group, tag, pos })
+    }
+
+    fn n(&self) -> usize {
+        self.group.len()
+    }
+
+    /// The member `k` places after this one in the ring (`k` may be negative).
+    fn member(&self, k: isize) -> usize {
+        let n = self.n() as isize;
+        self.group[(self.pos as isize + k).rem_euclid(n) as usize]
+    }
+
+    /// Chunk index `k` places after this member's own.
+    fn chunk(&self, k: isize) -> usize {
+        (self.pos as isize + k).rem_euclid(self.n() as isize) as usize
+    }
+
+    fn header(&self, step: u64) -> Header {
+        Header { plan: self.tag.plan, instr: self.tag.instr, seq: self.tag.seq.wrapping_add(step), kind: self.tag.name.clone() }
+    }
+
+    fn malformed(&self, reason: String) -> TransportError {
+        TransportError::Malformed { device: self.ep.rank(), instr: self.tag.instr, reason }
+    }
+
+    fn wrong_length(&self, expected: usize, got: usize) -> TransportError {
+        let err = self.malformed(format!("{} expected {expected} elements but received {got}", self.tag.name));
+        self.ep.abort(&err.to_string());
+        err
+    }
+
+    /// Sends one chunk right and receives one from the left, as step `step` of the collective.
+    fn shift(&self, buf: &[f32], send: usize, recv_len: usize, step: u64) -> Result<Vec<f32>, TransportError> {
+        let len = buf.len();
+        let data = buf[chunk_range(len, self.n(), send)].to_vec();
+        self.ep.send(self.member(1), Message { header: self.header(step), data })?;
+        let got = self.ep.recv(self.member(-1), &self.header(step))?;
+        if got.len() != recv_len {
+            return Err(self.wrong_length(recv_len, got.len()));
+        }
+        Ok(got)
+    }
+
+    /// Leaves in chunk `pos` of `buf` the sum of that chunk over the group (other chunks partial).
+    fn reduce_scatter(&self, buf: &mut [f32], first_step: u64) -> Result<(), TransportError> {
+        let (len, n) = (buf.len(), self.n());
+        for s in 0..n - 1 {
+            let send = self.chunk(-(s as isize) - 1);
+            let recv = chunk_range(len, n, self.chunk(-(s as isize) - 2));
+            let got = self.shift(buf, send, recv.len(), first_step + s as u64)?;
+            for (acc, x) in buf[recv].iter_mut().zip(got) {
+                *acc += x;
+            }
+        }
+        Ok(())
+    }
+
+    /// Given chunk `pos` of `buf` complete on every member, fills in every other chunk.
+    fn all_gather(&self, buf: &mut [f32], first_step: u64) -> Result<(), TransportError> {
+        let (len, n) = (buf.len(), self.n());
+        for s in 0..n - 1 {
+            let send = self.chunk(-(s as isize));
+            let recv = chunk_range(len, n, self.chunk(-(s as isize) - 1));
+            let got = self.shift(buf, send, recv.len(), first_step + s as u64)?;
+            buf[recv].copy_from_slice(&got);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::transport::Fabric;
+
+    const SIZES: [usize; 4] = [2, 3, 4, 8];
+    const LENGTHS: [usize; 5] = [0, 1, 7, 1001, 4096 + 3];
+
+    fn tag(name: &str) -> Tag {
+        Tag { plan: 0x5eed, instr: 417, seq: 0, name: name.to_string() }
+    }
+
+    /// Input of device `rank`: distinct, non-integer values so rounding order matters.
+    fn input(rank: usize, len: usize) -> Vec<f32> {
+        (0..len).map(|i| ((rank * 7919 + i * 104_729) % 1000) as f32 * 0.013 - 6.1 + 1.0 / (i + rank + 3) as f32).collect()
+    }
+
+    fn naive_sum(ranks: &[usize], len: usize) -> Vec<f64> {
+        let mut sum = vec![0.0f64; len];
+        for &r in ranks {
+            for (acc, x) in sum.iter_mut().zip(input(r, len)) {
+                *acc += f64::from(x);
+            }
+        }
+        sum
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let err = (f64::from(g) - w).abs();
+            assert!(err <= 1e-5 * w.abs().max(1.0), "{what}: element {i}: got {g}, want {w}");
+        }
+    }
+
+    /// Runs `f` on one thread per device of an `n`-device fabric; results by rank.
+    fn on_devices<T: Send>(n: usize, f: impl Fn(&Endpoint) -> Result<T, TransportError> + Sync) -> Vec<Result<T, TransportError>> {
+        let eps = Fabric::new(n);
+        std::thread::scope(|s| {
+            let f = &f;
+            let handles: Vec<_> = eps.into_iter().map(|ep| s.spawn(move || f(&ep))).collect();
+            handles.into_iter().map(|h| h.join().expect("device thread does not panic")).collect()
+        })
+    }
+
+    fn all_ok<T>(results: Vec<Result<T, TransportError>>) -> Vec<T> {
+        results.into_iter().map(|r| r.expect("collective succeeds")).collect()
+    }
+
+    fn run_all_reduce(n: usize, group: &[usize], len: usize) -> Vec<Option<Vec<f32>>> {
+        all_ok(on_devices(n, |ep| {
+            if !group.contains(&ep.rank()) {
+                return Ok(None);
+            }
+            let mut data = input(ep.rank(), len);
+            all_reduce(ep, group, &tag("all-reduce(data)"), &mut data)?;
+            Ok(Some(data))
+        }))
+    }
+
+    #[test]
+    fn collectives_all_reduce_matches_naive_sum() {
+        for n in SIZES {
+            let group: Vec<usize> = (0..n).collect();
+            for len in LENGTHS {
+                let want = naive_sum(&group, len);
+                let results = run_all_reduce(n, &group, len);
+                let first = results[0].clone().expect("member");
+                for (rank, got) in results.into_iter().enumerate() {
+                    let got = got.expect("member");
+                    assert_close(&got, &want, &format!("all-reduce n={n} len={len} rank={rank}"));
+                    // Every member holds the same bits, not merely close values.
+                    assert!(got.iter().zip(&first).all(|(a, b)| a.to_bits() == b.to_bits()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn collectives_all_reduce_is_bit_identical_across_runs() {
+        for n in SIZES {
+            let group: Vec<usize> = (0..n).collect();
+            let bits = |r: Vec<Option<Vec<f32>>>| -> Vec<Vec<u32>> { r.into_iter().flatten().map(|v| v.iter().map(|x| x.to_bits()).collect()).collect() };
+            let a = bits(run_all_reduce(n, &group, 4096 + 3));
+            let b = bits(run_all_reduce(n, &group, 4096 + 3));
+            assert_eq!(a, b, "n={n}");
+        }
+    }
+
+    #[test]
+    fn collectives_reduce_scatter_matches_naive_sum() {
+        for n in SIZES {
+            let group: Vec<usize> = (0..n).collect();
+            for len in LENGTHS {
+                let want = naive_sum(&group, len);
+                let results = all_ok(on_devices(n, |ep| {
+                    let mut out = vec![1.0; 3];
+                    reduce_scatter(ep, &group, &tag("reduce-scatter(data)"), &input(ep.rank(), len), &mut out)?;
+                    Ok(out)
+                }));
+                for (rank, got) in results.into_iter().enumerate() {
+                    let want = &want[chunk_range(len, n, rank)];
+                    assert_close(&got, want, &format!("reduce-scatter n={n} len={len} rank={rank}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn collectives_all_gather_concatenates_chunks() {
+        for n in SIZES {
+            let group: Vec<usize> = (0..n).collect();
+            for len in LENGTHS {
+                let full = input(99, len);
+                let results = all_ok(on_devices(n, |ep| {
+                    let mine = &full[chunk_range(len, n, ep.rank())];
+                    let mut out = vec![f32::NAN; len];
+                    all_gather(ep, &group, &tag("all-gather(data)"), mine, len, &mut out)?;
+                    Ok(out)
+                }));
+                for got in results {
+                    assert_eq!(got, full, "all-gather n={n} len={len}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn collectives_broadcast_from_zero_and_nonzero_root() {
+        for n in SIZES {
+            let group: Vec<usize> = (0..n).collect();
+            for root in [0, n - 1] {
+                for len in LENGTHS {
+                    let results = all_ok(on_devices(n, |ep| {
+                        let mut data = input(ep.rank(), len);
+                        broadcast(ep, &group, root, &tag("broadcast(data)"), &mut data)?;
+                        Ok(data)
+                    }));
+                    for got in results {
+                        assert_eq!(got, input(root, len), "broadcast n={n} root={root} len={len}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn collectives_sub_group_runs_while_others_idle() {
+        let group = [3, 1];
+        for len in LENGTHS {
+            let want = naive_sum(&group, len);
+            let results = run_all_reduce(4, &group, len);
+            assert!(results[0].is_none() && results[2].is_none());
+            for rank in group {
+                let got = results[rank].clone().expect("member");
+                assert_close(&got, &want, &format!("sub-group len={len} rank={rank}"));
+            }
+        }
+        // Broadcast within the sub-group from its non-first member.
+        let results = all_ok(on_devices(4, |ep| {
+            if !group.contains(&ep.rank()) {
+                return Ok(None);
+            }
+            let mut data = input(ep.rank(), 9);
+            broadcast(ep, &group, 1, &tag("broadcast(data)"), &mut data)?;
+            Ok(Some(data))
+        }));
+        assert_eq!(results[3], Some(input(1, 9)));
+    }
+
+    #[test]
+    fn collectives_group_of_one_is_a_no_op() {
+        let eps = Fabric::new(1);
+        let mut data = input(0, 5);
+        all_reduce(&eps[0], &[0], &tag("all-reduce(data)"), &mut data).expect("no-op");
+        assert_eq!(data, input(0, 5));
+        let mut out = Vec::new();
+        reduce_scatter(&eps[0], &[0], &tag("reduce-scatter(data)"), &data, &mut out).expect("no-op");
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn collectives_mismatched_kind_is_reported() {
+        let results = on_devices(2, |ep| {
+            if ep.rank() == 0 {
+                let header = Header { plan: 0x5eed, instr: 417, seq: 0, kind: "send(pipe)".to_string() };
+                ep.send(1, Message { header, data: vec![1.0] })?;
+                // Waits for a reply that never comes: the mismatch on device 1 stops it.
+                let expect = Header { plan: 0x5eed, instr: 418, seq: 0, kind: "recv(pipe)".to_string() };
+                ep.recv(1, &expect).map(|_| ())
+            } else {
+                let mut data = vec![2.0];
+                all_reduce(ep, &[0, 1], &tag("all-reduce(model)"), &mut data)
+            }
+        });
+        match &results[1] {
+            Err(err @ TransportError::Mismatch { .. }) => {
+                assert_eq!(err.to_string(), "device 1 at instruction 417 expected all-reduce(model) but received send(pipe)")
+            }
+            other => panic!("expected a mismatch on device 1, got {other:?}"),
+        }
+        // Device 0 stops too: either it reads device 1's all-reduce message first (its own
+        // mismatch) or it sees the fabric failed by device 1.
+        assert!(matches!(results[0], Err(TransportError::Aborted { device: 0, by: 1, .. } | TransportError::Mismatch { device: 0, .. })), "{:?}", results[0]);
+    }
+
+    #[test]
+    fn collectives_abort_stops_every_device_quickly() {
+        let group = [0, 1, 2, 3];
+        let start = Instant::now();
+        let results = on_devices(4, |ep| {
+            if ep.rank() == 2 {
+                ep.abort("injected fault");
+                return Ok(Duration::ZERO);
+            }
+            let mut data = input(ep.rank(), 1001);
+            all_reduce(ep, &group, &tag("all-reduce(data)"), &mut data)?;
+            Ok(start.elapsed())
+        });
+        assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
+        for (rank, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(_) if rank == 2 => {}
+                Err(TransportError::Aborted { device, by: 2, reason }) => {
+                    assert_eq!((device, reason.as_str()), (rank, "injected fault"));
+                }
+                other => panic!("device {rank}: expected Aborted by device 2, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn collectives_reject_outsiders_and_bad_lengths() {
+        let eps = Fabric::new(3);
+        let mut data = vec![0.0; 4];
+        let err = all_reduce(&eps[2], &[0, 1], &tag("all-reduce(data)"), &mut data).expect_err("outsider");
+        assert!(matches!(err, TransportError::Malformed { device: 2, instr: 417, .. }), "{err:?}");
+        let mut out = vec![0.0; 4];
+        let err = all_gather(&eps[0], &[0, 1], &tag("all-gather(data)"), &[1.0], 4, &mut out).expect_err("length");
+        assert!(matches!(err, TransportError::Malformed { device: 0, .. }), "{err:?}");
+    }
+
+    #[test]
+    fn collectives_uneven_chunks_put_extra_elements_first() {
+        let sizes: Vec<usize> = (0..4).map(|i| chunk_range(10, 4, i).len()).collect();
+        assert_eq!(sizes, [3, 3, 2, 2]);
+        assert_eq!(chunk_range(10, 4, 3), 8..10);
+    }
+}
