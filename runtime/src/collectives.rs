@@ -389,9 +389,12 @@ mod tests {
             if ep.rank() == 0 {
                 let header = Header { plan: 0x5eed, instr: 417, seq: 0, kind: "send(pipe)".to_string() };
                 ep.send(1, Message { header, data: vec![1.0] })?;
-                // Waits for a reply that never comes: the mismatch on device 1 stops it.
-                let expect = Header { plan: 0x5eed, instr: 418, seq: 0, kind: "recv(pipe)".to_string() };
-                ep.recv(1, &expect).map(|_| ())
+                // Takes device 1's first all-reduce message as that message, so
+                // device 0 neither reports a mismatch of its own (which could
+                // race with device 1's) nor leaves before device 1 has sent.
+                let t = tag("all-reduce(model)");
+                let first = Header { plan: t.plan, instr: t.instr, seq: t.seq, kind: t.name };
+                ep.recv(1, &first).map(|_| ())
             } else {
                 let mut data = vec![2.0];
                 all_reduce(ep, &[0, 1], &tag("all-reduce(model)"), &mut data)
@@ -403,9 +406,8 @@ mod tests {
             }
             other => panic!("expected a mismatch on device 1, got {other:?}"),
         }
-        // Device 0 stops too: either it reads device 1's all-reduce message first (its own
-        // mismatch) or it sees the fabric failed by device 1.
-        assert!(matches!(results[0], Err(TransportError::Aborted { device: 0, by: 1, .. } | TransportError::Mismatch { device: 0, .. })), "{:?}", results[0]);
+        // Device 0 either took the message before device 1 failed, or saw the fabric failed by it.
+        assert!(matches!(results[0], Ok(()) | Err(TransportError::Aborted { device: 0, by: 1, .. })), "{:?}", results[0]);
     }
 
     #[test]
