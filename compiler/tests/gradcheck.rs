@@ -65,23 +65,7 @@ train { batch: 4, steps: 1, optimizer: sgd(lr: 0.1) }
 
 #[test]
 fn transformer_gradients_match_finite_differences() {
-    grad_check(
-        r#"
-model Gpt {
-  input tokens: i32[batch, seq]
-  input targets: i32[batch, seq]
-  layer embed = Embedding(11, 8)
-  layer pos = PositionalEmbedding(seq, 8)
-  layer blocks = repeat 2 Block(8, 2)
-  layer ln = LayerNorm(8)
-  layer head = Linear(8, 11)
-  loss cross_entropy(head(ln(blocks(pos(embed(tokens))))), targets)
-}
-data corpus = text("t.txt")
-train { batch: 2, seq: 5, steps: 1, optimizer: adamw(lr: 0.001) }
-"#,
-        11.0,
-    );
+    grad_check(&common::tiny_gpt("adamw(lr: 0.001)", ""), 11.0);
 }
 
 /// One step of each optimizer on `loss = cross_entropy(x @ w, label)`, against the update

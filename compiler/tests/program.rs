@@ -140,21 +140,5 @@ train { batch: 4, steps: 1, optimizer: sgd(lr: 0.1, momentum: 0.9, nesterov: tru
 
 #[test]
 fn transformer_program_matches_graph() {
-    same_as_graph(
-        r#"
-model Gpt {
-  input tokens: i32[batch, seq]
-  input targets: i32[batch, seq]
-  layer embed = Embedding(11, 8)
-  layer pos = PositionalEmbedding(seq, 8)
-  layer blocks = repeat 2 Block(8, 2)
-  layer ln = LayerNorm(8)
-  layer head = Linear(8, 11)
-  loss cross_entropy(head(ln(blocks(pos(embed(tokens))))), targets)
-}
-data corpus = text("t.txt")
-train { batch: 2, seq: 5, steps: 1, optimizer: adamw(lr: 0.001), clip_grad_norm: 1.0 }
-"#,
-        11.0,
-    );
+    same_as_graph(&common::tiny_gpt("adamw(lr: 0.001)", ", clip_grad_norm: 1.0"), 11.0);
 }

@@ -54,3 +54,24 @@ pub fn values(c: &Checked, rng: &mut Rng, int_hi: f64) -> (Vec<Tensor>, Vec<Tens
         .collect();
     (params, inputs)
 }
+
+/// A 2-block decoder over an 11-token vocabulary (batch 2, seq 5), trained
+/// with `optimizer`; `extra` adds train settings.
+pub fn tiny_gpt(optimizer: &str, extra: &str) -> String {
+    format!(
+        r#"
+model Gpt {{
+  input tokens: i32[batch, seq]
+  input targets: i32[batch, seq]
+  layer embed = Embedding(11, 8)
+  layer pos = PositionalEmbedding(seq, 8)
+  layer blocks = repeat 2 Block(8, 2)
+  layer ln = LayerNorm(8)
+  layer head = Linear(8, 11)
+  loss cross_entropy(head(ln(blocks(pos(embed(tokens))))), targets)
+}}
+data corpus = text("t.txt")
+train {{ batch: 2, seq: 5, steps: 1, optimizer: {optimizer}{extra} }}
+"#
+    )
+}
