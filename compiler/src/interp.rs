@@ -155,8 +155,31 @@ pub fn apply(op: &Op, a: &[&Tensor], out: &[usize], env: &Env<'_>) -> Result<Ten
             let dl = a[2].data[0];
             map(&zip(&a[0].shape, a[0], a[1], |p, t| p - t), |d| 2.0 * d / n * dl)
         }
-        Op::Assign(_) => a[0].clone(),
+        Op::Assign(_) | Op::Accumulate(_) => a[0].clone(),
+        Op::Slice { dim, start } => slice(a[0], *dim, *start, &out),
+        Op::Pack { .. } => Tensor::new(out, a.iter().flat_map(|t| t.data.iter().copied()).collect()),
+        Op::Unpack { offset } => {
+            let n: usize = out.iter().product();
+            let data = a[0].data.get(*offset..offset + n).ok_or_else(|| format!("unpack of {n} at {offset} from {} elements", a[0].len()))?;
+            Tensor::new(out, data.to_vec())
+        }
+        Op::AllReduce { .. } | Op::AllGather { .. } | Op::Send { .. } | Op::Recv { .. } | Op::Accumulated(_) => {
+            return Err(format!("{} runs only in a device program", op.name()))
+        }
     })
+}
+
+/// The part of `x` starting at `start` along `dim`, of shape `out`.
+pub fn slice(x: &Tensor, dim: usize, start: usize, out: &[usize]) -> Tensor {
+    let outer: usize = out[..dim].iter().product();
+    let inner: usize = out[dim + 1..].iter().product();
+    let (len, full) = (out[dim], x.shape[dim]);
+    let mut data = Vec::with_capacity(outer * len * inner);
+    for o in 0..outer {
+        let base = (o * full + start) * inner;
+        data.extend_from_slice(&x.data[base..base + len * inner]);
+    }
+    Tensor::new(out.to_vec(), data)
 }
 
 /// GELU, tanh approximation (as GPT-2 and PyTorch's `approximate="tanh"`).

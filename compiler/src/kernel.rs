@@ -13,21 +13,22 @@
 //! along rows (a bias) or along columns (a kept-dim reduction). Inputs
 //! broadcast in other ways are first expanded by a `Broadcast` step.
 
-use crate::graph::{Graph, Hyper, NodeId, Op, Target};
+use crate::graph::{Graph, Hyper, NodeId, Op, Role, Target};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 /// A buffer of the program (dense index).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct BufId(pub u32);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Elem {
     F32,
     I32,
 }
 
 /// Where a buffer's contents come from.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum BufKind {
     /// A batch tensor, set before each step.
     Input(usize),
@@ -39,9 +40,12 @@ pub enum BufKind {
     Temp,
     /// Shares the memory of another buffer (a reshape).
     Alias(BufId),
+    /// Gradient accumulator `k` of a device program: zeroed at the start of
+    /// each step, summed into by every microbatch's backward pass.
+    Accum(usize),
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Buffer {
     pub kind: BufKind,
     pub elem: Elem,
@@ -61,7 +65,7 @@ impl Buffer {
 }
 
 /// Unary element-wise operations of a fused body.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Unary {
     Neg,
     Relu,
@@ -76,7 +80,7 @@ pub enum Unary {
 }
 
 /// Binary element-wise operations of a fused body.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Binary {
     Add,
     Sub,
@@ -89,7 +93,7 @@ pub enum Binary {
 }
 
 /// One instruction of a fused body; operands index earlier instructions.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Inst {
     /// Element of fused input `k`.
     Load(usize),
@@ -99,7 +103,7 @@ pub enum Inst {
 }
 
 /// A fused element-wise kernel. The last instruction is stored to the output.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Fused {
     pub rows: usize,
     pub cols: usize,
@@ -192,7 +196,7 @@ pub fn binary(b: Binary, x: f64, y: f64) -> f64 {
 }
 
 /// What a step does.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum StepKind {
     Fused(Fused),
     /// A library kernel for this graph op (never element-wise, never Reshape).
@@ -215,15 +219,18 @@ pub enum StepKind {
     },
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Step {
     pub kind: StepKind,
+    /// The part of the step it belongs to: a device program runs forward and
+    /// backward once per microbatch and the update once per step.
+    pub role: Role,
     pub inputs: Vec<BufId>,
     pub output: BufId,
 }
 
 /// The program of one training step.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Program {
     pub buffers: Vec<Buffer>,
     pub steps: Vec<Step>,
@@ -299,7 +306,7 @@ pub fn lower_keeping(g: &Graph, keep: &[NodeId]) -> (Program, Vec<BufId>) {
             return None;
         }
         match users[id.0 as usize].as_slice() {
-            [u] if elementwise(&g.node(*u).op).is_some() && dims(g, *u) == dims(g, id) => Some(*u),
+            [u] if elementwise(&g.node(*u).op).is_some() && dims(g, *u) == dims(g, id) && g.node(*u).role == node.role => Some(*u),
             _ => None,
         }
     };
@@ -339,6 +346,7 @@ pub fn lower_keeping(g: &Graph, keep: &[NodeId]) -> (Program, Vec<BufId>) {
             Op::State(i) => new_buf(&mut p, BufKind::State(*i), elem, shape, id),
             Op::Hyper(h) => new_buf(&mut p, BufKind::Hyper(*h), elem, shape, id),
             Op::Const(c) => new_buf(&mut p, BufKind::Const(*c), elem, shape, id),
+            Op::Accumulated(k) => new_buf(&mut p, BufKind::Accum(*k), elem, shape, id),
             Op::Reshape => {
                 let src = buf_of.get(&args[0]).copied().unwrap_or(BufId(0));
                 new_buf(&mut p, BufKind::Alias(src), elem, shape, id)
@@ -363,7 +371,7 @@ pub fn lower_keeping(g: &Graph, keep: &[NodeId]) -> (Program, Vec<BufId>) {
                         inputs.push(buf_of.get(a).copied().unwrap_or(BufId(0)));
                     }
                 }
-                p.steps.push(Step { kind: StepKind::MatMul { trans_a: trans[0], trans_b: trans[1] }, inputs, output: out });
+                p.steps.push(Step { kind: StepKind::MatMul { trans_a: trans[0], trans_b: trans[1] }, role: node.role, inputs, output: out });
                 out
             }
             op if elementwise(op).is_some() => {
@@ -372,14 +380,14 @@ pub fn lower_keeping(g: &Graph, keep: &[NodeId]) -> (Program, Vec<BufId>) {
                 }
                 let out = new_buf(&mut p, BufKind::Temp, Elem::F32, shape.clone(), id);
                 // A reduction read by nothing else becomes this kernel's prologue.
-                let absorbable = |n: NodeId| users[n.0 as usize].len() == 1 && !needed[n.0 as usize];
+                let absorbable = |n: NodeId| users[n.0 as usize].len() == 1 && !needed[n.0 as usize] && g.node(n).role == node.role;
                 fuse(g, id, &shape, &buf_of, &fused_into, &absorbable, &mut p, out);
                 out
             }
             op => {
                 let out = new_buf(&mut p, BufKind::Temp, elem, shape, id);
                 let inputs = args.iter().map(|a| buf_of.get(a).copied().unwrap_or(BufId(0))).collect();
-                p.steps.push(Step { kind: StepKind::Op(op.clone()), inputs, output: out });
+                p.steps.push(Step { kind: StepKind::Op(op.clone()), role: node.role, inputs, output: out });
                 out
             }
         };
@@ -478,7 +486,7 @@ fn fuse(
                         let node = p.buffers[src.0 as usize].node;
                         let b = BufId(p.buffers.len() as u32);
                         p.buffers.push(Buffer { kind: BufKind::Temp, elem: Elem::F32, shape: shape.to_vec(), node });
-                        p.steps.push(Step { kind: StepKind::Broadcast, inputs: vec![src], output: b });
+                        p.steps.push(Step { kind: StepKind::Broadcast, role: g.node(root).role, inputs: vec![src], output: b });
                         inputs[i] = b;
                         let cols: usize = shape[k..].iter().product();
                         st.push((cols, 1));
@@ -550,7 +558,7 @@ fn fuse(
             return;
         }
     }
-    p.steps.push(Step { kind: StepKind::Fused(fused), inputs, output: out });
+    p.steps.push(Step { kind: StepKind::Fused(fused), role: g.node(root).role, inputs, output: out });
 }
 
 /// (row stride, col stride) of an input of shape `s` broadcast to `out`,

@@ -9,6 +9,7 @@ pub mod autodiff;
 pub mod check;
 pub mod diag;
 pub mod graph;
+pub mod partition;
 pub mod interp;
 pub mod kernel;
 pub mod syntax;

@@ -11,8 +11,25 @@
 
 use crate::backend::cpu::jit::{CompiledKernel, Jit};
 use crate::backend::cpu::{ops, Arg, KernelError, Operand};
-use shardplan_compiler::graph::Hyper;
+use shardplan_compiler::graph::{Hyper, Op, Role};
 use shardplan_compiler::kernel::{BufId, BufKind, Elem, Program, StepKind};
+
+/// Transfers and collectives of a device program, done for the executor by
+/// whoever connects the device to the others.
+pub trait Comm {
+    /// Runs communication op `op` with operand `input` (none for a receive),
+    /// writing its result to `out` (of shape `out_shape`).
+    fn run(&mut self, op: &Op, input: Option<(&[f32], &[usize])>, out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError>;
+}
+
+/// The executor's stand-in when no other device exists.
+struct Alone;
+
+impl Comm for Alone {
+    fn run(&mut self, op: &Op, _: Option<(&[f32], &[usize])>, _: &mut [f32], _: &[usize]) -> Result<(), KernelError> {
+        Err(KernelError::Invalid(format!("{} needs other devices", op.name())))
+    }
+}
 
 /// The memory of one buffer.
 #[derive(Clone, Debug)]
@@ -28,6 +45,10 @@ pub struct Executor {
     profile: Option<Vec<f64>>,
     program: Program,
     storage: Vec<Storage>,
+    /// Buffer sets of microbatches 1.. in flight (only banked buffers are used).
+    banks: Vec<Vec<Storage>>,
+    /// Per buffer: one copy per microbatch in flight (forward and backward values).
+    banked: Vec<bool>,
     kernels: Vec<Option<CompiledKernel>>,
     threads: usize,
     /// Kept alive as long as the compiled kernels are used.
@@ -40,8 +61,14 @@ const PARALLEL_MIN: usize = 1 << 16;
 impl Executor {
     /// Allocates every buffer and compiles every fused kernel.
     pub fn new(program: Program, threads: usize) -> Result<Executor, KernelError> {
+        Executor::with_slots(program, threads, 1)
+    }
+
+    /// As [`Executor::new`], with `slots` sets of forward/backward buffers,
+    /// one per microbatch in flight.
+    pub fn with_slots(program: Program, threads: usize, slots: usize) -> Result<Executor, KernelError> {
         let mut jit = Jit::new()?;
-        let storage = program
+        let storage: Vec<Storage> = program
             .buffers
             .iter()
             .map(|b| match (&b.kind, b.elem) {
@@ -59,7 +86,85 @@ impl Executor {
                 _ => None,
             });
         }
-        Ok(Executor { profile: None, program, storage, kernels, threads: threads.max(1), _jit: jit })
+        // A buffer is banked when a forward or backward step writes it, or it is an input.
+        let mut banked = vec![false; program.buffers.len()];
+        for (i, b) in program.buffers.iter().enumerate() {
+            banked[i] = matches!(b.kind, BufKind::Input(_));
+        }
+        for st in &program.steps {
+            let o = program.storage(st.output).0 as usize;
+            if st.role != Role::Update && program.buffers[o].kind == BufKind::Temp {
+                banked[o] = true;
+            }
+        }
+        let banks = (1..slots.max(1))
+            .map(|_| storage.iter().enumerate().map(|(i, s)| if banked[i] { s.clone() } else { Storage::Alias }).collect())
+            .collect();
+        Ok(Executor { profile: None, program, storage, banks, banked, kernels, threads: threads.max(1), _jit: jit })
+    }
+
+    /// The storage index and bank of buffer `b` in `slot`.
+    fn loc(&self, b: BufId, slot: usize) -> (usize, usize) {
+        let i = self.program.storage(b).0 as usize;
+        (if slot == 0 || !self.banked[i] { 0 } else { slot }, i)
+    }
+
+    fn at(&self, (bank, i): (usize, usize)) -> &Storage {
+        if bank == 0 {
+            &self.storage[i]
+        } else {
+            &self.banks[bank - 1][i]
+        }
+    }
+
+    fn at_mut(&mut self, l: (usize, usize)) -> &mut Storage {
+        slot_mut(&mut self.storage, &mut self.banks, l)
+    }
+
+    /// Sets an input (or any buffer of `kind`) in buffer set `slot`.
+    pub fn set_in(&mut self, slot: usize, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError> {
+        let Some(i) = self.find(kind) else { return Ok(()) };
+        let l = self.loc(BufId(i as u32), slot);
+        match (self.at_mut(l), data) {
+            (Storage::F32(dst), Data::F32(src)) if dst.len() == src.len() => dst.copy_from_slice(src),
+            (Storage::I32(dst), Data::I32(src)) if dst.len() == src.len() => dst.copy_from_slice(src),
+            _ => return Err(KernelError::Invalid(format!("{kind:?} in buffer set {slot} does not match the data given"))),
+        }
+        Ok(())
+    }
+
+    /// The loss as computed in buffer set `slot`.
+    pub fn loss_in(&self, slot: usize) -> f32 {
+        match self.at(self.loc(self.program.loss, slot)) {
+            Storage::F32(v) => v.first().copied().unwrap_or(f32::NAN),
+            _ => f32::NAN,
+        }
+    }
+
+    /// Starts a step: fills the hypers and zeroes the gradient accumulators.
+    pub fn begin_step(&mut self, hyper: &dyn Fn(Hyper) -> f64) {
+        for (i, b) in self.program.buffers.iter().enumerate() {
+            match (&b.kind, &mut self.storage[i]) {
+                (BufKind::Hyper(h), Storage::F32(v)) => v.fill(hyper(*h) as f32),
+                (BufKind::Accum(_), Storage::F32(v)) => v.fill(0.0),
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs the steps of one pass (`role`) in buffer set `slot`.
+    pub fn run_phase(&mut self, role: Role, slot: usize, comm: &mut dyn Comm) -> Result<(), KernelError> {
+        for si in 0..self.program.steps.len() {
+            if self.program.steps[si].role != role {
+                continue;
+            }
+            let t = self.profile.is_some().then(std::time::Instant::now);
+            self.run_step_in(si, slot, comm)?;
+            if let (Some(p), Some(t)) = (self.profile.as_mut(), t) {
+                p[si] += t.elapsed().as_secs_f64();
+            }
+        }
+        Ok(())
     }
 
     pub fn program(&self) -> &Program {
@@ -125,18 +230,20 @@ impl Executor {
 
     /// Runs one step: every kernel, then the assignments. Returns the loss.
     pub fn step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<f32, KernelError> {
-        for (i, b) in self.program.buffers.iter().enumerate() {
-            if let (BufKind::Hyper(h), Storage::F32(v)) = (&b.kind, &mut self.storage[i]) {
-                v.fill(hyper(*h) as f32);
-            }
-        }
+        self.begin_step(hyper);
         for si in 0..self.program.steps.len() {
             let t = self.profile.is_some().then(std::time::Instant::now);
-            self.run_step(si)?;
+            self.run_step_in(si, 0, &mut Alone)?;
             if let (Some(p), Some(t)) = (self.profile.as_mut(), t) {
                 p[si] += t.elapsed().as_secs_f64();
             }
         }
+        self.finish_step();
+        Ok(self.buffer(self.program.loss).first().copied().unwrap_or(f32::NAN))
+    }
+
+    /// Ends a step: every parameter and state takes its new value.
+    pub fn finish_step(&mut self) {
         // A parameter takes its new value by trading memory with the
         // temporary that holds it (rewritten from scratch next step), so an
         // update costs no copy. Values held elsewhere are copied.
@@ -162,16 +269,39 @@ impl Executor {
                 }
             }
         }
-        Ok(self.buffer(self.program.loss).first().copied().unwrap_or(f32::NAN))
     }
 
-    fn run_step(&mut self, si: usize) -> Result<(), KernelError> {
+    fn run_step_in(&mut self, si: usize, slot: usize, comm: &mut dyn Comm) -> Result<(), KernelError> {
         let step = &self.program.steps[si];
-        let out_i = self.program.storage(step.output).0 as usize;
-        let mut out = match std::mem::replace(&mut self.storage[out_i], Storage::Alias) {
+        if let StepKind::Op(Op::Accumulate(k)) = &step.kind {
+            let k = *k;
+            let src = step.inputs.first().copied().unwrap_or(BufId(0));
+            let Some(acc) = self.find(&BufKind::Accum(k)) else { return Ok(()) };
+            let (acc_l, src_l) = (self.loc(BufId(acc as u32), 0), self.loc(src, slot));
+            let mut dst = match std::mem::replace(self.at_mut(acc_l), Storage::Alias) {
+                Storage::F32(v) => v,
+                other => {
+                    *self.at_mut(acc_l) = other;
+                    return Err(KernelError::Invalid(format!("accumulator {k} is not f32")));
+                }
+            };
+            let r = match self.at(src_l) {
+                Storage::F32(v) if v.len() == dst.len() => {
+                    for (d, s) in dst.iter_mut().zip(v) {
+                        *d += s;
+                    }
+                    Ok(())
+                }
+                _ => Err(KernelError::Invalid(format!("accumulator {k} does not match its gradient"))),
+            };
+            *self.at_mut(acc_l) = Storage::F32(dst);
+            return r;
+        }
+        let out_l = self.loc(step.output, slot);
+        let mut out = match std::mem::replace(slot_mut(&mut self.storage, &mut self.banks, out_l), Storage::Alias) {
             Storage::F32(v) => v,
             other => {
-                self.storage[out_i] = other;
+                *slot_mut(&mut self.storage, &mut self.banks, out_l) = other;
                 return Err(KernelError::Invalid(format!("step {si} writes a buffer that is not f32")));
             }
         };
@@ -182,7 +312,7 @@ impl Executor {
                 .iter()
                 .map(|b| {
                     let shape = self.program.buffers[b.0 as usize].shape.as_slice();
-                    match &self.storage[self.program.storage(*b).0 as usize] {
+                    match self.at(self.loc(*b, slot)) {
                         Storage::F32(v) => Operand { data: Arg::F32(v), shape },
                         Storage::I32(v) => Operand { data: Arg::I32(v), shape },
                         Storage::Alias => Operand { data: Arg::F32(&[]), shape },
@@ -190,6 +320,10 @@ impl Executor {
                 })
                 .collect();
             match (&step.kind, &self.kernels[si]) {
+                (StepKind::Op(op), _) if op.is_comm() => {
+                    let input = args.first().and_then(|a| if let Arg::F32(v) = a.data { Some((v, a.shape)) } else { None });
+                    comm.run(op, input, &mut out, &out_shape)
+                }
                 (StepKind::Fused(f), Some(k)) => {
                     let ins: Vec<&[f32]> = args.iter().map(|a| if let Arg::F32(v) = a.data { v } else { &[][..] }).collect();
                     run_fused(k, &ins, &mut out, f.rows, f.cols, self.threads)
@@ -212,8 +346,16 @@ impl Executor {
                 (StepKind::Fused(_), None) => Err(KernelError::Invalid(format!("step {si} was not compiled"))),
             }
         };
-        self.storage[out_i] = Storage::F32(out);
+        *self.at_mut(out_l) = Storage::F32(out);
         result
+    }
+}
+
+fn slot_mut<'s>(storage: &'s mut [Storage], banks: &'s mut [Vec<Storage>], (bank, i): (usize, usize)) -> &'s mut Storage {
+    if bank == 0 {
+        &mut storage[i]
+    } else {
+        &mut banks[bank - 1][i]
     }
 }
 

@@ -33,11 +33,13 @@ fn backward(g: &mut Graph) -> HashMap<NodeId, NodeId> {
     let dt = g.node(loss).ty.dtype;
     let mut grads: HashMap<NodeId, NodeId> = HashMap::new();
     let one = g.add(Op::Const(1.0), &[], Ty::scalar(dt), Role::Backward);
+    g.origin.insert(one, loss);
     grads.insert(loss, one);
     let forward: Vec<NodeId> = g.ids().filter(|id| g.node(*id).role == Role::Forward && id.0 <= loss.0).collect();
     for id in forward.into_iter().rev() {
         let Some(&dy) = grads.get(&id) else { continue };
         let args = g.args(id);
+        let first = g.len();
         let contributions = rules::vjp(g, id, &args, dy);
         for (arg, d) in contributions {
             let acc = match grads.get(&arg) {
@@ -48,6 +50,9 @@ fn backward(g: &mut Graph) -> HashMap<NodeId, NodeId> {
                 None => d,
             };
             grads.insert(arg, acc);
+        }
+        for n in first..g.len() {
+            g.origin.insert(NodeId(n as u32), id);
         }
     }
     grads

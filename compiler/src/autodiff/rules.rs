@@ -236,7 +236,16 @@ pub(super) fn vjp(g: &mut Graph, id: NodeId, args: &[NodeId], dy: NodeId) -> Vec
         | Op::EmbeddingGrad
         | Op::CrossEntropyGrad
         | Op::MseGrad
-        | Op::Assign(_) => {}
+        | Op::Assign(_)
+        | Op::AllReduce { .. }
+        | Op::AllGather { .. }
+        | Op::Slice { .. }
+        | Op::Send { .. }
+        | Op::Recv { .. }
+        | Op::Accumulate(_)
+        | Op::Accumulated(_)
+        | Op::Pack { .. }
+        | Op::Unpack { .. } => {}
     }
     res.retain(|(a, _)| wants(g, *a));
     res

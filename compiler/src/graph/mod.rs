@@ -16,14 +16,15 @@ pub use dot::to_dot;
 use crate::check::{Checked, DType, Dim, Prim, Ty};
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 /// A node of the graph. Ids are dense, in execution order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NodeId(pub u32);
 
 /// Per-step scalars supplied by the executor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Hyper {
     /// Learning rate after the schedule.
     Lr,
@@ -33,14 +34,14 @@ pub enum Hyper {
 }
 
 /// Where an `Assign` writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Target {
     Param(usize),
     State(usize),
 }
 
 /// Which part of the step a node belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Role {
     Forward,
     Backward,
@@ -48,7 +49,7 @@ pub enum Role {
 }
 
 /// The closed set of operations. Every pass matches on it exhaustively.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     // ---- sources
     Input(usize),
@@ -155,6 +156,49 @@ pub enum Op {
     // ---- effects
     /// Writes the operand to a parameter or optimizer state at the end of the step.
     Assign(Target),
+    // ---- per-device programs of a partitioned plan (never in a global graph)
+    /// Sums the operand over the devices of `group` (ring order), naming `axis` in errors.
+    AllReduce {
+        group: Vec<u32>,
+        id: u32,
+        axis: String,
+    },
+    /// Concatenates the members' parts along `dim`; member `i` holds chunk
+    /// `i` (in whole granules of `granule` elements) of the node's dim.
+    AllGather {
+        group: Vec<u32>,
+        id: u32,
+        axis: String,
+        dim: usize,
+        granule: usize,
+    },
+    /// The part of the operand starting at `start` along `dim`, the node's size long.
+    Slice {
+        dim: usize,
+        start: usize,
+    },
+    /// Sends the operand to device `to`. The node is a scalar placeholder.
+    Send {
+        to: u32,
+        id: u32,
+    },
+    /// Receives a value of the node's type from device `from`.
+    Recv {
+        from: u32,
+        id: u32,
+    },
+    /// Adds the operand into gradient accumulator `k` (zeroed at the start of each step).
+    Accumulate(usize),
+    /// The value of gradient accumulator `k`.
+    Accumulated(usize),
+    /// Flattens and concatenates its `n` operands.
+    Pack {
+        n: usize,
+    },
+    /// Elements `[offset, offset + len)` of a packed operand, in the node's shape.
+    Unpack {
+        offset: usize,
+    },
 }
 
 impl Op {
@@ -162,7 +206,8 @@ impl Op {
     pub fn arity(&self) -> usize {
         use Op::*;
         match self {
-            Input(_) | Param(_) | State(_) | Hyper(_) | Const(_) => 0,
+            Input(_) | Param(_) | State(_) | Hyper(_) | Const(_) | Recv { .. } | Accumulated(_) => 0,
+            Pack { n } => *n,
             Neg
             | Relu
             | Gelu
@@ -182,7 +227,13 @@ impl Op {
             | Softmax { .. }
             | LogSoftmax { .. }
             | CausalMask { .. }
-            | Assign(_) => 1,
+            | Assign(_)
+            | AllReduce { .. }
+            | AllGather { .. }
+            | Slice { .. }
+            | Send { .. }
+            | Accumulate(_)
+            | Unpack { .. } => 1,
             Add
             | Sub
             | Mul
@@ -199,6 +250,11 @@ impl Op {
             | Mse => 2,
             MaxGrad { .. } | LayerNorm { .. } | LayerNormGradX { .. } | CrossEntropyGrad | MseGrad => 3,
         }
+    }
+
+    /// Operations that talk to other devices.
+    pub fn is_comm(&self) -> bool {
+        matches!(self, Op::AllReduce { .. } | Op::AllGather { .. } | Op::Send { .. } | Op::Recv { .. })
     }
 
     /// Short name for listings and DOT.
@@ -224,6 +280,15 @@ impl Op {
             CausalMask { fill } => format!("causal_mask {fill}"),
             Assign(Target::Param(i)) => format!("assign param {i}"),
             Assign(Target::State(i)) => format!("assign state {i}"),
+            AllReduce { axis, .. } => format!("all-reduce({axis})"),
+            AllGather { axis, dim, .. } => format!("all-gather({axis}) dim {dim}"),
+            Slice { dim, start } => format!("slice dim {dim} from {start}"),
+            Send { to, .. } => format!("send to {to}"),
+            Recv { from, .. } => format!("recv from {from}"),
+            Accumulate(k) => format!("accumulate {k}"),
+            Accumulated(k) => format!("accumulated {k}"),
+            Pack { n } => format!("pack {n}"),
+            Unpack { offset } => format!("unpack at {offset}"),
             other => {
                 let s = format!("{other:?}");
                 let base = s.split([' ', '{', '(']).next().unwrap_or(&s).to_string();
@@ -277,11 +342,14 @@ pub struct Graph {
     /// Gradient of each parameter (filled by autodiff).
     pub grads: HashMap<usize, NodeId>,
     pub states: Vec<StateVar>,
+    /// For each backward node, the forward node whose rule made it (filled
+    /// by autodiff; the partitioner places a backward node with its origin).
+    pub origin: HashMap<NodeId, NodeId>,
 }
 
 impl Graph {
     pub(crate) fn new() -> Graph {
-        Graph { g: DiGraph::new(), loss: NodeId(0), grads: HashMap::new(), states: Vec::new() }
+        Graph { g: DiGraph::new(), loss: NodeId(0), grads: HashMap::new(), states: Vec::new(), origin: HashMap::new() }
     }
 
     /// Adds a node; operands must already exist, which keeps ids in execution order.

@@ -84,6 +84,25 @@ pub fn run(op: &Op, args: &[Operand<'_>], out: &mut [f32], out_shape: &[usize], 
         Op::CrossEntropyGrad => loss::cross_entropy(name, f(0)?, ids(1)?, Some(f(2)?), out, out_shape, threads),
         Op::Mse => loss::mse(name, f(0)?, f(1)?, out, out_shape, threads),
         Op::MseGrad => loss::mse_grad(name, f(0)?, f(1)?, f(2)?, out, out_shape, threads),
+        Op::Slice { dim, start } => layout::slice(name, f(0)?, *dim, *start, out, out_shape),
+        Op::Pack { .. } => {
+            let mut at = 0;
+            for i in 0..args.len() {
+                let (d, _) = f(i)?;
+                out[at..at + d.len()].copy_from_slice(d);
+                at += d.len();
+            }
+            Ok(())
+        }
+        Op::Unpack { offset } => {
+            let (d, _) = f(0)?;
+            let src = d.get(*offset..offset + out.len()).ok_or_else(|| invalid(name, format!("reads {} elements at {offset} of {}", out.len(), d.len())))?;
+            out.copy_from_slice(src);
+            Ok(())
+        }
+        Op::AllReduce { .. } | Op::AllGather { .. } | Op::Send { .. } | Op::Recv { .. } | Op::Accumulate(_) | Op::Accumulated(_) => {
+            Err(invalid(name, "runs only in a device program".into()))
+        }
         Op::Input(_)
         | Op::Param(_)
         | Op::State(_)

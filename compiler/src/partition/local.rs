@@ -1,0 +1,661 @@
+//! One device's program: its part of the global graph at local shapes, with
+//! the conversions, transfers and gradient exchange it takes part in.
+
+use super::rules::Scale;
+use super::schedule::passes;
+use super::{chunk_range, DeviceProgram, Global, Home, PartitionError, Piece, L};
+use crate::check::{DType, Dim, Schedule, Ty};
+use crate::graph::{Graph, NodeId, Op, Role, Target};
+use std::collections::HashMap;
+
+/// Bucket size for the data-parallel gradient all-reduce (PyTorch DDP's default).
+const BUCKET_BYTES: usize = 25 << 20;
+/// Transfer ids above this are the update's (accumulated values and buckets).
+const UPDATE_IDS: u32 = 1 << 30;
+
+struct Builder<'a, 'g> {
+    glob: &'a Global<'g>,
+    dev: usize,
+    stage: usize,
+    /// Layout coordinates (mesh coordinates, microbatch 0).
+    at: Vec<usize>,
+    worker: bool,
+    server: bool,
+    lg: Graph,
+    /// Local value of each global node in its natural layout.
+    val: HashMap<NodeId, NodeId>,
+    /// The update's view of forward/backward values: (local node, layout).
+    accum: HashMap<NodeId, (NodeId, Vec<L>)>,
+    /// Conversions made: (global node, layout, for the update) → local node.
+    conv: HashMap<(NodeId, Vec<L>, bool), NodeId>,
+    next_coll: u32,
+    params: Vec<Piece>,
+    states: Vec<Piece>,
+    assigned: Vec<(usize, NodeId)>,
+    loss: Option<NodeId>,
+}
+
+fn err<T>(m: String) -> Result<T, PartitionError> {
+    Err(PartitionError(m))
+}
+
+pub(super) fn build(glob: &Global<'_>, dev: usize, sched: Option<Schedule>) -> Result<DeviceProgram, PartitionError> {
+    let worker = dev < glob.mesh.size();
+    let coords = if worker { glob.mesh.coords(dev) } else { Vec::new() };
+    let stage = glob.mesh.pipe.and_then(|p| coords.get(p).copied()).unwrap_or(0);
+    let at: Vec<usize> = glob.axes.iter().map(|a| a.mesh.and_then(|m| coords.get(m).copied()).unwrap_or(0)).collect();
+    let mut b = Builder {
+        glob,
+        dev,
+        stage,
+        at,
+        worker,
+        server: glob.server == Some(dev),
+        lg: Graph::new(),
+        val: HashMap::new(),
+        accum: HashMap::new(),
+        conv: HashMap::new(),
+        next_coll: 0,
+        params: Vec::new(),
+        states: Vec::new(),
+        assigned: Vec::new(),
+        loss: None,
+    };
+    b.run()?;
+    let reports_loss = b.loss.is_some()
+        && glob.axes.iter().enumerate().all(|(a, _)| a == glob.mb_axis || Some(a) == glob.data_axis || b.at[a] == 0);
+    let mut lg = b.lg;
+    lg.loss = b.loss.unwrap_or(NodeId(0));
+    if let Err(e) = lg.verify() {
+        return err(format!("internal: device {dev}'s program is malformed: {e}"));
+    }
+    let program = crate::kernel::lower(&lg);
+    let (schedule, slots) = if worker { passes(sched, stage, glob.stages, glob.axes[glob.mb_axis].size) } else { passes(None, 0, 1, 0) };
+    let schedule = if worker { schedule } else { schedule.into_iter().filter(|i| i.phase == super::Phase::Update).collect() };
+    let data_rank = if worker { glob.data_axis.map(|d| b.at[d]) } else { None };
+    Ok(DeviceProgram {
+        device: dev,
+        coords,
+        stage,
+        program,
+        schedule,
+        slots,
+        reports_loss,
+        data_rank,
+        params: b.params,
+        states: b.states,
+    })
+}
+
+impl Builder<'_, '_> {
+    fn g(&self) -> &Graph {
+        self.glob.g
+    }
+
+    fn shape(&self, n: NodeId) -> Vec<usize> {
+        self.glob.shape(n)
+    }
+
+    fn is_source(&self, n: NodeId) -> bool {
+        matches!(self.g().node(n).op, Op::Param(_) | Op::State(_) | Op::Input(_) | Op::Const(_) | Op::Hyper(_))
+    }
+
+    fn local_ty(&self, global: &Ty, l: &[L]) -> Ty {
+        let shape: Vec<usize> = global.shape.iter().map(|d| d.size.max(0) as usize).collect();
+        let s = self.glob.local_shape(&shape, l, &self.at);
+        Ty::new(global.dtype, s.into_iter().map(|x| Dim::known(x as i64)).collect())
+    }
+
+    fn role_allowed(&self, role: Role) -> bool {
+        match (self.worker, self.server, self.glob.server.is_some()) {
+            (false, _, _) => role == Role::Update,
+            (true, false, true) => role != Role::Update,
+            _ => true,
+        }
+    }
+
+    /// Nodes this device computes.
+    fn needed(&self) -> Vec<bool> {
+        let g = self.g();
+        let mut need = vec![false; g.len()];
+        for id in g.ids() {
+            let i = id.0 as usize;
+            need[i] = self.glob.home[i] == Home::Stage(self.stage) && !self.is_source(id) && self.role_allowed(g.node(id).role);
+        }
+        for id in g.ids().collect::<Vec<_>>().into_iter().rev() {
+            let i = id.0 as usize;
+            if self.is_source(id) && self.glob.home[i] == Home::Stage(self.stage) {
+                // A staged source: needed here, or to be sent to another stage.
+                need[i] = self.glob.users[i].iter().any(|u| need[u.0 as usize] || self.stage_of(*u).is_some_and(|s| s != self.stage));
+            }
+            if !need[i] {
+                continue;
+            }
+            for a in g.args(id) {
+                if self.glob.home[a.0 as usize] == Home::Anywhere {
+                    need[a.0 as usize] = true;
+                }
+            }
+        }
+        need
+    }
+
+    fn stage_of(&self, n: NodeId) -> Option<usize> {
+        match self.glob.home[n.0 as usize] {
+            Home::Stage(s) => Some(s),
+            Home::Anywhere => None,
+        }
+    }
+
+    fn crossing_index(&self, n: NodeId) -> Option<usize> {
+        self.glob.crossing.iter().position(|x| *x == n)
+    }
+
+    /// Whether `user` reads `n` directly (not through the update's accumulators).
+    fn direct_use(&self, n: NodeId, user: NodeId) -> bool {
+        let g = self.g();
+        !(g.node(user).role == Role::Update && g.node(n).role != Role::Update && !self.is_source(n))
+    }
+
+    /// Stages other than `from` that read `n` directly, and the role the transfer runs in.
+    fn readers(&self, n: NodeId, from: usize) -> Vec<(usize, Role)> {
+        let g = self.g();
+        let mut out: Vec<(usize, Role)> = Vec::new();
+        for u in &self.glob.users[n.0 as usize] {
+            let Some(s) = self.stage_of(*u) else { continue };
+            if s == from || !self.direct_use(n, *u) {
+                continue;
+            }
+            let role = if self.is_source(n) { g.node(*u).role } else { g.node(n).role };
+            match out.iter_mut().find(|x| x.0 == s) {
+                Some(x) => {
+                    if rank(role) < rank(x.1) {
+                        x.1 = role;
+                    }
+                }
+                None => out.push((s, role)),
+            }
+        }
+        out.sort_by_key(|x| x.0);
+        out
+    }
+
+    fn peer(&self, stage: usize) -> u32 {
+        let mut c = self.glob.mesh.coords(self.dev);
+        if let Some(p) = self.glob.mesh.pipe {
+            c[p] = stage;
+        }
+        self.glob.mesh.device(&c) as u32
+    }
+
+    fn run(&mut self) -> Result<(), PartitionError> {
+        let g = self.glob.g;
+        let need = self.needed();
+        let mut at_update = false;
+        for id in g.ids() {
+            let i = id.0 as usize;
+            let node = g.node(id);
+            if node.role == Role::Update && !at_update {
+                at_update = true;
+                self.boundary()?;
+            }
+            if need[i] {
+                self.emit(id)?;
+                if self.stage_of(id) == Some(self.stage) && self.worker {
+                    for (t, role) in self.readers(id, self.stage) {
+                        let v = self.val[&id];
+                        let to = self.peer(t);
+                        self.lg.add(Op::Send { to, id: id.0 }, &[v], Ty::scalar(DType::F32), role);
+                    }
+                    if let Some(k) = self.crossing_index(id) {
+                        let v = self.val[&id];
+                        self.lg.add(Op::Accumulate(k), &[v], Ty::scalar(DType::F32), Role::Backward);
+                    }
+                }
+                if id == g.loss {
+                    self.loss_value(id)?;
+                }
+            } else if let Some(s) = self.stage_of(id) {
+                if s != self.stage && self.worker {
+                    let reads = self.readers(id, s);
+                    if let Some(&(_, role)) = reads.iter().find(|x| x.0 == self.stage) {
+                        let ty = self.local_ty(&node.ty, &self.glob.layout[i]);
+                        let from = self.peer(s);
+                        let r = self.lg.add(Op::Recv { from, id: id.0 }, &[], ty, role);
+                        self.val.insert(id, r);
+                    }
+                }
+            }
+        }
+        if !at_update {
+            self.boundary()?;
+        }
+        self.server_tail()
+    }
+
+    /// Emits global node `id` at local shapes.
+    fn emit(&mut self, id: NodeId) -> Result<(), PartitionError> {
+        let g = self.glob.g;
+        let node = g.node(id);
+        let i = id.0 as usize;
+        let natural = self.glob.layout[i].clone();
+        let ty = self.local_ty(&node.ty, &natural);
+        let role = node.role;
+        let local = match &node.op {
+            Op::Param(p) | Op::State(p) => {
+                let piece = self.piece(*p, &node.ty, &natural);
+                if matches!(node.op, Op::Param(_)) {
+                    self.params.push(piece);
+                } else {
+                    self.states.push(piece);
+                }
+                self.lg.add(node.op.clone(), &[], ty, role)
+            }
+            Op::Input(_) | Op::Const(_) | Op::Hyper(_) => self.lg.add(node.op.clone(), &[], ty, role),
+            op => {
+                let args = g.args(id);
+                let mut local_args = Vec::with_capacity(args.len());
+                for (k, a) in args.iter().enumerate() {
+                    let want = self.glob.args[i][k].clone();
+                    local_args.push(self.operand(*a, role, &want)?);
+                }
+                let scale = self.glob.scale[i];
+                if let Scale::Arg(k) = scale {
+                    let share = self.share(id, &local_args);
+                    local_args[k] = self.mul_const(local_args[k], share, role);
+                }
+                if let Op::Assign(t) = op {
+                    if let Target::Param(p) = t {
+                        self.assigned.push((*p, local_args[0]));
+                    }
+                    self.lg.add(op.clone(), &local_args, ty, role)
+                } else {
+                    let out = self.lg.add(op.clone(), &local_args, ty, role);
+                    if scale == Scale::Out {
+                        let share = self.share(id, &local_args);
+                        self.mul_const(out, share, role)
+                    } else {
+                        out
+                    }
+                }
+            }
+        };
+        self.val.insert(id, local);
+        Ok(())
+    }
+
+    fn mul_const(&mut self, x: NodeId, c: f64, role: Role) -> NodeId {
+        let ty = self.lg.node(x).ty.clone();
+        let k = self.lg.add(Op::Const(c), &[], Ty::scalar(ty.dtype), role);
+        self.lg.add(Op::Mul, &[x, k], ty, role)
+    }
+
+    /// This device's share of the elements an op reduces over.
+    fn share(&self, id: NodeId, local_args: &[NodeId]) -> f64 {
+        let g = self.g();
+        let args = g.args(id);
+        let ratio = |k: usize, dims: Option<&[usize]>| {
+            let gl = self.shape(args[k]);
+            let lo: Vec<usize> = self.lg.node(local_args[k]).ty.shape.iter().map(|d| d.size as usize).collect();
+            let pick = |s: &[usize]| -> f64 {
+                match dims {
+                    Some(ds) => ds.iter().map(|&d| s[d] as f64).product(),
+                    None => s.iter().map(|&x| x as f64).product(),
+                }
+            };
+            pick(&lo) / pick(&gl).max(1.0)
+        };
+        match &g.node(id).op {
+            Op::Mean { axes, .. } => ratio(0, Some(axes)),
+            Op::CrossEntropy | Op::CrossEntropyGrad => ratio(1, None),
+            _ => ratio(0, None),
+        }
+    }
+
+    /// The local value of global `a` for a consumer of `role`, in layout `want`.
+    fn operand(&mut self, a: NodeId, role: Role, want: &[L]) -> Result<NodeId, PartitionError> {
+        let g = self.glob.g;
+        let update_view = role == Role::Update && g.node(a).role != Role::Update && !self.is_source(a);
+        let (v, have) = if update_view {
+            match self.accum.get(&a) {
+                Some((v, l)) => (*v, l.clone()),
+                None => return err(format!("internal: device {} reads {} in the update without having it", self.dev, g.node(a).op.name())),
+            }
+        } else {
+            match self.val.get(&a) {
+                Some(v) => (*v, self.glob.layout[a.0 as usize].clone()),
+                None => return err(format!("internal: device {} reads {} before having it", self.dev, g.node(a).op.name())),
+            }
+        };
+        if have == want {
+            return Ok(v);
+        }
+        let key = (a, want.to_vec(), role == Role::Update);
+        if let Some(&c) = self.conv.get(&key) {
+            return Ok(c);
+        }
+        let c = self.convert(v, &g.node(a).ty, have, want, role)?;
+        self.conv.insert(key, c);
+        Ok(c)
+    }
+
+    /// Converts a local value from layout `have` to `want`, axis by axis.
+    fn convert(&mut self, mut v: NodeId, global: &Ty, mut have: Vec<L>, want: &[L], role: Role) -> Result<NodeId, PartitionError> {
+        let shape: Vec<usize> = global.shape.iter().map(|d| d.size.max(0) as usize).collect();
+        for a in 0..want.len() {
+            if have[a] == want[a] {
+                continue;
+            }
+            let axis = &self.glob.axes[a];
+            let Some(mesh_axis) = axis.mesh else {
+                return err(format!(
+                    "a {global} would have to change from {} to {} across microbatches, which a pipeline cannot do; use fewer microbatches or another split",
+                    have[a], want[a]
+                ));
+            };
+            let group = self.glob.mesh.group(self.dev, mesh_axis);
+            let name = axis.name.clone();
+            let k = axis.size;
+            let c = self.at[a];
+            // Gather or reduce to replicated first, when needed.
+            match have[a] {
+                L::P if want[a] != L::P => {
+                    let ty = self.lg.node(v).ty.clone();
+                    let id = self.coll_id();
+                    v = self.lg.add(Op::AllReduce { group: group.clone(), id, axis: name.clone() }, &[v], ty, role);
+                    have[a] = L::R;
+                }
+                L::S(d, u) => {
+                    if have.iter().enumerate().any(|(b, x)| b != a && matches!(x, L::S(dd, _) if *dd == d)) {
+                        return err(format!("a {global} split along dim {d} over two axes cannot be gathered over `{name}`"));
+                    }
+                    let mut to = have.clone();
+                    to[a] = L::R;
+                    let ty = self.local_ty(global, &to);
+                    let id = self.coll_id();
+                    v = self.lg.add(Op::AllGather { group: group.clone(), id, axis: name.clone(), dim: d, granule: u }, &[v], ty, role);
+                    have[a] = L::R;
+                }
+                _ => {}
+            }
+            match want[a] {
+                L::R => {}
+                L::S(d, u) => {
+                    if have.iter().enumerate().any(|(b, x)| b != a && matches!(x, L::S(dd, _) if *dd == d)) {
+                        return err(format!("a {global} split along dim {d} over two axes cannot be sliced over `{name}`"));
+                    }
+                    let start = chunk_range(shape[d] / u.max(1), k, c).start * u.max(1);
+                    let mut to = have.clone();
+                    to[a] = L::S(d, u);
+                    let ty = self.local_ty(global, &to);
+                    v = self.lg.add(Op::Slice { dim: d, start }, &[v], ty, role);
+                }
+                L::P => {
+                    if c != 0 {
+                        let ty = self.lg.node(v).ty.clone();
+                        v = self.lg.add(Op::Const(0.0), &[], ty, role);
+                    }
+                }
+            }
+            have[a] = want[a];
+        }
+        Ok(v)
+    }
+
+    fn coll_id(&mut self) -> u32 {
+        self.next_coll += 1;
+        self.next_coll
+    }
+
+    fn piece(&self, p: usize, global: &Ty, l: &[L]) -> Piece {
+        let shape: Vec<usize> = global.shape.iter().map(|d| d.size.max(0) as usize).collect();
+        let len = self.glob.local_shape(&shape, l, &self.at);
+        let mut start = vec![0; shape.len()];
+        for (a, x) in l.iter().enumerate() {
+            if let L::S(d, u) = *x {
+                start[d] = chunk_range(shape[d] / u.max(1), self.glob.axes[a].size, self.at[a]).start * u.max(1);
+            }
+        }
+        Piece { index: p, global: shape, start, len }
+    }
+
+    /// The loss this device reports: reduced over every axis but the data
+    /// axis and the microbatches (the runtime sums those).
+    fn loss_value(&mut self, id: NodeId) -> Result<(), PartitionError> {
+        let mut want = self.glob.layout[id.0 as usize].clone();
+        for (a, w) in want.iter_mut().enumerate() {
+            if a != self.glob.mb_axis && Some(a) != self.glob.data_axis {
+                *w = L::R;
+            }
+        }
+        let v = self.operand(id, Role::Forward, &want)?;
+        self.loss = Some(v);
+        Ok(())
+    }
+
+    /// Layout of a forward/backward value as the update reads it.
+    fn update_layout(&self, n: NodeId) -> Vec<L> {
+        let mut l = self.glob.layout[n.0 as usize].clone();
+        l[self.glob.mb_axis] = L::R;
+        if let Some(d) = self.glob.data_axis {
+            if l[d] == L::P && (self.glob.axes[d].size > 1) {
+                l[d] = L::R;
+            }
+        }
+        l
+    }
+
+    /// Between the last backward and the first update node: accumulators,
+    /// the gradient exchange, and the update's cross-stage transfers.
+    fn boundary(&mut self) -> Result<(), PartitionError> {
+        let g = self.glob.g;
+        let u = Role::Update;
+        let crossing = self.glob.crossing.clone();
+        let mine: Vec<(usize, NodeId)> =
+            crossing.iter().enumerate().filter(|(_, n)| self.stage_of(**n) == Some(self.stage) && self.worker).map(|(k, n)| (k, *n)).collect();
+        let mut raw: Vec<(NodeId, NodeId)> = Vec::new();
+        for &(k, n) in &mine {
+            let mut l = self.glob.layout[n.0 as usize].clone();
+            l[self.glob.mb_axis] = L::R;
+            let ty = self.local_ty(&g.node(n).ty, &l);
+            let v = self.lg.add(Op::Accumulated(k), &[], ty, u);
+            raw.push((n, v));
+        }
+        let exchanged: Vec<NodeId> = match (self.glob.data_axis, self.glob.server) {
+            (Some(_), Some(server)) => self.exchange_with_server(&raw, server)?,
+            (Some(d), None) if self.glob.axes[d].size > 1 => self.all_reduce_buckets(&raw, d)?,
+            _ => raw.iter().map(|x| x.1).collect(),
+        };
+        for (&(n, _), v) in raw.iter().zip(exchanged) {
+            let l = self.update_layout(n);
+            self.accum.insert(n, (v, l));
+        }
+        // Cross-stage transfers of the values the update reads.
+        if self.worker {
+            for n in crossing {
+                let Some(home) = self.stage_of(n) else { continue };
+                let readers: Vec<usize> = {
+                    let mut r: Vec<usize> = self.glob.users[n.0 as usize]
+                        .iter()
+                        .filter(|x| g.node(**x).role == Role::Update)
+                        .filter_map(|x| self.stage_of(*x))
+                        .filter(|s| *s != home)
+                        .collect();
+                    r.sort();
+                    r.dedup();
+                    r
+                };
+                let k = self.crossing_index(n).unwrap_or(0) as u32;
+                if home == self.stage {
+                    for t in readers {
+                        let v = self.accum[&n].0;
+                        let to = self.peer(t);
+                        self.lg.add(Op::Send { to, id: UPDATE_IDS + k }, &[v], Ty::scalar(DType::F32), u);
+                    }
+                } else if readers.contains(&self.stage) {
+                    let l = self.update_layout(n);
+                    let ty = self.local_ty(&g.node(n).ty, &l);
+                    let from = self.peer(home);
+                    let v = self.lg.add(Op::Recv { from, id: UPDATE_IDS + k }, &[], ty, u);
+                    self.accum.insert(n, (v, l));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn all_reduce_buckets(&mut self, raw: &[(NodeId, NodeId)], d: usize) -> Result<Vec<NodeId>, PartitionError> {
+        let g = self.glob.g;
+        let u = Role::Update;
+        let mut out: Vec<NodeId> = raw.iter().map(|x| x.1).collect();
+        let partial: Vec<usize> = (0..raw.len()).filter(|&i| self.glob.layout[raw[i].0 .0 as usize][d] == L::P).collect();
+        let group = self.glob.mesh.group(self.dev, self.glob.axes[d].mesh.unwrap_or(0));
+        let name = self.glob.axes[d].name.clone();
+        let mut bucket: Vec<usize> = Vec::new();
+        let mut bytes = 0usize;
+        let flush = |b: &mut Builder<'_, '_>, bucket: &mut Vec<usize>, out: &mut Vec<NodeId>| {
+            if bucket.is_empty() {
+                return;
+            }
+            let vals: Vec<NodeId> = bucket.iter().map(|&i| raw[i].1).collect();
+            let total: usize = vals.iter().map(|v| b.lg.node(*v).ty.shape.iter().map(|x| x.size as usize).product::<usize>()).sum();
+            let flat = Ty::new(DType::F32, vec![Dim::known(total as i64)]);
+            let packed = b.lg.add(Op::Pack { n: vals.len() }, &vals, flat.clone(), u);
+            let id = b.coll_id();
+            let reduced = b.lg.add(Op::AllReduce { group: group.clone(), id, axis: name.clone() }, &[packed], flat, u);
+            let mut offset = 0;
+            for &i in bucket.iter() {
+                let ty = b.lg.node(raw[i].1).ty.clone();
+                let n: usize = ty.shape.iter().map(|x| x.size as usize).product();
+                out[i] = b.lg.add(Op::Unpack { offset }, &[reduced], ty, u);
+                offset += n;
+            }
+            bucket.clear();
+        };
+        for &i in &partial {
+            let n: usize = self.lg.node(raw[i].1).ty.shape.iter().map(|x| x.size as usize).product();
+            if bytes + 4 * n > BUCKET_BYTES && !bucket.is_empty() {
+                flush(self, &mut bucket, &mut out);
+                bytes = 0;
+            }
+            bucket.push(i);
+            bytes += 4 * n;
+        }
+        flush(self, &mut bucket, &mut out);
+        let _ = g;
+        Ok(out)
+    }
+
+    /// Parameter server: workers send their gradients to the server, which
+    /// sums them in worker order.
+    fn exchange_with_server(&mut self, raw: &[(NodeId, NodeId)], server: usize) -> Result<Vec<NodeId>, PartitionError> {
+        let u = Role::Update;
+        let g = self.glob.g;
+        let d = self.glob.data_axis.unwrap_or(0);
+        for (n, _) in raw {
+            if self.glob.layout[n.0 as usize][d] != L::P && self.glob.axes[d].size > 1 {
+                return err(format!("a parameter server needs every gradient summed over `{}`; {} is not", self.glob.axes[d].name, g.node(*n).op.name()));
+            }
+        }
+        // The server's view of the gradients (shapes at the full batch: gradients are parameter-shaped).
+        let tys: Vec<Ty> = self.glob.crossing.iter().map(|n| self.local_ty(&g.node(*n).ty, &self.update_layout(*n))).collect();
+        let total: usize = tys.iter().map(|t| t.shape.iter().map(|x| x.size as usize).product::<usize>()).sum();
+        let flat = Ty::new(DType::F32, vec![Dim::known(total as i64)]);
+        if self.worker && !self.server {
+            let vals: Vec<NodeId> = raw.iter().map(|x| x.1).collect();
+            let packed = self.lg.add(Op::Pack { n: vals.len() }, &vals, flat, u);
+            self.lg.add(Op::Send { to: server as u32, id: UPDATE_IDS - 1 }, &[packed], Ty::scalar(DType::F32), u);
+            return Ok(raw.iter().map(|x| x.1).collect());
+        }
+        if !self.server {
+            return Ok(raw.iter().map(|x| x.1).collect());
+        }
+        let mut sum: Option<NodeId> = None;
+        for w in 0..self.glob.mesh.size() {
+            let part = if w == self.dev {
+                let vals: Vec<NodeId> = raw.iter().map(|x| x.1).collect();
+                self.lg.add(Op::Pack { n: vals.len() }, &vals, flat.clone(), u)
+            } else {
+                self.lg.add(Op::Recv { from: w as u32, id: UPDATE_IDS - 1 }, &[], flat.clone(), u)
+            };
+            sum = Some(match sum {
+                Some(s) => self.lg.add(Op::Add, &[s, part], flat.clone(), u),
+                None => part,
+            });
+        }
+        let Some(sum) = sum else { return err("a parameter server with no workers".into()) };
+        let mut out = Vec::new();
+        let mut offset = 0;
+        for ty in tys {
+            let n: usize = ty.shape.iter().map(|x| x.size as usize).product();
+            out.push(self.lg.add(Op::Unpack { offset }, &[sum], ty, u));
+            offset += n;
+        }
+        if !self.worker {
+            // Outside the mesh the server has no accumulators of its own.
+            let crossing = self.glob.crossing.clone();
+            for (n, v) in crossing.iter().zip(&out) {
+                let l = self.update_layout(*n);
+                self.accum.insert(*n, (*v, l));
+            }
+            return Ok(Vec::new());
+        }
+        Ok(out)
+    }
+
+    /// Parameter server: the server sends the new parameters; workers take them.
+    fn server_tail(&mut self) -> Result<(), PartitionError> {
+        let Some(server) = self.glob.server else { return Ok(()) };
+        let g = self.glob.g;
+        let u = Role::Update;
+        // Parameters in index order, as the server assigns them.
+        let mut order: Vec<usize> = g
+            .ids()
+            .filter_map(|id| match g.node(id).op {
+                Op::Assign(Target::Param(p)) => Some(p),
+                _ => None,
+            })
+            .collect();
+        order.sort();
+        let ty_of = |p: usize| {
+            let node = g.ids().find(|id| g.node(*id).op == Op::Param(p));
+            node.map(|n| g.node(n).ty.clone())
+        };
+        let sizes: Vec<usize> = order.iter().map(|p| ty_of(*p).map(|t| t.shape.iter().map(|d| d.size as usize).product()).unwrap_or(0)).collect();
+        let total: usize = sizes.iter().sum();
+        let flat = Ty::new(DType::F32, vec![Dim::known(total as i64)]);
+        if self.server {
+            let mut vals = Vec::new();
+            for p in &order {
+                match self.assigned.iter().find(|x| x.0 == *p) {
+                    Some(x) => vals.push(x.1),
+                    None => return err(format!("internal: the server does not update parameter {p}")),
+                }
+            }
+            let packed = self.lg.add(Op::Pack { n: vals.len() }, &vals, flat, u);
+            for w in 0..self.glob.mesh.size() {
+                if w != self.dev {
+                    self.lg.add(Op::Send { to: w as u32, id: UPDATE_IDS - 2 }, &[packed], Ty::scalar(DType::F32), u);
+                }
+            }
+        } else if self.worker {
+            let packed = self.lg.add(Op::Recv { from: server as u32, id: UPDATE_IDS - 2 }, &[], flat, u);
+            let mut offset = 0;
+            for (p, n) in order.iter().zip(&sizes) {
+                let Some(ty) = ty_of(*p) else { continue };
+                let v = self.lg.add(Op::Unpack { offset }, &[packed], ty.clone(), u);
+                self.lg.add(Op::Assign(Target::Param(*p)), &[v], ty, u);
+                offset += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn rank(r: Role) -> u8 {
+    match r {
+        Role::Forward => 0,
+        Role::Backward => 1,
+        Role::Update => 2,
+    }
+}

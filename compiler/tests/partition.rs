@@ -1,0 +1,23 @@
+//! Partitioning every example: programs verify, and the layouts hold.
+
+mod common;
+
+use shardplan_compiler::partition::{self, verify};
+use shardplan_compiler::{autodiff, graph};
+
+fn plan_of(src: &str) -> partition::Plan {
+    let c = common::checked(src);
+    let g = autodiff::differentiate(graph::build(&c), &c);
+    partition::partition(&c, &g).unwrap_or_else(|e| panic!("does not partition: {e}"))
+}
+
+#[test]
+fn every_example_partitions_and_verifies() {
+    for name in ["digits_mlp", "tiny_gpt", "data_parallel", "tensor_parallel", "pipeline_1f1b", "data_tensor_pipeline", "parameter_server"] {
+        let src = std::fs::read_to_string(format!("../examples/{name}.plan")).unwrap();
+        let plan = plan_of(&src);
+        verify::verify(&plan).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ev = verify::events(&plan);
+        eprintln!("{name}: {} devices, events {:?}", plan.devices.len(), ev.iter().map(|e| e.len()).collect::<Vec<_>>());
+    }
+}
