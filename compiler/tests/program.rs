@@ -21,7 +21,7 @@ fn execute(p: &Program, env: &Env<'_>) -> Vec<Tensor> {
             BufKind::State(k) => Some(env.states[*k].clone()),
             BufKind::Hyper(h) => Some(Tensor::scalar((env.hyper)(*h))),
             BufKind::Const(c) => Some(Tensor::scalar(*c)),
-            BufKind::Temp | BufKind::Alias(_) => None,
+            BufKind::Temp | BufKind::Alias(_) | BufKind::Accum(_) => None,
         };
     }
     let get = |vals: &[Option<Tensor>], p: &Program, b: shardplan_compiler::kernel::BufId| {

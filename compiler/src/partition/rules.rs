@@ -344,7 +344,7 @@ fn reshape_split(from: &[usize], to: &[usize], d: usize, u: usize, k: usize) -> 
     let want: Vec<usize> = bounds.iter().map(|b| b / inner_to).collect();
     let mut candidates = vec![1];
     if (u * inner_from).is_multiple_of(inner_to) {
-        candidates.insert(0, u * inner_from / inner_to);
+        candidates.push(u * inner_from / inner_to);
     }
     candidates.into_iter().find(|&g| g > 0 && to[j].is_multiple_of(g) && (0..k).all(|c| chunk_range(to[j] / g, k, c).start * g == want[c])).map(|g| L::S(j, g))
 }
