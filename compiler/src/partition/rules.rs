@@ -355,10 +355,12 @@ mod tests {
 
     #[test]
     fn reshape_maps_splits() {
-        // [B, S, D] → [B·S, D] with B split: granule S.
-        assert_eq!(reshape_split(&[4, 3, 8], &[12, 8], 0, 1, 2), Some(L::S(0, 3)));
+        // [B, S, D] → [B·S, D] with an uneven B split: granule S.
+        assert_eq!(reshape_split(&[5, 3, 8], &[15, 8], 0, 1, 2), Some(L::S(0, 3)));
         // [B·S, D] → [B, S, D] with the granule back.
-        assert_eq!(reshape_split(&[12, 8], &[4, 3, 8], 0, 3, 2), Some(L::S(0, 1)));
+        assert_eq!(reshape_split(&[15, 8], &[5, 3, 8], 0, 3, 2), Some(L::S(0, 1)));
+        // An even split needs no granule.
+        assert_eq!(reshape_split(&[4, 3, 8], &[12, 8], 0, 1, 2), Some(L::S(0, 1)));
         // [B, S, D] → [B, S, H, Dh] with D split over 2: heads split.
         assert_eq!(reshape_split(&[2, 3, 8], &[2, 3, 4, 2], 2, 1, 2), Some(L::S(2, 1)));
         // and back.
