@@ -37,14 +37,24 @@ pub fn check_source(bytes: &[u8]) -> (Option<Checked>, Diagnostics) {
 
 /// As [`check_source`], binding some symbolic dims to other sizes.
 pub fn check_source_with(bytes: &[u8], overrides: &std::collections::BTreeMap<String, i64>) -> (Option<Checked>, Diagnostics) {
+    check_source_placed(bytes, overrides, true)
+}
+
+/// As [`check_source_with`], optionally dropping the placement (the plan
+/// then runs on one device): evaluation and single-device baselines.
+pub fn check_source_placed(bytes: &[u8], overrides: &std::collections::BTreeMap<String, i64>, placed: bool) -> (Option<Checked>, Diagnostics) {
     let text = match syntax::decode(SourceId::USER, bytes) {
         Ok(t) => t,
         Err(d) => return (None, d.into()),
     };
-    let file = match syntax::parse(SourceId::USER, text) {
+    let mut file = match syntax::parse(SourceId::USER, text) {
         Ok(f) => f,
         Err(d) => return (None, d),
     };
+    if !placed {
+        file.placements.clear();
+        file.devices.clear();
+    }
     let prelude = match prelude() {
         Ok(p) => p,
         Err(d) => return (None, d),

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod cluster;
 pub mod collectives;
 pub mod data;
 pub mod exec;

@@ -14,7 +14,10 @@ use shardplan_compiler::kernel::{lower, lower_keeping, BufKind};
 use shardplan_compiler::{autodiff, graph, Checked, Diagnostic, SourceId, Span};
 use shardplan_runtime::checkpoint::{self, Tensor};
 use shardplan_runtime::data::{self, rng::Xoshiro256, Batch, DataError, Dataset, Sampler};
+use shardplan_runtime::cluster::{Cluster, Hypers};
 use shardplan_runtime::exec::{Data, Executor};
+use shardplan_compiler::check::Placement;
+use shardplan_compiler::partition;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -61,6 +64,35 @@ pub struct RunArgs {
     /// Time every kernel and print where a step spends its time.
     #[arg(long)]
     pub profile: bool,
+    /// Run on one device, ignoring the plan's placement (the reference a placement must match).
+    #[arg(long)]
+    pub single_device: bool,
+    /// Make device D fail at step S (for testing how a run stops), e.g. `device=1,step=3`.
+    #[arg(long, value_name = "device=D,step=S", value_parser = parse_fault)]
+    pub inject_fault: Option<(usize, u64)>,
+}
+
+fn parse_fault(s: &str) -> Result<(usize, u64), String> {
+    let mut device = None;
+    let mut step = None;
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("device", v)) => device = Some(v.trim().trim_start_matches("cpu").parse::<usize>().map_err(|e| format!("device `{v}`: {e}"))?),
+            Some(("step", v)) => step = Some(v.trim().parse::<u64>().map_err(|e| format!("step `{v}`: {e}"))?),
+            _ => return Err(format!("`{part}` is not `device=D` or `step=S`")),
+        }
+    }
+    match (device, step) {
+        (Some(d), Some(s)) if s >= 1 => Ok((d, s)),
+        (Some(_), Some(_)) => Err("steps count from 1".into()),
+        _ => Err("give both `device=D` and `step=S`".into()),
+    }
+}
+
+/// One device, or a cluster of CPU devices running a partitioned plan.
+enum Trainer {
+    Single(Box<Executor>),
+    Multi(Box<Cluster>),
 }
 
 /// A failure that is not a diagnostic of the plan itself.
@@ -179,11 +211,23 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
     g.verify()
         .map_err(|e| fail("run::internal", format!("the training graph is malformed: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
     let states: Vec<(String, Vec<usize>)> = g.states.iter().map(|s| (s.name.clone(), s.ty.shape.iter().map(|d| d.size as usize).collect())).collect();
-    let mut exec = Executor::new(lower(&g), threads)
-        .map_err(|e| fail("run::compile", format!("cannot compile the training step: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
-    if args.profile {
-        exec.enable_profile();
-    }
+    let mut trainer = match &c.placement {
+        Placement::Explicit(_) if !args.single_device => {
+            let plan = partition::partition(c, &g)
+                .map_err(|e| fail("run::placement", format!("cannot partition the plan: {e}"), "change the placement; `shardplan check` shows what it holds"))?;
+            partition::verify::verify(&plan)
+                .map_err(|e| fail("run::verify", format!("the device programs do not fit together: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
+            Trainer::Multi(Box::new(Cluster::start(plan, threads, std::time::Duration::from_secs(60))))
+        }
+        _ => {
+            let mut exec = Executor::new(lower(&g), threads)
+                .map_err(|e| fail("run::compile", format!("cannot compile the training step: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
+            if args.profile {
+                exec.enable_profile();
+            }
+            Trainer::Single(Box::new(exec))
+        }
+    };
 
     // Parameters: initialised, loaded, or resumed.
     let shapes: Vec<(String, Vec<usize>)> = c.model.params.iter().map(|p| (p.path.clone(), p.ty.shape.iter().map(|d| d.size as usize).collect())).collect();
@@ -217,11 +261,17 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
     }
     let kernel_err =
         |e: shardplan_runtime::backend::cpu::KernelError| fail("run::kernel", e.to_string(), "check the data: an index or label is outside the model's range");
-    for (i, p) in params.iter().enumerate() {
-        exec.set(&BufKind::Param(i), Data::F32(p)).map_err(kernel_err)?;
-    }
-    for (i, s) in state_vals.iter().enumerate() {
-        exec.set(&BufKind::State(i), Data::F32(s)).map_err(kernel_err)?;
+    let device_err = |e: String| fail("run::device", e, "the other devices were stopped; nothing was saved");
+    match &mut trainer {
+        Trainer::Single(exec) => {
+            for (i, p) in params.iter().enumerate() {
+                exec.set(&BufKind::Param(i), Data::F32(p)).map_err(kernel_err)?;
+            }
+            for (i, s) in state_vals.iter().enumerate() {
+                exec.set(&BufKind::State(i), Data::F32(s)).map_err(kernel_err)?;
+            }
+        }
+        Trainer::Multi(cl) => cl.load(&params, &state_vals).map_err(device_err)?,
     }
 
     // The loop.
@@ -250,7 +300,6 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
             epoch_order = Some((epoch, sampler.epoch(epoch)));
         }
         let rows = &epoch_order.as_ref().map(|(_, o)| o[(step % per_epoch) as usize].clone()).unwrap_or_default();
-        set_batch(&mut exec, &splits.train.gather(rows)).map_err(kernel_err)?;
         let lr = learning_rate(c, step, total);
         let (b1, b2) = match c.train.optimizer {
             Optimizer::Adam { beta1, beta2, .. } => (beta1, beta2),
@@ -262,7 +311,23 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
             Hyper::BiasCorrection1 => 1.0 / (1.0 - b1.powi(t)),
             Hyper::BiasCorrection2 => 1.0 / (1.0 - b2.powi(t)).sqrt(),
         };
-        let loss = exec.step(&hyper).map_err(kernel_err)?;
+        let loss = match &mut trainer {
+            Trainer::Single(exec) => {
+                set_batch(exec, &splits.train.gather(rows)).map_err(kernel_err)?;
+                exec.step(&hyper).map_err(kernel_err)?
+            }
+            Trainer::Multi(cl) => {
+                let h = Hypers { lr: hyper(Hyper::Lr), bias_correction1: hyper(Hyper::BiasCorrection1), bias_correction2: hyper(Hyper::BiasCorrection2) };
+                let fault = args.inject_fault.filter(|f| f.1 == step + 1).map(|f| f.0);
+                match cl.step(step, h, rows, &|r| splits.train.gather(r), fault) {
+                    Ok(l) => l as f32,
+                    Err(e) => {
+                        pb.abandon();
+                        return Err(device_err(e).into());
+                    }
+                }
+            }
+        };
         if !loss.is_finite() {
             pb.abandon();
             return Err(fail(
@@ -297,8 +362,17 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
     }
 
     // Read back the trained parameters.
-    let params: Vec<Vec<f32>> = (0..c.model.params.len()).map(|i| exec.get(&BufKind::Param(i)).map(<[f32]>::to_vec).unwrap_or_default()).collect();
-    let states_now: Vec<Vec<f32>> = (0..states.len()).map(|i| exec.get(&BufKind::State(i)).map(<[f32]>::to_vec).unwrap_or_default()).collect();
+    let (params, states_now): (Vec<Vec<f32>>, Vec<Vec<f32>>) = match &mut trainer {
+        Trainer::Single(exec) => (
+            (0..c.model.params.len()).map(|i| exec.get(&BufKind::Param(i)).map(<[f32]>::to_vec).unwrap_or_default()).collect(),
+            (0..states.len()).map(|i| exec.get(&BufKind::State(i)).map(<[f32]>::to_vec).unwrap_or_default()).collect(),
+        ),
+        Trainer::Multi(cl) => {
+            let ps: Vec<Vec<usize>> = shapes.iter().map(|s| s.1.clone()).collect();
+            let ss: Vec<Vec<usize>> = states.iter().map(|s| s.1.clone()).collect();
+            cl.read(&ps, &ss).map_err(device_err)?
+        }
+    };
     if let Some(path) = &args.save {
         let mut tensors: Vec<Tensor> = shapes.iter().zip(&params).map(|((n, s), d)| Tensor { name: n.clone(), shape: s.clone(), data: d.clone() }).collect();
         tensors.extend(states.iter().zip(&states_now).map(|((n, s), d)| Tensor { name: n.clone(), shape: s.clone(), data: d.clone() }));
@@ -337,8 +411,8 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
     if let Some(p) = &args.save {
         println!("  saved {}", p.display());
     }
-    if args.profile {
-        print_profile(&exec, trained);
+    if let (true, Trainer::Single(exec)) = (args.profile, &trainer) {
+        print_profile(exec, trained);
     }
     Ok(())
 }
@@ -424,7 +498,7 @@ fn evaluate(plan_text: &[u8], test: &Dataset, params: &[Vec<f32>], threads: usiz
         let size = chunk.min(n - start);
         if let std::collections::btree_map::Entry::Vacant(slot) = programs.entry(size) {
             let overrides: BTreeMap<String, i64> = [("batch".to_string(), size as i64)].into_iter().collect();
-            let (ce, _) = shardplan_compiler::check_source_with(plan_text, &overrides);
+            let (ce, _) = shardplan_compiler::check_source_placed(plan_text, &overrides, false);
             let ce = ce.ok_or_else(|| {
                 fail("run::internal", "the plan does not check at the evaluation batch size", "this is a bug in shardplan; please report it with the plan")
             })?;

@@ -1,0 +1,439 @@
+//! The multi-device CPU runtime: one worker thread per device of a
+//! partitioned plan.
+//!
+//! Input: a verified [`Plan`], global parameters, and per step the rows of
+//! the batch. Output: the step's loss (summed over the devices that hold a
+//! part of it, in device order) and, on request, the global parameters and
+//! optimizer states gathered from the devices' pieces.
+//!
+//! Each device owns its executor, buffers and endpoint; transfers and
+//! collectives move real bytes between the threads, tagged with (plan hash,
+//! instruction, sequence number). When any device fails (an error, a panic,
+//! or an injected fault), it aborts the fabric, every other device stops at
+//! its next transfer, and [`Cluster::step`] returns one error naming the
+//! device and the step.
+
+use crate::backend::cpu::KernelError;
+use crate::collectives::{self, chunk_range, Tag};
+use crate::data::Batch;
+use crate::exec::{Comm, Data, Executor};
+use crate::transport::{Endpoint, Fabric, Header, Message, TransportError};
+use shardplan_compiler::graph::{Hyper, Op, Role};
+use shardplan_compiler::kernel::BufKind;
+use shardplan_compiler::partition::{DeviceProgram, Phase, Piece, Plan};
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Per-step scalars.
+#[derive(Clone, Copy, Debug)]
+pub struct Hypers {
+    pub lr: f64,
+    pub bias_correction1: f64,
+    pub bias_correction2: f64,
+}
+
+enum Cmd {
+    Load { params: Vec<(usize, Vec<f32>)>, states: Vec<(usize, Vec<f32>)> },
+    Step { step: u64, hyper: Hypers, batches: Vec<Batch>, fault: bool },
+    Read,
+}
+
+enum Reply {
+    Done,
+    Loss(Option<f64>),
+    Tensors { params: Vec<(usize, Vec<f32>)>, states: Vec<(usize, Vec<f32>)> },
+    /// The error, and whether it only reports another device's failure.
+    Failed(String, bool),
+}
+
+struct Worker {
+    tx: Sender<Cmd>,
+    rx: Receiver<Reply>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// A running set of devices.
+pub struct Cluster {
+    plan: Plan,
+    workers: Vec<Worker>,
+    failed: Option<String>,
+}
+
+/// Which rows of a batch of `rows` device `d` trains on, per microbatch.
+pub fn device_rows(plan: &Plan, d: &DeviceProgram, rows: &[usize]) -> Vec<Vec<usize>> {
+    let (k, r) = match (plan.mesh.data, d.data_rank) {
+        (Some(a), Some(r)) => (plan.mesh.axes[a].1, r),
+        _ => (1, 0),
+    };
+    let mine = &rows[chunk_range(rows.len(), k, r)];
+    let m = plan.microbatches.max(1);
+    (0..m).map(|i| mine[chunk_range(mine.len(), m, i)].to_vec()).collect()
+}
+
+/// The part `piece` of a global tensor.
+pub fn extract(global: &[f32], piece: &Piece) -> Vec<f32> {
+    let mut out = Vec::with_capacity(piece.len.iter().product());
+    walk(piece, |src, len| out.extend_from_slice(&global[src..src + len]));
+    out
+}
+
+/// Writes `local` (the part `piece`) into its place in a global tensor.
+pub fn insert(global: &mut [f32], piece: &Piece, local: &[f32]) {
+    let mut at = 0;
+    walk(piece, |dst, len| {
+        global[dst..dst + len].copy_from_slice(&local[at..at + len]);
+        at += len;
+    });
+}
+
+/// Calls `f(global offset, run length)` for each contiguous run of the piece, in order.
+fn walk(piece: &Piece, mut f: impl FnMut(usize, usize)) {
+    let r = piece.global.len();
+    if r == 0 {
+        f(0, 1);
+        return;
+    }
+    if piece.len.contains(&0) {
+        return;
+    }
+    let mut strides = vec![1usize; r];
+    for i in (0..r - 1).rev() {
+        strides[i] = strides[i + 1] * piece.global[i + 1];
+    }
+    let last = piece.len[r - 1];
+    let mut idx = vec![0usize; r - 1];
+    loop {
+        let off: usize = (0..r - 1).map(|i| (piece.start[i] + idx[i]) * strides[i]).sum::<usize>() + piece.start[r - 1];
+        f(off, last);
+        let mut i = r - 1;
+        loop {
+            if i == 0 {
+                return;
+            }
+            i -= 1;
+            idx[i] += 1;
+            if idx[i] < piece.len[i] {
+                break;
+            }
+            idx[i] = 0;
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts one thread per device; `threads` kernel threads are shared out among them.
+    pub fn start(plan: Plan, threads: usize, timeout: Duration) -> Cluster {
+        let n = plan.devices.len();
+        let per = (threads / n.max(1)).max(1);
+        let endpoints = Fabric::with_timeout(n, timeout);
+        let mut workers = Vec::with_capacity(n);
+        for (dp, ep) in plan.devices.iter().cloned().zip(endpoints) {
+            let (tx, crx) = mpsc::channel::<Cmd>();
+            let (rtx, rx) = mpsc::channel::<Reply>();
+            let hash = plan.hash;
+            let handle = std::thread::Builder::new().name(format!("device {}", dp.device)).spawn(move || device_main(dp, ep, hash, per, crx, rtx)).ok();
+            workers.push(Worker { tx, rx, handle });
+        }
+        Cluster { plan, workers, failed: None }
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Sends one command to every device and waits for every reply.
+    fn all(&mut self, mut cmd: impl FnMut(usize) -> Cmd) -> Result<Vec<Reply>, String> {
+        if let Some(f) = &self.failed {
+            return Err(f.clone());
+        }
+        for (i, w) in self.workers.iter().enumerate() {
+            if w.tx.send(cmd(i)).is_err() {
+                let e = format!("device {i} stopped unexpectedly");
+                self.failed = Some(e.clone());
+                return Err(e);
+            }
+        }
+        let mut replies = Vec::with_capacity(self.workers.len());
+        for (i, w) in self.workers.iter().enumerate() {
+            replies.push(w.rx.recv().unwrap_or_else(|_| Reply::Failed(format!("device {i} stopped unexpectedly"), false)));
+        }
+        // The first device that failed on its own is the cause; the others stopped because of it.
+        let root = replies.iter().find_map(|r| match r {
+            Reply::Failed(m, false) => Some(m.clone()),
+            _ => None,
+        });
+        let any = replies.iter().find_map(|r| match r {
+            Reply::Failed(m, _) => Some(m.clone()),
+            _ => None,
+        });
+        if let Some(e) = root.or(any) {
+            self.failed = Some(e.clone());
+            return Err(e);
+        }
+        Ok(replies)
+    }
+
+    /// Gives every device its pieces of the global parameters and states.
+    pub fn load(&mut self, params: &[Vec<f32>], states: &[Vec<f32>]) -> Result<(), String> {
+        let devices = self.plan.devices.clone();
+        self.all(|i| {
+            let d = &devices[i];
+            Cmd::Load {
+                params: d.params.iter().filter_map(|p| params.get(p.index).map(|g| (p.index, extract(g, p)))).collect(),
+                states: d.states.iter().filter_map(|p| states.get(p.index).map(|g| (p.index, extract(g, p)))).collect(),
+            }
+        })
+        .map(|_| ())
+    }
+
+    /// One training step on the batch `batch(rows)` of `rows`. `fault`: a device told to fail at this step.
+    pub fn step(&mut self, step: u64, hyper: Hypers, rows: &[usize], batch: &dyn Fn(&[usize]) -> Batch, fault: Option<usize>) -> Result<f64, String> {
+        let plan = &self.plan;
+        let batches: Vec<Vec<Batch>> = plan
+            .devices
+            .iter()
+            .map(|d| if d.coords.is_empty() { Vec::new() } else { device_rows(plan, d, rows).iter().map(|r| batch(r)).collect() })
+            .collect();
+        let mut batches: Vec<Option<Vec<Batch>>> = batches.into_iter().map(Some).collect();
+        let replies = self.all(|i| Cmd::Step { step, hyper, batches: batches[i].take().unwrap_or_default(), fault: fault == Some(i) })?;
+        let mut loss = 0.0;
+        let mut any = false;
+        for r in replies {
+            if let Reply::Loss(Some(l)) = r {
+                loss += l;
+                any = true;
+            }
+        }
+        Ok(if any { loss } else { f64::NAN })
+    }
+
+    /// The global parameters and optimizer states, assembled from the devices' pieces.
+    pub fn read(&mut self, param_shapes: &[Vec<usize>], state_shapes: &[Vec<usize>]) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), String> {
+        let replies = self.all(|_| Cmd::Read)?;
+        let mut params: Vec<Vec<f32>> = param_shapes.iter().map(|s| vec![0.0; s.iter().product()]).collect();
+        let mut states: Vec<Vec<f32>> = state_shapes.iter().map(|s| vec![0.0; s.iter().product()]).collect();
+        for (d, r) in self.plan.devices.iter().zip(replies) {
+            if let Reply::Tensors { params: ps, states: ss } = r {
+                for (i, data) in ps {
+                    if let (Some(piece), Some(g)) = (d.params.iter().find(|p| p.index == i), params.get_mut(i)) {
+                        insert(g, piece, &data);
+                    }
+                }
+                for (i, data) in ss {
+                    if let (Some(piece), Some(g)) = (d.states.iter().find(|p| p.index == i), states.get_mut(i)) {
+                        insert(g, piece, &data);
+                    }
+                }
+            }
+        }
+        Ok((params, states))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            // Closing the command channel ends the device's loop.
+            let (tx, _) = mpsc::channel();
+            drop(std::mem::replace(&mut w.tx, tx));
+        }
+        for w in &mut self.workers {
+            if let Some(h) = w.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// Connects an executor to the other devices for one pass.
+struct Link<'a> {
+    ep: &'a Endpoint,
+    plan: u64,
+    seq: u64,
+    /// The transport error behind a failed op, if any.
+    error: Option<TransportError>,
+}
+
+impl Link<'_> {
+    fn fail(&mut self, e: TransportError) -> KernelError {
+        let m = e.to_string();
+        self.error = Some(e);
+        KernelError::Invalid(m)
+    }
+}
+
+impl Comm for Link<'_> {
+    fn run(&mut self, op: &Op, input: Option<(&[f32], &[usize])>, out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError> {
+        let group = |g: &[u32]| g.iter().map(|&x| x as usize).collect::<Vec<usize>>();
+        match op {
+            Op::AllReduce { group: g, id, axis } => {
+                let Some((x, _)) = input else { return Err(KernelError::Invalid("all-reduce without an operand".into())) };
+                out.copy_from_slice(x);
+                let tag = Tag { plan: self.plan, instr: *id, seq: self.seq, name: format!("all-reduce({axis})") };
+                collectives::all_reduce(self.ep, &group(g), &tag, out).map_err(|e| self.fail(e))
+            }
+            Op::AllGather { group: g, id, axis, dim, granule } => {
+                let Some((x, _)) = input else { return Err(KernelError::Invalid("all-gather without an operand".into())) };
+                let members = group(g);
+                let n = members.len();
+                let Some(pos) = members.iter().position(|&m| m == self.ep.rank()) else {
+                    return Err(KernelError::Invalid(format!("device {} is not in all-gather group {members:?}", self.ep.rank())));
+                };
+                let outer: usize = out_shape[..*dim].iter().product();
+                let inner: usize = out_shape[dim + 1..].iter().product();
+                let full = out_shape[*dim];
+                let u = (*granule).max(1);
+                let parts: Vec<std::ops::Range<usize>> = (0..n)
+                    .map(|i| {
+                        let r = chunk_range(full / u, n, i);
+                        r.start * u..r.end * u
+                    })
+                    .collect();
+                let widest = parts.iter().map(|r| r.len()).max().unwrap_or(0) * outer * inner;
+                if x.len() != parts[pos].len() * outer * inner {
+                    return Err(KernelError::Invalid(format!("all-gather part of {} elements, expected {}", x.len(), parts[pos].len() * outer * inner)));
+                }
+                let mut mine = x.to_vec();
+                mine.resize(widest, 0.0);
+                let mut staging = vec![0.0f32; widest * n];
+                let tag = Tag { plan: self.plan, instr: *id, seq: self.seq, name: format!("all-gather({axis})") };
+                collectives::all_gather(self.ep, &members, &tag, &mine, widest * n, &mut staging).map_err(|e| self.fail(e))?;
+                for (i, part) in parts.iter().enumerate() {
+                    let len = part.len() * inner;
+                    for o in 0..outer {
+                        let src = i * widest + o * len;
+                        let dst = (o * full + part.start) * inner;
+                        out[dst..dst + len].copy_from_slice(&staging[src..src + len]);
+                    }
+                }
+                Ok(())
+            }
+            Op::Send { to, id } => {
+                let Some((x, _)) = input else { return Err(KernelError::Invalid("send without an operand".into())) };
+                let header = Header { plan: self.plan, instr: *id, seq: self.seq, kind: "send".into() };
+                self.ep.send(*to as usize, Message { header, data: x.to_vec() }).map_err(|e| self.fail(e))
+            }
+            Op::Recv { from, id } => {
+                let header = Header { plan: self.plan, instr: *id, seq: self.seq, kind: "send".into() };
+                let data = self.ep.recv(*from as usize, &header).map_err(|e| self.fail(e))?;
+                if data.len() != out.len() {
+                    return Err(self.fail(TransportError::Malformed {
+                        device: self.ep.rank(),
+                        instr: *id,
+                        reason: format!("instruction {id} received {} values from device {from}, expected {}", data.len(), out.len()),
+                    }));
+                }
+                out.copy_from_slice(&data);
+                Ok(())
+            }
+            other => Err(KernelError::Invalid(format!("{} is not a transfer", other.name()))),
+        }
+    }
+}
+
+fn set_batch(exec: &mut Executor, slot: usize, b: &Batch) -> Result<(), KernelError> {
+    match b {
+        Batch::Table { features, labels } => {
+            exec.set_in(slot, &BufKind::Input(0), Data::F32(features))?;
+            exec.set_in(slot, &BufKind::Input(1), Data::I32(labels))
+        }
+        Batch::Text { tokens, targets } => {
+            exec.set_in(slot, &BufKind::Input(0), Data::I32(tokens))?;
+            exec.set_in(slot, &BufKind::Input(1), Data::I32(targets))
+        }
+    }
+}
+
+fn device_main(dp: DeviceProgram, ep: Endpoint, plan: u64, threads: usize, rx: Receiver<Cmd>, tx: Sender<Reply>) {
+    let dev = dp.device;
+    let mut exec = match Executor::with_slots(dp.program.clone(), threads, dp.slots) {
+        Ok(e) => e,
+        Err(e) => {
+            let m = format!("device {dev} cannot compile its program: {e}");
+            ep.abort(&m);
+            // Answer every command with the failure.
+            while rx.recv().is_ok() {
+                let _ = tx.send(Reply::Failed(m.clone(), false));
+            }
+            return;
+        }
+    };
+    while let Ok(cmd) = rx.recv() {
+        let reply = std::panic::catch_unwind(AssertUnwindSafe(|| run_cmd(&dp, &ep, plan, &mut exec, cmd))).unwrap_or_else(|p| {
+            let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+            Err((format!("device {dev} panicked: {what}"), false))
+        });
+        let reply = match reply {
+            Ok(r) => r,
+            Err((m, secondary)) => {
+                ep.abort(&m);
+                Reply::Failed(m, secondary)
+            }
+        };
+        if tx.send(reply).is_err() {
+            return;
+        }
+    }
+}
+
+type CmdResult = Result<Reply, (String, bool)>;
+
+fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, plan: u64, exec: &mut Executor, cmd: Cmd) -> CmdResult {
+    let dev = dp.device;
+    let kerr = |e: KernelError| (format!("device {dev}: {e}"), false);
+    match cmd {
+        Cmd::Load { params, states } => {
+            for (i, v) in params {
+                exec.set(&BufKind::Param(i), Data::F32(&v)).map_err(kerr)?;
+            }
+            for (i, v) in states {
+                exec.set(&BufKind::State(i), Data::F32(&v)).map_err(kerr)?;
+            }
+            Ok(Reply::Done)
+        }
+        Cmd::Read => {
+            let params = dp.params.iter().map(|p| (p.index, exec.get(&BufKind::Param(p.index)).map(<[f32]>::to_vec).unwrap_or_default())).collect();
+            let states = dp.states.iter().map(|p| (p.index, exec.get(&BufKind::State(p.index)).map(<[f32]>::to_vec).unwrap_or_default())).collect();
+            Ok(Reply::Tensors { params, states })
+        }
+        Cmd::Step { step, hyper, batches, fault } => {
+            if fault {
+                return Err((format!("device {dev} failed at step {}: injected fault", step + 1), false));
+            }
+            let h = move |x: Hyper| match x {
+                Hyper::Lr => hyper.lr,
+                Hyper::BiasCorrection1 => hyper.bias_correction1,
+                Hyper::BiasCorrection2 => hyper.bias_correction2,
+            };
+            exec.begin_step(&h);
+            let mut loss = 0.0f64;
+            for instr in &dp.schedule {
+                let (role, code) = match instr.phase {
+                    Phase::Forward => (Role::Forward, 1u64),
+                    Phase::Backward => (Role::Backward, 2),
+                    Phase::Update => (Role::Update, 3),
+                };
+                let mut link = Link { ep, plan, seq: (step << 32) | (code << 28) | ((instr.mb as u64) << 8), error: None };
+                if instr.phase == Phase::Forward {
+                    if let Some(b) = batches.get(instr.mb) {
+                        set_batch(exec, instr.slot, b).map_err(kerr)?;
+                    }
+                }
+                if let Err(e) = exec.run_phase(role, instr.slot, &mut link) {
+                    return Err(match link.error {
+                        Some(TransportError::Aborted { .. }) => (e.to_string(), true),
+                        Some(t) => (format!("{t} (step {})", step + 1), false),
+                        None => (format!("device {dev} failed at step {}: {e}", step + 1), false),
+                    });
+                }
+                if instr.phase == Phase::Forward && dp.reports_loss {
+                    loss += exec.loss_in(instr.slot) as f64;
+                }
+            }
+            exec.finish_step();
+            Ok(Reply::Loss(dp.reports_loss.then_some(loss)))
+        }
+    }
+}
