@@ -34,6 +34,8 @@ pub enum Command {
     },
     /// Train a plan.
     Run(run::RunArgs),
+    /// Train a few steps of the placed plan and of one device side by side; fail when they differ.
+    Verify(run::VerifyArgs),
     /// Show what the compiler makes of a plan.
     Inspect {
         /// The plan file.
@@ -82,5 +84,6 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Check { files, format } => check::run(&files, format, color),
         Command::Inspect { file, graph, kernels } => inspect::run(&file, graph, kernels, color),
         Command::Run(args) => run::run(&args, color),
+        Command::Verify(args) => run::verify(&args, color),
     }
 }

@@ -616,3 +616,134 @@ impl Drop for AtomicFile {
         let _ = std::fs::remove_file(&self.tmp);
     }
 }
+
+/// Options of `shardplan verify`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VerifyArgs {
+    /// The plan file.
+    pub file: PathBuf,
+    /// Training steps to compare.
+    #[arg(long, default_value_t = 10)]
+    pub steps: u64,
+    /// Largest relative difference of a step's loss.
+    #[arg(long, default_value_t = 1e-5)]
+    pub loss_tolerance: f64,
+    /// Largest difference of a parameter tensor, ‖a − b‖ / ‖a‖.
+    #[arg(long, default_value_t = 1e-4)]
+    pub param_tolerance: f64,
+    /// Threads for kernels (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `shardplan verify FILE`: the placed plan against one device, step by step.
+pub fn verify(args: &VerifyArgs, color: bool) -> ExitCode {
+    let Some(c) = check::load(&args.file, color) else { return ExitCode::from(1) };
+    let plan_text = std::fs::read(&args.file).unwrap_or_default();
+    let base = args.file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+    match compare(args, &c, &plan_text, &base) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(Error::Data(e)) => {
+            report_data_error(&e, &args.file, &plan_text, &c, color);
+            ExitCode::from(1)
+        }
+        Err(Error::Other(f)) => {
+            let sources = Sources::new(&args.file.display().to_string(), String::from_utf8_lossy(&plan_text).into_owned());
+            let d = Diagnostic::error(f.code, f.message).help(f.help);
+            eprint!("{}", render::human(&d, &sources, color));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<bool, Error> {
+    let name = args.file.display().to_string();
+    if !matches!(c.placement, Placement::Explicit(_)) {
+        println!("{name}: the plan runs on one device; there is nothing to compare");
+        return Ok(true);
+    }
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+    let (single, _) = shardplan_compiler::check_source_placed(plan_text, &BTreeMap::new(), false);
+    let single = single.ok_or_else(|| fail("run::internal", "the plan does not check without its placement", "this is a bug in shardplan"))?;
+    let seq = c.train.dims.get("seq").map(|&s| s as usize);
+    let splits = data::load(&c.data.source, base, seq, classes(c)).map_err(|e| Error::Data(Box::new(e)))?;
+    let batch = c.train.batch as usize;
+    let sampler = Sampler::new(splits.train.len(), batch, c.train.shuffle, c.train.seed);
+    let per_epoch = sampler.batches_per_epoch() as u64;
+    if per_epoch == 0 {
+        return Err(fail("run::batch_too_large", format!("the training split has {} samples, fewer than one batch of {batch}", splits.train.len()), "lower `batch`").into());
+    }
+    let total = match c.train.length {
+        Length::Epochs(e) => e as u64 * per_epoch,
+        Length::Steps(s) => s as u64,
+    };
+    let internal = |m: String| fail("run::internal", m, "this is a bug in shardplan; please report it with the plan");
+    let g = autodiff::differentiate(graph::build(c), c);
+    let g1 = autodiff::differentiate(graph::build(&single), &single);
+    let plan = partition::partition(c, &g).map_err(|e| fail("run::placement", format!("cannot partition the plan: {e}"), "change the placement"))?;
+    partition::verify::verify(&plan).map_err(|e| fail("run::verify", format!("the device programs do not fit together: {e}"), "this is a bug in shardplan"))?;
+    let devices = plan.devices.len();
+    let mesh: Vec<String> = plan.mesh.axes.iter().map(|(n, s)| format!("{n} {s}")).collect();
+    let mut exec = Executor::new(lower(&g1), threads).map_err(|e| internal(e.to_string()))?;
+    let mut cluster = Cluster::start(plan, threads, std::time::Duration::from_secs(60));
+    let shapes: Vec<Vec<usize>> = c.model.params.iter().map(|p| p.ty.shape.iter().map(|d| d.size as usize).collect()).collect();
+    let state_shapes: Vec<Vec<usize>> = g.states.iter().map(|s| s.ty.shape.iter().map(|d| d.size as usize).collect()).collect();
+    let params: Vec<Vec<f32>> = c.model.params.iter().enumerate().map(|(i, p)| init(&p.init, &shapes[i], c.train.seed, i as u64)).collect();
+    let states: Vec<Vec<f32>> = state_shapes.iter().map(|s| vec![0.0; s.iter().product()]).collect();
+    let kernel_err = |e: shardplan_runtime::backend::cpu::KernelError| fail("run::kernel", e.to_string(), "check the data");
+    let device_err = |e: String| fail("run::device", e, "the other devices were stopped");
+    for (i, p) in params.iter().enumerate() {
+        exec.set(&BufKind::Param(i), Data::F32(p)).map_err(kernel_err)?;
+    }
+    cluster.load(&params, &states).map_err(device_err)?;
+    println!("{name}: {devices} devices (mesh {}), {} steps against one device", mesh.join(" × "), args.steps);
+    println!("  {:>5}  {:>14}  {:>14}  {:>10}", "step", "loss, 1 device", "loss, placed", "rel. diff");
+    let mut worst_loss = 0.0f64;
+    let mut order: Option<(u64, Vec<Vec<usize>>)> = None;
+    for step in 0..args.steps {
+        let epoch = step / per_epoch;
+        if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            order = Some((epoch, sampler.epoch(epoch)));
+        }
+        let rows = order.as_ref().map(|(_, o)| o[(step % per_epoch) as usize].clone()).unwrap_or_default();
+        let lr = learning_rate(c, step, total);
+        let (b1, b2) = match c.train.optimizer {
+            Optimizer::Adam { beta1, beta2, .. } => (beta1, beta2),
+            Optimizer::Sgd { .. } => (0.0, 0.0),
+        };
+        let t = (step + 1) as i32;
+        let h = Hypers { lr, bias_correction1: 1.0 / (1.0 - b1.powi(t)), bias_correction2: 1.0 / (1.0 - b2.powi(t)).sqrt() };
+        let hyper = move |x: Hyper| match x {
+            Hyper::Lr => h.lr,
+            Hyper::BiasCorrection1 => h.bias_correction1,
+            Hyper::BiasCorrection2 => h.bias_correction2,
+        };
+        set_batch(&mut exec, &splits.train.gather(&rows)).map_err(kernel_err)?;
+        let one = exec.step(&hyper).map_err(kernel_err)? as f64;
+        let placed = cluster.step(step, h, &rows, &|r| splits.train.gather(r), None).map_err(device_err)?;
+        let rel = (one - placed).abs() / one.abs().max(1e-12);
+        worst_loss = worst_loss.max(if rel.is_nan() { f64::INFINITY } else { rel });
+        println!("  {:>5}  {one:>14.7}  {placed:>14.7}  {rel:>10.2e}", step + 1);
+    }
+    let (placed_params, _) = cluster.read(&shapes, &state_shapes).map_err(device_err)?;
+    let mut worst_param = (0.0f64, String::new());
+    for (i, p) in c.model.params.iter().enumerate() {
+        let a = exec.get(&BufKind::Param(i)).unwrap_or_default();
+        let b = &placed_params[i];
+        // Norm-wise: ‖a − b‖ / ‖a‖ (one near-zero gradient whose sign
+        // reassociation flips moves one Adam update, not the tensor).
+        let norm = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+        let diff = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>().sqrt() / norm;
+        let diff = if a.len() != b.len() { f64::INFINITY } else { diff };
+        if diff > worst_param.0 || worst_param.1.is_empty() {
+            worst_param = (diff, p.path.clone());
+        }
+    }
+    println!("  largest loss difference: {worst_loss:.2e} relative (tolerance {:.0e})", args.loss_tolerance);
+    println!("  largest parameter difference: {:.2e} relative, in {} (tolerance {:.0e})", worst_param.0, worst_param.1, args.param_tolerance);
+    let ok = worst_loss <= args.loss_tolerance && worst_param.0 <= args.param_tolerance;
+    println!("  {}", if ok { "ok: the placement matches one device" } else { "FAILED: the placement does not match one device" });
+    Ok(ok)
+}
