@@ -9,9 +9,9 @@ pub mod autodiff;
 pub mod check;
 pub mod diag;
 pub mod graph;
-pub mod partition;
 pub mod interp;
 pub mod kernel;
+pub mod partition;
 pub mod syntax;
 
 pub use check::Checked;

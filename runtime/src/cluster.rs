@@ -43,7 +43,10 @@ enum Cmd {
 enum Reply {
     Done,
     Loss(Option<f64>),
-    Tensors { params: Vec<(usize, Vec<f32>)>, states: Vec<(usize, Vec<f32>)> },
+    Tensors {
+        params: Vec<(usize, Vec<f32>)>,
+        states: Vec<(usize, Vec<f32>)>,
+    },
     /// The error, and whether it only reports another device's failure.
     Failed(String, bool),
 }
@@ -191,11 +194,8 @@ impl Cluster {
     /// One training step on the batch `batch(rows)` of `rows`. `fault`: a device told to fail at this step.
     pub fn step(&mut self, step: u64, hyper: Hypers, rows: &[usize], batch: &dyn Fn(&[usize]) -> Batch, fault: Option<usize>) -> Result<f64, String> {
         let plan = &self.plan;
-        let batches: Vec<Vec<Batch>> = plan
-            .devices
-            .iter()
-            .map(|d| if d.coords.is_empty() { Vec::new() } else { device_rows(plan, d, rows).iter().map(|r| batch(r)).collect() })
-            .collect();
+        let batches: Vec<Vec<Batch>> =
+            plan.devices.iter().map(|d| if d.coords.is_empty() { Vec::new() } else { device_rows(plan, d, rows).iter().map(|r| batch(r)).collect() }).collect();
         let mut batches: Vec<Option<Vec<Batch>>> = batches.into_iter().map(Some).collect();
         let replies = self.all(|i| Cmd::Step { step, hyper, batches: batches[i].take().unwrap_or_default(), fault: fault == Some(i) })?;
         let mut loss = 0.0;

@@ -97,9 +97,7 @@ impl Executor {
                 banked[o] = true;
             }
         }
-        let banks = (1..slots.max(1))
-            .map(|_| storage.iter().enumerate().map(|(i, s)| if banked[i] { s.clone() } else { Storage::Alias }).collect())
-            .collect();
+        let banks = (1..slots.max(1)).map(|_| storage.iter().enumerate().map(|(i, s)| if banked[i] { s.clone() } else { Storage::Alias }).collect()).collect();
         Ok(Executor { profile: None, program, storage, banks, banked, kernels, threads: threads.max(1), _jit: jit })
     }
 

@@ -8,16 +8,16 @@
 use super::check;
 use super::render::{self, Sources};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use shardplan_compiler::check::Placement;
 use shardplan_compiler::check::{Init, Length, LrSchedule, Optimizer, Prim};
 use shardplan_compiler::graph::{Hyper, NodeId, Op};
 use shardplan_compiler::kernel::{lower, lower_keeping, BufKind};
+use shardplan_compiler::partition;
 use shardplan_compiler::{autodiff, graph, Checked, Diagnostic, SourceId, Span};
 use shardplan_runtime::checkpoint::{self, Tensor};
-use shardplan_runtime::data::{self, rng::Xoshiro256, Batch, DataError, Dataset, Sampler};
 use shardplan_runtime::cluster::{Cluster, Hypers};
+use shardplan_runtime::data::{self, rng::Xoshiro256, Batch, DataError, Dataset, Sampler};
 use shardplan_runtime::exec::{Data, Executor};
-use shardplan_compiler::check::Placement;
-use shardplan_compiler::partition;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -213,15 +213,18 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
     let states: Vec<(String, Vec<usize>)> = g.states.iter().map(|s| (s.name.clone(), s.ty.shape.iter().map(|d| d.size as usize).collect())).collect();
     let mut trainer = match &c.placement {
         Placement::Explicit(_) if !args.single_device => {
-            let plan = partition::partition(c, &g)
-                .map_err(|e| fail("run::placement", format!("cannot partition the plan: {e}"), "change the placement; `shardplan check` shows what it holds"))?;
-            partition::verify::verify(&plan)
-                .map_err(|e| fail("run::verify", format!("the device programs do not fit together: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
+            let plan = partition::partition(c, &g).map_err(|e| {
+                fail("run::placement", format!("cannot partition the plan: {e}"), "change the placement; `shardplan check` shows what it holds")
+            })?;
+            partition::verify::verify(&plan).map_err(|e| {
+                fail("run::verify", format!("the device programs do not fit together: {e}"), "this is a bug in shardplan; please report it with the plan")
+            })?;
             Trainer::Multi(Box::new(Cluster::start(plan, threads, std::time::Duration::from_secs(60))))
         }
         _ => {
-            let mut exec = Executor::new(lower(&g), threads)
-                .map_err(|e| fail("run::compile", format!("cannot compile the training step: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
+            let mut exec = Executor::new(lower(&g), threads).map_err(|e| {
+                fail("run::compile", format!("cannot compile the training step: {e}"), "this is a bug in shardplan; please report it with the plan")
+            })?;
             if args.profile {
                 exec.enable_profile();
             }
@@ -673,7 +676,12 @@ fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Res
     let sampler = Sampler::new(splits.train.len(), batch, c.train.shuffle, c.train.seed);
     let per_epoch = sampler.batches_per_epoch() as u64;
     if per_epoch == 0 {
-        return Err(fail("run::batch_too_large", format!("the training split has {} samples, fewer than one batch of {batch}", splits.train.len()), "lower `batch`").into());
+        return Err(fail(
+            "run::batch_too_large",
+            format!("the training split has {} samples, fewer than one batch of {batch}", splits.train.len()),
+            "lower `batch`",
+        )
+        .into());
     }
     let total = match c.train.length {
         Length::Epochs(e) => e as u64 * per_epoch,

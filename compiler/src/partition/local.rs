@@ -62,8 +62,7 @@ pub(super) fn build(glob: &Global<'_>, dev: usize, sched: Option<Schedule>) -> R
         loss: None,
     };
     b.run()?;
-    let reports_loss = b.loss.is_some()
-        && glob.axes.iter().enumerate().all(|(a, _)| a == glob.mb_axis || Some(a) == glob.data_axis || b.at[a] == 0);
+    let reports_loss = b.loss.is_some() && glob.axes.iter().enumerate().all(|(a, _)| a == glob.mb_axis || Some(a) == glob.data_axis || b.at[a] == 0);
     let mut lg = b.lg;
     lg.loss = b.loss.unwrap_or(NodeId(0));
     if let Err(e) = lg.verify() {
@@ -73,18 +72,7 @@ pub(super) fn build(glob: &Global<'_>, dev: usize, sched: Option<Schedule>) -> R
     let (schedule, slots) = if worker { passes(sched, stage, glob.stages, glob.axes[glob.mb_axis].size) } else { passes(None, 0, 1, 0) };
     let schedule = if worker { schedule } else { schedule.into_iter().filter(|i| i.phase == super::Phase::Update).collect() };
     let data_rank = if worker { glob.data_axis.map(|d| b.at[d]) } else { None };
-    Ok(DeviceProgram {
-        device: dev,
-        coords,
-        stage,
-        program,
-        schedule,
-        slots,
-        reports_loss,
-        data_rank,
-        params: b.params,
-        states: b.states,
-    })
+    Ok(DeviceProgram { device: dev, coords, stage, program, schedule, slots, reports_loss, data_rank, params: b.params, states: b.states })
 }
 
 impl Builder<'_, '_> {

@@ -215,7 +215,11 @@ pub fn partition(c: &Checked, g: &Graph) -> Result<Plan, PartitionError> {
     let (mesh, shards, pipeline, server) = match &c.placement {
         Placement::Single => (Mesh { axes: vec![], data: None, pipe: None }, vec![], None, None),
         Placement::Explicit(e) => (
-            Mesh { axes: e.mesh.iter().map(|(n, s)| (n.clone(), (*s).max(1) as usize)).collect(), data: e.data_axis, pipe: e.pipeline.as_ref().map(|p| p.axis) },
+            Mesh {
+                axes: e.mesh.iter().map(|(n, s)| (n.clone(), (*s).max(1) as usize)).collect(),
+                data: e.data_axis,
+                pipe: e.pipeline.as_ref().map(|p| p.axis),
+            },
             e.shards.clone(),
             e.pipeline.clone(),
             e.parameter_server,

@@ -83,7 +83,18 @@ mod tests {
         assert_eq!(gp.len(), 17);
         let (s0, slots0) = passes(Some(Schedule::OneFOneB), 0, 4, 8);
         assert_eq!(slots0, 4);
-        let phases: String = s0.iter().map(|i| if i.phase == Phase::Forward { 'F' } else if i.phase == Phase::Backward { 'B' } else { 'U' }).collect();
+        let phases: String = s0
+            .iter()
+            .map(|i| {
+                if i.phase == Phase::Forward {
+                    'F'
+                } else if i.phase == Phase::Backward {
+                    'B'
+                } else {
+                    'U'
+                }
+            })
+            .collect();
         assert_eq!(phases, "FFFFBFBFBFBFBBBBU");
         let (_, slots3) = passes(Some(Schedule::OneFOneB), 3, 4, 8);
         assert_eq!(slots3, 1);

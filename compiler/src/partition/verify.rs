@@ -194,12 +194,7 @@ pub fn check_layouts(g: &Graph, out: &[Vec<L>], args: &[Vec<Vec<L>>]) -> Result<
             };
             let carries = matches!(node.op, Op::Accumulate(_) | Op::Send { .. });
             if !ok || (!carries && out[id.0 as usize][ax] != L::P) {
-                return Err(format!(
-                    "node {} ({}) reads a partial sum as operand {} along axis {ax} as if it were complete",
-                    id.0,
-                    node.op.name(),
-                    ps[0]
-                ));
+                return Err(format!("node {} ({}) reads a partial sum as operand {} along axis {ax} as if it were complete", id.0, node.op.name(), ps[0]));
             }
         }
     }

@@ -1,0 +1,247 @@
+//! Every placement against one device: for each strategy and combination, on
+//! 2, 4 and 8 CPU devices, `shardplan verify` trains 10 steps of the placed
+//! plan and of one device side by side and fails unless every step's loss
+//! agrees within 1e-5 relative and every final parameter within 1e-4
+//! (‖a − b‖ / ‖a‖). Also: placed runs are bit-identical, a run resumes under
+//! another placement, and an injected fault stops the run quickly.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shardplan-parallel-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d.join(name)
+}
+
+fn data(file: &str) -> String {
+    root().join("examples/data").join(file).display().to_string()
+}
+
+/// The digits MLP (64 → 128 → 64 → 10) with `batch`, `devices` and `placement`.
+fn mlp(batch: usize, devices: usize, placement: &str) -> String {
+    format!(
+        r#"model DigitsMlp {{
+  input x: f32[batch, 64]
+  input label: i32[batch]
+  layer fc1 = Linear(64, 128)
+  layer fc2 = Linear(128, 64)
+  layer out = Linear(64, 10)
+  loss cross_entropy(out(relu(fc2(relu(fc1(x))))), label)
+}}
+data digits = csv("{}", label: "label", scale: 1/16, train: 0..1500, test: 1500..)
+train {{
+  model: DigitsMlp
+  data: digits
+  batch: {batch}
+  steps: 10
+  optimizer: sgd(lr: 0.1, momentum: 0.9)
+  clip_grad_norm: 1.0
+  seed: 7
+}}
+devices cpu x {devices}
+{placement}
+"#,
+        data("digits.csv")
+    )
+}
+
+/// A small GPT (2 blocks of width 32, 4 heads) trained with AdamW.
+fn gpt(batch: usize, devices: usize, placement: &str) -> String {
+    format!(
+        r#"model TinyGpt {{
+  input tokens: i32[batch, seq]
+  input targets: i32[batch, seq]
+  layer embed = Embedding(256, 32)
+  layer pos = PositionalEmbedding(seq, 32)
+  layer blocks = repeat 2 Block(32, 4)
+  layer ln = LayerNorm(32)
+  layer head = Linear(32, 256)
+  loss cross_entropy(head(ln(blocks(pos(embed(tokens))))), targets)
+}}
+data corpus = text("{}", train: 0..30000, test: 30000..31000)
+train {{
+  model: TinyGpt
+  data: corpus
+  batch: {batch}
+  seq: 16
+  steps: 10
+  optimizer: adamw(lr: 0.003, weight_decay: 0.01)
+  clip_grad_norm: 1.0
+  seed: 1
+}}
+devices cpu x {devices}
+{placement}
+"#,
+        data("tiny.txt")
+    )
+}
+
+const TP_MLP: &str = "shard fc1.w (_, model)\n  shard fc1.b (model)\n  shard fc2.w (model, _)";
+const TP_GPT: &str = "shard blocks[*].attn.wq (_, model)\n  shard blocks[*].attn.wk (_, model)\n  shard blocks[*].attn.wv (_, model)\n  shard blocks[*].attn.wo (model, _)\n  shard blocks[*].mlp.up.w (_, model)\n  shard blocks[*].mlp.up.b (model)\n  shard blocks[*].mlp.down.w (model, _)";
+
+fn verify(name: &str, plan: &str) {
+    let path = tmp(&format!("{name}.plan"));
+    std::fs::write(&path, plan).expect("write plan");
+    let out = Command::new(env!("CARGO_BIN_EXE_shardplan")).args(["verify", "--threads", "2"]).arg(&path).output().expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{name}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ok: the placement matches one device"), "{name}:\n{stdout}");
+    // Ten steps were compared.
+    assert!(stdout.lines().any(|l| l.trim_start().starts_with("10 ")), "{name}:\n{stdout}");
+}
+
+#[test]
+fn data_parallel_matches_one_device() {
+    for n in [2, 4, 8] {
+        verify(&format!("mlp_dp{n}"), &mlp(64, n, &format!("placement {{\n  mesh (data: {n})\n  data_parallel over data\n}}")));
+    }
+    // 63 rows over 4 replicas: 16, 16, 16, 15.
+    verify("mlp_dp4_uneven", &mlp(63, 4, "placement {\n  mesh (data: 4)\n  data_parallel over data\n}"));
+    verify("gpt_dp2", &gpt(8, 2, "placement {\n  mesh (data: 2)\n  data_parallel over data\n}"));
+}
+
+#[test]
+fn tensor_parallel_matches_one_device() {
+    verify("mlp_tp2", &mlp(64, 2, &format!("placement {{\n  mesh (model: 2)\n  {TP_MLP}\n}}")));
+    verify("mlp_tp4", &mlp(64, 4, &format!("placement {{\n  mesh (model: 4)\n  {TP_MLP}\n}}")));
+    verify("gpt_tp2", &gpt(4, 2, &format!("placement {{\n  mesh (model: 2)\n  {TP_GPT}\n}}")));
+    verify("gpt_tp4", &gpt(4, 4, &format!("placement {{\n  mesh (model: 4)\n  {TP_GPT}\n}}")));
+}
+
+#[test]
+fn pipelines_match_one_device() {
+    // Uneven stages: two layers, then one.
+    verify(
+        "mlp_pp2_gpipe",
+        &mlp(64, 2, "placement {\n  mesh (pipe: 2)\n  pipeline over pipe {\n    stage fc1, fc2\n    stage out\n    microbatches 4\n    schedule gpipe\n  }\n}"),
+    );
+    verify(
+        "mlp_pp3_1f1b",
+        &mlp(
+            64,
+            3,
+            "placement {\n  mesh (pipe: 3)\n  pipeline over pipe {\n    stage fc1\n    stage fc2\n    stage out\n    microbatches 8\n    schedule 1f1b\n  }\n}",
+        ),
+    );
+    verify(
+        "gpt_pp2_1f1b",
+        &gpt(8, 2, "placement {\n  mesh (pipe: 2)\n  pipeline over pipe {\n    stage embed, pos, blocks[0]\n    stage blocks[1], ln, head\n    microbatches 4\n    schedule 1f1b\n  }\n}"),
+    );
+    verify(
+        "gpt_pp4_gpipe",
+        &gpt(8, 4, "placement {\n  mesh (pipe: 4)\n  pipeline over pipe {\n    stage embed, pos\n    stage blocks[0]\n    stage blocks[1]\n    stage ln, head\n    microbatches 2\n    schedule gpipe\n  }\n}"),
+    );
+}
+
+#[test]
+fn parameter_servers_match_one_device() {
+    verify("mlp_ps4", &mlp(64, 4, "placement {\n  mesh (data: 4)\n  data_parallel over data\n  parameter_server on cpu0\n}"));
+    // The server need not be the first worker.
+    verify("mlp_ps2_last", &mlp(63, 2, "placement {\n  mesh (data: 2)\n  data_parallel over data\n  parameter_server on cpu1\n}"));
+}
+
+#[test]
+fn combinations_match_one_device() {
+    verify("mlp_dp2_tp2", &mlp(64, 4, &format!("placement {{\n  mesh (data: 2, model: 2)\n  data_parallel over data\n  {TP_MLP}\n}}")));
+    verify(
+        "mlp_dp2_pp2",
+        &mlp(64, 4, "placement {\n  mesh (data: 2, pipe: 2)\n  data_parallel over data\n  pipeline over pipe {\n    stage fc1\n    stage fc2, out\n    microbatches 4\n    schedule 1f1b\n  }\n}"),
+    );
+    verify(
+        "gpt_dp2_tp2_pp2",
+        &gpt(
+            8,
+            8,
+            &format!("placement {{\n  mesh (data: 2, model: 2, pipe: 2)\n  data_parallel over data\n  {TP_GPT}\n  pipeline over pipe {{\n    stage embed, pos, blocks[0]\n    stage blocks[1], ln, head\n    microbatches 2\n    schedule gpipe\n  }}\n}}"),
+        ),
+    );
+}
+
+#[test]
+fn examples_match_one_device() {
+    for e in ["data_parallel", "tensor_parallel", "parameter_server"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_shardplan"))
+            .args(["verify", "--threads", "2", &format!("examples/{e}.plan")])
+            .current_dir(root())
+            .output()
+            .expect("runs");
+        assert!(out.status.success(), "{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardplan")).arg("run").arg("--quiet").args(args).current_dir(root()).output().expect("runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn losses(path: &Path) -> Vec<f32> {
+    std::fs::read_to_string(path)
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["loss"].as_f64().expect("loss") as f32)
+        .collect()
+}
+
+#[test]
+fn placed_runs_are_bit_identical() {
+    let plan = tmp("gpt_3d.plan");
+    std::fs::write(
+        &plan,
+        gpt(8, 8, &format!("placement {{\n  mesh (data: 2, model: 2, pipe: 2)\n  data_parallel over data\n  {TP_GPT}\n  pipeline over pipe {{\n    stage embed, pos, blocks[0]\n    stage blocks[1], ln, head\n    microbatches 2\n    schedule 1f1b\n  }}\n}}")),
+    )
+    .expect("write");
+    let (a, b) = (tmp("3d_a.jsonl"), tmp("3d_b.jsonl"));
+    for m in [&a, &b] {
+        let (ok, _, err) = run(&[plan.to_str().unwrap_or_default(), "--steps", "6", "--metrics", m.to_str().unwrap_or_default()]);
+        assert!(ok, "{err}");
+    }
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 6);
+    assert_eq!(la.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), lb.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_run_resumes_under_another_placement() {
+    // Uninterrupted on one device; stopped after 5 steps under data
+    // parallelism; resumed for the last 5 under tensor parallelism.
+    let one = tmp("resume_one.plan");
+    let dp = tmp("resume_dp.plan");
+    let tp = tmp("resume_tp.plan");
+    std::fs::write(&one, mlp(64, 1, "")).expect("write");
+    std::fs::write(&dp, mlp(64, 4, "placement {\n  mesh (data: 4)\n  data_parallel over data\n}")).expect("write");
+    std::fs::write(&tp, mlp(64, 2, &format!("placement {{\n  mesh (model: 2)\n  {TP_MLP}\n}}"))).expect("write");
+    let s = |p: &PathBuf| p.to_str().unwrap_or_default().to_string();
+    let (full, first, second, ck) = (tmp("full.jsonl"), tmp("first.jsonl"), tmp("second.jsonl"), tmp("mid.safetensors"));
+    let (ok, _, err) = run(&[&s(&one), "--metrics", &s(&full)]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&[&s(&dp), "--stop-after", "5", "--save", &s(&ck), "--metrics", &s(&first)]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&[&s(&tp), "--resume", &s(&ck), "--metrics", &s(&second)]);
+    assert!(ok, "{err}");
+    let full = losses(&full);
+    let mut pieced = losses(&first);
+    pieced.extend(losses(&second));
+    assert_eq!(full.len(), 10);
+    assert_eq!(pieced.len(), 10);
+    for (i, (a, b)) in full.iter().zip(&pieced).enumerate() {
+        assert!(((a - b) / a).abs() < 1e-5, "step {}: {a} uninterrupted, {b} resumed under another placement", i + 1);
+    }
+}
+
+#[test]
+fn an_injected_fault_stops_every_device_quickly() {
+    let start = Instant::now();
+    let (ok, _, err) = run(&["examples/data_tensor_pipeline.plan", "--steps", "20", "--inject-fault", "device=5,step=3"]);
+    let took = start.elapsed().as_secs_f64();
+    assert!(!ok);
+    assert!(err.contains("device 5 failed at step 3: injected fault"), "{err}");
+    assert!(err.contains("run::device"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(took < 10.0, "took {took:.1} s");
+}
