@@ -245,3 +245,45 @@ fn an_injected_fault_stops_every_device_quickly() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(took < 10.0, "took {took:.1} s");
 }
+
+fn inspect_json(path: &Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardplan")).args(["inspect", "--format", "json"]).arg(path).current_dir(root()).output().expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn megatron_pairs_need_one_all_reduce_each_way() {
+    // Two blocks, each with an attention pair and an MLP pair: 2 × 2 pairs,
+    // one all-reduce of the activations [4, 16, 32] forward and one backward.
+    let path = tmp("gpt_tp2_count.plan");
+    std::fs::write(&path, gpt(4, 2, &format!("placement {{\n  mesh (model: 2)\n  {TP_GPT}\n}}"))).expect("write");
+    let v = inspect_json(&path);
+    for d in v["devices"].as_array().expect("devices") {
+        let colls = d["collectives"].as_array().expect("collectives");
+        let activation = colls.iter().filter(|c| c[0] == "all-reduce(model)" && c[1] == 4 * 16 * 32 * 4).count();
+        assert_eq!(activation, 8, "{d}");
+        // Besides those, only the gradient norm's partial sum (one scalar).
+        assert_eq!(colls.len(), 9, "{d}");
+    }
+}
+
+#[test]
+fn data_parallel_gradients_travel_in_buckets() {
+    let path = tmp("gpt_dp2_buckets.plan");
+    std::fs::write(&path, gpt(8, 2, "placement {\n  mesh (data: 2)\n  data_parallel over data\n}")).expect("write");
+    let v = inspect_json(&path);
+    for d in v["devices"].as_array().expect("devices") {
+        let colls = d["collectives"].as_array().expect("collectives");
+        // Every gradient (all 30 tensors) in one all-reduce.
+        assert_eq!(colls.len(), 1, "{d}");
+        assert_eq!(colls[0][1], d["grad_bytes"], "{d}");
+    }
+}
+
+#[test]
+fn the_pipeline_timeline_is_stable() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardplan")).args(["inspect", "examples/pipeline_1f1b.plan"]).current_dir(root()).output().expect("runs");
+    assert!(out.status.success());
+    insta::assert_snapshot!(String::from_utf8_lossy(&out.stdout));
+}

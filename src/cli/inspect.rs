@@ -1,14 +1,14 @@
 //! `shardplan inspect FILE`: what the compiler makes of a plan.
 
 use super::check;
-use super::{GraphFormat, KernelFormat};
+use super::{Format, GraphFormat, KernelFormat};
 use shardplan_compiler::kernel::{lower, StepKind};
 use shardplan_compiler::{autodiff, graph};
 use shardplan_runtime::backend::cpu::jit;
 use std::path::Path;
 use std::process::ExitCode;
 
-pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<KernelFormat>, color: bool) -> ExitCode {
+pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<KernelFormat>, format: Format, color: bool) -> ExitCode {
     let Some(c) = check::load(file, color) else { return ExitCode::from(1) };
     let g = autodiff::differentiate(graph::build(&c), &c);
     if let Err(e) = g.verify() {
@@ -41,6 +41,20 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
     }
     match graph_format {
         Some(GraphFormat::Dot) => print!("{}", graph::to_dot(&g, &c)),
+        None if matches!(c.placement, shardplan_compiler::check::Placement::Explicit(_)) => {
+            let plan = match shardplan_compiler::partition::partition(&c, &g) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error[run::placement]: cannot partition the plan: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let name = file.display().to_string();
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&super::devices::json(&name, &c, &plan)).unwrap_or_default()),
+                Format::Human => super::devices::print(&name, &c, &plan),
+            }
+        }
         None => {
             let count = |r: graph::Role| g.ids().filter(|&id| g.node(id).role == r).count();
             println!("{}: training graph", file.display());

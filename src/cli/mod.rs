@@ -4,6 +4,7 @@
 //! 2 the command line is wrong.
 
 mod check;
+mod devices;
 mod inspect;
 pub mod render;
 mod run;
@@ -46,6 +47,9 @@ pub enum Command {
         /// Print the generated kernels in this form.
         #[arg(long, value_enum)]
         kernels: Option<KernelFormat>,
+        /// Output format of the summary: for people, or JSON for tools.
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
     },
 }
 
@@ -82,7 +86,7 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     match cli.command {
         Command::Check { files, format } => check::run(&files, format, color),
-        Command::Inspect { file, graph, kernels } => inspect::run(&file, graph, kernels, color),
+        Command::Inspect { file, graph, kernels, format } => inspect::run(&file, graph, kernels, format, color),
         Command::Run(args) => run::run(&args, color),
         Command::Verify(args) => run::verify(&args, color),
     }

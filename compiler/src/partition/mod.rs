@@ -400,6 +400,10 @@ impl Global<'_> {
     fn propagate(&mut self) -> Result<(), PartitionError> {
         let g = self.g;
         let na = self.axes.len();
+        // Partial values some consumer already reduced, per axis: later
+        // consumers read the reduced value too, rather than passing the
+        // partial sum on into more reductions.
+        let mut reduced: Vec<std::collections::HashSet<NodeId>> = vec![Default::default(); na];
         for id in g.ids() {
             let node = g.node(id);
             let shape = self.shape(id);
@@ -430,6 +434,8 @@ impl Global<'_> {
                             && !matches!(xn.op, Op::Param(_) | Op::State(_) | Op::Input(_) | Op::Const(_) | Op::Hyper(_));
                         if summed && (a == self.mb_axis || (Some(a) == self.data_axis && l == L::P)) {
                             L::R
+                        } else if l == L::P && reduced[a].contains(x) && (xn.role == Role::Update) == (node.role == Role::Update) {
+                            L::R
                         } else {
                             l
                         }
@@ -458,6 +464,11 @@ impl Global<'_> {
             for (i, r) in req.iter_mut().enumerate() {
                 let s = self.shape(args[i]);
                 self.normalize(&s, r);
+                for (a, l) in r.iter().enumerate() {
+                    if *l == L::R && self.layout[args[i].0 as usize].get(a) == Some(&L::P) {
+                        reduced[a].insert(args[i]);
+                    }
+                }
             }
             self.normalize(&shape, &mut out);
             // Two mesh axes may not split one dim (microbatches nest inside the data axis).

@@ -132,8 +132,9 @@ pub fn decide(g: &Graph, id: NodeId, have: &[L], k: usize, update: bool) -> Axis
         }
         Op::LayerNormGradX { .. } => {
             let last = out_shape.len().saturating_sub(1);
+            // Linear in dy, but reducing dy first (as Megatron does) keeps the
+            // norm's own gradients whole: one reduction instead of three.
             match (have[0], have[2]) {
-                (L::R, L::P) => rule(vec![L::R, L::R, L::P], L::P),
                 (L::S(d, u), _) | (_, L::S(d, u)) if d != last => rule(vec![L::S(d, u), L::R, L::S(d, u)], L::S(d, u)),
                 _ => rule(all(3, L::R), L::R),
             }
@@ -141,7 +142,6 @@ pub fn decide(g: &Graph, id: NodeId, have: &[L], k: usize, update: bool) -> Axis
         Op::LayerNormGradGamma { .. } => {
             let last = arg_shape(0).len().saturating_sub(1);
             match (have[0], have[1]) {
-                (L::R, L::P) => rule(vec![L::R, L::P], L::P),
                 (L::S(d, u), _) | (_, L::S(d, u)) if d != last => rule(vec![L::S(d, u), L::S(d, u)], L::P),
                 _ => rule(all(2, L::R), L::R),
             }
