@@ -21,3 +21,16 @@ fn every_example_partitions_and_verifies() {
         eprintln!("{name}: {} devices, events {:?}", plan.devices.len(), ev.iter().map(|e| e.len()).collect::<Vec<_>>());
     }
 }
+
+#[test]
+fn a_shape_that_does_not_match_its_layout_is_rejected() {
+    let src = std::fs::read_to_string("../examples/tensor_parallel.plan").unwrap();
+    let mut plan = plan_of(&src);
+    let dev = &mut plan.devices[1].program;
+    let b = dev.buffers.iter_mut().find(|b| b.kind == shardplan_compiler::kernel::BufKind::Param(0)).expect("fc1.w");
+    // fc1.w is split by columns: [64, 64] on each device; claim the whole.
+    assert_eq!(b.shape, vec![64, 64]);
+    b.shape = vec![64, 128];
+    let e = verify::verify(&plan).unwrap_err();
+    assert!(e.contains("device 1") && e.contains("[64, 128]"), "{e}");
+}

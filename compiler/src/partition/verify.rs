@@ -67,9 +67,36 @@ pub fn events(plan: &Plan) -> Vec<Vec<Event>> {
         .collect()
 }
 
-/// Simulates every device's step together.
+/// Checks every device's layouts and shapes, then simulates every device's step together.
 pub fn verify(plan: &Plan) -> Result<(), String> {
+    shapes(plan)?;
     simulate(&events(plan))
+}
+
+/// Every parameter and optimizer state a device holds has the shape of its
+/// piece of the global tensor, and the pieces of one tensor agree on its
+/// global shape.
+pub fn shapes(plan: &Plan) -> Result<(), String> {
+    use crate::kernel::BufKind;
+    for d in &plan.devices {
+        for b in &d.program.buffers {
+            let (pieces, i, what) = match b.kind {
+                BufKind::Param(i) => (&d.params, i, "parameter"),
+                BufKind::State(i) => (&d.states, i, "optimizer state"),
+                _ => continue,
+            };
+            let Some(piece) = pieces.iter().find(|p| p.index == i) else {
+                return Err(format!("device {} holds {what} {i} but the plan does not say which part", d.device));
+            };
+            if piece.len != b.shape {
+                return Err(format!("device {} holds {what} {i} as {:?}, but its layout gives it {:?} of {:?}", d.device, b.shape, piece.len, piece.global));
+            }
+            if piece.start.iter().zip(&piece.len).zip(&piece.global).any(|((s, l), g)| s + l > *g) {
+                return Err(format!("device {}'s part of {what} {i} lies outside its global shape {:?}", d.device, piece.global));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Simulates devices' event lists together; the first problem, described.
@@ -199,4 +226,60 @@ pub fn check_layouts(g: &Graph, out: &[Vec<L>], args: &[Vec<Vec<L>>]) -> Result<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::{DType, Dim, Ty};
+
+    fn send(to: usize, id: u32) -> Event {
+        Event::Send { to, id, len: 4 }
+    }
+    fn recv(from: usize, id: u32) -> Event {
+        Event::Recv { from, id, len: 4 }
+    }
+    fn ar(id: u32) -> Event {
+        Event::Collective { kind: "all-reduce(model)".into(), group: vec![0, 1], id, len: 4 }
+    }
+
+    #[test]
+    fn matched_programs_pass() {
+        assert_eq!(simulate(&[vec![send(1, 1), ar(2), recv(1, 3)], vec![recv(0, 1), ar(2), send(0, 3)]]), Ok(()));
+    }
+
+    #[test]
+    fn mismatches_and_deadlocks_are_named() {
+        // Receives in the other order.
+        let e = simulate(&[vec![send(1, 1), send(1, 2)], vec![recv(0, 2), recv(0, 1)]]).unwrap_err();
+        assert!(e.contains("device 1") && e.contains("instruction 1"), "{e}");
+        // Collectives met in different orders.
+        let e = simulate(&[vec![ar(1), ar(2)], vec![ar(2), ar(1)]]).unwrap_err();
+        assert!(e.contains("expected all-reduce(model)"), "{e}");
+        // Both wait for the other.
+        let e = simulate(&[vec![recv(1, 1), send(1, 2)], vec![recv(0, 2), send(0, 1)]]).unwrap_err();
+        assert!(e.contains("never finish"), "{e}");
+        // A send nobody receives.
+        let e = simulate(&[vec![send(1, 1)], vec![]]).unwrap_err();
+        assert!(e.contains("never receives"), "{e}");
+    }
+
+    #[test]
+    fn a_partial_sum_read_as_complete_is_rejected() {
+        let mut g = Graph::new();
+        let t = Ty::new(DType::F32, vec![Dim::known(4)]);
+        let x = g.add(Op::Input(0), &[], t.clone(), Role::Forward);
+        let r = g.add(Op::Relu, &[x], t.clone(), Role::Forward);
+        let n = g.add(Op::Neg, &[x], t, Role::Forward);
+        let _ = (r, n);
+        // relu of a partial sum: wrong.
+        let out = vec![vec![L::P], vec![L::P], vec![L::P]];
+        let args = vec![vec![], vec![vec![L::P]], vec![vec![L::P]]];
+        let e = check_layouts(&g, &out, &args).unwrap_err();
+        assert!(e.contains("relu"), "{e}");
+        // negation is linear: fine once relu reads the reduced value.
+        let args = vec![vec![], vec![vec![L::R]], vec![vec![L::P]]];
+        let out = vec![vec![L::P], vec![L::R], vec![L::P]];
+        assert_eq!(check_layouts(&g, &out, &args), Ok(()));
+    }
 }
