@@ -42,7 +42,7 @@ enum Cmd {
 
 enum Reply {
     Done,
-    Loss(Option<f64>),
+    Loss(Option<f64>, DeviceStats),
     Tensors {
         params: Vec<(usize, Vec<f32>)>,
         states: Vec<(usize, Vec<f32>)>,
@@ -57,11 +57,25 @@ struct Worker {
     handle: Option<JoinHandle<()>>,
 }
 
+/// What one device did during one step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeviceStats {
+    /// Seconds in forward and backward passes, transfers and collectives excluded.
+    pub busy_s: f64,
+    /// Seconds in transfers and collectives (waiting included).
+    pub comm_s: f64,
+    /// Seconds of the whole step.
+    pub step_s: f64,
+    /// Bytes of the device's buffers (parameters, states, gradients, activations).
+    pub bytes: u64,
+}
+
 /// A running set of devices.
 pub struct Cluster {
     plan: Plan,
     workers: Vec<Worker>,
     failed: Option<String>,
+    stats: Vec<DeviceStats>,
 }
 
 /// Which rows of a batch of `rows` device `d` trains on, per microbatch.
@@ -139,7 +153,12 @@ impl Cluster {
             let handle = std::thread::Builder::new().name(format!("device {}", dp.device)).spawn(move || device_main(dp, ep, hash, per, crx, rtx)).ok();
             workers.push(Worker { tx, rx, handle });
         }
-        Cluster { plan, workers, failed: None }
+        Cluster { plan, workers, failed: None, stats: Vec::new() }
+    }
+
+    /// Per device, what it did in the last step.
+    pub fn stats(&self) -> &[DeviceStats] {
+        &self.stats
     }
 
     pub fn plan(&self) -> &Plan {
@@ -200,10 +219,14 @@ impl Cluster {
         let replies = self.all(|i| Cmd::Step { step, hyper, batches: batches[i].take().unwrap_or_default(), fault: fault == Some(i) })?;
         let mut loss = 0.0;
         let mut any = false;
+        self.stats.clear();
         for r in replies {
-            if let Reply::Loss(Some(l)) = r {
-                loss += l;
-                any = true;
+            if let Reply::Loss(l, st) = r {
+                self.stats.push(st);
+                if let Some(l) = l {
+                    loss += l;
+                    any = true;
+                }
             }
         }
         Ok(if any { loss } else { f64::NAN })
@@ -252,6 +275,8 @@ struct Link<'a> {
     ep: &'a Endpoint,
     plan: u64,
     seq: u64,
+    /// Seconds spent communicating.
+    spent: f64,
     /// The transport error behind a failed op, if any.
     error: Option<TransportError>,
 }
@@ -266,6 +291,15 @@ impl Link<'_> {
 
 impl Comm for Link<'_> {
     fn run(&mut self, op: &Op, input: Option<(&[f32], &[usize])>, out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError> {
+        let t = std::time::Instant::now();
+        let r = self.transfer(op, input, out, out_shape);
+        self.spent += t.elapsed().as_secs_f64();
+        r
+    }
+}
+
+impl Link<'_> {
+    fn transfer(&mut self, op: &Op, input: Option<(&[f32], &[usize])>, out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError> {
         let group = |g: &[u32]| g.iter().map(|&x| x as usize).collect::<Vec<usize>>();
         match op {
             Op::AllReduce { group: g, id, axis } => {
@@ -407,6 +441,8 @@ fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, plan: u64, exec: &mut Executor, cm
                 Hyper::BiasCorrection1 => hyper.bias_correction1,
                 Hyper::BiasCorrection2 => hyper.bias_correction2,
             };
+            let t0 = std::time::Instant::now();
+            let mut st = DeviceStats { bytes: exec.bytes(), ..DeviceStats::default() };
             exec.begin_step(&h);
             let mut loss = 0.0f64;
             for instr in &dp.schedule {
@@ -415,7 +451,8 @@ fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, plan: u64, exec: &mut Executor, cm
                     Phase::Backward => (Role::Backward, 2),
                     Phase::Update => (Role::Update, 3),
                 };
-                let mut link = Link { ep, plan, seq: (step << 32) | (code << 28) | ((instr.mb as u64) << 8), error: None };
+                let mut link = Link { ep, plan, seq: (step << 32) | (code << 28) | ((instr.mb as u64) << 8), spent: 0.0, error: None };
+                let tp = std::time::Instant::now();
                 if instr.phase == Phase::Forward {
                     if let Some(b) = batches.get(instr.mb) {
                         set_batch(exec, instr.slot, b).map_err(kerr)?;
@@ -428,12 +465,17 @@ fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, plan: u64, exec: &mut Executor, cm
                         None => (format!("device {dev} failed at step {}: {e}", step + 1), false),
                     });
                 }
+                if instr.phase != Phase::Update {
+                    st.busy_s += tp.elapsed().as_secs_f64() - link.spent;
+                }
+                st.comm_s += link.spent;
                 if instr.phase == Phase::Forward && dp.reports_loss {
                     loss += exec.loss_in(instr.slot) as f64;
                 }
             }
             exec.finish_step();
-            Ok(Reply::Loss(dp.reports_loss.then_some(loss)))
+            st.step_s = t0.elapsed().as_secs_f64();
+            Ok(Reply::Loss(dp.reports_loss.then_some(loss), st))
         }
     }
 }

@@ -165,6 +165,16 @@ impl Executor {
         Ok(())
     }
 
+    /// Bytes of every buffer this executor holds, buffer sets included.
+    pub fn bytes(&self) -> u64 {
+        let size = |s: &Storage| match s {
+            Storage::F32(v) => 4 * v.len() as u64,
+            Storage::I32(v) => 4 * v.len() as u64,
+            Storage::Alias => 0,
+        };
+        self.storage.iter().chain(self.banks.iter().flatten()).map(size).sum()
+    }
+
     pub fn program(&self) -> &Program {
         &self.program
     }
