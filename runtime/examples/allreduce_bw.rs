@@ -12,7 +12,9 @@
 //! time (median over as many copies after one warm-up). GB/s means 10^9 bytes per second.
 //!
 //! Device `d` starts with every element equal to `d + 1`, so after the warm-up all-reduce every
-//! element must equal n(n+1)/2 exactly; the program exits non-zero if one does not.
+//! element must equal n(n+1)/2 exactly; the program exits non-zero if one does not. The endpoints
+//! recycle payload buffers; the last line counts the buffers the timed iterations had to allocate
+//! (0 when every ring step reused one from its endpoint's pool).
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,12 +77,16 @@ fn main() -> ExitCode {
     println!("ring all-reduce of f32 over {n} devices (one thread each); {} timed iterations after 1 warm-up, medians", args.iters);
     println!("busbw = algbw * 2(n-1)/n = algbw * {bus_factor:.3}; memcpy: one thread, bytes copied / time; GB/s = 10^9 B/s");
     println!();
+    let mut steady_allocs = 0;
     println!("{:>8}  {:>10}  {:>10}  {:>10}  {:>11}  {:>12}", "size", "time ms", "algbw GB/s", "busbw GB/s", "memcpy GB/s", "busbw/memcpy");
     for mib in SIZES_MIB.into_iter().filter(|&mib| mib <= args.max_mib) {
         let bytes = mib << 20;
         let len = bytes / std::mem::size_of::<f32>();
         let secs = match time_all_reduce(n, len, args.iters) {
-            Ok(secs) => secs,
+            Ok((secs, allocs)) => {
+                steady_allocs += allocs;
+                secs
+            }
             Err(msg) => {
                 eprintln!("allreduce_bw: all-reduce of {mib} MiB failed: {msg}");
                 return ExitCode::FAILURE;
@@ -94,15 +100,17 @@ fn main() -> ExitCode {
     }
     println!();
     println!("every size checked: after the warm-up all-reduce each element of every device equals n(n+1)/2 = {}", n * (n + 1) / 2);
+    println!("payload buffers allocated by the timed iterations, all sizes and devices: {steady_allocs}");
     ExitCode::SUCCESS
 }
 
-/// Median over `iters` timed all-reduces of `len` elements (after one warm-up) of the slowest device's time, in seconds.
-fn time_all_reduce(n: usize, len: usize, iters: usize) -> Result<f64, String> {
+/// Median over `iters` timed all-reduces of `len` elements (after one warm-up) of the slowest device's time, in seconds,
+/// and the payload buffers the devices allocated during the timed all-reduces.
+fn time_all_reduce(n: usize, len: usize, iters: usize) -> Result<(f64, u64), String> {
     let group: Vec<usize> = (0..n).collect();
     let barrier = Barrier::new(n);
     let stop = AtomicBool::new(false);
-    let per_device: Vec<Result<Vec<Duration>, String>> = std::thread::scope(|s| {
+    let per_device: Vec<Result<(Vec<Duration>, u64), String>> = std::thread::scope(|s| {
         let handles: Vec<_> = Fabric::new(n)
             .into_iter()
             .map(|ep| {
@@ -112,22 +120,24 @@ fn time_all_reduce(n: usize, len: usize, iters: usize) -> Result<f64, String> {
             .collect();
         handles.into_iter().map(|h| h.join().expect("a device thread panicked")).collect()
     });
-    let per_device = per_device.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let (per_device, allocs): (Vec<Vec<Duration>>, Vec<u64>) = per_device.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
     let slowest: Vec<Duration> = (0..iters).map(|i| per_device.iter().map(|times| times[i]).max().unwrap_or_default()).collect();
-    Ok(median_secs(slowest))
+    Ok((median_secs(slowest), allocs.iter().sum()))
 }
 
-/// One device: a warm-up all-reduce, checked, then `iters` timed ones, each from freshly filled data.
+/// One device: a warm-up all-reduce, checked, then `iters` timed ones, each from freshly filled data;
+/// their times, and the payload buffers this device allocated after the warm-up.
 ///
 /// Every device passes the same barriers: a device that fails sets `stop` before its next barrier,
 /// so after that barrier every device sees it and they all leave the loop together.
-fn run_device(ep: &Endpoint, group: &[usize], barrier: &Barrier, stop: &AtomicBool, len: usize, iters: usize) -> Result<Vec<Duration>, String> {
+fn run_device(ep: &Endpoint, group: &[usize], barrier: &Barrier, stop: &AtomicBool, len: usize, iters: usize) -> Result<(Vec<Duration>, u64), String> {
     let n = group.len();
     let init = (ep.rank() + 1) as f32;
     let expected = (n * (n + 1) / 2) as f32;
     let mut data = vec![0.0f32; len];
     let mut times = Vec::with_capacity(iters);
     let mut failure = None;
+    let mut after_warm_up = 0;
     for it in 0..=iters {
         data.fill(init);
         barrier.wait();
@@ -142,7 +152,7 @@ fn run_device(ep: &Endpoint, group: &[usize], barrier: &Barrier, stop: &AtomicBo
         let result = result.map_err(|err| err.to_string()).and_then(|()| if it == 0 { check(ep.rank(), &data, expected) } else { Ok(()) });
         match result {
             Ok(()) if it > 0 => times.push(elapsed),
-            Ok(()) => {}
+            Ok(()) => after_warm_up = ep.buffers_allocated(),
             Err(msg) => {
                 ep.abort(&msg);
                 stop.store(true, Ordering::Release);
@@ -150,7 +160,7 @@ fn run_device(ep: &Endpoint, group: &[usize], barrier: &Barrier, stop: &AtomicBo
             }
         }
     }
-    failure.map_or(Ok(times), Err)
+    failure.map_or_else(|| Ok((times, ep.buffers_allocated() - after_warm_up)), Err)
 }
 
 fn check(rank: usize, data: &[f32], expected: f32) -> Result<(), String> {

@@ -13,7 +13,11 @@
 //! - ring algorithms move about `2 (n-1)/n * len` elements per member, never `n * len`;
 //! - message `k` of a collective carries sequence number `tag.seq + k` and kind
 //!   `tag.name`, so a peer running a different instruction is reported at once;
-//! - a group of one is a no-op (beyond copying into `out`).
+//! - a group of one is a no-op (beyond copying into `out`);
+//! - payloads travel in buffers from the endpoints' pools: a send fills one taken from
+//!   the sender's pool, and a receive hands the buffer back to the receiver's pool once
+//!   it is reduced or copied out, so after the first collective of a size the ring
+//!   steps allocate nothing (`reduce_scatter` still copies its input once).
 
 use std::ops::Range;
 
@@ -97,7 +101,8 @@ pub fn broadcast(ep: &Endpoint, group: &[usize], root: usize, tag: &Tag, data: &
     let len = data.len();
     if ring.pos == root_pos {
         for (i, &member) in group.iter().enumerate().filter(|&(i, _)| i != root_pos) {
-            let chunk = data[chunk_range(len, n, i)].to_vec();
+            let mut chunk = ep.take_buffer(ring.max_chunk(len));
+            chunk.extend_from_slice(&data[chunk_range(len, n, i)]);
             ep.send(member, Message { header: ring.header(i as u64), data: chunk })?;
         }
     } else {
@@ -107,6 +112,7 @@ pub fn broadcast(ep: &Endpoint, group: &[usize], root: usize, tag: &Tag, data: &
             return Err(ring.wrong_length(own.len(), got.len()));
         }
         data[own].copy_from_slice(&got);
+        ep.give_back(got);
     }
     ring.all_gather(data, n as u64)
 }
@@ -155,6 +161,12 @@ impl<'a> Ring<'a> {
         TransportError::Malformed { device: self.ep.rank(), instr: self.tag.instr, reason }
     }
 
+    /// Length of the longest chunk of `len` elements (chunk 0); every payload buffer is taken
+    /// with this capacity, so buffers passed around the ring fit any chunk of the collective.
+    fn max_chunk(&self, len: usize) -> usize {
+        chunk_range(len, self.n(), 0).len()
+    }
+
     fn wrong_length(&self, expected: usize, got: usize) -> TransportError {
         let err = self.malformed(format!("{} expected {expected} elements but received {got}", self.tag.name));
         self.ep.abort(&err.to_string());
@@ -162,9 +174,11 @@ impl<'a> Ring<'a> {
     }
 
     /// Sends one chunk right and receives one from the left, as step `step` of the collective.
+    /// The caller hands the received buffer back to the pool once it has used it.
     fn shift(&self, buf: &[f32], send: usize, recv_len: usize, step: u64) -> Result<Vec<f32>, TransportError> {
         let len = buf.len();
-        let data = buf[chunk_range(len, self.n(), send)].to_vec();
+        let mut data = self.ep.take_buffer(self.max_chunk(len));
+        data.extend_from_slice(&buf[chunk_range(len, self.n(), send)]);
         self.ep.send(self.member(1), Message { header: self.header(step), data })?;
         let got = self.ep.recv(self.member(-1), &self.header(step))?;
         if got.len() != recv_len {
@@ -180,9 +194,10 @@ impl<'a> Ring<'a> {
             let send = self.chunk(-(s as isize) - 1);
             let recv = chunk_range(len, n, self.chunk(-(s as isize) - 2));
             let got = self.shift(buf, send, recv.len(), first_step + s as u64)?;
-            for (acc, x) in buf[recv].iter_mut().zip(got) {
+            for (acc, &x) in buf[recv].iter_mut().zip(&got) {
                 *acc += x;
             }
+            self.ep.give_back(got);
         }
         Ok(())
     }
@@ -195,6 +210,7 @@ impl<'a> Ring<'a> {
             let recv = chunk_range(len, n, self.chunk(-(s as isize) - 1));
             let got = self.shift(buf, send, recv.len(), first_step + s as u64)?;
             buf[recv].copy_from_slice(&got);
+            self.ep.give_back(got);
         }
         Ok(())
     }
@@ -444,6 +460,52 @@ mod tests {
         let mut out = vec![0.0; 4];
         let err = all_gather(&eps[0], &[0, 1], &tag("all-gather(data)"), &[1.0], 4, &mut out).expect_err("length");
         assert!(matches!(err, TransportError::Malformed { device: 0, .. }), "{err:?}");
+    }
+
+    #[test]
+    fn collectives_steady_state_takes_every_payload_buffer_from_the_pool() {
+        // Odd lengths, so chunks differ in length and buffers of either length circulate.
+        for n in SIZES {
+            let group: Vec<usize> = (0..n).collect();
+            for len in [1001, 4096 + 3] {
+                let want = naive_sum(&group, len);
+                let results = all_ok(on_devices(n, |ep| {
+                    let mut warm = input(ep.rank(), len);
+                    all_reduce(ep, &group, &tag("all-reduce(data)"), &mut warm)?;
+                    let after_warm_up = ep.buffers_allocated();
+                    let mut steady = Vec::new();
+                    for instr in 0..3 {
+                        let mut data = input(ep.rank(), len);
+                        all_reduce(ep, &group, &Tag { instr: 500 + instr, ..tag("all-reduce(data)") }, &mut data)?;
+                        let mut chunk = vec![0.0; chunk_range(len, n, ep.rank()).len()];
+                        reduce_scatter(ep, &group, &Tag { instr: 600 + instr, ..tag("reduce-scatter(data)") }, &data, &mut chunk)?;
+                        let mut gathered = vec![0.0; len];
+                        all_gather(ep, &group, &Tag { instr: 700 + instr, ..tag("all-gather(data)") }, &chunk, len, &mut gathered)?;
+                        steady.push(data.iter().map(|x| x.to_bits()).collect::<Vec<u32>>());
+                    }
+                    let (after_all, pool_len) = (ep.buffers_allocated(), ep.pool_len());
+                    // The root of a broadcast sends n - 1 chunks and receives none, so it may allocate;
+                    // its result is still bit for bit the root's data.
+                    let mut data = warm.clone();
+                    broadcast(ep, &group, n - 1, &Tag { instr: 800, ..tag("broadcast(data)") }, &mut data)?;
+                    steady.push(data.iter().map(|x| x.to_bits()).collect());
+                    Ok((warm, after_warm_up, after_all, pool_len, steady))
+                }));
+                let first_bits: Vec<u32> = results[0].0.iter().map(|x| x.to_bits()).collect();
+                for (rank, (warm, after_warm_up, after_all, pool_len, steady)) in results.into_iter().enumerate() {
+                    let what = format!("n={n} len={len} rank={rank}");
+                    assert_close(&warm, &want, &what);
+                    // The warm-up needs one buffer per device; everything after reuses it.
+                    assert_eq!(after_warm_up, 1, "{what}: buffers allocated by the warm-up");
+                    assert_eq!(after_all, after_warm_up, "{what}: buffers allocated after the warm-up");
+                    assert!((1..=crate::transport::POOL_CAP).contains(&pool_len), "{what}: pool holds {pool_len}");
+                    // Recycled buffers change no bit of any result.
+                    for bits in steady {
+                        assert_eq!(bits, first_bits, "{what}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

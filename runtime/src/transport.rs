@@ -14,6 +14,13 @@
 //!   vanished peer) marks the whole fabric failed, and every blocked or later
 //!   `send`/`recv` on every endpoint returns `Aborted` naming that device within
 //!   one poll interval, so no device waits forever on a dead peer.
+//!
+//! Payload buffers are recycled: `take_buffer` hands out a spare `Vec` from the
+//! endpoint's pool (at most `POOL_CAP` of them), and a receiver that has copied a
+//! payload out hands it back with `give_back`. In a ring every device sends and
+//! receives equally often, so after the first collective of a size the pools hold
+//! enough buffers and steady-state collectives allocate nothing (a freshly
+//! allocated buffer's pages would otherwise be faulted in and zeroed every step).
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +33,9 @@ const POLL: Duration = Duration::from_millis(50);
 
 /// How long a receive waits for a live peer before giving up.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Most spare payload buffers one endpoint keeps; a ring step needs one.
+pub const POOL_CAP: usize = 4;
 
 /// What a message claims to be; compared field by field with what the receiver expects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +105,12 @@ impl Fabric {
                 inbox.push(rx);
             }
         }
-        senders.into_iter().zip(receivers).enumerate().map(|(rank, (to, from))| Endpoint { rank, to, from, shared: Arc::clone(&shared), timeout }).collect()
+        senders
+            .into_iter()
+            .zip(receivers)
+            .enumerate()
+            .map(|(rank, (to, from))| Endpoint { rank, to, from, shared: Arc::clone(&shared), timeout, pool: Mutex::default() })
+            .collect()
     }
 }
 
@@ -108,6 +123,16 @@ pub struct Endpoint {
     from: Vec<Receiver<Message>>,
     shared: Arc<Shared>,
     timeout: Duration,
+    /// Spare payload buffers. Only this endpoint's thread touches it, so the lock is never
+    /// contended; a `Mutex` rather than a `RefCell` keeps `Endpoint` `Sync`.
+    pool: Mutex<Pool>,
+}
+
+/// Spare payload buffers of one endpoint, and how often `take_buffer` found none that fitted.
+#[derive(Default)]
+struct Pool {
+    spare: Vec<Vec<f32>>,
+    allocated: u64,
 }
 
 impl fmt::Debug for Endpoint {
@@ -158,6 +183,58 @@ impl Endpoint {
                 }
             }
         }
+    }
+
+    /// An empty buffer with room for at least `capacity` elements, for a message payload:
+    /// the smallest spare one that fits, else a spare one grown (or a new one) to exactly
+    /// `capacity`. Hand it back with `give_back` once its contents are no longer needed.
+    pub fn take_buffer(&self, capacity: usize) -> Vec<f32> {
+        let mut pool = self.pool();
+        let fits = pool.spare.iter().enumerate().filter(|(_, b)| b.capacity() >= capacity).min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i);
+        let mut buf = match fits {
+            Some(i) => pool.spare.swap_remove(i),
+            None => {
+                pool.allocated += 1;
+                // Grow the largest spare rather than keep a buffer that is too small.
+                let largest = pool.spare.iter().enumerate().max_by_key(|(_, b)| b.capacity()).map(|(i, _)| i);
+                largest.map_or_else(Vec::new, |i| pool.spare.swap_remove(i))
+            }
+        };
+        buf.clear();
+        buf.reserve_exact(capacity);
+        buf
+    }
+
+    /// Returns a payload buffer (typically one `recv` delivered) to this endpoint's pool.
+    /// A full pool keeps its largest buffers; one without capacity is dropped.
+    pub fn give_back(&self, buf: Vec<f32>) {
+        if buf.capacity() == 0 {
+            return;
+        }
+        let mut pool = self.pool();
+        if pool.spare.len() < POOL_CAP {
+            pool.spare.push(buf);
+        } else if let Some(smallest) = pool.spare.iter_mut().min_by_key(|b| b.capacity()) {
+            if smallest.capacity() < buf.capacity() {
+                *smallest = buf;
+            }
+        }
+    }
+
+    /// How many spare payload buffers the pool holds now.
+    pub fn pool_len(&self) -> usize {
+        self.pool().spare.len()
+    }
+
+    /// How many times `take_buffer` found no spare buffer large enough and allocated (or grew
+    /// one) since the endpoint was built; constant across steady-state collectives.
+    pub fn buffers_allocated(&self) -> u64 {
+        self.pool().allocated
+    }
+
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        // The pool holds no invariant a panic could break: a poisoned lock is still usable.
+        self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Marks the whole fabric failed (this device's error); every blocked or later recv/send on any endpoint returns Aborted within ~100 ms.
@@ -288,6 +365,54 @@ mod tests {
         }
         assert!(start.elapsed() < Duration::from_secs(2));
         assert!(matches!(eps[0].send(0, Message { header: header(1, 0, "send(pipe)"), data: vec![] }), Err(TransportError::Aborted { device: 1, by: 2, .. })));
+    }
+
+    #[test]
+    fn transport_pool_reuses_returned_buffers() {
+        let eps = Fabric::new(2);
+        let ep = &eps[0];
+        assert_eq!((ep.pool_len(), ep.buffers_allocated()), (0, 0));
+        let mut buf = ep.take_buffer(100);
+        assert!(buf.is_empty() && buf.capacity() >= 100);
+        assert_eq!(ep.buffers_allocated(), 1);
+        buf.extend_from_slice(&[1.0; 100]);
+        let addr = buf.as_ptr();
+        ep.give_back(buf);
+        assert_eq!(ep.pool_len(), 1);
+        // A smaller request reuses the spare buffer, cleared.
+        let again = ep.take_buffer(60);
+        assert!(again.is_empty());
+        assert_eq!((again.as_ptr(), ep.buffers_allocated(), ep.pool_len()), (addr, 1, 0));
+        ep.give_back(again);
+        // A larger one grows the spare buffer and counts as an allocation.
+        let big = ep.take_buffer(1000);
+        assert!(big.capacity() >= 1000);
+        assert_eq!((ep.buffers_allocated(), ep.pool_len()), (2, 0));
+        ep.give_back(big);
+        // A buffer received from a peer lands in the receiver's pool.
+        let mut payload = eps[1].take_buffer(3);
+        payload.extend_from_slice(&[1.0, 2.0, 3.0]);
+        eps[1].send(0, Message { header: header(1, 0, "send(pipe)"), data: payload }).expect("send succeeds");
+        let got = ep.recv(1, &header(1, 0, "send(pipe)")).expect("recv succeeds");
+        assert_eq!(got, [1.0, 2.0, 3.0]);
+        ep.give_back(got);
+        assert_eq!((ep.pool_len(), eps[1].pool_len()), (2, 0));
+    }
+
+    #[test]
+    fn transport_pool_is_bounded_and_keeps_the_largest() {
+        let eps = Fabric::new(1);
+        let ep = &eps[0];
+        for cap in 1..=POOL_CAP + 3 {
+            ep.give_back(Vec::with_capacity(cap * 10));
+        }
+        ep.give_back(Vec::new());
+        assert_eq!(ep.pool_len(), POOL_CAP);
+        // The smallest buffers were dropped: every request up to the largest is served from the pool.
+        let taken: Vec<Vec<f32>> = (0..POOL_CAP).map(|_| ep.take_buffer(40)).collect();
+        assert_eq!(ep.buffers_allocated(), 0);
+        assert!(taken.iter().all(|b| b.capacity() >= 40));
+        assert_eq!(ep.pool_len(), 0);
     }
 
     #[test]
