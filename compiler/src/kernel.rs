@@ -608,113 +608,198 @@ mod tests {
     }
 }
 
-impl Program {
-    /// Checks that the program is well formed, for programs that come from
-    /// outside the compiler (a compiled plan read back from a file): every
-    /// buffer id names a buffer, aliases end at a buffer with memory of its
-    /// own, every buffer's size is representable, and every step has the
-    /// operands its kind takes. Returns the first problem found.
-    pub fn validate(&self) -> Result<(), String> {
-        let n = self.buffers.len();
-        let known = |b: BufId, what: &dyn Fn() -> String| {
-            if (b.0 as usize) < n {
-                Ok(())
-            } else {
-                Err(format!("{} is buffer {}, but the program has {n} buffers", what(), b.0))
-            }
-        };
-        for (i, buf) in self.buffers.iter().enumerate() {
-            let elems = buf.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-            if !elems.and_then(|e| e.checked_mul(4)).is_some_and(|bytes| bytes <= isize::MAX as usize) {
-                return Err(format!("buffer {i} of shape {:?} is too large", buf.shape));
-            }
-            if let BufKind::Alias(a) = buf.kind {
-                known(a, &|| format!("buffer {i} aliases a buffer that"))?;
-            }
-        }
-        // Following aliases must end within `n` steps, or they loop.
-        for i in 0..n {
-            let mut b = BufId(i as u32);
-            let mut hops = 0;
-            while let BufKind::Alias(a) = self.buffers[b.0 as usize].kind {
-                hops += 1;
-                if hops > n {
-                    return Err(format!("the aliases of buffer {i} form a loop"));
-                }
-                b = a;
-            }
-        }
-        for (si, s) in self.steps.iter().enumerate() {
-            for (k, &b) in s.inputs.iter().enumerate() {
-                known(b, &|| format!("operand {k} of step {si}"))?;
-            }
-            known(s.output, &|| format!("the output of step {si}"))?;
-            let count = |want: usize, what: &str| {
-                if s.inputs.len() == want {
+/// Validation of programs read from outside the compiler.
+mod validation {
+    use super::*;
+
+    impl Program {
+        /// Checks that the program is well formed, for programs that come from
+        /// outside the compiler (a compiled plan read back from a file), so
+        /// that an executor can run it without indexing out of bounds: every
+        /// buffer id names a buffer; aliases end, without a loop, at a buffer
+        /// of as many values; every buffer's size is representable; every
+        /// step has the operands its kind takes (fused kernels one row and one
+        /// column stride per input); packs, all-reduces and assignments move
+        /// as many values as they hold. Returns the first problem found.
+        pub fn validate(&self) -> Result<(), String> {
+            let n = self.buffers.len();
+            let known = |b: BufId, what: &dyn Fn() -> String| {
+                if (b.0 as usize) < n {
                     Ok(())
                 } else {
-                    Err(format!("step {si} ({what}) has {} operands, but takes {want}", s.inputs.len()))
+                    Err(format!("{} is buffer {}, but the program has {n} buffers", what(), b.0))
                 }
             };
-            match &s.kind {
-                StepKind::Op(Op::Pack { .. }) => {
-                    let packed: Option<usize> = s.inputs.iter().try_fold(0usize, |acc, b| acc.checked_add(self.buffers[b.0 as usize].len()));
-                    let out = self.buffers[s.output.0 as usize].len();
-                    if packed != Some(out) {
-                        return Err(format!("step {si} (pack) packs operands of {} values into an output of {out}", packed.map(|p| p.to_string()).unwrap_or("too many".into())));
-                    }
+            for (i, buf) in self.buffers.iter().enumerate() {
+                let elems = buf.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+                if elems.and_then(|e| e.checked_mul(4)).is_none_or(|bytes| bytes > isize::MAX as usize) {
+                    return Err(format!("buffer {i} of shape {:?} is too large", buf.shape));
                 }
-                StepKind::Op(op) => {
-                    count(op.arity(), &op.name())?;
-                    if let Op::AllGather { dim, .. } = op {
-                        let rank = self.buffers[s.output.0 as usize].shape.len();
-                        if *dim >= rank {
-                            return Err(format!("step {si} (all-gather) gathers along dim {dim} of a value with {rank} dims"));
+                if let BufKind::Alias(a) = buf.kind {
+                    known(a, &|| format!("buffer {i} aliases a buffer that"))?;
+                }
+            }
+            // Following aliases must end within `n` steps, or they loop.
+            for i in 0..n {
+                let mut b = BufId(i as u32);
+                let mut hops = 0;
+                while let BufKind::Alias(a) = self.buffers[b.0 as usize].kind {
+                    hops += 1;
+                    if hops > n {
+                        return Err(format!("the aliases of buffer {i} form a loop"));
+                    }
+                    b = a;
+                }
+                // A reshape keeps the number of values of the memory it shares.
+                let (own, shared) = (self.buffers[i].len(), self.buffers[b.0 as usize].len());
+                if own != shared {
+                    return Err(format!("buffer {i} of {own} values shares the memory of buffer {}, of {shared}", b.0));
+                }
+            }
+            for (si, s) in self.steps.iter().enumerate() {
+                for (k, &b) in s.inputs.iter().enumerate() {
+                    known(b, &|| format!("operand {k} of step {si}"))?;
+                }
+                known(s.output, &|| format!("the output of step {si}"))?;
+                let count = |want: usize, what: &str| {
+                    if s.inputs.len() == want {
+                        Ok(())
+                    } else {
+                        Err(format!("step {si} ({what}) has {} operands, but takes {want}", s.inputs.len()))
+                    }
+                };
+                match &s.kind {
+                    StepKind::Op(Op::Pack { .. }) => {
+                        let packed: Option<usize> = s.inputs.iter().try_fold(0usize, |acc, b| acc.checked_add(self.buffers[b.0 as usize].len()));
+                        let out = self.buffers[s.output.0 as usize].len();
+                        if packed != Some(out) {
+                            return Err(format!(
+                                "step {si} (pack) packs operands of {} values into an output of {out}",
+                                packed.map(|p| p.to_string()).unwrap_or("too many".into())
+                            ));
                         }
                     }
-                }
-                StepKind::Fused(f) => f.validate(s.inputs.len()).map_err(|e| format!("step {si} (fused kernel): {e}"))?,
-                StepKind::Reduce { op, epilogue } => {
-                    let arity = op.arity();
-                    if s.inputs.len() < arity {
-                        return Err(format!("step {si} ({} with an epilogue) has {} operands, but takes at least {arity}", op.name(), s.inputs.len()));
+                    StepKind::Op(op) => {
+                        count(op.arity(), &op.name())?;
+                        let out = &self.buffers[s.output.0 as usize];
+                        match op {
+                            Op::AllGather { dim, .. } if *dim >= out.shape.len() => {
+                                return Err(format!("step {si} (all-gather) gathers along dim {dim} of a value with {} dims", out.shape.len()));
+                            }
+                            Op::AllReduce { .. } if self.buffers[s.inputs[0].0 as usize].len() != out.len() => {
+                                return Err(format!("step {si} (all-reduce) sums {} values into {}", self.buffers[s.inputs[0].0 as usize].len(), out.len()));
+                            }
+                            _ => {}
+                        }
                     }
-                    // The epilogue reads the reduction's result, then the operands after the reduction's own.
-                    epilogue.validate(s.inputs.len() - arity + 1).map_err(|e| format!("step {si} (epilogue of {}): {e}", op.name()))?;
+                    StepKind::Fused(f) => f.validate(s.inputs.len()).map_err(|e| format!("step {si} (fused kernel): {e}"))?,
+                    StepKind::Reduce { op, epilogue } => {
+                        let arity = op.arity();
+                        if s.inputs.len() < arity {
+                            return Err(format!("step {si} ({} with an epilogue) has {} operands, but takes at least {arity}", op.name(), s.inputs.len()));
+                        }
+                        // The epilogue reads the reduction's result, then the operands after the reduction's own.
+                        epilogue.validate(s.inputs.len() - arity + 1).map_err(|e| format!("step {si} (epilogue of {}): {e}", op.name()))?;
+                    }
+                    StepKind::MatMul { .. } => count(2, "matmul")?,
+                    StepKind::Broadcast => count(1, "broadcast")?,
                 }
-                StepKind::MatMul { .. } => count(2, "matmul")?,
-                StepKind::Broadcast => count(1, "broadcast")?,
             }
+            known(self.loss, &|| "the loss".to_string())?;
+            for (k, (t, b)) in self.assigns.iter().enumerate() {
+                known(*b, &|| format!("the value of assignment {k}"))?;
+                let kind = match *t {
+                    Target::Param(i) => BufKind::Param(i),
+                    Target::State(i) => BufKind::State(i),
+                };
+                let value = self.buffers[b.0 as usize].len();
+                if let Some(held) = self.buffers.iter().find(|x| x.kind == kind).map(Buffer::len).filter(|&n| n != value) {
+                    return Err(format!("assignment {k} writes {value} values to {t:?}, which holds {held}"));
+                }
+            }
+            Ok(())
         }
-        known(self.loss, &|| "the loss".to_string())?;
-        for (k, (_, b)) in self.assigns.iter().enumerate() {
-            known(*b, &|| format!("the value of assignment {k}"))?;
-        }
-        Ok(())
     }
-}
 
-impl Fused {
-    /// Checks that the kernel reads `inputs` inputs: one row and one column
-    /// stride per input, loads of existing inputs, operands computed earlier.
-    pub fn validate(&self, inputs: usize) -> Result<(), String> {
-        if self.row_strides.len() != inputs || self.col_strides.len() != inputs {
-            return Err(format!("{} row strides and {} col strides for {inputs} inputs", self.row_strides.len(), self.col_strides.len()));
+    impl Fused {
+        /// Checks that the kernel reads `inputs` inputs: one row and one column
+        /// stride per input, loads of existing inputs, operands computed earlier.
+        pub fn validate(&self, inputs: usize) -> Result<(), String> {
+            if self.row_strides.len() != inputs || self.col_strides.len() != inputs {
+                return Err(format!("{} row strides and {} col strides for {inputs} inputs", self.row_strides.len(), self.col_strides.len()));
+            }
+            if self.body.is_empty() {
+                return Err("the body is empty".into());
+            }
+            for (i, inst) in self.body.iter().enumerate() {
+                let ok = match *inst {
+                    Inst::Load(k) => k < inputs,
+                    Inst::Const(_) => true,
+                    Inst::Unary(_, a) => a < i,
+                    Inst::Binary(_, a, b) => a < i && b < i,
+                };
+                if !ok {
+                    return Err(format!("instruction v{i} ({inst:?}) reads a missing input or a value computed later"));
+                }
+            }
+            Ok(())
         }
-        if self.body.is_empty() {
-            return Err("the body is empty".into());
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::graph::NodeId;
+
+        fn buffer(kind: BufKind, shape: &[usize]) -> Buffer {
+            Buffer { kind, elem: Elem::F32, shape: shape.to_vec(), node: NodeId(0) }
         }
-        for (i, inst) in self.body.iter().enumerate() {
-            let ok = match *inst {
-                Inst::Load(k) => k < inputs,
-                Inst::Const(_) => true,
-                Inst::Unary(_, a) => a < i,
-                Inst::Binary(_, a, b) => a < i && b < i,
+
+        /// x[4] + 1 → y, assigned to parameter 0.
+        fn program() -> Program {
+            let fused = Fused {
+                rows: 1,
+                cols: 4,
+                row_strides: vec![0],
+                col_strides: vec![1],
+                body: vec![Inst::Load(0), Inst::Const(1.0), Inst::Binary(Binary::Add, 0, 1)],
             };
-            if !ok {
-                return Err(format!("instruction v{i} ({inst:?}) reads a missing input or a value computed later"));
+            Program {
+                buffers: vec![buffer(BufKind::Param(0), &[4]), buffer(BufKind::Temp, &[4]), buffer(BufKind::Alias(BufId(1)), &[2, 2])],
+                steps: vec![Step { kind: StepKind::Fused(fused), role: Role::Update, inputs: vec![BufId(0)], output: BufId(1) }],
+                loss: BufId(2),
+                assigns: vec![(Target::Param(0), BufId(1))],
             }
         }
-        Ok(())
+
+        #[test]
+        fn a_well_formed_program_passes() {
+            assert_eq!(program().validate(), Ok(()));
+        }
+
+        #[test]
+        fn malformed_programs_are_named() {
+            let mut p = program();
+            p.steps[0].output = BufId(999_999);
+            assert!(p.validate().is_err_and(|e| e.contains("999999")));
+            let mut p = program();
+            p.buffers[1].kind = BufKind::Alias(BufId(2));
+            assert!(p.validate().is_err_and(|e| e.contains("loop")));
+            let mut p = program();
+            p.buffers[2].shape = vec![3];
+            assert!(p.validate().is_err_and(|e| e.contains("shares the memory")));
+            let mut p = program();
+            p.buffers[1].shape = vec![usize::MAX, 2];
+            assert!(p.validate().is_err_and(|e| e.contains("too large")));
+            let mut p = program();
+            p.steps[0].inputs.push(BufId(1));
+            assert!(p.validate().is_err_and(|e| e.contains("strides")));
+            let mut p = program();
+            p.steps[0].kind = StepKind::MatMul { trans_a: false, trans_b: false };
+            assert!(p.validate().is_err_and(|e| e.contains("operands")));
+            let mut p = program();
+            p.loss = BufId(3);
+            assert!(p.validate().is_err_and(|e| e.contains("loss")));
+        }
     }
 }

@@ -26,6 +26,9 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// Global parameters and optimizer states, in index order.
+pub type Tensors = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// Per-step scalars.
 #[derive(Clone, Copy, Debug)]
 pub struct Hypers {
@@ -233,7 +236,7 @@ impl Cluster {
     }
 
     /// The global parameters and optimizer states, assembled from the devices' pieces.
-    pub fn read(&mut self, param_shapes: &[Vec<usize>], state_shapes: &[Vec<usize>]) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), String> {
+    pub fn read(&mut self, param_shapes: &[Vec<usize>], state_shapes: &[Vec<usize>]) -> Result<Tensors, String> {
         let replies = self.all(|_| Cmd::Read)?;
         let mut params: Vec<Vec<f32>> = param_shapes.iter().map(|s| vec![0.0; s.iter().product()]).collect();
         let mut states: Vec<Vec<f32>> = state_shapes.iter().map(|s| vec![0.0; s.iter().product()]).collect();

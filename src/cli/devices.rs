@@ -63,7 +63,12 @@ pub fn reports(plan: &Plan) -> Vec<DeviceReport> {
                     _ => {}
                 }
             }
-            let passes = |role: Role| d.schedule.iter().filter(|x| matches!((x.phase, role), (Phase::Forward, Role::Forward) | (Phase::Backward, Role::Backward) | (Phase::Update, Role::Update))).count() as f64;
+            let passes = |role: Role| {
+                d.schedule
+                    .iter()
+                    .filter(|x| matches!((x.phase, role), (Phase::Forward, Role::Forward) | (Phase::Backward, Role::Backward) | (Phase::Update, Role::Update)))
+                    .count() as f64
+            };
             for s in &p.steps {
                 let out = p.buffers[s.output.0 as usize].shape.clone();
                 let n: f64 = out.iter().product::<usize>() as f64;
@@ -97,9 +102,12 @@ pub fn reports(plan: &Plan) -> Vec<DeviceReport> {
         .collect()
 }
 
+/// One stage's passes by time slot (None: idle).
+pub type Row = Vec<Option<(Phase, usize)>>;
+
 /// Time slots of each stage's passes, with unit-time forward and backward
 /// passes; and the idle fraction of the stages over the whole step.
-pub fn timeline(plan: &Plan) -> (Vec<Vec<Option<(Phase, usize)>>>, f64) {
+pub fn timeline(plan: &Plan) -> (Vec<Row>, f64) {
     let stages: Vec<&shardplan_compiler::partition::DeviceProgram> = {
         let mut v: Vec<&_> = Vec::new();
         for d in &plan.devices {
@@ -210,7 +218,10 @@ pub fn print(file: &str, c: &Checked, plan: &Plan) {
     let mesh: Vec<String> = plan.mesh.axes.iter().map(|(n, s)| format!("{n}: {s}")).collect();
     println!("{file}: {} devices, mesh ({}), plan {:016x}", plan.devices.len(), mesh.join(", "), plan.hash);
     println!("\nper device, one training step:");
-    println!("  {:>6} {:>5}  {:>11} {:>11} {:>11} {:>11}  {:>12}  {:>11} {:>11}", "device", "stage", "params", "grads", "optimizer", "activations", "compute", "sent", "received");
+    println!(
+        "  {:>6} {:>5}  {:>11} {:>11} {:>11} {:>11}  {:>12}  {:>11} {:>11}",
+        "device", "stage", "params", "grads", "optimizer", "activations", "compute", "sent", "received"
+    );
     for r in &reps {
         println!(
             "  {:>6} {:>5}  {:>11} {:>11} {:>11} {:>11}  {:>12}  {:>11} {:>11}",

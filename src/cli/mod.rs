@@ -4,6 +4,7 @@
 //! 2 the command line is wrong.
 
 mod check;
+mod compile;
 mod devices;
 mod inspect;
 pub mod render;
@@ -32,6 +33,14 @@ pub enum Command {
         /// Output format: a summary for people, or JSON for editors and tools.
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
+    },
+    /// Partition a plan and write its device programs as JSON, for `shardplan run OUT.json`.
+    Compile {
+        /// The plan file.
+        file: std::path::PathBuf,
+        /// Where to write the compiled plan.
+        #[arg(short, long, value_name = "OUT.json")]
+        output: std::path::PathBuf,
     },
     /// Train a plan.
     Run(run::RunArgs),
@@ -87,6 +96,7 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Check { files, format } => check::run(&files, format, color),
         Command::Inspect { file, graph, kernels, format } => inspect::run(&file, graph, kernels, format, color),
+        Command::Compile { file, output } => compile::run(&file, &output, color),
         Command::Run(args) => run::run(&args, color),
         Command::Verify(args) => run::verify(&args, color),
     }

@@ -4,9 +4,12 @@
 //! (graph → autodiff → kernels), initialises or loads the parameters, runs
 //! the steps with a progress bar, evaluates the held-out split, and writes
 //! metrics and checkpoints atomically.
+//!
+//! `shardplan run OUT.json` runs a plan compiled by `shardplan compile`: its
+//! device programs as compiled, once read back and checked (`compile::load`).
 
-use super::check;
 use super::render::{self, Sources};
+use super::{check, compile};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shardplan_compiler::check::Placement;
 use shardplan_compiler::check::{Init, Length, LrSchedule, Optimizer, Prim};
@@ -27,7 +30,7 @@ use std::time::Instant;
 /// Options of `shardplan run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// The plan file.
+    /// The plan file, or a plan compiled by `shardplan compile` (a `.json` file).
     pub file: PathBuf,
     /// Train for this many steps (overrides the plan).
     #[arg(long, conflicts_with = "epochs")]
@@ -107,8 +110,19 @@ fn fail(code: &'static str, message: impl Into<String>, help: impl Into<String>)
 }
 
 pub fn run(args: &RunArgs, color: bool) -> ExitCode {
-    let Some(mut c) = check::load(&args.file, color) else { return ExitCode::from(1) };
-    let plan_text = std::fs::read(&args.file).unwrap_or_default();
+    // A compiled plan (`shardplan compile`) brings its source, the directory
+    // its data paths are relative to, and its device programs.
+    let compiled = args.file.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let (mut c, plan_text, name, base, plan) = if compiled {
+        let Some(p) = compile::load(&args.file, color) else { return ExitCode::from(1) };
+        (p.checked, p.source.into_bytes(), p.source_name, p.base, Some(p.plan))
+    } else {
+        let Some(c) = check::load(&args.file, color) else { return ExitCode::from(1) };
+        let plan_text = std::fs::read(&args.file).unwrap_or_default();
+        let base = args.file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        (c, plan_text, args.file.display().to_string(), base, None)
+    };
     if let Some(s) = args.seed {
         c.train.seed = s;
     }
@@ -117,16 +131,14 @@ pub fn run(args: &RunArgs, color: bool) -> ExitCode {
         (_, Some(e)) => c.train.length = Length::Epochs(e as i64),
         _ => {}
     }
-    let base = args.file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
-    match train(args, &c, &plan_text, &base) {
+    match train(args, &c, &plan_text, &base, plan) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Error::Data(e)) => {
-            report_data_error(&e, &args.file, &plan_text, &c, color);
+            report_data_error(&e, &name, &plan_text, &c, color);
             ExitCode::from(1)
         }
         Err(Error::Other(f)) => {
-            let sources = Sources::new(&args.file.display().to_string(), String::from_utf8_lossy(&plan_text).into_owned());
+            let sources = Sources::new(&name, String::from_utf8_lossy(&plan_text).into_owned());
             let d = Diagnostic::error(f.code, f.message).help(f.help);
             eprint!("{}", render::human(&d, &sources, color));
             ExitCode::from(1)
@@ -146,8 +158,8 @@ impl From<Failure> for Error {
 }
 
 /// Renders a data error with the data file's line when there is one.
-fn report_data_error(e: &DataError, plan: &Path, plan_text: &[u8], c: &Checked, color: bool) {
-    let mut sources = Sources::new(&plan.display().to_string(), String::from_utf8_lossy(plan_text).into_owned());
+fn report_data_error(e: &DataError, plan: &str, plan_text: &[u8], c: &Checked, color: bool) {
+    let mut sources = Sources::new(plan, String::from_utf8_lossy(plan_text).into_owned());
     let mut d = Diagnostic::error(e.code, e.message.clone()).help(e.help.clone());
     let text = e.span.and_then(|_| std::fs::read(&e.path).ok()).map(|b| String::from_utf8_lossy(&b).into_owned());
     match (e.span, text) {
@@ -184,7 +196,10 @@ fn logits(g: &graph::Graph) -> Option<NodeId> {
     g.ids().find(|&id| g.node(id).op == Op::CrossEntropy).and_then(|id| g.args(id).first().copied())
 }
 
-fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(), Error> {
+/// Trains `c` (whose file's text is `plan_text`, with data paths relative to
+/// `base`) on the devices of `plan` when one is given (a compiled plan),
+/// else on those its placement partitions into, or on one device.
+fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Option<partition::Plan>) -> Result<(), Error> {
     let t0 = Instant::now();
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
     let seq = c.train.dims.get("seq").map(|&s| s as usize);
@@ -211,8 +226,23 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
     g.verify()
         .map_err(|e| fail("run::internal", format!("the training graph is malformed: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
     let states: Vec<(String, Vec<usize>)> = g.states.iter().map(|s| (s.name.clone(), s.ty.shape.iter().map(|d| d.size as usize).collect())).collect();
-    let mut trainer = match &c.placement {
-        Placement::Explicit(_) if !args.single_device => {
+    let single = |program| {
+        let mut exec = Executor::new(program, threads).map_err(|e| {
+            fail("run::compile", format!("cannot compile the training step: {e}"), "this is a bug in shardplan; please report it with the plan")
+        })?;
+        if args.profile {
+            exec.enable_profile();
+        }
+        Ok::<Trainer, Failure>(Trainer::Single(Box::new(exec)))
+    };
+    let mut trainer = match (plan, &c.placement) {
+        // A compiled plan without a mesh (no placement) is one device's step.
+        (Some(plan), _) if !args.single_device && plan.mesh.axes.is_empty() => match plan.devices.into_iter().next() {
+            Some(d) => single(d.program)?,
+            None => single(lower(&g))?,
+        },
+        (Some(plan), _) if !args.single_device => Trainer::Multi(Box::new(Cluster::start(plan, threads, std::time::Duration::from_secs(60)))),
+        (None, Placement::Explicit(_)) if !args.single_device => {
             let plan = partition::partition(c, &g).map_err(|e| {
                 fail("run::placement", format!("cannot partition the plan: {e}"), "change the placement; `shardplan check` shows what it holds")
             })?;
@@ -221,15 +251,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<(
             })?;
             Trainer::Multi(Box::new(Cluster::start(plan, threads, std::time::Duration::from_secs(60))))
         }
-        _ => {
-            let mut exec = Executor::new(lower(&g), threads).map_err(|e| {
-                fail("run::compile", format!("cannot compile the training step: {e}"), "this is a bug in shardplan; please report it with the plan")
-            })?;
-            if args.profile {
-                exec.enable_profile();
-            }
-            Trainer::Single(Box::new(exec))
-        }
+        _ => single(lower(&g))?,
     };
 
     // Parameters: initialised, loaded, or resumed.
@@ -649,7 +671,7 @@ pub fn verify(args: &VerifyArgs, color: bool) -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(Error::Data(e)) => {
-            report_data_error(&e, &args.file, &plan_text, &c, color);
+            report_data_error(&e, &args.file.display().to_string(), &plan_text, &c, color);
             ExitCode::from(1)
         }
         Err(Error::Other(f)) => {

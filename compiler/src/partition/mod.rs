@@ -432,9 +432,8 @@ impl Global<'_> {
                         let summed = node.role == Role::Update
                             && xn.role != Role::Update
                             && !matches!(xn.op, Op::Param(_) | Op::State(_) | Op::Input(_) | Op::Const(_) | Op::Hyper(_));
-                        if summed && (a == self.mb_axis || (Some(a) == self.data_axis && l == L::P)) {
-                            L::R
-                        } else if l == L::P && reduced[a].contains(x) && (xn.role == Role::Update) == (node.role == Role::Update) {
+                        let reduced_here = l == L::P && reduced[a].contains(x) && (xn.role == Role::Update) == (node.role == Role::Update);
+                        if (summed && (a == self.mb_axis || (Some(a) == self.data_axis && l == L::P))) || reduced_here {
                             L::R
                         } else {
                             l

@@ -377,6 +377,21 @@ pub(super) fn causal_mask(name: Name<'_>, (x, xs): F32Arg<'_>, fill: f32, out: &
     Ok(())
 }
 
+/// The part of `x` starting at `start` along `dim`, of shape `out_shape`.
+pub(crate) fn slice(name: Name<'_>, (x, shape): (&[f32], &[usize]), dim: usize, start: usize, out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError> {
+    if dim >= shape.len() || shape.len() != out_shape.len() || start + out_shape[dim] > shape[dim] {
+        return Err(invalid(name, format!("cannot take {out_shape:?} at {start} along dim {dim} of {shape:?}")));
+    }
+    let outer: usize = out_shape[..dim].iter().product();
+    let inner: usize = out_shape[dim + 1..].iter().product();
+    let (len, full) = (out_shape[dim], shape[dim]);
+    for o in 0..outer {
+        let src = (o * full + start) * inner;
+        out[o * len * inner..(o + 1) * len * inner].copy_from_slice(&x[src..src + len * inner]);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     /// Both tile kernels agree with the definition (the plain one is only
@@ -407,19 +422,4 @@ mod tests {
             assert!(short.iter().all(|&v| v == 0.0));
         }
     }
-}
-
-/// The part of `x` starting at `start` along `dim`, of shape `out_shape`.
-pub(crate) fn slice(name: Name<'_>, (x, shape): (&[f32], &[usize]), dim: usize, start: usize, out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError> {
-    if dim >= shape.len() || shape.len() != out_shape.len() || start + out_shape[dim] > shape[dim] {
-        return Err(invalid(name, format!("cannot take {out_shape:?} at {start} along dim {dim} of {shape:?}")));
-    }
-    let outer: usize = out_shape[..dim].iter().product();
-    let inner: usize = out_shape[dim + 1..].iter().product();
-    let (len, full) = (out_shape[dim], shape[dim]);
-    for o in 0..outer {
-        let src = (o * full + start) * inner;
-        out[o * len * inner..(o + 1) * len * inner].copy_from_slice(&x[src..src + len * inner]);
-    }
-    Ok(())
 }

@@ -1,0 +1,140 @@
+//! Compiled plans: `shardplan compile` writes the device programs as JSON,
+//! `shardplan run OUT.json` trains them bit for bit like the plan file, and
+//! a damaged or edited file is refused with its diagnostic, never a panic.
+
+use shardplan_compiler::partition::{plan_hash, Plan};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shardplan-compiled-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d.join(name)
+}
+
+fn shardplan(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shardplan")).args(args).current_dir(root()).output().expect("runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Compiles `examples/NAME.plan` and returns the compiled file.
+fn compile(name: &str) -> PathBuf {
+    let out = tmp(&format!("{name}.json"));
+    let o = shardplan(&["compile", &format!("examples/{name}.plan"), "-o", path(&out)]);
+    assert!(o.status.success(), "compile {name}: {}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    assert!(stdout.starts_with(&format!("{}: 2 devices, ", out.display())), "{stdout}");
+    let hash = stdout.trim_end().rsplit(", ").next().unwrap_or_default();
+    assert!(hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()), "{stdout}");
+    out
+}
+
+/// Losses from a metrics file, as bit patterns.
+fn losses(path: &Path) -> Vec<(u64, u32)> {
+    std::fs::read_to_string(path)
+        .expect("metrics written")
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            let loss = v["loss"].as_f64().expect("loss") as f32;
+            (v["step"].as_u64().expect("step"), loss.to_bits())
+        })
+        .collect()
+}
+
+#[test]
+fn a_compiled_plan_trains_like_its_plan_file() {
+    for name in ["tensor_parallel", "pipeline_1f1b"] {
+        let json = compile(name);
+        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("written")).expect("json");
+        assert_eq!(doc["format"], "shardplan-plan-1");
+        assert_eq!(doc["base"], "examples");
+        assert_eq!(doc["source"].as_str(), std::fs::read_to_string(root().join(format!("examples/{name}.plan"))).ok().as_deref());
+        let (a, b) = (tmp(&format!("{name}.compiled.jsonl")), tmp(&format!("{name}.plan.jsonl")));
+        let o = shardplan(&["run", path(&json), "--quiet", "--steps", "5", "--metrics", path(&a)]);
+        assert!(o.status.success(), "run {name}.json: {}", text(&o.stderr));
+        let o = shardplan(&["run", &format!("examples/{name}.plan"), "--quiet", "--steps", "5", "--metrics", path(&b)]);
+        assert!(o.status.success(), "run {name}.plan: {}", text(&o.stderr));
+        let (la, lb) = (losses(&a), losses(&b));
+        assert_eq!(la.len(), 5, "{name}");
+        assert_eq!(la, lb, "{name}: the compiled plan trains differently");
+    }
+}
+
+/// Runs a compiled plan of `contents` and expects a refusal with `code`.
+fn refused(name: &str, contents: &[u8], code: &str) -> String {
+    let file = tmp(&format!("{name}.json"));
+    std::fs::write(&file, contents).expect("write");
+    let o = shardplan(&["run", path(&file), "--quiet", "--steps", "1"]);
+    let stderr = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{name}: {stderr}");
+    assert!(stderr.contains(code), "{name}: expected {code} in:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+    stderr
+}
+
+/// The document with its plan's hash recomputed, as a well-meaning edit would leave it.
+fn rehashed(mut doc: serde_json::Value) -> Vec<u8> {
+    let plan: Plan = serde_json::from_value(doc["plan"].clone()).expect("a plan");
+    doc["plan"]["hash"] = plan_hash(&plan).into();
+    serde_json::to_vec_pretty(&doc).expect("json")
+}
+
+#[test]
+fn damaged_and_edited_plans_are_refused() {
+    let json = compile("tensor_parallel");
+    let bytes = std::fs::read(&json).expect("written");
+    let doc: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+
+    let stderr = refused("truncated", &bytes[..bytes.len() / 2], "plan::json");
+    assert!(stderr.contains("line ") && stderr.contains("column "), "{stderr}");
+
+    let mut other = doc.clone();
+    other["format"] = "other".into();
+    refused("format", &serde_json::to_vec(&other).expect("json"), "plan::json");
+    refused("no_format", b"{}", "plan::json");
+    refused("not_an_object", b"[1, 2]", "plan::json");
+
+    let mut edited = doc.clone();
+    let hash = edited["plan"]["hash"].as_u64().expect("hash");
+    edited["plan"]["hash"] = (hash ^ 1).into();
+    let stderr = refused("hash", &serde_json::to_vec(&edited).expect("json"), "plan::hash");
+    assert!(stderr.contains("changed after it was compiled"), "{stderr}");
+
+    // An edited program whose hash was brought up to date.
+    let mut wild = doc.clone();
+    wild["plan"]["devices"][0]["program"]["steps"][0]["output"] = 999999.into();
+    let stderr = refused("wild_buffer", &rehashed(wild), "plan::invalid");
+    assert!(stderr.contains("device 0") && stderr.contains("999999"), "{stderr}");
+
+    // Hostile values: a negative id, a huge number, an empty plan, a huge buffer, an alias loop, a stray slot.
+    let mut negative = doc.clone();
+    negative["plan"]["devices"][1]["program"]["loss"] = (-1).into();
+    refused("negative", &serde_json::to_vec(&negative).expect("json"), "plan::json");
+    let mut huge = doc.clone();
+    huge["plan"]["microbatches"] = serde_json::Value::from(1e300);
+    refused("huge", &serde_json::to_vec(&huge).expect("json"), "plan::json");
+    let mut empty = doc.clone();
+    empty["plan"] = serde_json::json!({});
+    refused("empty_plan", &serde_json::to_vec(&empty).expect("json"), "plan::json");
+    let mut big = doc.clone();
+    big["plan"]["devices"][0]["program"]["buffers"][0]["shape"] = serde_json::json!([u32::MAX, u32::MAX]);
+    refused("big_buffer", &rehashed(big), "plan::invalid");
+    let mut alias = doc.clone();
+    alias["plan"]["devices"][1]["program"]["buffers"][0]["kind"] = serde_json::json!({ "Alias": 0 });
+    refused("alias_loop", &rehashed(alias), "plan::invalid");
+    let mut slot = doc.clone();
+    slot["plan"]["devices"][0]["schedule"][0]["slot"] = 7.into();
+    refused("slot", &rehashed(slot), "plan::invalid");
+}
