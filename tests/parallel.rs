@@ -277,7 +277,8 @@ fn data_parallel_gradients_travel_in_buckets() {
         let colls = d["collectives"].as_array().expect("collectives");
         // Every gradient (all 30 tensors) in one all-reduce.
         assert_eq!(colls.len(), 1, "{d}");
-        assert_eq!(colls[0][1], d["grad_bytes"], "{d}");
+        assert_eq!(colls[0][1], d["param_bytes"], "{d}");
+        assert_eq!(d["grad_bytes"], d["param_bytes"], "{d}");
     }
 }
 

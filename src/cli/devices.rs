@@ -53,8 +53,19 @@ pub fn reports(plan: &Plan) -> Vec<DeviceReport> {
                     written_by_pass[p.storage(s.output).0 as usize] = true;
                 }
             }
+            // Gradients: accumulators, or backward values the update reads.
+            let mut grad = vec![false; p.buffers.len()];
+            for s in p.steps.iter().filter(|s| s.role == Role::Update) {
+                for b in &s.inputs {
+                    let i = p.storage(*b).0 as usize;
+                    if written_by_pass[i] && matches!(p.buffers[i].kind, BufKind::Temp) {
+                        grad[i] = true;
+                    }
+                }
+            }
             for (i, b) in p.buffers.iter().enumerate() {
                 match b.kind {
+                    BufKind::Temp if grad[i] => r.grad_bytes += bytes(p, i),
                     BufKind::Param(_) => r.param_bytes += bytes(p, i),
                     BufKind::State(_) => r.optimizer_bytes += bytes(p, i),
                     BufKind::Accum(_) => r.grad_bytes += bytes(p, i),

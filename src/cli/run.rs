@@ -316,6 +316,8 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
         m.line("step,epoch,loss,lr,samples_per_s,wall_s").map_err(|e| fail("run::metrics", format!("cannot write metrics: {e}"), "check the disk"))?;
     }
     let loop_start = Instant::now();
+    // Per device: seconds computing, seconds communicating, buffer bytes.
+    let mut device_totals: Vec<(f64, f64, u64)> = Vec::new();
     let mut last_loss = f32::NAN;
     let mut recent: Vec<f32> = Vec::new();
     let mut epoch_order: Option<(u64, Vec<Vec<usize>>)> = None;
@@ -336,6 +338,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             Hyper::BiasCorrection1 => 1.0 / (1.0 - b1.powi(t)),
             Hyper::BiasCorrection2 => 1.0 / (1.0 - b2.powi(t)).sqrt(),
         };
+        let step_start = Instant::now();
         let loss = match &mut trainer {
             Trainer::Single(exec) => {
                 set_batch(exec, &splits.train.gather(rows)).map_err(kernel_err)?;
@@ -369,12 +372,34 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
         }
         let elapsed = loop_start.elapsed().as_secs_f64();
         let sps = ((step + 1 - start) as f64 * batch as f64) / elapsed.max(1e-9);
+        let step_s = step_start.elapsed().as_secs_f64();
+        if let Trainer::Multi(cl) = &trainer {
+            device_totals.resize(cl.stats().len(), (0.0, 0.0, 0));
+            for (acc, st) in device_totals.iter_mut().zip(cl.stats()) {
+                acc.0 += st.busy_s;
+                acc.1 += st.comm_s;
+                acc.2 = st.bytes;
+            }
+        }
         if let Some(m) = metrics.as_mut() {
             let wall = t0.elapsed().as_secs_f64();
             let line = if csv {
                 format!("{},{},{loss},{lr},{sps},{wall}", step + 1, epoch + 1)
             } else {
-                serde_json::json!({"step": step + 1, "epoch": epoch + 1, "loss": loss, "lr": lr, "samples_per_s": sps, "wall_s": wall}).to_string()
+                let mut v = serde_json::json!({
+                    "step": step + 1, "epoch": epoch + 1, "loss": loss, "lr": lr, "samples_per_s": sps, "wall_s": wall,
+                    "step_s": step_s, "samples_per_step_s": batch as f64 / step_s.max(1e-12),
+                });
+                if let Trainer::Multi(cl) = &trainer {
+                    // Stages idle: 1 − (compute of all devices) / (devices × step time).
+                    let st = cl.stats();
+                    let busy: f64 = st.iter().map(|s| s.busy_s).sum();
+                    let comm: f64 = st.iter().map(|s| s.comm_s).sum();
+                    let n = st.len().max(1) as f64;
+                    v["idle_fraction"] = serde_json::json!(1.0 - busy / (n * step_s.max(1e-12)));
+                    v["comm_fraction"] = serde_json::json!(comm / (n * step_s.max(1e-12)));
+                }
+                v.to_string()
             };
             m.line(&line).map_err(|e| fail("run::metrics", format!("cannot write metrics: {e}"), "check the disk"))?;
         }
@@ -438,6 +463,17 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
     }
     if let (true, Trainer::Single(exec)) = (args.profile, &trainer) {
         print_profile(exec, trained);
+    }
+    if let Trainer::Multi(cl) = &trainer {
+        let devs: Vec<String> = device_totals
+            .iter()
+            .enumerate()
+            .map(|(i, (busy, comm, bytes))| {
+                let w = secs.max(1e-9);
+                format!("cpu{i} {:.1} MiB, {:.0}% compute, {:.0}% transfers", *bytes as f64 / (1 << 20) as f64, busy / w * 100.0, comm / w * 100.0)
+            })
+            .collect();
+        println!("  {} devices: {}", cl.plan().devices.len(), devs.join("; "));
     }
     Ok(())
 }

@@ -195,7 +195,9 @@ impl Builder<'_, '_> {
                         let to = self.peer(t);
                         self.lg.add(Op::Send { to, id: id.0 }, &[v], Ty::scalar(DType::F32), role);
                     }
-                    if let Some(k) = self.crossing_index(id) {
+                    // With microbatches, gradients are summed into accumulators;
+                    // without, the update reads them where the backward pass left them.
+                    if let (Some(k), true) = (self.crossing_index(id), self.glob.axes[self.glob.mb_axis].size > 1) {
                         let v = self.val[&id];
                         self.lg.add(Op::Accumulate(k), &[v], Ty::scalar(DType::F32), Role::Backward);
                     }
@@ -446,7 +448,14 @@ impl Builder<'_, '_> {
             let mut l = self.glob.layout[n.0 as usize].clone();
             l[self.glob.mb_axis] = L::R;
             let ty = self.local_ty(&g.node(n).ty, &l);
-            let v = self.lg.add(Op::Accumulated(k), &[], ty, u);
+            let v = if self.glob.axes[self.glob.mb_axis].size > 1 {
+                self.lg.add(Op::Accumulated(k), &[], ty, u)
+            } else {
+                match self.val.get(&n) {
+                    Some(v) => *v,
+                    None => return err(format!("internal: device {} has no gradient {k} for the update", self.dev)),
+                }
+            };
             raw.push((n, v));
         }
         let exchanged: Vec<NodeId> = match (self.glob.data_axis, self.glob.server) {
@@ -506,6 +515,13 @@ impl Builder<'_, '_> {
                 return;
             }
             let vals: Vec<NodeId> = bucket.iter().map(|&i| raw[i].1).collect();
+            if let [one] = vals[..] {
+                let ty = b.lg.node(one).ty.clone();
+                let id = b.coll_id();
+                out[bucket[0]] = b.lg.add(Op::AllReduce { group: group.clone(), id, axis: name.clone() }, &[one], ty, u);
+                bucket.clear();
+                return;
+            }
             let total: usize = vals.iter().map(|v| b.lg.node(*v).ty.shape.iter().map(|x| x.size as usize).product::<usize>()).sum();
             let flat = Ty::new(DType::F32, vec![Dim::known(total as i64)]);
             let packed = b.lg.add(Op::Pack { n: vals.len() }, &vals, flat.clone(), u);
