@@ -41,19 +41,18 @@ model Deep {{
 }}
 data d = synthetic(rows: 4096, features: 1024, classes: 1024, seed: 1)
 train {{ model: Deep, data: d, batch: 256, steps: {steps}, optimizer: sgd(lr: 0.01), seed: 1 }}
-devices cpu x 4
+devices cpu x {p}
 placement {{
-  mesh (pipe: 4)
+  mesh (pipe: {p})
   pipeline over pipe {{
-    stage l0
-    stage l1
-    stage l2
-    stage l3
+    {stages}
     microbatches {m}
     schedule {schedule}
   }}
 }}
 """
+
+STAGES = {4: "stage l0\n    stage l1\n    stage l2\n    stage l3", 2: "stage l0, l1\n    stage l2, l3"}
 
 MLP = """
 model Mlp {{
@@ -147,15 +146,17 @@ def main():
     print("machine:", machine())
     with tempfile.TemporaryDirectory() as tmp:
         if "pipeline" in only:
-            print("\npipeline, 4 stages of one 1024x1024 layer, batch 256")
-            print(f"  {'schedule':<8} {'m':>3}  {'measured idle':>13}  {'(p-1)/(m+p-1)':>13}  {'step ms':>8}")
-            for schedule in ["gpipe", "1f1b"]:
-                for m in [4, 8, 16]:
-                    rows = run(PIPE.format(steps=a.steps, m=m, schedule=schedule), a.steps, tmp, f"pipe_{schedule}_{m}")
-                    idle = statistics.median(r["idle_fraction"] for r in rows)
-                    step = statistics.median(r["step_s"] for r in rows) * 1e3
-                    theory = 3 / (m + 3)
-                    print(f"  {schedule:<8} {m:>3}  {idle * 100:>12.1f}%  {theory * 100:>12.1f}%  {step:>8.1f}")
+            print("\npipeline of four 1024x1024 layers, batch 256, one kernel thread per stage")
+            print(f"  {'stages':>6} {'schedule':<8} {'m':>3}  {'measured idle':>13}  {'(p-1)/(m+p-1)':>13}  {'step ms':>8}")
+            for p in [4, 2]:
+                for schedule in ["gpipe", "1f1b"]:
+                    for m in [4, 8, 16]:
+                        plan = PIPE.format(steps=a.steps, m=m, schedule=schedule, p=p, stages=STAGES[p])
+                        rows = run(plan, a.steps, tmp, f"pipe{p}_{schedule}_{m}", threads=p)
+                        idle = statistics.median(r["idle_fraction"] for r in rows)
+                        step = statistics.median(r["step_s"] for r in rows) * 1e3
+                        theory = (p - 1) / (m + p - 1)
+                        print(f"  {p:>6} {schedule:<8} {m:>3}  {idle * 100:>12.1f}%  {theory * 100:>12.1f}%  {step:>8.1f}")
         if "dp" in only:
             print("\ndata parallel, MLP 1024-4096-4096-1024, batch 256, one core (thread) per device")
             one = run(MLP.format(steps=a.steps, placement=""), a.steps, tmp, "dp1", threads=1)
