@@ -288,3 +288,51 @@ fn the_pipeline_timeline_is_stable() {
     assert!(out.status.success());
     insta::assert_snapshot!(String::from_utf8_lossy(&out.stdout));
 }
+
+/// A model where a row-parallel result meets a column-parallel one (a
+/// reduce-scatter), and one where a value split by rows meets its transpose
+/// (an all-to-all).
+fn custom(model: &str, shards: &str) -> String {
+    format!(
+        r#"layer Proj(i, o) {{
+  param w: f32[i, o] = glorot_uniform
+  forward(x) = x @ w
+}}
+{model}
+data digits = csv("{}", label: "label", scale: 1/16, train: 0..1500, test: 1500..)
+train {{
+  model: Net
+  data: digits
+  batch: 32
+  steps: 10
+  optimizer: adam(lr: 0.01)
+  seed: 5
+}}
+devices cpu x 2
+placement {{
+  mesh (model: 2)
+  {shards}
+}}
+"#,
+        data("digits.csv")
+    )
+}
+
+#[test]
+fn reduce_scatter_and_all_to_all_match_one_device() {
+    let rs = custom(
+        "model Net {\n  input x: f32[batch, 64]\n  input label: i32[batch]\n  layer a = Proj(64, 128)\n  layer b = Proj(64, 128)\n  layer c = Proj(128, 128)\n  layer out = Linear(128, 10)\n  loss cross_entropy(out(relu(a(x) + c(relu(b(x))))), label)\n}",
+        "shard a.w (_, model)\n  shard b.w (_, model)\n  shard c.w (model, _)",
+    );
+    let a2a = custom(
+        "model Net {\n  input x: f32[batch, 64]\n  input label: i32[batch]\n  layer a = Proj(64, 128)\n  layer b = Proj(64, 128)\n  layer out = Linear(128, 10)\n  loss cross_entropy(out(relu(a(x) @ ((transpose(a(x)) @ b(x)) / 64 + transpose((transpose(a(x)) @ b(x)) / 64)))), label)\n}",
+        "shard a.w (_, model)\n  shard b.w (_, model)",
+    );
+    for (name, plan, kind) in [("rs", rs, "reduce-scatter(model)"), ("a2a", a2a, "all-to-all(model)")] {
+        verify(name, &plan);
+        let path = tmp(&format!("{name}.plan"));
+        let v = inspect_json(&path);
+        let used = v["devices"][0]["collectives"].as_array().expect("collectives").iter().any(|c| c[0] == kind);
+        assert!(used, "{name}: no {kind} in {}", v["devices"][0]["collectives"]);
+    }
+}

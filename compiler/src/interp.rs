@@ -163,9 +163,13 @@ pub fn apply(op: &Op, a: &[&Tensor], out: &[usize], env: &Env<'_>) -> Result<Ten
             let data = a[0].data.get(*offset..offset + n).ok_or_else(|| format!("unpack of {n} at {offset} from {} elements", a[0].len()))?;
             Tensor::new(out, data.to_vec())
         }
-        Op::AllReduce { .. } | Op::AllGather { .. } | Op::Send { .. } | Op::Recv { .. } | Op::Accumulated(_) => {
-            return Err(format!("{} runs only in a device program", op.name()))
-        }
+        Op::AllReduce { .. }
+        | Op::AllGather { .. }
+        | Op::ReduceScatter { .. }
+        | Op::AllToAll { .. }
+        | Op::Send { .. }
+        | Op::Recv { .. }
+        | Op::Accumulated(_) => return Err(format!("{} runs only in a device program", op.name())),
     })
 }
 

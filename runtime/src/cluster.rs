@@ -347,6 +347,90 @@ impl Link<'_> {
                 }
                 Ok(())
             }
+            Op::ReduceScatter { group: g, id, axis, dim, granule } => {
+                let Some((x, in_shape)) = input else { return Err(KernelError::Invalid("reduce-scatter without an operand".into())) };
+                let members = group(g);
+                let n = members.len();
+                let Some(pos) = members.iter().position(|&m| m == self.ep.rank()) else {
+                    return Err(KernelError::Invalid(format!("device {} is not in reduce-scatter group {members:?}", self.ep.rank())));
+                };
+                if *dim >= in_shape.len() || in_shape.len() != out_shape.len() {
+                    return Err(KernelError::Invalid(format!("reduce-scatter along dim {dim} of {in_shape:?}")));
+                }
+                let full = in_shape[*dim];
+                let parts = parts(full, n, *granule);
+                let outer: usize = in_shape[..*dim].iter().product();
+                let inner: usize = in_shape[dim + 1..].iter().product();
+                if out.len() != parts[pos].len() * outer * inner {
+                    return Err(KernelError::Invalid(format!("reduce-scatter part of {} elements, expected {}", out.len(), parts[pos].len() * outer * inner)));
+                }
+                let widest = parts.iter().map(|r| r.len()).max().unwrap_or(0) * outer * inner;
+                let mut staging = vec![0.0f32; widest * n];
+                for (i, part) in parts.iter().enumerate() {
+                    let len = part.len() * inner;
+                    for o in 0..outer {
+                        let src = (o * full + part.start) * inner;
+                        staging[i * widest + o * len..i * widest + (o + 1) * len].copy_from_slice(&x[src..src + len]);
+                    }
+                }
+                let tag = Tag { plan: self.plan, instr: *id, seq: self.seq, name: format!("reduce-scatter({axis})") };
+                let mut own = Vec::new();
+                collectives::reduce_scatter(self.ep, &members, &tag, &staging, &mut own).map_err(|e| self.fail(e))?;
+                out.copy_from_slice(&own[..out.len()]);
+                Ok(())
+            }
+            Op::AllToAll { group: g, id, axis, from, from_granule, to, to_granule } => {
+                let Some((x, in_shape)) = input else { return Err(KernelError::Invalid("all-to-all without an operand".into())) };
+                let members = group(g);
+                let n = members.len();
+                let me = self.ep.rank();
+                let Some(pos) = members.iter().position(|&m| m == me) else {
+                    return Err(KernelError::Invalid(format!("device {me} is not in all-to-all group {members:?}")));
+                };
+                let r = in_shape.len();
+                if *from >= r || *to >= r || from == to || out_shape.len() != r {
+                    return Err(KernelError::Invalid(format!("all-to-all from dim {from} to dim {to} of {in_shape:?}")));
+                }
+                let from_parts = parts(out_shape[*from], n, *from_granule);
+                let to_parts = parts(in_shape[*to], n, *to_granule);
+                let kind = format!("all-to-all({axis})");
+                // Send each member its columns of my rows.
+                for (j, &m) in members.iter().enumerate() {
+                    let mut shape = in_shape.to_vec();
+                    shape[*to] = to_parts[j].len();
+                    let mut start = vec![0; r];
+                    start[*to] = to_parts[j].start;
+                    let block = copy_out(x, in_shape, &start, &shape);
+                    if j == pos {
+                        let mut dst = vec![0; r];
+                        dst[*from] = from_parts[pos].start;
+                        copy_in(out, out_shape, &dst, &block, &shape);
+                    } else {
+                        let header = Header { plan: self.plan, instr: *id, seq: self.seq, kind: kind.clone() };
+                        self.ep.send(m, Message { header, data: block }).map_err(|e| self.fail(e))?;
+                    }
+                }
+                for (j, &m) in members.iter().enumerate() {
+                    if j == pos {
+                        continue;
+                    }
+                    let header = Header { plan: self.plan, instr: *id, seq: self.seq, kind: kind.clone() };
+                    let block = self.ep.recv(m, &header).map_err(|e| self.fail(e))?;
+                    let mut shape = out_shape.to_vec();
+                    shape[*from] = from_parts[j].len();
+                    if block.len() != shape.iter().product::<usize>() {
+                        return Err(self.fail(TransportError::Malformed {
+                            device: me,
+                            instr: *id,
+                            reason: format!("all-to-all block of {} values from device {m}, expected {}", block.len(), shape.iter().product::<usize>()),
+                        }));
+                    }
+                    let mut dst = vec![0; r];
+                    dst[*from] = from_parts[j].start;
+                    copy_in(out, out_shape, &dst, &block, &shape);
+                }
+                Ok(())
+            }
             Op::Send { to, id } => {
                 let Some((x, _)) = input else { return Err(KernelError::Invalid("send without an operand".into())) };
                 let header = Header { plan: self.plan, instr: *id, seq: self.seq, kind: "send".into() };
@@ -368,6 +452,66 @@ impl Link<'_> {
             other => Err(KernelError::Invalid(format!("{} is not a transfer", other.name()))),
         }
     }
+}
+
+/// Member `i`'s range of a dim of `full` elements split `n` ways in whole granules.
+fn parts(full: usize, n: usize, granule: usize) -> Vec<std::ops::Range<usize>> {
+    let u = granule.max(1);
+    (0..n)
+        .map(|i| {
+            let r = chunk_range(full / u, n, i);
+            r.start * u..r.end * u
+        })
+        .collect()
+}
+
+/// Calls `f(src offset, dst offset, run)` for each row of a `block` at `at` in a tensor of `shape`
+/// (the destination is the block itself, row-major).
+fn block_rows(shape: &[usize], at: &[usize], block: &[usize], mut f: impl FnMut(usize, usize, usize)) {
+    let r = shape.len();
+    if r == 0 {
+        f(0, 0, 1);
+        return;
+    }
+    if block.contains(&0) {
+        return;
+    }
+    let mut strides = vec![1usize; r];
+    for i in (0..r - 1).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    let run = block[r - 1];
+    let mut idx = vec![0usize; r - 1];
+    let mut dst = 0;
+    loop {
+        let src: usize = (0..r - 1).map(|i| (at[i] + idx[i]) * strides[i]).sum::<usize>() + at[r - 1];
+        f(src, dst, run);
+        dst += run;
+        let mut i = r - 1;
+        loop {
+            if i == 0 {
+                return;
+            }
+            i -= 1;
+            idx[i] += 1;
+            if idx[i] < block[i] {
+                break;
+            }
+            idx[i] = 0;
+        }
+    }
+}
+
+/// The block of `x` (of `shape`) at `at`, of `block`'s shape.
+fn copy_out(x: &[f32], shape: &[usize], at: &[usize], block: &[usize]) -> Vec<f32> {
+    let mut out = vec![0.0; block.iter().product()];
+    block_rows(shape, at, block, |s, d, n| out[d..d + n].copy_from_slice(&x[s..s + n]));
+    out
+}
+
+/// Writes `data` (of `block`'s shape) into `out` (of `shape`) at `at`.
+fn copy_in(out: &mut [f32], shape: &[usize], at: &[usize], data: &[f32], block: &[usize]) {
+    block_rows(shape, at, block, |s, d, n| out[s..s + n].copy_from_slice(&data[d..d + n]));
 }
 
 fn set_batch(exec: &mut Executor, slot: usize, b: &Batch) -> Result<(), KernelError> {
@@ -479,6 +623,105 @@ fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, plan: u64, exec: &mut Executor, cm
             exec.finish_step();
             st.step_s = t0.elapsed().as_secs_f64();
             Ok(Reply::Loss(dp.reports_loss.then_some(loss), st))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `f(rank, link)` on `n` device threads connected by one fabric.
+    fn on_devices<T: Send + 'static>(n: usize, f: impl Fn(usize, &mut Link<'_>) -> T + Send + Sync + Copy + 'static) -> Vec<T> {
+        let eps = Fabric::with_timeout(n, Duration::from_secs(10));
+        let handles: Vec<_> = eps
+            .into_iter()
+            .enumerate()
+            .map(|(r, ep)| {
+                std::thread::spawn(move || {
+                    let mut link = Link { ep: &ep, plan: 7, seq: 0, spent: 0.0, error: None };
+                    f(r, &mut link)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("device thread")).collect()
+    }
+
+    /// Distinct values for member `r`'s full tensor of `len` elements.
+    fn value(r: usize, i: usize) -> f32 {
+        ((r * 131 + i * 17) % 97) as f32 - 48.0
+    }
+
+    fn group(n: usize) -> Vec<u32> {
+        (0..n as u32).collect()
+    }
+
+    #[test]
+    fn reduce_scatter_along_a_dim_matches_the_naive_sum() {
+        // [2, 7, 3] over 3 members along dim 1 (7 = 3 + 2 + 2).
+        let (n, shape) = (3, [2usize, 7, 3]);
+        let outs = on_devices(n, move |r, link| {
+            let x: Vec<f32> = (0..42).map(|i| value(r, i)).collect();
+            let part = parts(7, n, 1)[r].len();
+            let mut out = vec![0.0; 2 * part * 3];
+            let op = Op::ReduceScatter { group: group(n), id: 1, axis: "model".into(), dim: 1, granule: 1 };
+            link.run(&op, Some((&x, &shape)), &mut out, &[2, part, 3]).map(|_| out)
+        });
+        for (r, out) in outs.into_iter().enumerate() {
+            let out = out.expect("reduce-scatter");
+            let range = parts(7, n, 1)[r].clone();
+            let mut want = Vec::new();
+            for o in 0..2 {
+                for j in range.clone() {
+                    for k in 0..3 {
+                        want.push((0..n).map(|m| value(m, (o * 7 + j) * 3 + k)).sum::<f32>());
+                    }
+                }
+            }
+            assert_eq!(out, want, "member {r}");
+        }
+    }
+
+    #[test]
+    fn all_to_all_moves_the_split_to_another_dim() {
+        // A [5, 3, 4] tensor split along dim 0 (2, 2, 1) becomes split along dim 2 (2, 1, 1).
+        let n = 3;
+        let full = |i: usize| i as f32;
+        let outs = on_devices(n, move |r, link| {
+            let rows = parts(5, n, 1)[r].clone();
+            let x: Vec<f32> = rows.clone().flat_map(|a| (0..12).map(move |b| full(a * 12 + b))).collect();
+            let cols = parts(4, n, 1)[r].len();
+            let mut out = vec![0.0; 5 * 3 * cols];
+            let op = Op::AllToAll { group: group(n), id: 2, axis: "model".into(), from: 0, from_granule: 1, to: 2, to_granule: 1 };
+            link.run(&op, Some((&x, &[rows.len(), 3, 4])), &mut out, &[5, 3, cols]).map(|_| out)
+        });
+        for (r, out) in outs.into_iter().enumerate() {
+            let cols = parts(4, n, 1)[r].clone();
+            let mut want = Vec::new();
+            for a in 0..5 {
+                for b in 0..3 {
+                    for c in cols.clone() {
+                        want.push(full((a * 3 + b) * 4 + c));
+                    }
+                }
+            }
+            assert_eq!(out.expect("all-to-all"), want, "member {r}");
+        }
+    }
+
+    #[test]
+    fn all_gather_along_a_dim_with_granules() {
+        // [2, 10] split along dim 1 in granules of 2 over 3 members (units 5 = 2 + 2 + 1).
+        let n = 3;
+        let outs = on_devices(n, move |r, link| {
+            let cols = parts(10, n, 2)[r].clone();
+            let x: Vec<f32> = (0..2).flat_map(|a| cols.clone().map(move |c| (a * 10 + c) as f32)).collect();
+            let mut out = vec![0.0; 20];
+            let op = Op::AllGather { group: group(n), id: 3, axis: "data".into(), dim: 1, granule: 2 };
+            link.run(&op, Some((&x, &[2, cols.len()])), &mut out, &[2, 10]).map(|_| out)
+        });
+        for out in outs {
+            assert_eq!(out.expect("all-gather"), (0..20).map(|i| i as f32).collect::<Vec<_>>());
         }
     }
 }

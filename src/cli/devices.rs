@@ -89,7 +89,7 @@ pub fn reports(plan: &Plan) -> Vec<DeviceReport> {
                         let k = if *trans_a { a[a.len().saturating_sub(2)] } else { a[a.len() - 1] };
                         2.0 * n * k as f64
                     }
-                    StepKind::Op(Op::Send { .. } | Op::Recv { .. } | Op::AllGather { .. }) => 0.0,
+                    StepKind::Op(Op::Send { .. } | Op::Recv { .. } | Op::AllGather { .. } | Op::AllToAll { .. }) => 0.0,
                     _ => n,
                 };
                 r.flops += f * passes(s.role);

@@ -239,6 +239,8 @@ pub(super) fn vjp(g: &mut Graph, id: NodeId, args: &[NodeId], dy: NodeId) -> Vec
         | Op::Assign(_)
         | Op::AllReduce { .. }
         | Op::AllGather { .. }
+        | Op::ReduceScatter { .. }
+        | Op::AllToAll { .. }
         | Op::Slice { .. }
         | Op::Send { .. }
         | Op::Recv { .. }

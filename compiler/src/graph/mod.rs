@@ -172,6 +172,27 @@ pub enum Op {
         dim: usize,
         granule: usize,
     },
+    /// Sums the members' full-size operands and keeps this member's chunk
+    /// `i` (in whole granules) of the sum along `dim`.
+    ReduceScatter {
+        group: Vec<u32>,
+        id: u32,
+        axis: String,
+        dim: usize,
+        granule: usize,
+    },
+    /// Re-splits a value split along `from` (granule `from_granule`) into
+    /// one split along `to` (granule `to_granule`): member `i` ends with
+    /// chunk `i` along `to` and the whole of `from`.
+    AllToAll {
+        group: Vec<u32>,
+        id: u32,
+        axis: String,
+        from: usize,
+        from_granule: usize,
+        to: usize,
+        to_granule: usize,
+    },
     /// The part of the operand starting at `start` along `dim`, the node's size long.
     Slice {
         dim: usize,
@@ -230,6 +251,8 @@ impl Op {
             | Assign(_)
             | AllReduce { .. }
             | AllGather { .. }
+            | ReduceScatter { .. }
+            | AllToAll { .. }
             | Slice { .. }
             | Send { .. }
             | Accumulate(_)
@@ -254,7 +277,7 @@ impl Op {
 
     /// Operations that talk to other devices.
     pub fn is_comm(&self) -> bool {
-        matches!(self, Op::AllReduce { .. } | Op::AllGather { .. } | Op::Send { .. } | Op::Recv { .. })
+        matches!(self, Op::AllReduce { .. } | Op::AllGather { .. } | Op::ReduceScatter { .. } | Op::AllToAll { .. } | Op::Send { .. } | Op::Recv { .. })
     }
 
     /// Short name for listings and DOT.
@@ -282,6 +305,8 @@ impl Op {
             Assign(Target::State(i)) => format!("assign state {i}"),
             AllReduce { axis, .. } => format!("all-reduce({axis})"),
             AllGather { axis, dim, .. } => format!("all-gather({axis}) dim {dim}"),
+            ReduceScatter { axis, dim, .. } => format!("reduce-scatter({axis}) dim {dim}"),
+            AllToAll { axis, from, to, .. } => format!("all-to-all({axis}) dim {from} → {to}"),
             Slice { dim, start } => format!("slice dim {dim} from {start}"),
             Send { to, .. } => format!("send to {to}"),
             Recv { from, .. } => format!("recv from {from}"),

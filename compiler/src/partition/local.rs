@@ -347,6 +347,32 @@ impl Builder<'_, '_> {
             let name = axis.name.clone();
             let k = axis.size;
             let c = self.at[a];
+            let split_elsewhere = |l: &[L], d: usize| l.iter().enumerate().any(|(b, x)| b != a && matches!(x, L::S(dd, _) if *dd == d));
+            // Partial → split: one reduce-scatter.
+            if let (L::P, L::S(d, u)) = (have[a], want[a]) {
+                if !split_elsewhere(&have, d) {
+                    let mut to = have.clone();
+                    to[a] = want[a];
+                    let ty = self.local_ty(global, &to);
+                    let id = self.coll_id();
+                    v = self.lg.add(Op::ReduceScatter { group: group.clone(), id, axis: name.clone(), dim: d, granule: u }, &[v], ty, role);
+                    have[a] = want[a];
+                    continue;
+                }
+            }
+            // Split → split along another dim: one all-to-all.
+            if let (L::S(d, du), L::S(e, eu)) = (have[a], want[a]) {
+                if d != e && !split_elsewhere(&have, d) && !split_elsewhere(&have, e) {
+                    let mut to = have.clone();
+                    to[a] = want[a];
+                    let ty = self.local_ty(global, &to);
+                    let id = self.coll_id();
+                    let op = Op::AllToAll { group: group.clone(), id, axis: name.clone(), from: d, from_granule: du, to: e, to_granule: eu };
+                    v = self.lg.add(op, &[v], ty, role);
+                    have[a] = want[a];
+                    continue;
+                }
+            }
             // Gather or reduce to replicated first, when needed.
             match have[a] {
                 L::P if want[a] != L::P => {

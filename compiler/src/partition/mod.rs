@@ -12,8 +12,10 @@
 //!   data axis (and over microbatches, a virtual axis of its own), and
 //!   `rules.rs` propagates layouts through every op of the graph, in order.
 //!   Where an op needs an operand in another layout, the device programs
-//!   convert it: a partial sum is all-reduced, a split value all-gathered, a
-//!   replicated value sliced (free) or masked into a partial sum (free).
+//!   convert it: a partial sum is all-reduced (or reduce-scattered into a
+//!   split), a split value all-gathered (or re-split along another dim by an
+//!   all-to-all), a replicated value sliced (free) or masked into a partial
+//!   sum (free).
 //! - Pipeline stages: a parameter lives on the stage of its layer; a forward
 //!   op on the latest stage of its operands; a backward op with the forward
 //!   op it differentiates; an update op with the one parameter it updates

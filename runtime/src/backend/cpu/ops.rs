@@ -100,9 +100,14 @@ pub fn run(op: &Op, args: &[Operand<'_>], out: &mut [f32], out_shape: &[usize], 
             out.copy_from_slice(src);
             Ok(())
         }
-        Op::AllReduce { .. } | Op::AllGather { .. } | Op::Send { .. } | Op::Recv { .. } | Op::Accumulate(_) | Op::Accumulated(_) => {
-            Err(invalid(name, "runs only in a device program".into()))
-        }
+        Op::AllReduce { .. }
+        | Op::AllGather { .. }
+        | Op::ReduceScatter { .. }
+        | Op::AllToAll { .. }
+        | Op::Send { .. }
+        | Op::Recv { .. }
+        | Op::Accumulate(_)
+        | Op::Accumulated(_) => Err(invalid(name, "runs only in a device program".into())),
         Op::Input(_)
         | Op::Param(_)
         | Op::State(_)
