@@ -165,9 +165,17 @@ fn combinations_match_one_device() {
 
 #[test]
 fn examples_match_one_device() {
-    for e in ["data_parallel", "tensor_parallel", "parameter_server"] {
+    // The tiny GPT examples at a reduced size (`--set`), the others whole.
+    for (e, set) in [
+        ("data_parallel", vec![]),
+        ("tensor_parallel", vec![]),
+        ("parameter_server", vec![]),
+        ("pipeline_1f1b", vec!["--set", "batch=8", "--set", "seq=16"]),
+        ("data_tensor_pipeline", vec!["--set", "batch=8", "--set", "seq=16"]),
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_shardplan"))
             .args(["verify", "--threads", "2", &format!("examples/{e}.plan")])
+            .args(&set)
             .current_dir(root())
             .output()
             .expect("runs");

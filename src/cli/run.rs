@@ -695,12 +695,52 @@ pub struct VerifyArgs {
     /// Threads for kernels (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Verify at a reduced size: bind a symbolic dim of the plan (`batch`,
+    /// `seq`, …) to another value, e.g. `--set batch=8 --set seq=16`.
+    #[arg(long = "set", value_name = "DIM=N", value_parser = parse_set)]
+    pub set: Vec<(String, i64)>,
+}
+
+fn parse_set(s: &str) -> Result<(String, i64), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not DIM=N"))?;
+    let n: i64 = v.trim().parse().map_err(|e| format!("`{v}`: {e}"))?;
+    if n < 1 {
+        return Err(format!("{k} must be at least 1"));
+    }
+    Ok((k.trim().to_string(), n))
 }
 
 /// `shardplan verify FILE`: the placed plan against one device, step by step.
 pub fn verify(args: &VerifyArgs, color: bool) -> ExitCode {
     let Some(c) = check::load(&args.file, color) else { return ExitCode::from(1) };
     let plan_text = std::fs::read(&args.file).unwrap_or_default();
+    let overrides: BTreeMap<String, i64> = args.set.iter().cloned().collect();
+    let c = if overrides.is_empty() {
+        c
+    } else {
+        let (reduced, diags) = shardplan_compiler::check_source_with(&plan_text, &overrides);
+        let errors: Vec<&Diagnostic> = diags.iter().filter(|d| d.is_error()).collect();
+        match reduced {
+            Some(mut r) if errors.is_empty() => {
+                // The train section keeps the sizes written; the run uses the reduced ones.
+                for (k, v) in &overrides {
+                    if k == "batch" {
+                        r.train.batch = *v;
+                    }
+                    r.train.dims.insert(k.clone(), *v);
+                }
+                r
+            }
+            _ => {
+                let sources = Sources::new(&args.file.display().to_string(), String::from_utf8_lossy(&plan_text).into_owned());
+                for d in errors {
+                    eprint!("{}", render::human(d, &sources, color));
+                }
+                eprintln!("the plan does not check at the reduced sizes given with --set");
+                return ExitCode::from(1);
+            }
+        }
+    };
     let base = args.file.parent().map(Path::to_path_buf).unwrap_or_default();
     let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
     match compare(args, &c, &plan_text, &base) {
@@ -726,7 +766,8 @@ fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Res
         return Ok(true);
     }
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
-    let (single, _) = shardplan_compiler::check_source_placed(plan_text, &BTreeMap::new(), false);
+    let overrides: BTreeMap<String, i64> = args.set.iter().cloned().collect();
+    let (single, _) = shardplan_compiler::check_source_placed(plan_text, &overrides, false);
     let single = single.ok_or_else(|| fail("run::internal", "the plan does not check without its placement", "this is a bug in shardplan"))?;
     let seq = c.train.dims.get("seq").map(|&s| s as usize);
     let splits = data::load(&c.data.source, base, seq, classes(c)).map_err(|e| Error::Data(Box::new(e)))?;
