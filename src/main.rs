@@ -16,6 +16,14 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // A device thread that panics is reported once, as that device's error,
+    // by the runtime; the default message would repeat it as a backtrace hint.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !std::thread::current().name().is_some_and(|n| n.starts_with("device ")) {
+            default_hook(info);
+        }
+    }));
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,
         Err(e) => {

@@ -110,6 +110,7 @@ fn data_parallel_matches_one_device() {
 fn tensor_parallel_matches_one_device() {
     verify("mlp_tp2", &mlp(64, 2, &format!("placement {{\n  mesh (model: 2)\n  {TP_MLP}\n}}")));
     verify("mlp_tp4", &mlp(64, 4, &format!("placement {{\n  mesh (model: 4)\n  {TP_MLP}\n}}")));
+    verify("mlp_tp8", &mlp(64, 8, &format!("placement {{\n  mesh (model: 8)\n  {TP_MLP}\n}}")));
     verify("gpt_tp2", &gpt(4, 2, &format!("placement {{\n  mesh (model: 2)\n  {TP_GPT}\n}}")));
     verify("gpt_tp4", &gpt(4, 4, &format!("placement {{\n  mesh (model: 4)\n  {TP_GPT}\n}}")));
 }
@@ -141,6 +142,7 @@ fn pipelines_match_one_device() {
 
 #[test]
 fn parameter_servers_match_one_device() {
+    verify("mlp_ps8", &mlp(64, 8, "placement {\n  mesh (data: 8)\n  data_parallel over data\n  parameter_server on cpu3\n}"));
     verify("mlp_ps4", &mlp(64, 4, "placement {\n  mesh (data: 4)\n  data_parallel over data\n  parameter_server on cpu0\n}"));
     // The server need not be the first worker.
     verify("mlp_ps2_last", &mlp(63, 2, "placement {\n  mesh (data: 2)\n  data_parallel over data\n  parameter_server on cpu1\n}"));

@@ -542,9 +542,14 @@ fn device_main(dp: DeviceProgram, ep: Endpoint, plan: u64, threads: usize, rx: R
         }
     };
     while let Ok(cmd) = rx.recv() {
+        let during = match &cmd {
+            Cmd::Step { step, .. } => format!(" at step {}", step + 1),
+            Cmd::Load { .. } => " while loading parameters".to_string(),
+            Cmd::Read => " while reading parameters back".to_string(),
+        };
         let reply = std::panic::catch_unwind(AssertUnwindSafe(|| run_cmd(&dp, &ep, plan, &mut exec, cmd))).unwrap_or_else(|p| {
             let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
-            Err((format!("device {dev} panicked: {what}"), false))
+            Err((format!("device {dev} failed{during}: internal error ({what})"), false))
         });
         let reply = match reply {
             Ok(r) => r,
