@@ -346,3 +346,15 @@ fn reduce_scatter_and_all_to_all_match_one_device() {
         assert!(used, "{name}: no {kind} in {}", v["devices"][0]["collectives"]);
     }
 }
+
+#[test]
+fn a_plan_that_does_not_fit_is_rejected_before_running() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardplan"))
+        .args(["--color", "never", "run", "--quiet", "tests/plans/too_small.plan"])
+        .current_dir(root())
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "it trained: {}", String::from_utf8_lossy(&out.stdout));
+    insta::assert_snapshot!(String::from_utf8_lossy(&out.stderr));
+}

@@ -110,6 +110,10 @@ pub fn run(file: &Path, out: &Path, color: bool) -> ExitCode {
     if let Err(e) = partition::verify::verify(&plan) {
         return fail(problem("run::verify", format!("the device programs do not fit together: {e}"), bug));
     }
+    if let Some(d) = partition::memory::check(&c, &plan) {
+        eprint!("{}", super::render::human(&d, &super::render::Sources::new(&name, source.clone()), color));
+        return ExitCode::from(1);
+    }
     let base = match file.parent().map(|p| p.to_string_lossy().into_owned()) {
         Some(p) if !p.is_empty() => p,
         _ => ".".to_string(),

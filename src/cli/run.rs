@@ -137,6 +137,11 @@ pub fn run(args: &RunArgs, color: bool) -> ExitCode {
             report_data_error(&e, &name, &plan_text, &c, color);
             ExitCode::from(1)
         }
+        Err(Error::Diag(d)) => {
+            let sources = Sources::new(&name, String::from_utf8_lossy(&plan_text).into_owned());
+            eprint!("{}", render::human(&d, &sources, color));
+            ExitCode::from(1)
+        }
         Err(Error::Other(f)) => {
             let sources = Sources::new(&name, String::from_utf8_lossy(&plan_text).into_owned());
             let d = Diagnostic::error(f.code, f.message).help(f.help);
@@ -149,6 +154,8 @@ pub fn run(args: &RunArgs, color: bool) -> ExitCode {
 enum Error {
     Data(Box<DataError>),
     Other(Failure),
+    /// A diagnostic of the plan (with its locations).
+    Diag(Box<Diagnostic>),
 }
 
 impl From<Failure> for Error {
@@ -241,7 +248,12 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             Some(d) => single(d.program)?,
             None => single(lower(&g))?,
         },
-        (Some(plan), _) if !args.single_device => Trainer::Multi(Box::new(Cluster::start(plan, threads, std::time::Duration::from_secs(60)))),
+        (Some(plan), _) if !args.single_device => {
+            if let Some(d) = partition::memory::check(c, &plan) {
+                return Err(Error::Diag(Box::new(d)));
+            }
+            Trainer::Multi(Box::new(Cluster::start(plan, threads, std::time::Duration::from_secs(60))))
+        }
         (None, Placement::Explicit(_)) if !args.single_device => {
             let plan = partition::partition(c, &g).map_err(|e| {
                 fail("run::placement", format!("cannot partition the plan: {e}"), "change the placement; `shardplan check` shows what it holds")
@@ -249,6 +261,9 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             partition::verify::verify(&plan).map_err(|e| {
                 fail("run::verify", format!("the device programs do not fit together: {e}"), "this is a bug in shardplan; please report it with the plan")
             })?;
+            if let Some(d) = partition::memory::check(c, &plan) {
+                return Err(Error::Diag(Box::new(d)));
+            }
             Trainer::Multi(Box::new(Cluster::start(plan, threads, std::time::Duration::from_secs(60))))
         }
         _ => single(lower(&g))?,
@@ -470,7 +485,14 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             .enumerate()
             .map(|(i, (busy, comm, bytes))| {
                 let w = secs.max(1e-9);
-                format!("cpu{i} {:.1} MiB, {:.0}% compute, {:.0}% transfers", *bytes as f64 / (1 << 20) as f64, busy / w * 100.0, comm / w * 100.0)
+                let planned = cl.plan().devices.get(i).map(|d| partition::memory::device(d).total()).unwrap_or(0);
+                format!(
+                    "cpu{i} {:.1} MiB (planned {:.1} MiB), {:.0}% compute, {:.0}% transfers",
+                    *bytes as f64 / (1 << 20) as f64,
+                    planned as f64 / (1 << 20) as f64,
+                    busy / w * 100.0,
+                    comm / w * 100.0
+                )
             })
             .collect();
         println!("  {} devices: {}", cl.plan().devices.len(), devs.join("; "));
@@ -750,6 +772,11 @@ pub fn verify(args: &VerifyArgs, color: bool) -> ExitCode {
             report_data_error(&e, &args.file.display().to_string(), &plan_text, &c, color);
             ExitCode::from(1)
         }
+        Err(Error::Diag(d)) => {
+            let sources = Sources::new(&args.file.display().to_string(), String::from_utf8_lossy(&plan_text).into_owned());
+            eprint!("{}", render::human(&d, &sources, color));
+            ExitCode::from(1)
+        }
         Err(Error::Other(f)) => {
             let sources = Sources::new(&args.file.display().to_string(), String::from_utf8_lossy(&plan_text).into_owned());
             let d = Diagnostic::error(f.code, f.message).help(f.help);
@@ -791,6 +818,9 @@ fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Res
     let g1 = autodiff::differentiate(graph::build(&single), &single);
     let plan = partition::partition(c, &g).map_err(|e| fail("run::placement", format!("cannot partition the plan: {e}"), "change the placement"))?;
     partition::verify::verify(&plan).map_err(|e| fail("run::verify", format!("the device programs do not fit together: {e}"), "this is a bug in shardplan"))?;
+    if let Some(d) = partition::memory::check(c, &plan) {
+        return Err(Error::Diag(Box::new(d)));
+    }
     let devices = plan.devices.len();
     let mesh: Vec<String> = plan.mesh.axes.iter().map(|(n, s)| format!("{n} {s}")).collect();
     let mut exec = Executor::new(lower(&g1), threads).map_err(|e| internal(e.to_string()))?;

@@ -52,6 +52,8 @@ pub struct Explicit {
     pub pipeline: Option<Pipeline>,
     /// Device index of the parameter server.
     pub parameter_server: Option<usize>,
+    /// The `placement` keyword.
+    pub span: Span,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -354,7 +356,14 @@ impl Checker<'_> {
                 );
             }
         }
-        (self.diags.error_count() == before).then_some(Placement::Explicit(Explicit { mesh, data_axis, shards, pipeline, parameter_server: ps }))
+        (self.diags.error_count() == before).then_some(Placement::Explicit(Explicit {
+            mesh,
+            data_axis,
+            shards,
+            pipeline,
+            parameter_server: ps,
+            span: self.head,
+        }))
     }
 
     fn axis(&mut self, mesh: &[(String, i64)], id: &ast::Ident) -> Option<usize> {

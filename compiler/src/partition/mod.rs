@@ -31,6 +31,7 @@
 //! order; the members of a collective meet it in the same order.
 
 mod local;
+pub mod memory;
 mod rules;
 mod schedule;
 pub mod verify;

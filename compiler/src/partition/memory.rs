@@ -1,0 +1,151 @@
+//! The memory plan of each device: every buffer its program allocates, by
+//! what it holds, computed from the program before anything runs.
+//!
+//! The executor allocates each buffer once (reshapes share their operand's
+//! memory) and one copy of every forward/backward buffer per microbatch in
+//! flight, so the sum below is exactly what a device allocates; the runtime
+//! measures its allocation too and `inspect` shows both.
+
+use super::{DeviceProgram, Plan};
+use crate::graph::Role;
+use crate::kernel::{BufKind, StepKind};
+use serde::Serialize;
+
+/// Bytes of one device, by what they hold.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Memory {
+    pub params: u64,
+    /// Gradients: accumulators, or backward results the update reads.
+    pub grads: u64,
+    pub optimizer: u64,
+    /// Forward and backward values and inputs, times the buffer sets.
+    pub activations: u64,
+    /// Results of transfers and collectives.
+    pub comm: u64,
+    /// The update's temporaries, constants and scalars.
+    pub workspace: u64,
+}
+
+impl Memory {
+    pub fn total(&self) -> u64 {
+        self.params + self.grads + self.optimizer + self.activations + self.comm + self.workspace
+    }
+}
+
+/// The memory plan of every device of `plan`.
+pub fn plan(plan: &Plan) -> Vec<Memory> {
+    plan.devices.iter().map(device).collect()
+}
+
+/// The memory plan of one device.
+pub fn device(d: &DeviceProgram) -> Memory {
+    let p = &d.program;
+    let n = p.buffers.len();
+    let mut pass_written = vec![false; n];
+    let mut comm = vec![false; n];
+    for s in &p.steps {
+        let o = p.storage(s.output).0 as usize;
+        if s.role != Role::Update {
+            pass_written[o] = true;
+        }
+        if let StepKind::Op(op) = &s.kind {
+            if op.is_comm() {
+                comm[o] = true;
+            }
+        }
+    }
+    let mut grad = vec![false; n];
+    for s in p.steps.iter().filter(|s| s.role == Role::Update) {
+        for b in &s.inputs {
+            let i = p.storage(*b).0 as usize;
+            if pass_written[i] && p.buffers[i].kind == BufKind::Temp {
+                grad[i] = true;
+            }
+        }
+    }
+    let sets = d.slots.max(1) as u64;
+    let mut m = Memory::default();
+    for (i, b) in p.buffers.iter().enumerate() {
+        let bytes = 4 * b.len() as u64;
+        match b.kind {
+            BufKind::Alias(_) => {}
+            BufKind::Param(_) => m.params += bytes,
+            BufKind::State(_) => m.optimizer += bytes,
+            BufKind::Accum(_) => m.grads += bytes,
+            BufKind::Temp if grad[i] => m.grads += bytes * sets,
+            BufKind::Input(_) => m.activations += bytes * sets,
+            BufKind::Temp if comm[i] && pass_written[i] => m.comm += bytes * sets,
+            BufKind::Temp if comm[i] => m.comm += bytes,
+            BufKind::Temp if pass_written[i] => m.activations += bytes * sets,
+            BufKind::Temp | BufKind::Const(_) | BufKind::Hyper(_) => m.workspace += bytes,
+        }
+    }
+    m
+}
+
+fn mib(b: u64) -> String {
+    let b = b as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
+/// An error when some device's plan needs more memory than the device has:
+/// pointing at the placement, with what each such device would hold.
+pub fn check(c: &crate::Checked, plan: &Plan) -> Option<crate::Diagnostic> {
+    let mems = self::plan(plan);
+    let over: Vec<(usize, &Memory, u64)> = plan
+        .devices
+        .iter()
+        .zip(&mems)
+        .filter_map(|(d, m)| {
+            let cap = c.devices.get(d.device)?.memory?;
+            (m.total() > cap).then_some((d.device, m, cap))
+        })
+        .collect();
+    let (first, _, cap) = *over.first()?;
+    let name = |i: usize| c.devices.get(i).map(|d| d.name.clone()).unwrap_or_else(|| format!("device {i}"));
+    let mut d = crate::Diagnostic::error(
+        "placement::out_of_memory",
+        format!(
+            "{} of {} devices would need more memory than they have: {} needs {}, it has {}",
+            over.len(),
+            plan.devices.len(),
+            name(first),
+            mib(over[0].1.total()),
+            mib(cap)
+        ),
+    );
+    if let crate::check::Placement::Explicit(e) = &c.placement {
+        d = d.label(e.span, "this placement does not fit");
+    }
+    if let Some(span) = c.devices.get(first).and_then(|x| x.span) {
+        d = d.label(span, format!("{} has {}", name(first), mib(cap)));
+    }
+    let lines: Vec<String> = over
+        .iter()
+        .take(8)
+        .map(|(i, m, cap)| {
+            format!(
+                "{}: {} of {} (parameters {}, gradients {}, optimizer {}, activations {}, transfers {}, workspace {})",
+                name(*i),
+                mib(m.total()),
+                mib(*cap),
+                mib(m.params),
+                mib(m.grads),
+                mib(m.optimizer),
+                mib(m.activations),
+                mib(m.comm),
+                mib(m.workspace)
+            )
+        })
+        .collect();
+    Some(d.help(format!(
+        "{}; shard the largest layers over a `model` axis, cut the model into pipeline stages, or use fewer microbatches in flight (1f1b)",
+        lines.join("; ")
+    )))
+}
