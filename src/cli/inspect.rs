@@ -8,7 +8,13 @@ use shardplan_runtime::backend::cpu::jit;
 use std::path::Path;
 use std::process::ExitCode;
 
-pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<KernelFormat>, format: Format, color: bool) -> ExitCode {
+/// What `inspect` does for `placement auto`.
+pub struct Auto {
+    pub explain: bool,
+    pub profile: Option<std::path::PathBuf>,
+}
+
+pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<KernelFormat>, format: Format, auto: Auto, color: bool) -> ExitCode {
     let Some(c) = check::load(file, color) else { return ExitCode::from(1) };
     let g = autodiff::differentiate(graph::build(&c), &c);
     if let Err(e) = g.verify() {
@@ -38,6 +44,35 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
             }
         }
         return ExitCode::SUCCESS;
+    }
+    if graph_format.is_none() && (auto.explain || matches!(c.placement, shardplan_compiler::check::Placement::Auto { .. })) {
+        if !matches!(c.placement, shardplan_compiler::check::Placement::Auto { .. }) {
+            eprintln!("error: --explain explains `placement auto`; this plan places itself");
+            return ExitCode::from(1);
+        }
+        let prof = match super::auto::profile(auto.profile.as_deref()) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error[run::device_profile]: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let (found, secs) = super::auto::search(&c, &g, &prof);
+        let name = file.display().to_string();
+        if format == Format::Json {
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"file": name, "search": found, "search_s": secs})).unwrap_or_default());
+            return ExitCode::SUCCESS;
+        }
+        print!("{}", super::auto::explain(&name, &found, secs));
+        if let (false, Some(i)) = (auto.explain, found.chosen) {
+            let mut placed = c.clone();
+            placed.placement = shardplan_compiler::check::Placement::Explicit(shardplan_compiler::partition::auto::explicit(&c, &found.candidates[i]));
+            if let Ok(plan) = shardplan_compiler::partition::partition(&placed, &g) {
+                println!();
+                super::devices::print(&name, &placed, &plan);
+            }
+        }
+        return if found.chosen.is_some() { ExitCode::SUCCESS } else { ExitCode::from(1) };
     }
     match graph_format {
         Some(GraphFormat::Dot) => print!("{}", graph::to_dot(&g, &c)),

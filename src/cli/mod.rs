@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 the input has errors (diagnostics printed),
 //! 2 the command line is wrong.
 
+mod auto;
 mod check;
 mod compile;
 mod devices;
@@ -59,6 +60,13 @@ pub enum Command {
         /// Output format of the summary: for people, or JSON for tools.
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
+        /// For `placement auto`: the chosen plan, its predicted step time and
+        /// memory, and the next best candidates with why each lost.
+        #[arg(long)]
+        explain: bool,
+        /// Device profile written by `shardplan calibrate` (for `placement auto`).
+        #[arg(long, value_name = "FILE")]
+        device_profile: Option<std::path::PathBuf>,
     },
 }
 
@@ -95,7 +103,9 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     match cli.command {
         Command::Check { files, format } => check::run(&files, format, color),
-        Command::Inspect { file, graph, kernels, format } => inspect::run(&file, graph, kernels, format, color),
+        Command::Inspect { file, graph, kernels, format, explain, device_profile } => {
+            inspect::run(&file, graph, kernels, format, inspect::Auto { explain, profile: device_profile }, color)
+        }
         Command::Compile { file, output } => compile::run(&file, &output, color),
         Command::Run(args) => run::run(&args, color),
         Command::Verify(args) => run::verify(&args, color),

@@ -70,6 +70,10 @@ pub struct RunArgs {
     /// Run on one device, ignoring the plan's placement (the reference a placement must match).
     #[arg(long)]
     pub single_device: bool,
+    /// Device profile written by `shardplan calibrate`, for `placement auto`
+    /// (default: shardplan-profile.json when present, else built-in figures).
+    #[arg(long, value_name = "FILE")]
+    pub device_profile: Option<PathBuf>,
     /// Make device D fail at step S (for testing how a run stops), e.g. `device=1,step=3`.
     #[arg(long, value_name = "device=D,step=S", value_parser = parse_fault)]
     pub inject_fault: Option<(usize, u64)>,
@@ -242,6 +246,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
         }
         Ok::<Trainer, Failure>(Trainer::Single(Box::new(exec)))
     };
+    let mut auto_choice: Option<partition::auto::Candidate> = None;
     let mut trainer = match (plan, &c.placement) {
         // A compiled plan without a mesh (no placement) is one device's step.
         (Some(plan), _) if !args.single_device && plan.mesh.axes.is_empty() => match plan.devices.into_iter().next() {
@@ -252,6 +257,24 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             if let Some(d) = partition::memory::check(c, &plan) {
                 return Err(Error::Diag(Box::new(d)));
             }
+            Trainer::Multi(Box::new(Cluster::start(plan, threads, std::time::Duration::from_secs(60))))
+        }
+        (None, Placement::Auto { .. }) if !args.single_device => {
+            let prof = super::auto::profile(args.device_profile.as_deref()).map_err(|e| fail("run::device_profile", e, "write one with `shardplan calibrate -o FILE`"))?;
+            let (found, _) = super::auto::search(c, &g, &prof);
+            let Some(best) = found.chosen.map(|i| found.candidates[i].clone()) else {
+                return Err(fail(
+                    "placement::no_fit",
+                    "no placement of the model over these devices fits the memory budget",
+                    "`shardplan inspect FILE --explain` lists the closest candidates; raise the budget or add devices",
+                )
+                .into());
+            };
+            let mut placed = c.clone();
+            placed.placement = Placement::Explicit(partition::auto::explicit(c, &best));
+            let plan = partition::partition(&placed, &g).map_err(|e| fail("run::placement", format!("cannot partition the chosen plan: {e}"), "this is a bug in shardplan"))?;
+            partition::verify::verify(&plan).map_err(|e| fail("run::verify", format!("the device programs do not fit together: {e}"), "this is a bug in shardplan"))?;
+            auto_choice = Some(best);
             Trainer::Multi(Box::new(Cluster::start(plan, threads, std::time::Duration::from_secs(60))))
         }
         (None, Placement::Explicit(_)) if !args.single_device => {
@@ -478,6 +501,15 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
     }
     if let (true, Trainer::Single(exec)) = (args.profile, &trainer) {
         print_profile(exec, trained);
+    }
+    if let Some(best) = &auto_choice {
+        let measured = if trained > 0 { secs / trained as f64 } else { f64::NAN };
+        println!(
+            "  placement auto chose {}: predicted {:.2} ms per step, measured {:.2} ms",
+            best.name(),
+            best.step_s() * 1e3,
+            measured * 1e3
+        );
     }
     if let Trainer::Multi(cl) = &trainer {
         let devs: Vec<String> = device_totals

@@ -30,6 +30,7 @@
 //! its global shape and layout; every send has its receive, in the same
 //! order; the members of a collective meet it in the same order.
 
+pub mod auto;
 mod local;
 pub mod memory;
 mod rules;

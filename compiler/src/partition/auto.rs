@@ -1,0 +1,413 @@
+//! `placement auto`: searches data × tensor × pipeline degrees, Megatron
+//! shardings, balanced stage cuts and microbatch counts for the lowest
+//! predicted step time that fits the memory budget, and says why.
+//!
+//! The search is analytic: the training graph is summarised once per layer
+//! (unit): matmul FLOPs, other bytes moved, activation bytes, parameter bytes,
+//! and whether the layer has Megatron pairs (attention and MLP). A candidate's
+//! step time is then compute (FLOPs over the calibrated matmul rate, bytes over
+//! the element-wise bandwidth, devices sharing the cores), communication (ring
+//! formulas over the calibrated link bandwidth and latency) and the pipeline
+//! bubble ((p − 1) passes of the slowest stage). The best candidates are then
+//! partitioned for real and their exact memory plan checked, so the chosen
+//! plan always fits.
+
+use super::{memory, partition};
+use crate::check::{Checked, Explicit, Objective, Optimizer, Pipeline, Placement, Schedule, Shard, Unit};
+use crate::graph::{Graph, NodeId, Op, Role};
+use serde::{Deserialize, Serialize};
+
+/// What the devices can do, from `shardplan calibrate` (defaults: measured on
+/// a 2-core AVX-512 machine).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    /// Matmul FLOP/s of one core.
+    pub matmul_flops: f64,
+    /// Bytes/s of element-wise kernels on one core.
+    pub elementwise_bytes: f64,
+    /// Bytes/s between two devices.
+    pub link_bytes: f64,
+    /// Seconds per message between two devices.
+    pub link_latency: f64,
+    /// Cores the devices share.
+    pub cores: usize,
+}
+
+impl Default for Profile {
+    fn default() -> Profile {
+        Profile { matmul_flops: 60e9, elementwise_bytes: 8e9, link_bytes: 4e9, link_latency: 20e-6, cores: 2 }
+    }
+}
+
+/// One placement the search considered.
+#[derive(Clone, Debug, Serialize)]
+pub struct Candidate {
+    pub data: usize,
+    pub model: usize,
+    pub pipe: usize,
+    pub microbatches: usize,
+    /// Units (layer names) per stage.
+    pub stages: Vec<Vec<String>>,
+    pub compute_s: f64,
+    pub comm_s: f64,
+    pub bubble_s: f64,
+    /// Predicted bytes of the fullest device.
+    pub memory: u64,
+    /// Exact bytes of the fullest device, for candidates partitioned for real.
+    pub exact_memory: Option<u64>,
+    pub fits: bool,
+    #[serde(skip)]
+    stage_units: Vec<Vec<Unit>>,
+    #[serde(skip)]
+    shards: Vec<Shard>,
+}
+
+impl Candidate {
+    pub fn step_s(&self) -> f64 {
+        self.compute_s + self.comm_s + self.bubble_s
+    }
+
+    pub fn name(&self) -> String {
+        let mut parts = Vec::new();
+        if self.data > 1 {
+            parts.push(format!("data {}", self.data));
+        }
+        if self.model > 1 {
+            parts.push(format!("tensor {}", self.model));
+        }
+        if self.pipe > 1 {
+            parts.push(format!("pipeline {} × {} microbatches", self.pipe, self.microbatches));
+        }
+        if parts.is_empty() {
+            "one device".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// The outcome of a search.
+#[derive(Clone, Debug, Serialize)]
+pub struct Search {
+    pub devices: usize,
+    pub budget: Option<u64>,
+    /// Best first: fitting candidates by predicted time, then the others.
+    pub candidates: Vec<Candidate>,
+    /// Index of the chosen candidate (the first that fits when partitioned).
+    pub chosen: Option<usize>,
+    pub considered: usize,
+}
+
+/// Per-unit figures of one training step at the full batch.
+#[derive(Clone, Debug, Default)]
+struct UnitCost {
+    flops: f64,
+    bytes: f64,
+    act: f64,
+    params: f64,
+    /// Bytes of the parameters Megatron pairs split.
+    shardable: f64,
+    /// Megatron pairs (attention, MLP) in the unit.
+    pairs: usize,
+    /// Bytes of the activation each pair all-reduces.
+    pair_bytes: f64,
+}
+
+fn numel(g: &Graph, n: NodeId) -> f64 {
+    g.node(n).ty.shape.iter().map(|d| d.size.max(0) as f64).product()
+}
+
+fn unit_prefix(c: &Checked, u: Unit) -> String {
+    match u {
+        Unit::Layer(i) => c.model.top[i].name.clone(),
+        Unit::Elem(i, j) => format!("{}.{j}", c.model.top[i].name),
+    }
+}
+
+/// Megatron shards of the instances under `prefix` that `t` divides.
+fn megatron(c: &Checked, prefix: &str, t: usize) -> (Vec<Shard>, usize) {
+    let mut shards = Vec::new();
+    let mut pairs = 0;
+    for inst in &c.model.instances {
+        if !(inst.path == prefix || inst.path.starts_with(&format!("{prefix}."))) {
+            continue;
+        }
+        let param = |name: &str| c.model.params.iter().position(|p| p.path == format!("{}.{name}", inst.path));
+        let dims = |i: usize| c.model.params[i].ty.shape.iter().map(|d| d.size.max(0) as usize).collect::<Vec<_>>();
+        match inst.template.as_str() {
+            "SelfAttention" => {
+                let heads = inst.args.iter().find(|(n, _)| n == "heads").and_then(|(_, v)| if let crate::check::types::Val::Int(i, _) = v { Some(*i) } else { None }).unwrap_or(1).max(1) as usize;
+                let (Some(q), Some(k), Some(v), Some(o)) = (param("wq"), param("wk"), param("wv"), param("wo")) else { continue };
+                if t > 1 && heads.is_multiple_of(t) && dims(q)[1].is_multiple_of(t) {
+                    for p in [q, k, v] {
+                        shards.push(Shard { param: p, spec: vec![None, Some(usize::MAX)] });
+                    }
+                    shards.push(Shard { param: o, spec: vec![Some(usize::MAX), None] });
+                    pairs += 1;
+                }
+            }
+            "Mlp" => {
+                let (Some(uw), Some(ub), Some(dw)) = (param("up.w"), param("up.b"), param("down.w")) else { continue };
+                if t > 1 && dims(uw)[1].is_multiple_of(t) {
+                    shards.push(Shard { param: uw, spec: vec![None, Some(usize::MAX)] });
+                    shards.push(Shard { param: ub, spec: vec![Some(usize::MAX)] });
+                    shards.push(Shard { param: dw, spec: vec![Some(usize::MAX), None] });
+                    pairs += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    (shards, pairs)
+}
+
+/// Summarises the training graph per unit (in forward order).
+fn unit_costs(c: &Checked, g: &Graph, units: &[Unit]) -> Vec<UnitCost> {
+    let prefixes: Vec<String> = units.iter().map(|u| unit_prefix(c, *u)).collect();
+    let unit_of_param: Vec<Option<usize>> =
+        c.model.params.iter().map(|p| prefixes.iter().position(|pre| p.path == *pre || p.path.starts_with(&format!("{pre}.")))).collect();
+    let mut unit: Vec<Option<usize>> = vec![None; g.len()];
+    let mut out = vec![UnitCost::default(); units.len()];
+    for id in g.ids() {
+        let node = g.node(id);
+        let args = g.args(id);
+        let u = match (&node.op, node.role) {
+            (Op::Param(i), _) => unit_of_param.get(*i).copied().flatten(),
+            (_, Role::Backward) => g.origin.get(&id).and_then(|o| unit[o.0 as usize]),
+            _ => args.iter().filter_map(|a| unit[a.0 as usize]).max(),
+        };
+        unit[id.0 as usize] = u;
+        let Some(u) = u else { continue };
+        let n = numel(g, id);
+        match &node.op {
+            Op::MatMul => {
+                let k = g.node(args[0]).ty.shape.last().map(|d| d.size.max(1) as f64).unwrap_or(1.0);
+                out[u].flops += 2.0 * n * k;
+            }
+            Op::Param(_) => out[u].params += 4.0 * n,
+            Op::Reshape | Op::Input(_) | Op::Const(_) | Op::Hyper(_) | Op::State(_) | Op::Assign(_) => {}
+            _ => out[u].bytes += 4.0 * n * (args.len() + 1) as f64,
+        }
+        if node.role != Role::Update && !matches!(node.op, Op::Reshape | Op::Param(_) | Op::Const(_)) {
+            out[u].act += 4.0 * n;
+        }
+    }
+    for (u, pre) in prefixes.iter().enumerate() {
+        let (shards, pairs) = megatron(c, pre, 2);
+        out[u].shardable = shards.iter().map(|s| 4.0 * c.model.params[s.param].ty.numel() as f64).sum();
+        out[u].pairs = pairs;
+        // A pair all-reduces one activation of the unit's width per token.
+        let width = shards.first().map(|s| c.model.params[s.param].ty.shape[0].size.max(1) as f64).unwrap_or(0.0);
+        let tokens: f64 = c.model.inputs.first().map(|i| i.ty.shape.iter().map(|d| d.size.max(1) as f64).product()).unwrap_or(1.0);
+        out[u].pair_bytes = 4.0 * tokens * width;
+    }
+    out
+}
+
+/// Contiguous cuts of `costs` into `p` stages minimising the largest stage.
+fn balanced_cuts(costs: &[f64], p: usize) -> Option<Vec<std::ops::Range<usize>>> {
+    let n = costs.len();
+    if p == 0 || p > n {
+        return None;
+    }
+    let prefix: Vec<f64> = std::iter::once(0.0).chain(costs.iter().scan(0.0, |s, c| {
+        *s += c;
+        Some(*s)
+    })).collect();
+    // best[k][i]: the largest stage when the first i units form k stages.
+    let mut best = vec![vec![f64::INFINITY; n + 1]; p + 1];
+    let mut from = vec![vec![0usize; n + 1]; p + 1];
+    best[0][0] = 0.0;
+    for k in 1..=p {
+        for i in k..=n {
+            for j in (k - 1)..i {
+                let v = best[k - 1][j].max(prefix[i] - prefix[j]);
+                if v < best[k][i] {
+                    best[k][i] = v;
+                    from[k][i] = j;
+                }
+            }
+        }
+    }
+    let mut cuts = Vec::new();
+    let mut i = n;
+    for k in (1..=p).rev() {
+        let j = from[k][i];
+        cuts.push(j..i);
+        i = j;
+    }
+    cuts.reverse();
+    Some(cuts)
+}
+
+fn ring(bytes: f64, k: usize, factor: f64, pr: &Profile) -> f64 {
+    if k <= 1 {
+        return 0.0;
+    }
+    let k = k as f64;
+    factor * (k - 1.0) / k * bytes / pr.link_bytes + factor * (k - 1.0) * pr.link_latency
+}
+
+/// Searches placements of `c` (whose placement is `auto`) over its devices.
+pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
+    let n = c.devices.len().max(1);
+    let (budget, objective) = match &c.placement {
+        Placement::Auto { memory_per_device, objective } => (*memory_per_device, *objective),
+        _ => (None, Objective::StepTime),
+    };
+    let budget = budget.or_else(|| c.devices.iter().filter_map(|d| d.memory).min());
+    let units: Vec<Unit> = c.model.forward_order.clone();
+    let costs = unit_costs(c, g, &units);
+    let batch = c.train.batch.max(1) as usize;
+    let states = match c.train.optimizer {
+        Optimizer::Sgd { momentum, .. } => usize::from(momentum != 0.0),
+        Optimizer::Adam { .. } => 2,
+    } as f64;
+    let rate = pr.matmul_flops * pr.cores as f64 / n as f64;
+    let bw = pr.elementwise_bytes * pr.cores as f64 / n as f64;
+    let mut cands = Vec::new();
+    let mut considered = 0;
+    for d in (1..=n).filter(|d| n.is_multiple_of(*d)) {
+        for t in (1..=n / d).filter(|t| (n / d).is_multiple_of(*t)) {
+            let p = n / d / t;
+            if d > batch || p > units.len() {
+                continue;
+            }
+            let cuts = if p == 1 { Some(vec![0..units.len()]) } else { balanced_cuts(&costs.iter().map(|u| u.flops + u.bytes * 10.0).collect::<Vec<_>>(), p) };
+            let Some(cuts) = cuts else { continue };
+            // Megatron shards for every unit; a unit with none stays replicated.
+            let mut shards = Vec::new();
+            let mut pairs = vec![0usize; units.len()];
+            if t > 1 {
+                for (i, u) in units.iter().enumerate() {
+                    let (s, k) = megatron(c, &unit_prefix(c, *u), t);
+                    shards.extend(s);
+                    pairs[i] = k;
+                }
+                if shards.is_empty() {
+                    continue;
+                }
+            }
+            let rows = batch.div_ceil(d);
+            let mbs: Vec<usize> = if p == 1 { vec![1] } else { [1, 2, 4, 8, 16, 32].into_iter().filter(|m| *m >= p && rows.is_multiple_of(*m)).collect() };
+            for m in mbs {
+                considered += 1;
+                let mut stage_time = Vec::new();
+                let mut stage_mem = Vec::new();
+                let mut dp_comm: f64 = 0.0;
+                let mut pp_comm = 0.0;
+                let mut tp_comm = 0.0f64;
+                for (s, r) in cuts.iter().enumerate() {
+                    let us = &costs[r.clone()];
+                    let share = |u: &UnitCost| if t > 1 && u.pairs > 0 { (u.shardable + (u.params - u.shardable) * t as f64) / (u.params.max(1.0) * t as f64) } else { 1.0 };
+                    let flops: f64 = us.iter().map(|u| u.flops * share(u)).sum::<f64>() / d as f64;
+                    let bytes: f64 = us.iter().map(|u| u.bytes * share(u)).sum::<f64>() / d as f64;
+                    let params: f64 = us.iter().map(|u| u.params * share(u)).sum();
+                    let act: f64 = us.iter().map(|u| u.act * share(u)).sum::<f64>() / (d * m) as f64;
+                    let tp: f64 = us.iter().zip(&pairs[r.clone()]).map(|(u, k)| 2.0 * *k as f64 * ring(u.pair_bytes / (d * m) as f64, t, 2.0, pr)).sum::<f64>() * m as f64;
+                    tp_comm = tp_comm.max(tp);
+                    stage_time.push((flops / rate + bytes / bw) / m as f64 + tp / m as f64);
+                    dp_comm = dp_comm.max(ring(params, d, 2.0, pr));
+                    if s + 1 < cuts.len() {
+                        let boundary = us.last().map(|u| u.pair_bytes.max(u.act / 16.0)).unwrap_or(0.0) / (d * m) as f64;
+                        pp_comm += 2.0 * (boundary / pr.link_bytes + pr.link_latency) * m as f64;
+                    }
+                    let in_flight = if p == 1 { 1.0 } else { (p - s).min(m) as f64 };
+                    stage_mem.push(params * (2.0 + states + 3.0) + act * in_flight);
+                }
+                let slowest = stage_time.iter().cloned().fold(0.0, f64::max);
+                let compute = slowest * m as f64 - tp_comm;
+                let bubble = slowest * (p - 1) as f64;
+                let memory = stage_mem.iter().cloned().fold(0.0, f64::max) as u64;
+                let stages: Vec<Vec<Unit>> = cuts.iter().map(|r| units[r.clone()].to_vec()).collect();
+                cands.push(Candidate {
+                    data: d,
+                    model: t,
+                    pipe: p,
+                    microbatches: m,
+                    stages: stages.iter().map(|s| s.iter().map(|u| c.model.unit_name(*u)).collect()).collect(),
+                    compute_s: compute.max(0.0),
+                    comm_s: tp_comm + dp_comm + pp_comm,
+                    bubble_s: bubble,
+                    memory,
+                    exact_memory: None,
+                    fits: budget.is_none_or(|b| memory <= b),
+                    stage_units: stages,
+                    shards: shards.clone(),
+                });
+            }
+        }
+    }
+    let key = |c: &Candidate| match objective {
+        Objective::StepTime => c.step_s(),
+        Objective::Memory => c.memory as f64,
+    };
+    cands.sort_by(|a, b| b.fits.cmp(&a.fits).then(key(a).total_cmp(&key(b))).then((a.data, a.model, a.pipe, a.microbatches).cmp(&(b.data, b.model, b.pipe, b.microbatches))));
+    // Partition the best for real: the chosen plan must fit exactly.
+    let mut chosen = None;
+    for i in 0..cands.len().min(6) {
+        if !cands[i].fits {
+            break;
+        }
+        let mut placed = c.clone();
+        placed.placement = Placement::Explicit(explicit(c, &cands[i]));
+        if let Ok(plan) = partition(&placed, g) {
+            let exact = memory::plan(&plan).iter().map(memory::Memory::total).max().unwrap_or(0);
+            cands[i].exact_memory = Some(exact);
+            if budget.is_none_or(|b| exact <= b) {
+                chosen = Some(i);
+                break;
+            }
+            cands[i].fits = false;
+        } else {
+            cands[i].fits = false;
+        }
+    }
+    Search { devices: n, budget, candidates: cands, chosen, considered }
+}
+
+/// The explicit placement a candidate stands for.
+pub fn explicit(c: &Checked, cand: &Candidate) -> Explicit {
+    let mut mesh = Vec::new();
+    let axis = |name: &str, k: usize, mesh: &mut Vec<(String, i64)>| {
+        if k > 1 {
+            mesh.push((name.to_string(), k as i64));
+            Some(mesh.len() - 1)
+        } else {
+            None
+        }
+    };
+    let data_axis = axis("data", cand.data, &mut mesh);
+    let model_axis = axis("model", cand.model, &mut mesh);
+    let pipe_axis = axis("pipe", cand.pipe, &mut mesh);
+    if mesh.is_empty() {
+        mesh.push(("data".into(), 1));
+    }
+    let shards = match model_axis {
+        Some(m) => cand.shards.iter().map(|s| Shard { param: s.param, spec: s.spec.iter().map(|x| x.map(|_| m)).collect() }).collect(),
+        None => Vec::new(),
+    };
+    let pipeline = pipe_axis.map(|a| Pipeline { axis: a, stages: cand.stage_units.clone(), microbatches: cand.microbatches as i64, schedule: Schedule::OneFOneB });
+    let span = match &c.placement {
+        Placement::Explicit(e) => e.span,
+        _ => crate::Span::new(crate::SourceId::USER, 0, 0),
+    };
+    Explicit { mesh, data_axis, shards, pipeline, parameter_server: None, span }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuts_balance_the_largest_stage() {
+        let costs = [1.0, 1.0, 1.0, 1.0, 4.0, 1.0];
+        let c = balanced_cuts(&costs, 3).expect("cuts");
+        assert_eq!(c.len(), 3);
+        let largest = c.iter().map(|r| costs[r.clone()].iter().sum::<f64>()).fold(0.0, f64::max);
+        assert_eq!(largest, 4.0);
+        assert_eq!(c.first().map(|r| r.start), Some(0));
+        assert_eq!(c.last().map(|r| r.end), Some(6));
+        assert!(balanced_cuts(&[1.0], 2).is_none());
+    }
+}

@@ -1,0 +1,98 @@
+//! `placement auto` at the command line: the device profile, the search,
+//! and its explanation.
+
+use shardplan_compiler::graph::Graph;
+use shardplan_compiler::partition::auto::{self, Candidate, Profile, Search};
+use shardplan_compiler::Checked;
+use std::path::Path;
+
+/// The device profile: the file given, else `shardplan-profile.json` in the
+/// current directory when there is one, else the built-in defaults.
+pub fn profile(path: Option<&Path>) -> Result<Profile, String> {
+    let default = Path::new("shardplan-profile.json");
+    let path = match path {
+        Some(p) => p,
+        None if default.exists() => default,
+        None => return Ok(Profile::default()),
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the device profile `{}`: {e}", path.display()))?;
+    let p: Profile = serde_json::from_str(&text).map_err(|e| format!("`{}` is not a device profile (line {}, column {}): {e}", path.display(), e.line(), e.column()))?;
+    let finite = [p.matmul_flops, p.elementwise_bytes, p.link_bytes].iter().all(|x| x.is_finite() && *x > 0.0) && p.link_latency.is_finite() && p.link_latency >= 0.0;
+    if !finite || p.cores == 0 {
+        return Err(format!("`{}` holds rates that are not positive numbers", path.display()));
+    }
+    Ok(p)
+}
+
+/// Searches, timing the search.
+pub fn search(c: &Checked, g: &Graph, p: &Profile) -> (Search, f64) {
+    let t = std::time::Instant::now();
+    let s = auto::search(c, g, p);
+    (s, t.elapsed().as_secs_f64())
+}
+
+fn ms(s: f64) -> String {
+    format!("{:.2} ms", s * 1e3)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+/// Why `other` lost to `best`.
+fn reason(best: &Candidate, other: &Candidate, budget: Option<u64>) -> String {
+    if !other.fits {
+        let m = other.exact_memory.unwrap_or(other.memory);
+        return match budget {
+            Some(b) => format!("does not fit: {} per device, the budget is {}", mib(m), mib(b)),
+            None => "could not be partitioned".into(),
+        };
+    }
+    let d = [
+        ("compute", other.compute_s - best.compute_s, other.compute_s),
+        ("communication", other.comm_s - best.comm_s, other.comm_s),
+        ("pipeline bubble", other.bubble_s - best.bubble_s, other.bubble_s),
+    ];
+    let worst = d.iter().max_by(|a, b| a.1.total_cmp(&b.1)).copied().unwrap_or(("compute", 0.0, 0.0));
+    let slower = (other.step_s() / best.step_s().max(1e-12) - 1.0) * 100.0;
+    format!("{slower:+.0}%: more {} ({} against {})", worst.0, ms(worst.2), ms(worst.2 - worst.1))
+}
+
+/// The explanation `inspect --explain` prints.
+pub fn explain(file: &str, s: &Search, secs: f64) -> String {
+    let mut out = format!(
+        "{file}: placement auto over {} devices{}; {} candidates searched in {:.1} ms\n",
+        s.devices,
+        s.budget.map(|b| format!(", memory {} per device", mib(b))).unwrap_or_default(),
+        s.considered,
+        secs * 1e3
+    );
+    let Some(i) = s.chosen else {
+        out += "no candidate fits the memory budget; the closest:\n";
+        for c in s.candidates.iter().take(3) {
+            out += &format!("  {:<44} {} per device\n", c.name(), mib(c.exact_memory.unwrap_or(c.memory)));
+        }
+        return out;
+    };
+    let best = &s.candidates[i];
+    out += &format!("chosen: {}\n", best.name());
+    if best.pipe > 1 {
+        out += &format!("  stages: {}\n", best.stages.iter().map(|s| s.join(", ")).collect::<Vec<_>>().join(" | "));
+    }
+    out += &format!(
+        "  predicted step {} = compute {} + communication {} + pipeline bubble {}\n",
+        ms(best.step_s()),
+        ms(best.compute_s),
+        ms(best.comm_s),
+        ms(best.bubble_s)
+    );
+    out += &format!("  memory per device {} (planned from its programs; estimate {})\n", mib(best.exact_memory.unwrap_or(best.memory)), mib(best.memory));
+    let others: Vec<&Candidate> = s.candidates.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, c)| c).take(5).collect();
+    if !others.is_empty() {
+        out += "next best:\n";
+        for c in others {
+            out += &format!("  {:<44} {:>10}  {}\n", c.name(), ms(c.step_s()), reason(best, c, s.budget));
+        }
+    }
+    out
+}
