@@ -6,6 +6,7 @@
 //! Transport and collectives between devices join them with the partitioner.
 
 pub mod backend;
+pub mod calibrate;
 pub mod checkpoint;
 pub mod cluster;
 pub mod collectives;

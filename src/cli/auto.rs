@@ -16,8 +16,10 @@ pub fn profile(path: Option<&Path>) -> Result<Profile, String> {
         None => return Ok(Profile::default()),
     };
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the device profile `{}`: {e}", path.display()))?;
-    let p: Profile = serde_json::from_str(&text).map_err(|e| format!("`{}` is not a device profile (line {}, column {}): {e}", path.display(), e.line(), e.column()))?;
-    let finite = [p.matmul_flops, p.elementwise_bytes, p.link_bytes].iter().all(|x| x.is_finite() && *x > 0.0) && p.link_latency.is_finite() && p.link_latency >= 0.0;
+    let p: Profile =
+        serde_json::from_str(&text).map_err(|e| format!("`{}` is not a device profile (line {}, column {}): {e}", path.display(), e.line(), e.column()))?;
+    let finite =
+        [p.matmul_flops, p.elementwise_bytes, p.link_bytes].iter().all(|x| x.is_finite() && *x > 0.0) && p.link_latency.is_finite() && p.link_latency >= 0.0;
     if !finite || p.cores == 0 {
         return Err(format!("`{}` holds rates that are not positive numbers", path.display()));
     }
@@ -95,4 +97,59 @@ pub fn explain(file: &str, s: &Search, secs: f64) -> String {
         }
     }
     out
+}
+
+/// `shardplan calibrate -o FILE`: measures this machine's CPU devices and
+/// writes the device profile later compiles read.
+pub fn calibrate(out: &Path) -> std::process::ExitCode {
+    use std::io::Write;
+    let m = match shardplan_runtime::calibrate::measure() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error[calibrate::measure]: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    println!("matmul, one core:");
+    for (n, f) in &m.matmul {
+        println!("  [256, {n}] · [{n}, {n}] {:>8.1} GFLOP/s", f / 1e9);
+    }
+    // The planner's layers are mostly mid-sized matmuls: take the median size's rate.
+    let mut rates: Vec<f64> = m.matmul.iter().map(|x| x.1).collect();
+    rates.sort_by(f64::total_cmp);
+    let matmul_flops = rates.get(rates.len() / 2).copied().unwrap_or(Profile::default().matmul_flops);
+    println!("element-wise, one core: {:.1} GB/s", m.elementwise_bytes / 1e9);
+    println!("between two devices: {:.1} GB/s, {:.1} µs per message", m.link_bytes / 1e9, m.link_latency * 1e6);
+    println!("cores: {}", m.cores);
+    println!("a tiny kernel call: {:.2} µs", m.op_overhead * 1e6);
+    let p = Profile {
+        matmul_flops,
+        elementwise_bytes: m.elementwise_bytes,
+        link_bytes: m.link_bytes,
+        link_latency: m.link_latency,
+        cores: m.cores,
+        op_overhead: m.op_overhead,
+        matmul_by_size: m.matmul.clone(),
+    };
+    let text = match serde_json::to_string_pretty(&p) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error[calibrate::write]: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    // Atomically: a temporary file beside the target, then a rename.
+    let tmp = out.with_extension("json.tmp");
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(text.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, out)) {
+        let _ = std::fs::remove_file(&tmp);
+        eprintln!("error[calibrate::write]: cannot write `{}`: {e}", out.display());
+        return std::process::ExitCode::from(1);
+    }
+    println!("wrote {}", out.display());
+    std::process::ExitCode::SUCCESS
 }

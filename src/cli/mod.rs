@@ -45,6 +45,13 @@ pub enum Command {
     },
     /// Train a plan.
     Run(run::RunArgs),
+    /// Measure this machine's CPU devices (matmul rate, element-wise bandwidth, transfer
+    /// bandwidth and latency) and write the device profile `placement auto` plans with.
+    Calibrate {
+        /// Where to write the profile.
+        #[arg(short, long, default_value = "shardplan-profile.json")]
+        output: std::path::PathBuf,
+    },
     /// Train a few steps of the placed plan and of one device side by side; fail when they differ.
     Verify(run::VerifyArgs),
     /// Show what the compiler makes of a plan.
@@ -108,6 +115,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Compile { file, output } => compile::run(&file, &output, color),
         Command::Run(args) => run::run(&args, color),
+        Command::Calibrate { output } => auto::calibrate(&output),
         Command::Verify(args) => run::verify(&args, color),
     }
 }

@@ -260,7 +260,8 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             Trainer::Multi(Box::new(Cluster::start(plan, threads, std::time::Duration::from_secs(60))))
         }
         (None, Placement::Auto { .. }) if !args.single_device => {
-            let prof = super::auto::profile(args.device_profile.as_deref()).map_err(|e| fail("run::device_profile", e, "write one with `shardplan calibrate -o FILE`"))?;
+            let prof = super::auto::profile(args.device_profile.as_deref())
+                .map_err(|e| fail("run::device_profile", e, "write one with `shardplan calibrate -o FILE`"))?;
             let (found, _) = super::auto::search(c, &g, &prof);
             let Some(best) = found.chosen.map(|i| found.candidates[i].clone()) else {
                 return Err(fail(
@@ -272,8 +273,10 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             };
             let mut placed = c.clone();
             placed.placement = Placement::Explicit(partition::auto::explicit(c, &best));
-            let plan = partition::partition(&placed, &g).map_err(|e| fail("run::placement", format!("cannot partition the chosen plan: {e}"), "this is a bug in shardplan"))?;
-            partition::verify::verify(&plan).map_err(|e| fail("run::verify", format!("the device programs do not fit together: {e}"), "this is a bug in shardplan"))?;
+            let plan = partition::partition(&placed, &g)
+                .map_err(|e| fail("run::placement", format!("cannot partition the chosen plan: {e}"), "this is a bug in shardplan"))?;
+            partition::verify::verify(&plan)
+                .map_err(|e| fail("run::verify", format!("the device programs do not fit together: {e}"), "this is a bug in shardplan"))?;
             auto_choice = Some(best);
             Trainer::Multi(Box::new(Cluster::start(plan, threads, std::time::Duration::from_secs(60))))
         }
@@ -504,12 +507,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
     }
     if let Some(best) = &auto_choice {
         let measured = if trained > 0 { secs / trained as f64 } else { f64::NAN };
-        println!(
-            "  placement auto chose {}: predicted {:.2} ms per step, measured {:.2} ms",
-            best.name(),
-            best.step_s() * 1e3,
-            measured * 1e3
-        );
+        println!("  placement auto chose {}: predicted {:.2} ms per step, measured {:.2} ms", best.name(), best.step_s() * 1e3, measured * 1e3);
     }
     if let Trainer::Multi(cl) = &trainer {
         let devs: Vec<String> = device_totals

@@ -12,7 +12,7 @@
 //! partitioned for real and their exact memory plan checked, so the chosen
 //! plan always fits.
 
-use super::{memory, partition};
+use super::{memory, partition_devices};
 use crate::check::{Checked, Explicit, Objective, Optimizer, Pipeline, Placement, Schedule, Shard, Unit};
 use crate::graph::{Graph, NodeId, Op, Role};
 use serde::{Deserialize, Serialize};
@@ -31,11 +31,43 @@ pub struct Profile {
     pub link_latency: f64,
     /// Cores the devices share.
     pub cores: usize,
+    /// Seconds of fixed cost per kernel (dispatch, buffer lookup).
+    #[serde(default = "default_overhead")]
+    pub op_overhead: f64,
+    /// Matmul FLOP/s of one core by the smallest of the product's dims
+    /// (small products run far below the peak), ascending.
+    #[serde(default)]
+    pub matmul_by_size: Vec<(usize, f64)>,
+}
+
+impl Profile {
+    /// FLOP/s of one core for a product whose smallest dim is `k`.
+    pub fn matmul_rate(&self, k: usize) -> f64 {
+        let mut rate = self.matmul_by_size.first().map(|x| x.1).unwrap_or(self.matmul_flops);
+        for &(size, r) in &self.matmul_by_size {
+            if size <= k {
+                rate = r;
+            }
+        }
+        rate.max(1.0)
+    }
+}
+
+fn default_overhead() -> f64 {
+    0.5e-6
 }
 
 impl Default for Profile {
     fn default() -> Profile {
-        Profile { matmul_flops: 60e9, elementwise_bytes: 8e9, link_bytes: 4e9, link_latency: 20e-6, cores: 2 }
+        Profile {
+            matmul_flops: 200e9,
+            elementwise_bytes: 25e9,
+            link_bytes: 10e9,
+            link_latency: 30e-6,
+            cores: 2,
+            op_overhead: default_overhead(),
+            matmul_by_size: Vec::new(),
+        }
     }
 }
 
@@ -101,6 +133,7 @@ pub struct Search {
 /// Per-unit figures of one training step at the full batch.
 #[derive(Clone, Debug, Default)]
 struct UnitCost {
+    /// Seconds of matmul on one core.
     flops: f64,
     bytes: f64,
     act: f64,
@@ -111,6 +144,8 @@ struct UnitCost {
     pairs: usize,
     /// Bytes of the activation each pair all-reduces.
     pair_bytes: f64,
+    /// Kernels per step (each costs a fixed overhead).
+    ops: f64,
 }
 
 fn numel(g: &Graph, n: NodeId) -> f64 {
@@ -136,7 +171,13 @@ fn megatron(c: &Checked, prefix: &str, t: usize) -> (Vec<Shard>, usize) {
         let dims = |i: usize| c.model.params[i].ty.shape.iter().map(|d| d.size.max(0) as usize).collect::<Vec<_>>();
         match inst.template.as_str() {
             "SelfAttention" => {
-                let heads = inst.args.iter().find(|(n, _)| n == "heads").and_then(|(_, v)| if let crate::check::types::Val::Int(i, _) = v { Some(*i) } else { None }).unwrap_or(1).max(1) as usize;
+                let heads = inst
+                    .args
+                    .iter()
+                    .find(|(n, _)| n == "heads")
+                    .and_then(|(_, v)| if let crate::check::types::Val::Int(i, _) = v { Some(*i) } else { None })
+                    .unwrap_or(1)
+                    .max(1) as usize;
                 let (Some(q), Some(k), Some(v), Some(o)) = (param("wq"), param("wk"), param("wv"), param("wo")) else { continue };
                 if t > 1 && heads.is_multiple_of(t) && dims(q)[1].is_multiple_of(t) {
                     for p in [q, k, v] {
@@ -162,7 +203,7 @@ fn megatron(c: &Checked, prefix: &str, t: usize) -> (Vec<Shard>, usize) {
 }
 
 /// Summarises the training graph per unit (in forward order).
-fn unit_costs(c: &Checked, g: &Graph, units: &[Unit]) -> Vec<UnitCost> {
+fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitCost> {
     let prefixes: Vec<String> = units.iter().map(|u| unit_prefix(c, *u)).collect();
     let unit_of_param: Vec<Option<usize>> =
         c.model.params.iter().map(|p| prefixes.iter().position(|pre| p.path == *pre || p.path.starts_with(&format!("{pre}.")))).collect();
@@ -179,10 +220,16 @@ fn unit_costs(c: &Checked, g: &Graph, units: &[Unit]) -> Vec<UnitCost> {
         unit[id.0 as usize] = u;
         let Some(u) = u else { continue };
         let n = numel(g, id);
+        if !matches!(node.op, Op::Reshape | Op::Param(_) | Op::Const(_) | Op::Hyper(_) | Op::State(_) | Op::Input(_) | Op::Assign(_)) {
+            out[u].ops += 1.0;
+        }
         match &node.op {
             Op::MatMul => {
-                let k = g.node(args[0]).ty.shape.last().map(|d| d.size.max(1) as f64).unwrap_or(1.0);
-                out[u].flops += 2.0 * n * k;
+                let a = &g.node(args[0]).ty.shape;
+                let k = a.last().map(|d| d.size.max(1) as usize).unwrap_or(1);
+                let m = if a.len() >= 2 { a[a.len() - 2].size.max(1) as usize } else { 1 };
+                let nn = g.node(id).ty.shape.last().map(|d| d.size.max(1) as usize).unwrap_or(1);
+                out[u].flops += 2.0 * n * k as f64 / pr.matmul_rate(k.min(m).min(nn));
             }
             Op::Param(_) => out[u].params += 4.0 * n,
             Op::Reshape | Op::Input(_) | Op::Const(_) | Op::Hyper(_) | Op::State(_) | Op::Assign(_) => {}
@@ -210,10 +257,12 @@ fn balanced_cuts(costs: &[f64], p: usize) -> Option<Vec<std::ops::Range<usize>>>
     if p == 0 || p > n {
         return None;
     }
-    let prefix: Vec<f64> = std::iter::once(0.0).chain(costs.iter().scan(0.0, |s, c| {
-        *s += c;
-        Some(*s)
-    })).collect();
+    let prefix: Vec<f64> = std::iter::once(0.0)
+        .chain(costs.iter().scan(0.0, |s, c| {
+            *s += c;
+            Some(*s)
+        }))
+        .collect();
     // best[k][i]: the largest stage when the first i units form k stages.
     let mut best = vec![vec![f64::INFINITY; n + 1]; p + 1];
     let mut from = vec![vec![0usize; n + 1]; p + 1];
@@ -257,13 +306,14 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
     };
     let budget = budget.or_else(|| c.devices.iter().filter_map(|d| d.memory).min());
     let units: Vec<Unit> = c.model.forward_order.clone();
-    let costs = unit_costs(c, g, &units);
+    let costs = unit_costs(c, g, &units, pr);
     let batch = c.train.batch.max(1) as usize;
     let states = match c.train.optimizer {
         Optimizer::Sgd { momentum, .. } => usize::from(momentum != 0.0),
         Optimizer::Adam { .. } => 2,
     } as f64;
-    let rate = pr.matmul_flops * pr.cores as f64 / n as f64;
+    // Matmul seconds on one core, spread over the devices' share of the cores.
+    let rate = pr.cores as f64 / n as f64;
     let bw = pr.elementwise_bytes * pr.cores as f64 / n as f64;
     let mut cands = Vec::new();
     let mut considered = 0;
@@ -273,7 +323,11 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
             if d > batch || p > units.len() {
                 continue;
             }
-            let cuts = if p == 1 { Some(vec![0..units.len()]) } else { balanced_cuts(&costs.iter().map(|u| u.flops + u.bytes * 10.0).collect::<Vec<_>>(), p) };
+            let cuts = if p == 1 {
+                Some(std::iter::once(0..units.len()).collect())
+            } else {
+                balanced_cuts(&costs.iter().map(|u| u.flops + u.bytes / pr.elementwise_bytes).collect::<Vec<_>>(), p)
+            };
             let Some(cuts) = cuts else { continue };
             // Megatron shards for every unit; a unit with none stays replicated.
             let mut shards = Vec::new();
@@ -299,14 +353,23 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
                 let mut tp_comm = 0.0f64;
                 for (s, r) in cuts.iter().enumerate() {
                     let us = &costs[r.clone()];
-                    let share = |u: &UnitCost| if t > 1 && u.pairs > 0 { (u.shardable + (u.params - u.shardable) * t as f64) / (u.params.max(1.0) * t as f64) } else { 1.0 };
+                    let share = |u: &UnitCost| {
+                        if t > 1 && u.pairs > 0 {
+                            (u.shardable + (u.params - u.shardable) * t as f64) / (u.params.max(1.0) * t as f64)
+                        } else {
+                            1.0
+                        }
+                    };
                     let flops: f64 = us.iter().map(|u| u.flops * share(u)).sum::<f64>() / d as f64;
                     let bytes: f64 = us.iter().map(|u| u.bytes * share(u)).sum::<f64>() / d as f64;
                     let params: f64 = us.iter().map(|u| u.params * share(u)).sum();
                     let act: f64 = us.iter().map(|u| u.act * share(u)).sum::<f64>() / (d * m) as f64;
-                    let tp: f64 = us.iter().zip(&pairs[r.clone()]).map(|(u, k)| 2.0 * *k as f64 * ring(u.pair_bytes / (d * m) as f64, t, 2.0, pr)).sum::<f64>() * m as f64;
+                    // Devices beyond the cores wait their turn for the fixed costs too.
+                    let overhead = us.iter().map(|u| u.ops).sum::<f64>() * pr.op_overhead * (n as f64 / pr.cores as f64).max(1.0);
+                    let tp: f64 = us.iter().zip(&pairs[r.clone()]).map(|(u, k)| 2.0 * *k as f64 * ring(u.pair_bytes / (d * m) as f64, t, 2.0, pr)).sum::<f64>()
+                        * m as f64;
                     tp_comm = tp_comm.max(tp);
-                    stage_time.push((flops / rate + bytes / bw) / m as f64 + tp / m as f64);
+                    stage_time.push((flops / rate + bytes / bw) / m as f64 + tp / m as f64 + overhead);
                     dp_comm = dp_comm.max(ring(params, d, 2.0, pr));
                     if s + 1 < cuts.len() {
                         let boundary = us.last().map(|u| u.pair_bytes.max(u.act / 16.0)).unwrap_or(0.0) / (d * m) as f64;
@@ -342,7 +405,11 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
         Objective::StepTime => c.step_s(),
         Objective::Memory => c.memory as f64,
     };
-    cands.sort_by(|a, b| b.fits.cmp(&a.fits).then(key(a).total_cmp(&key(b))).then((a.data, a.model, a.pipe, a.microbatches).cmp(&(b.data, b.model, b.pipe, b.microbatches))));
+    // Fitting candidates by the objective; the others by how close they come to fitting.
+    cands.sort_by(|a, b| {
+        let k = |c: &Candidate| if c.fits { key(c) } else { c.memory as f64 };
+        b.fits.cmp(&a.fits).then(k(a).total_cmp(&k(b))).then((a.data, a.model, a.pipe, a.microbatches).cmp(&(b.data, b.model, b.pipe, b.microbatches)))
+    });
     // Partition the best for real: the chosen plan must fit exactly.
     let mut chosen = None;
     for i in 0..cands.len().min(6) {
@@ -351,7 +418,7 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
         }
         let mut placed = c.clone();
         placed.placement = Placement::Explicit(explicit(c, &cands[i]));
-        if let Ok(plan) = partition(&placed, g) {
+        if let Ok(plan) = partition_devices(&placed, g, true) {
             let exact = memory::plan(&plan).iter().map(memory::Memory::total).max().unwrap_or(0);
             cands[i].exact_memory = Some(exact);
             if budget.is_none_or(|b| exact <= b) {
@@ -387,7 +454,8 @@ pub fn explicit(c: &Checked, cand: &Candidate) -> Explicit {
         Some(m) => cand.shards.iter().map(|s| Shard { param: s.param, spec: s.spec.iter().map(|x| x.map(|_| m)).collect() }).collect(),
         None => Vec::new(),
     };
-    let pipeline = pipe_axis.map(|a| Pipeline { axis: a, stages: cand.stage_units.clone(), microbatches: cand.microbatches as i64, schedule: Schedule::OneFOneB });
+    let pipeline =
+        pipe_axis.map(|a| Pipeline { axis: a, stages: cand.stage_units.clone(), microbatches: cand.microbatches as i64, schedule: Schedule::OneFOneB });
     let span = match &c.placement {
         Placement::Explicit(e) => e.span,
         _ => crate::Span::new(crate::SourceId::USER, 0, 0),

@@ -215,6 +215,13 @@ pub(crate) struct Global<'a> {
 
 /// Partitions the training graph `g` of `c` over its devices.
 pub fn partition(c: &Checked, g: &Graph) -> Result<Plan, PartitionError> {
+    partition_devices(c, g, false)
+}
+
+/// As [`partition`]; with `representatives`, only the devices whose mesh
+/// coordinates are 0 on every axis but the pipeline's (one per stage, each
+/// holding the largest share of an uneven split): enough for memory plans.
+pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Result<Plan, PartitionError> {
     let err = |m: String| Err(PartitionError(m));
     let (mesh, shards, pipeline, server) = match &c.placement {
         Placement::Single => (Mesh { axes: vec![], data: None, pipe: None }, vec![], None, None),
@@ -347,6 +354,9 @@ pub fn partition(c: &Checked, g: &Graph) -> Result<Plan, PartitionError> {
     let total = n_dev.max(glob.mesh.size());
     let mut devices = Vec::new();
     for dev in 0..total {
+        if representatives && dev < glob.mesh.size() && glob.mesh.coords(dev).iter().enumerate().any(|(a, &x)| Some(a) != glob.mesh.pipe && x != 0) {
+            continue;
+        }
         devices.push(local::build(&glob, dev, pipeline.as_ref().map(|p| p.schedule))?);
     }
     let param_layouts = glob.param_stage.iter().zip(&glob.param_layout).map(|(s, l)| (*s, l.clone())).collect();
