@@ -505,9 +505,19 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
     if let (true, Trainer::Single(exec)) = (args.profile, &trainer) {
         print_profile(exec, trained);
     }
-    if let Some(best) = &auto_choice {
-        let measured = if trained > 0 { secs / trained as f64 } else { f64::NAN };
-        println!("  placement auto chose {}: predicted {:.2} ms per step, measured {:.2} ms", best.name(), best.step_s() * 1e3, measured * 1e3);
+    let measured = if trained > 0 { secs / trained as f64 } else { f64::NAN };
+    match &auto_choice {
+        Some(best) => println!("  placement auto chose {}: predicted {:.2} ms per step, measured {:.2} ms", best.name(), best.step_s() * 1e3, measured * 1e3),
+        None => {
+            let mut placed = c.clone();
+            if args.single_device {
+                placed.placement = Placement::Single;
+            }
+            let prof = super::auto::profile(args.device_profile.as_deref()).unwrap_or_default();
+            if let Some(p) = partition::auto::predict(&placed, &g, &prof) {
+                println!("  step time: predicted {:.2} ms, measured {:.2} ms", p.step_s() * 1e3, measured * 1e3);
+            }
+        }
     }
     if let Trainer::Multi(cl) = &trainer {
         let devs: Vec<String> = device_totals

@@ -312,9 +312,6 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
         Optimizer::Sgd { momentum, .. } => usize::from(momentum != 0.0),
         Optimizer::Adam { .. } => 2,
     } as f64;
-    // Matmul seconds on one core, spread over the devices' share of the cores.
-    let rate = pr.cores as f64 / n as f64;
-    let bw = pr.elementwise_bytes * pr.cores as f64 / n as f64;
     let mut cands = Vec::new();
     let mut considered = 0;
     for d in (1..=n).filter(|d| n.is_multiple_of(*d)) {
@@ -346,58 +343,8 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
             let mbs: Vec<usize> = if p == 1 { vec![1] } else { [1, 2, 4, 8, 16, 32].into_iter().filter(|m| *m >= p && rows.is_multiple_of(*m)).collect() };
             for m in mbs {
                 considered += 1;
-                let mut stage_time = Vec::new();
-                let mut stage_mem = Vec::new();
-                let mut dp_comm: f64 = 0.0;
-                let mut pp_comm = 0.0;
-                let mut tp_comm = 0.0f64;
-                for (s, r) in cuts.iter().enumerate() {
-                    let us = &costs[r.clone()];
-                    let share = |u: &UnitCost| {
-                        if t > 1 && u.pairs > 0 {
-                            (u.shardable + (u.params - u.shardable) * t as f64) / (u.params.max(1.0) * t as f64)
-                        } else {
-                            1.0
-                        }
-                    };
-                    let flops: f64 = us.iter().map(|u| u.flops * share(u)).sum::<f64>() / d as f64;
-                    let bytes: f64 = us.iter().map(|u| u.bytes * share(u)).sum::<f64>() / d as f64;
-                    let params: f64 = us.iter().map(|u| u.params * share(u)).sum();
-                    let act: f64 = us.iter().map(|u| u.act * share(u)).sum::<f64>() / (d * m) as f64;
-                    // Devices beyond the cores wait their turn for the fixed costs too.
-                    let overhead = us.iter().map(|u| u.ops).sum::<f64>() * pr.op_overhead * (n as f64 / pr.cores as f64).max(1.0);
-                    let tp: f64 = us.iter().zip(&pairs[r.clone()]).map(|(u, k)| 2.0 * *k as f64 * ring(u.pair_bytes / (d * m) as f64, t, 2.0, pr)).sum::<f64>()
-                        * m as f64;
-                    tp_comm = tp_comm.max(tp);
-                    stage_time.push((flops / rate + bytes / bw) / m as f64 + tp / m as f64 + overhead);
-                    dp_comm = dp_comm.max(ring(params, d, 2.0, pr));
-                    if s + 1 < cuts.len() {
-                        let boundary = us.last().map(|u| u.pair_bytes.max(u.act / 16.0)).unwrap_or(0.0) / (d * m) as f64;
-                        pp_comm += 2.0 * (boundary / pr.link_bytes + pr.link_latency) * m as f64;
-                    }
-                    let in_flight = if p == 1 { 1.0 } else { (p - s).min(m) as f64 };
-                    stage_mem.push(params * (2.0 + states + 3.0) + act * in_flight);
-                }
-                let slowest = stage_time.iter().cloned().fold(0.0, f64::max);
-                let compute = slowest * m as f64 - tp_comm;
-                let bubble = slowest * (p - 1) as f64;
-                let memory = stage_mem.iter().cloned().fold(0.0, f64::max) as u64;
-                let stages: Vec<Vec<Unit>> = cuts.iter().map(|r| units[r.clone()].to_vec()).collect();
-                cands.push(Candidate {
-                    data: d,
-                    model: t,
-                    pipe: p,
-                    microbatches: m,
-                    stages: stages.iter().map(|s| s.iter().map(|u| c.model.unit_name(*u)).collect()).collect(),
-                    compute_s: compute.max(0.0),
-                    comm_s: tp_comm + dp_comm + pp_comm,
-                    bubble_s: bubble,
-                    memory,
-                    exact_memory: None,
-                    fits: budget.is_none_or(|b| memory <= b),
-                    stage_units: stages,
-                    shards: shards.clone(),
-                });
+                let shape = Shape { d, t, p, m, n };
+                cands.push(evaluate(c, &costs, &units, &cuts, &pairs, shards.clone(), shape, states, budget, pr));
             }
         }
     }
@@ -431,6 +378,127 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
         }
     }
     Search { devices: n, budget, candidates: cands, chosen, considered }
+}
+
+/// The degrees of a candidate and the devices it runs on.
+#[derive(Clone, Copy)]
+struct Shape {
+    d: usize,
+    t: usize,
+    p: usize,
+    m: usize,
+    n: usize,
+}
+
+/// Predicted time and memory of one candidate.
+#[allow(clippy::too_many_arguments)]
+fn evaluate(
+    c: &Checked,
+    costs: &[UnitCost],
+    units: &[Unit],
+    cuts: &[std::ops::Range<usize>],
+    pairs: &[usize],
+    shards: Vec<Shard>,
+    shape: Shape,
+    states: f64,
+    budget: Option<u64>,
+    pr: &Profile,
+) -> Candidate {
+    let Shape { d, t, p, m, n } = shape;
+    // Matmul seconds on one core, spread over the devices' share of the cores.
+    let rate = pr.cores as f64 / n as f64;
+    let bw = pr.elementwise_bytes * pr.cores as f64 / n as f64;
+    let mut stage_time = Vec::new();
+    let mut stage_mem = Vec::new();
+    let mut dp_comm: f64 = 0.0;
+    let mut pp_comm = 0.0;
+    let mut tp_comm = 0.0f64;
+    for (s, r) in cuts.iter().enumerate() {
+        let us = &costs[r.clone()];
+        let share = |u: &UnitCost| {
+            if t > 1 && u.pairs > 0 {
+                (u.shardable + (u.params - u.shardable) * t as f64) / (u.params.max(1.0) * t as f64)
+            } else {
+                1.0
+            }
+        };
+        let flops: f64 = us.iter().map(|u| u.flops * share(u)).sum::<f64>() / d as f64;
+        let bytes: f64 = us.iter().map(|u| u.bytes * share(u)).sum::<f64>() / d as f64;
+        let params: f64 = us.iter().map(|u| u.params * share(u)).sum();
+        let act: f64 = us.iter().map(|u| u.act * share(u)).sum::<f64>() / (d * m) as f64;
+        // Devices beyond the cores wait their turn for the fixed costs too.
+        let overhead = us.iter().map(|u| u.ops).sum::<f64>() * pr.op_overhead * (n as f64 / pr.cores as f64).max(1.0);
+        let tp: f64 = us.iter().zip(&pairs[r.clone()]).map(|(u, k)| 2.0 * *k as f64 * ring(u.pair_bytes / (d * m) as f64, t, 2.0, pr)).sum::<f64>() * m as f64;
+        tp_comm = tp_comm.max(tp);
+        stage_time.push((flops / rate + bytes / bw) / m as f64 + tp / m as f64 + overhead);
+        dp_comm = dp_comm.max(ring(params, d, 2.0, pr));
+        if s + 1 < cuts.len() {
+            let boundary = us.last().map(|u| u.pair_bytes.max(u.act / 16.0)).unwrap_or(0.0) / (d * m) as f64;
+            pp_comm += 2.0 * (boundary / pr.link_bytes + pr.link_latency) * m as f64;
+        }
+        let in_flight = if p == 1 { 1.0 } else { (p - s).min(m) as f64 };
+        stage_mem.push(params * (2.0 + states + 3.0) + act * in_flight);
+    }
+    let slowest = stage_time.iter().cloned().fold(0.0, f64::max);
+    let compute = slowest * m as f64 - tp_comm;
+    let bubble = slowest * (p - 1) as f64;
+    let memory = stage_mem.iter().cloned().fold(0.0, f64::max) as u64;
+    let stages: Vec<Vec<Unit>> = cuts.iter().map(|r| units[r.clone()].to_vec()).collect();
+    Candidate {
+        data: d,
+        model: t,
+        pipe: p,
+        microbatches: m,
+        stages: stages.iter().map(|s| s.iter().map(|u| c.model.unit_name(*u)).collect()).collect(),
+        compute_s: compute.max(0.0),
+        comm_s: tp_comm + dp_comm + pp_comm,
+        bubble_s: bubble,
+        memory,
+        exact_memory: None,
+        fits: budget.is_none_or(|b| memory <= b),
+        stage_units: stages,
+        shards,
+    }
+}
+
+/// The predicted step time and memory of an explicit placement (by the same
+/// model the search uses; tensor parallelism is assumed to split the
+/// Megatron pairs it finds).
+pub fn predict(c: &Checked, g: &Graph, pr: &Profile) -> Option<Candidate> {
+    let single =
+        Explicit { mesh: vec![], data_axis: None, shards: vec![], pipeline: None, parameter_server: None, span: crate::Span::new(crate::SourceId::USER, 0, 0) };
+    let e = match &c.placement {
+        Placement::Explicit(e) => e,
+        Placement::Single => &single,
+        Placement::Auto { .. } => return None,
+    };
+    let size = |a: Option<usize>| a.and_then(|a| e.mesh.get(a)).map(|x| x.1.max(1) as usize).unwrap_or(1);
+    let d = size(e.data_axis);
+    let p = e.pipeline.as_ref().map(|x| x.stages.len()).unwrap_or(1);
+    let n = c.devices.len().max(1);
+    let t = (n / (d * p).max(1)).max(1);
+    let m = e.pipeline.as_ref().map(|x| x.microbatches.max(1) as usize).unwrap_or(1);
+    let units: Vec<Unit> = c.model.forward_order.clone();
+    let costs = unit_costs(c, g, &units, pr);
+    let cuts: Vec<std::ops::Range<usize>> = match &e.pipeline {
+        None => std::iter::once(0..units.len()).collect(),
+        Some(pl) => {
+            let mut out = Vec::new();
+            let mut at = 0;
+            for st in &pl.stages {
+                let end = st.iter().filter_map(|u| units.iter().position(|x| x == u)).max().map(|x| x + 1).unwrap_or(at);
+                out.push(at..end.max(at));
+                at = end.max(at);
+            }
+            out
+        }
+    };
+    let pairs: Vec<usize> = units.iter().map(|u| if t > 1 && !e.shards.is_empty() { megatron(c, &unit_prefix(c, *u), t).1 } else { 0 }).collect();
+    let states = match c.train.optimizer {
+        Optimizer::Sgd { momentum, .. } => usize::from(momentum != 0.0),
+        Optimizer::Adam { .. } => 2,
+    } as f64;
+    Some(evaluate(c, &costs, &units, &cuts, &pairs, e.shards.clone(), Shape { d, t, p, m, n }, states, None, pr))
 }
 
 /// The explicit placement a candidate stands for.
