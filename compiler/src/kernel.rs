@@ -394,8 +394,76 @@ pub fn lower_keeping(g: &Graph, keep: &[NodeId]) -> (Program, Vec<BufId>) {
         buf_of.insert(id, b);
     }
     p.loss = buf_of.get(&g.loss).copied().unwrap_or(BufId(0));
-    let kept = keep.iter().map(|k| buf_of.get(k).copied().unwrap_or(BufId(0))).collect();
+    let kept: Vec<BufId> = keep.iter().map(|k| buf_of.get(k).copied().unwrap_or(BufId(0))).collect();
+    reuse_dead_buffers(&mut p, &kept);
     (p, kept)
+}
+
+/// Liveness-based reuse: a temporary whose value is dead takes over the
+/// memory of an earlier temporary of the same size, element type and pass
+/// (forward, backward, update) that is dead by then. Values read after the
+/// step (the loss, assigned values, kept buffers) and values that live across
+/// passes keep memory of their own.
+fn reuse_dead_buffers(p: &mut Program, kept: &[BufId]) {
+    let n = p.buffers.len();
+    let mut def: Vec<Option<usize>> = vec![None; n];
+    let mut last: Vec<usize> = vec![0; n];
+    let mut pinned = vec![false; n];
+    let mut role_of: Vec<Option<Role>> = vec![None; n];
+    for (si, st) in p.steps.iter().enumerate() {
+        let o = p.storage(st.output).0 as usize;
+        if def[o].is_none() {
+            def[o] = Some(si);
+            role_of[o] = Some(st.role);
+        }
+        last[o] = last[o].max(si);
+        for b in &st.inputs {
+            let i = p.storage(*b).0 as usize;
+            last[i] = last[i].max(si);
+        }
+    }
+    for b in std::iter::once(p.loss).chain(p.assigns.iter().map(|a| a.1)).chain(kept.iter().copied()) {
+        pinned[p.storage(b).0 as usize] = true;
+    }
+    // A value read by a step of another pass lives across passes.
+    for st in &p.steps {
+        for b in &st.inputs {
+            let i = p.storage(*b).0 as usize;
+            if role_of[i].is_some_and(|r| r != st.role) {
+                pinned[i] = true;
+            }
+        }
+    }
+    let eligible = |i: usize| p.buffers[i].kind == BufKind::Temp && def[i].is_some() && !pinned[i];
+    let eligible: Vec<bool> = (0..n).map(eligible).collect();
+    // Free memory by (length, element type, pass); `owner` is the buffer whose memory it is.
+    let mut free: HashMap<(usize, bool, u8), Vec<usize>> = HashMap::new();
+    let mut dies: Vec<Vec<usize>> = vec![Vec::new(); p.steps.len()];
+    for i in 0..n {
+        if eligible[i] {
+            dies[last[i]].push(i);
+        }
+    }
+    let key = |b: &Buffer, r: Role| (b.len(), b.elem == Elem::F32, r as u8);
+    let mut owner: Vec<usize> = (0..n).collect();
+    for si in 0..p.steps.len() {
+        let o = p.storage(p.steps[si].output).0 as usize;
+        if eligible[o] && def[o] == Some(si) {
+            let k = key(&p.buffers[o], p.steps[si].role);
+            if let Some(donor) = free.get_mut(&k).and_then(Vec::pop) {
+                owner[o] = donor;
+            }
+        }
+        for &i in &dies[si] {
+            let k = key(&p.buffers[i], role_of[i].unwrap_or(Role::Forward));
+            free.entry(k).or_default().push(owner[i]);
+        }
+    }
+    for i in 0..n {
+        if owner[i] != i {
+            p.buffers[i].kind = BufKind::Alias(BufId(owner[i] as u32));
+        }
+    }
 }
 
 /// Emits the fused kernel rooted at `root` (whose buffer is `out`).

@@ -67,7 +67,7 @@ fn execute(p: &Program, env: &Env<'_>) -> Vec<Tensor> {
                 apply(&shardplan_compiler::graph::Op::MatMul, &[&a, &b], &out_shape, env).expect("matmul")
             }
         };
-        vals[step.output.0 as usize] = Some(out);
+        vals[p.storage(step.output).0 as usize] = Some(out);
     }
     (0..p.buffers.len()).map(|i| vals[p.storage(shardplan_compiler::kernel::BufId(i as u32)).0 as usize].clone().unwrap_or(Tensor::scalar(f64::NAN))).collect()
 }
