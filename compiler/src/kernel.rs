@@ -446,7 +446,7 @@ fn reuse_dead_buffers(p: &mut Program, kept: &[BufId]) {
     }
     let key = |b: &Buffer, r: Role| (b.len(), b.elem == Elem::F32, r as u8);
     let mut owner: Vec<usize> = (0..n).collect();
-    for si in 0..p.steps.len() {
+    for (si, dying) in dies.iter().enumerate() {
         let o = p.storage(p.steps[si].output).0 as usize;
         if eligible[o] && def[o] == Some(si) {
             let k = key(&p.buffers[o], p.steps[si].role);
@@ -454,14 +454,14 @@ fn reuse_dead_buffers(p: &mut Program, kept: &[BufId]) {
                 owner[o] = donor;
             }
         }
-        for &i in &dies[si] {
+        for &i in dying {
             let k = key(&p.buffers[i], role_of[i].unwrap_or(Role::Forward));
             free.entry(k).or_default().push(owner[i]);
         }
     }
-    for i in 0..n {
-        if owner[i] != i {
-            p.buffers[i].kind = BufKind::Alias(BufId(owner[i] as u32));
+    for (i, &o) in owner.iter().enumerate() {
+        if o != i {
+            p.buffers[i].kind = BufKind::Alias(BufId(o as u32));
         }
     }
 }
