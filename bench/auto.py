@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""The planner (issue 5): search time and cost-model accuracy.
+
+  search    `placement auto` for a 48-block GPT (d 1024, 16 heads, vocab
+            50304, seq 1024, batch 512) on 8, 64 and 512 devices: the time the
+            search itself takes (as `inspect --explain` reports it) and the
+            whole process (parse, check, graph, autodiff, search, exact memory
+            of the chosen plan).
+  accuracy  `shardplan calibrate`, then every example trained 40 steps: the
+            predicted step time beside the measured one.
+
+Usage: python3 bench/auto.py [--only search,accuracy]
+Needs: cargo build --release.
+"""
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "shardplan")
+
+GPT48 = """
+model Gpt {{
+  input tokens: i32[batch, seq]
+  input targets: i32[batch, seq]
+  layer embed = Embedding(50304, 1024)
+  layer pos = PositionalEmbedding(seq, 1024)
+  layer blocks = repeat 48 Block(1024, 16)
+  layer ln = LayerNorm(1024)
+  layer head = Linear(1024, 50304)
+  loss cross_entropy(head(ln(blocks(pos(embed(tokens))))), targets)
+}}
+data corpus = text("{data}")
+train {{ model: Gpt, data: corpus, batch: 512, seq: 1024, steps: 10, optimizer: adamw(lr: 0.001), seed: 1 }}
+devices cpu x {n} {{ memory 80 GiB }}
+placement auto {{
+  memory 40 GiB per device
+  optimize step_time
+}}
+"""
+
+
+def machine():
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+    return f"{os.cpu_count()} cores, {model}; load average {os.getloadavg()[0]:.2f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="search,accuracy")
+    a = ap.parse_args()
+    if not os.path.exists(BIN):
+        sys.exit("build first: cargo build --release")
+    print("machine:", machine())
+    with tempfile.TemporaryDirectory() as tmp:
+        if "search" in a.only:
+            print("\nsearch, 48-block GPT")
+            print(f"  {'devices':>7} {'candidates':>10} {'search ms':>10} {'process ms':>11}  chosen")
+            for n in [8, 64, 512]:
+                plan = os.path.join(tmp, f"gpt48_{n}.plan")
+                with open(plan, "w") as f:
+                    f.write(GPT48.format(n=n, data=os.path.join(ROOT, "examples", "data", "tiny.txt")))
+                searches, walls, out = [], [], ""
+                for _ in range(3):
+                    t = time.perf_counter()
+                    out = subprocess.run([BIN, "inspect", plan, "--explain"], capture_output=True, text=True).stdout
+                    walls.append((time.perf_counter() - t) * 1e3)
+                    m = re.search(r"(\d+) candidates searched in ([\d.]+) ms", out)
+                    searches.append(float(m.group(2)))
+                cands = re.search(r"(\d+) candidates", out).group(1)
+                m = re.search(r"chosen: (.*)", out)
+                chosen = m.group(1) if m else "none fits the 40 GiB budget"
+
+                print(f"  {n:>7} {cands:>10} {statistics.median(searches):>10.1f} {statistics.median(walls):>11.1f}  {chosen}")
+        if "accuracy" in a.only:
+            prof = os.path.join(tmp, "profile.json")
+            subprocess.run([BIN, "calibrate", "-o", prof], check=True, capture_output=True)
+            print("\ncost model, after `shardplan calibrate` (40 steps each)")
+            print(f"  {'example':<24} {'predicted ms':>12} {'measured ms':>12} {'error':>8}")
+            for e in sorted(os.listdir(os.path.join(ROOT, "examples"))):
+                if not e.endswith(".plan"):
+                    continue
+                out = subprocess.run([BIN, "run", os.path.join("examples", e), "--steps", "40", "--quiet", "--device-profile", prof], capture_output=True, text=True, cwd=ROOT).stdout
+                m = re.search(r"predicted ([\d.]+) ms(?: per step)?, measured ([\d.]+) ms", out)
+                if not m:
+                    print(f"  {e:<24} (no prediction)")
+                    continue
+                p, r = float(m.group(1)), float(m.group(2))
+                print(f"  {e:<24} {p:>12.2f} {r:>12.2f} {(p - r) / r * 100:>7.0f}%")
+
+
+if __name__ == "__main__":
+    main()
