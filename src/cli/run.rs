@@ -328,6 +328,20 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
     let kernel_err =
         |e: shardplan_runtime::backend::cpu::KernelError| fail("run::kernel", e.to_string(), "check the data: an index or label is outside the model's range");
     let device_err = |e: String| fail("run::device", e, "the other devices were stopped; nothing was saved");
+    if let Some((d, _)) = args.inject_fault {
+        let n = match &trainer {
+            Trainer::Multi(cl) => cl.plan().devices.len(),
+            Trainer::Single(_) => 1,
+        };
+        if d >= n {
+            return Err(fail(
+                "run::inject_fault",
+                format!("--inject-fault names device {d}, but the run has {n} device(s)"),
+                format!("name a device from 0 to {}", n - 1),
+            )
+            .into());
+        }
+    }
     match &mut trainer {
         Trainer::Single(exec) => {
             for (i, p) in params.iter().enumerate() {
@@ -828,7 +842,7 @@ pub fn verify(args: &VerifyArgs, color: bool) -> ExitCode {
 
 fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<bool, Error> {
     let name = args.file.display().to_string();
-    if !matches!(c.placement, Placement::Explicit(_)) {
+    if matches!(c.placement, Placement::Single) {
         println!("{name}: the plan runs on one device; there is nothing to compare");
         return Ok(true);
     }
@@ -856,6 +870,26 @@ fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Res
     let internal = |m: String| fail("run::internal", m, "this is a bug in shardplan; please report it with the plan");
     let g = autodiff::differentiate(graph::build(c), c);
     let g1 = autodiff::differentiate(graph::build(&single), &single);
+    // `placement auto` is verified as the plan it chooses.
+    let chosen;
+    let c = match &c.placement {
+        Placement::Auto { .. } => {
+            let prof = super::auto::profile(None).map_err(|e| fail("run::device_profile", e, "write one with `shardplan calibrate -o FILE`"))?;
+            let (found, _) = super::auto::search(c, &g, &prof);
+            let best = found.chosen.map(|i| found.candidates[i].clone()).ok_or_else(|| {
+                fail(
+                    "placement::no_fit",
+                    "no placement of the model over these devices fits the memory budget",
+                    "`shardplan inspect FILE --explain` lists the closest candidates",
+                )
+            })?;
+            let mut placed = c.clone();
+            placed.placement = Placement::Explicit(partition::auto::explicit(c, &best));
+            chosen = placed;
+            &chosen
+        }
+        _ => c,
+    };
     let plan = partition::partition(c, &g).map_err(|e| fail("run::placement", format!("cannot partition the plan: {e}"), "change the placement"))?;
     partition::verify::verify(&plan).map_err(|e| fail("run::verify", format!("the device programs do not fit together: {e}"), "this is a bug in shardplan"))?;
     if let Some(d) = partition::memory::check(c, &plan) {
