@@ -8,6 +8,9 @@
             of the chosen plan).
   accuracy  `shardplan calibrate`, then every example trained 40 steps: the
             predicted step time beside the measured one.
+  choice    examples/auto.plan (the tiny GPT on 4 devices): every candidate
+            the search considers that fits, trained 30 steps each as an
+            explicit placement; auto's choice against the fastest measured.
 
 Usage: python3 bench/auto.py [--only search,accuracy]
 Needs: cargo build --release.
@@ -52,7 +55,7 @@ def machine():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="search,accuracy")
+    ap.add_argument("--only", default="search,accuracy,choice")
     a = ap.parse_args()
     if not os.path.exists(BIN):
         sys.exit("build first: cargo build --release")
@@ -92,6 +95,61 @@ def main():
                     continue
                 p, r = float(m.group(1)), float(m.group(2))
                 print(f"  {e:<24} {p:>12.2f} {r:>12.2f} {(p - r) / r * 100:>7.0f}%")
+        if "choice" in a.only:
+            choice(tmp)
+
+
+TP = ["shard blocks[*].attn.wq (_, model)", "shard blocks[*].attn.wk (_, model)", "shard blocks[*].attn.wv (_, model)",
+      "shard blocks[*].attn.wo (model, _)", "shard blocks[*].mlp.up.w (_, model)", "shard blocks[*].mlp.up.b (model)",
+      "shard blocks[*].mlp.down.w (model, _)"]
+
+
+def explicit(c):
+    axes = [(n, k) for n, k in [("data", c["data"]), ("model", c["model"]), ("pipe", c["pipe"])] if k > 1] or [("data", 1)]
+    lines = ["placement {", "  mesh (" + ", ".join(f"{n}: {k}" for n, k in axes) + ")"]
+    if c["data"] > 1:
+        lines.append("  data_parallel over data")
+    if c["model"] > 1:
+        lines += ["  " + t for t in TP]
+    if c["pipe"] > 1:
+        lines.append("  pipeline over pipe {")
+        lines += ["    stage " + ", ".join(st) for st in c["stages"]]
+        lines += [f"    microbatches {c['microbatches']}", "    schedule 1f1b", "  }"]
+    return "\n".join(lines + ["}"])
+
+
+def choice(tmp):
+    import json
+    src = open(os.path.join(ROOT, "examples", "auto.plan")).read()
+    head = src[: src.index("\nplacement auto") + 1]
+    out = subprocess.run([BIN, "inspect", "examples/auto.plan", "--format", "json"], capture_output=True, text=True, cwd=ROOT).stdout
+    search = json.loads(out)["search"]
+    rows = []
+    for i, c in enumerate(search["candidates"]):
+        if not c["fits"]:
+            continue
+        plan = os.path.join(ROOT, "examples", f".bench_candidate_{i}.plan")
+        with open(plan, "w") as f:
+            f.write(head + explicit(c) + "\n")
+        try:
+            r = subprocess.run([BIN, "run", plan, "--steps", "30", "--quiet"], capture_output=True, text=True, cwd=ROOT)
+        finally:
+            os.remove(plan)
+        m = re.search(r"measured ([\d.]+) ms", r.stdout)
+        name = ", ".join(f"{k} {c[k]}" for k in ["data", "model", "pipe", "microbatches"])
+        if m:
+            pred = c["compute_s"] + c["comm_s"] + c["bubble_s"]
+            rows.append((float(m.group(1)), pred * 1e3, name, i == search["chosen"]))
+        else:
+            print(f"  {name}: did not run: {r.stderr.strip().splitlines()[:2]}")
+    rows.sort()
+    print("\nauto's choice against every fitting candidate, measured (examples/auto.plan, 30 steps each)")
+    print(f"  {'candidate':<44} {'measured ms':>11} {'predicted ms':>12}")
+    for meas, pred, name, chosen in rows:
+        print(f"  {name:<44} {meas:>11.2f} {pred:>12.2f}{'   <- chosen' if chosen else ''}")
+    best = rows[0][0] if rows else float("nan")
+    mine = next((r[0] for r in rows if r[3]), float("nan"))
+    print(f"  auto's choice is {(mine / best - 1) * 100:.0f}% slower than the fastest measured candidate (target: within 15%)")
 
 
 if __name__ == "__main__":

@@ -146,6 +146,8 @@ struct UnitCost {
     pair_bytes: f64,
     /// Kernels per step (each costs a fixed overhead).
     ops: f64,
+    /// Bytes the optimizer update moves (every data-parallel replica repeats it).
+    update: f64,
 }
 
 fn numel(g: &Graph, n: NodeId) -> f64 {
@@ -233,6 +235,7 @@ fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitC
             }
             Op::Param(_) => out[u].params += 4.0 * n,
             Op::Reshape | Op::Input(_) | Op::Const(_) | Op::Hyper(_) | Op::State(_) | Op::Assign(_) => {}
+            _ if node.role == Role::Update => out[u].update += 4.0 * n * (args.len() + 1) as f64,
             _ => out[u].bytes += 4.0 * n * (args.len() + 1) as f64,
         }
         if node.role != Role::Update && !matches!(node.op, Op::Reshape | Op::Param(_) | Op::Const(_)) {
@@ -406,8 +409,12 @@ fn evaluate(
 ) -> Candidate {
     let Shape { d, t, p, m, n } = shape;
     // Matmul seconds on one core, spread over the devices' share of the cores.
-    let rate = pr.cores as f64 / n as f64;
-    let bw = pr.elementwise_bytes * pr.cores as f64 / n as f64;
+    // A device runs on max(1, cores / n) cores; when devices outnumber the
+    // cores they take turns, which the bound on total work below accounts for.
+    let speed = (pr.cores as f64 / n as f64).max(1.0);
+    let rate = speed;
+    let bw = pr.elementwise_bytes * speed;
+    let mut core_seconds = 0.0;
     let mut stage_time = Vec::new();
     let mut stage_mem = Vec::new();
     let mut dp_comm: f64 = 0.0;
@@ -427,10 +434,13 @@ fn evaluate(
         let params: f64 = us.iter().map(|u| u.params * share(u)).sum();
         let act: f64 = us.iter().map(|u| u.act * share(u)).sum::<f64>() / (d * m) as f64;
         // Devices beyond the cores wait their turn for the fixed costs too.
-        let overhead = us.iter().map(|u| u.ops).sum::<f64>() * pr.op_overhead * (n as f64 / pr.cores as f64).max(1.0);
+        let overhead = us.iter().map(|u| u.ops).sum::<f64>() * pr.op_overhead;
         let tp: f64 = us.iter().zip(&pairs[r.clone()]).map(|(u, k)| 2.0 * *k as f64 * ring(u.pair_bytes / (d * m) as f64, t, 2.0, pr)).sum::<f64>() * m as f64;
         tp_comm = tp_comm.max(tp);
-        stage_time.push((flops / rate + bytes / bw) / m as f64 + tp / m as f64 + overhead);
+        let update: f64 = us.iter().map(|u| u.update * share(u)).sum::<f64>() / bw;
+        let pass = (flops / rate + bytes / bw) / m as f64 + overhead + update / m as f64;
+        core_seconds += pass * speed * (m * d * t) as f64;
+        stage_time.push(pass + tp / m as f64);
         dp_comm = dp_comm.max(ring(params, d, 2.0, pr));
         if s + 1 < cuts.len() {
             let boundary = us.last().map(|u| u.pair_bytes.max(u.act / 16.0)).unwrap_or(0.0) / (d * m) as f64;
@@ -440,8 +450,12 @@ fn evaluate(
         stage_mem.push(params * (2.0 + states + 3.0) + act * in_flight);
     }
     let slowest = stage_time.iter().cloned().fold(0.0, f64::max);
-    let compute = slowest * m as f64 - tp_comm;
-    let bubble = slowest * (p - 1) as f64;
+    // The step takes at least its critical path ((m + p − 1) passes of the
+    // slowest stage) and at least the total work over the cores.
+    let path = slowest * (m + p - 1) as f64;
+    let work = core_seconds / pr.cores.max(1) as f64;
+    let compute = (slowest * m as f64 - tp_comm).max(work - tp_comm).max(0.0);
+    let bubble = (path.max(work) - compute - tp_comm).max(0.0);
     let memory = stage_mem.iter().cloned().fold(0.0, f64::max) as u64;
     let stages: Vec<Vec<Unit>> = cuts.iter().map(|r| units[r.clone()].to_vec()).collect();
     Candidate {
