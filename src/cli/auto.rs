@@ -122,7 +122,7 @@ pub fn calibrate(out: &Path) -> std::process::ExitCode {
     println!("between two devices: {:.1} GB/s, {:.1} µs per message", m.link_bytes / 1e9, m.link_latency * 1e6);
     println!("cores: {}", m.cores);
     println!("a tiny kernel call: {:.2} µs", m.op_overhead * 1e6);
-    let p = Profile {
+    let mut p = Profile {
         matmul_flops,
         elementwise_bytes: m.elementwise_bytes,
         link_bytes: m.link_bytes,
@@ -130,7 +130,16 @@ pub fn calibrate(out: &Path) -> std::process::ExitCode {
         cores: m.cores,
         op_overhead: m.op_overhead,
         matmul_by_size: m.matmul.clone(),
+        efficiency: 1.0,
     };
+    match fit(&p) {
+        Ok((e, o)) => {
+            println!("fitted on two reference steps: compute takes {e:.2}× the model's time, {:.2} µs per kernel", o * 1e6);
+            p.efficiency = e;
+            p.op_overhead = o;
+        }
+        Err(e) => eprintln!("warning: the reference steps could not be run ({e}); the profile keeps the raw rates"),
+    }
     let text = match serde_json::to_string_pretty(&p) {
         Ok(t) => t,
         Err(e) => {
@@ -152,4 +161,60 @@ pub fn calibrate(out: &Path) -> std::process::ExitCode {
     }
     println!("wrote {}", out.display());
     std::process::ExitCode::SUCCESS
+}
+
+/// Reference steps: one compute-bound, one dominated by fixed costs.
+const REFERENCES: [&str; 2] = [
+    "model Big { input x: f32[batch, 512]  input y: i32[batch]  layer a = Linear(512, 1024)  layer b = Linear(1024, 512)  layer c = Linear(512, 16)  loss cross_entropy(c(relu(b(relu(a(x))))), y) }
+data d = synthetic(rows: 512, features: 512, classes: 16)
+train { model: Big, data: d, batch: 256, steps: 1, optimizer: adam(lr: 0.001) }",
+    "model Small { input x: f32[batch, 16]  input y: i32[batch]  layer a = Linear(16, 16)  layer b = Linear(16, 16)  layer c = Linear(16, 4)  loss cross_entropy(c(relu(b(relu(a(x))))), y) }
+data d = synthetic(rows: 64, features: 16, classes: 4)
+train { model: Small, data: d, batch: 8, steps: 1, optimizer: adam(lr: 0.001) }",
+];
+
+/// Fits the compute efficiency and the cost per kernel from measured steps
+/// of the reference plans: T = e · compute + o · kernels, for both.
+fn fit(base: &Profile) -> Result<(f64, f64), String> {
+    use shardplan_compiler::kernel::BufKind;
+    use shardplan_runtime::exec::{Data, Executor};
+    let mut rows = Vec::new();
+    for src in REFERENCES {
+        let (c, d) = shardplan_compiler::check_source(src.as_bytes());
+        let c = c.ok_or_else(|| format!("a reference plan does not check: {:?}", d.iter().map(|d| d.message.clone()).collect::<Vec<_>>()))?;
+        let g = shardplan_compiler::autodiff::differentiate(shardplan_compiler::graph::build(&c), &c);
+        let compute = auto::predict(&c, &g, &Profile { op_overhead: 0.0, ..base.clone() }).map(|x| x.step_s()).unwrap_or(0.0);
+        let kernels = auto::predict(&c, &g, &Profile { op_overhead: 1.0, ..base.clone() }).map(|x| x.step_s()).unwrap_or(0.0) - compute;
+        let program = shardplan_compiler::kernel::lower(&g);
+        let mut exec = Executor::new(program.clone(), base.cores).map_err(|e| e.to_string())?;
+        for b in &program.buffers {
+            let n = b.len();
+            let r = match (&b.kind, b.elem) {
+                (BufKind::Param(_) | BufKind::Input(_) | BufKind::State(_), shardplan_compiler::kernel::Elem::F32) => {
+                    let v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1).collect();
+                    exec.set(&b.kind, Data::F32(&v))
+                }
+                (BufKind::Input(_), _) => exec.set(&b.kind, Data::I32(&vec![1; n])),
+                _ => Ok(()),
+            };
+            r.map_err(|e| e.to_string())?;
+        }
+        let hyper = |_| 0.001;
+        let mut times = Vec::new();
+        for _ in 0..25 {
+            let t = std::time::Instant::now();
+            exec.step(&hyper).map_err(|e| e.to_string())?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        rows.push((compute, kernels, times[times.len() / 2]));
+    }
+    let [(c1, k1, t1), (c2, k2, t2)] = [rows[0], rows[1]];
+    let det = c1 * k2 - c2 * k1;
+    if det.abs() < 1e-18 {
+        return Err("the reference steps do not separate compute from fixed costs".into());
+    }
+    let e = (t1 * k2 - t2 * k1) / det;
+    let o = (c1 * t2 - c2 * t1) / det;
+    Ok((e.clamp(0.5, 20.0), o.clamp(0.0, 1e-3)))
 }

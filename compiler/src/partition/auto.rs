@@ -38,6 +38,15 @@ pub struct Profile {
     /// (small products run far below the peak), ascending.
     #[serde(default)]
     pub matmul_by_size: Vec<(usize, f64)>,
+    /// Measured step time over the model's compute time, fitted by
+    /// `calibrate` on reference steps (the kernels' shapes and strides cost
+    /// more than the peak rates above).
+    #[serde(default = "one")]
+    pub efficiency: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Profile {
@@ -67,6 +76,7 @@ impl Default for Profile {
             cores: 2,
             op_overhead: default_overhead(),
             matmul_by_size: Vec::new(),
+            efficiency: 1.0,
         }
     }
 }
@@ -438,7 +448,7 @@ fn evaluate(
         let tp: f64 = us.iter().zip(&pairs[r.clone()]).map(|(u, k)| 2.0 * *k as f64 * ring(u.pair_bytes / (d * m) as f64, t, 2.0, pr)).sum::<f64>() * m as f64;
         tp_comm = tp_comm.max(tp);
         let update: f64 = us.iter().map(|u| u.update * share(u)).sum::<f64>() / bw;
-        let pass = (flops / rate + bytes / bw) / m as f64 + overhead + update / m as f64;
+        let pass = pr.efficiency * ((flops / rate + bytes / bw) / m as f64 + update / m as f64) + overhead;
         core_seconds += pass * speed * (m * d * t) as f64;
         stage_time.push(pass + tp / m as f64);
         dp_comm = dp_comm.max(ring(params, d, 2.0, pr));
