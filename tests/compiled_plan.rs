@@ -138,3 +138,17 @@ fn damaged_and_edited_plans_are_refused() {
     slot["plan"]["devices"][0]["schedule"][0]["slot"] = 7.into();
     refused("slot", &rehashed(slot), "plan::invalid");
 }
+
+#[test]
+fn an_auto_plan_compiles_to_the_plan_the_search_chooses() {
+    let out = tmp("auto.json");
+    let o = shardplan(&["compile", "examples/auto.plan", "-o", path(&out)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains(": 4 devices, "), "{}", text(&o.stdout));
+    let (a, b) = (tmp("auto.compiled.jsonl"), tmp("auto.plan.jsonl"));
+    let o = shardplan(&["run", path(&out), "--quiet", "--steps", "3", "--metrics", path(&a)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = shardplan(&["run", "examples/auto.plan", "--quiet", "--steps", "3", "--metrics", path(&b)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(losses(&a), losses(&b), "the compiled choice trains like the searched one");
+}

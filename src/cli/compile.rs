@@ -101,7 +101,28 @@ pub fn run(file: &Path, out: &Path, color: bool) -> ExitCode {
     if let Err(e) = g.verify() {
         return fail(problem("run::internal", format!("the training graph is malformed: {e}"), bug));
     }
-    let plan = match partition::partition(&c, &g) {
+    // `placement auto` compiles to the plan the search chooses.
+    let placed = match &c.placement {
+        Placement::Auto { .. } => {
+            let prof = match super::auto::profile(None) {
+                Ok(p) => p,
+                Err(e) => return fail(problem("run::device_profile", e, "write one with `shardplan calibrate -o FILE`")),
+            };
+            let (found, _) = super::auto::search(&c, &g, &prof);
+            let Some(i) = found.chosen else {
+                return fail(problem(
+                    "placement::no_fit",
+                    "no placement of the model over these devices fits the memory budget",
+                    "`shardplan inspect FILE --explain` lists the closest candidates",
+                ));
+            };
+            let mut placed = c.clone();
+            placed.placement = Placement::Explicit(partition::auto::explicit(&c, &found.candidates[i]));
+            placed
+        }
+        _ => c.clone(),
+    };
+    let plan = match partition::partition(&placed, &g) {
         Ok(p) => p,
         Err(e) => {
             return fail(problem("run::placement", format!("cannot partition the plan: {e}"), "change the placement; `shardplan check` shows what it holds"))
@@ -360,7 +381,8 @@ fn check_plan(plan: &Plan, c: &Checked, g: &graph::Graph) -> Result<(), String> 
             e.parameter_server,
             e.pipeline.as_ref().map(|p| p.microbatches.max(1) as usize).unwrap_or(1),
         ),
-        Placement::Auto { .. } => return Err("its source asks for `placement auto`, which this build cannot partition".into()),
+        // The search chose the mesh: take the plan's, on as many devices as the source declares.
+        Placement::Auto { .. } => (plan.mesh.axes.clone(), plan.mesh.data, plan.mesh.pipe, None, plan.microbatches),
     };
     let m = &plan.mesh;
     if m.axes != axes || m.data != data || m.pipe != pipe || plan.server != server {

@@ -235,7 +235,7 @@ pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Resul
             e.pipeline.clone(),
             e.parameter_server,
         ),
-        Placement::Auto { .. } => return err("`placement auto` is chosen by the planner, which this build does not have yet; write the placement out".into()),
+        Placement::Auto { .. } => return err("`placement auto` is partitioned as the placement `partition::auto::search` chooses".into()),
     };
     let n_dev = c.devices.len().max(1);
     if mesh.size() > n_dev {
