@@ -528,7 +528,6 @@ impl Builder<'_, '_> {
     }
 
     fn all_reduce_buckets(&mut self, raw: &[(NodeId, NodeId)], d: usize) -> Result<Vec<NodeId>, PartitionError> {
-        let g = self.glob.g;
         let u = Role::Update;
         let mut out: Vec<NodeId> = raw.iter().map(|x| x.1).collect();
         let partial: Vec<usize> = (0..raw.len()).filter(|&i| self.glob.layout[raw[i].0 .0 as usize][d] == L::P).collect();
@@ -572,7 +571,6 @@ impl Builder<'_, '_> {
             bytes += 4 * n;
         }
         flush(self, &mut bucket, &mut out);
-        let _ = g;
         Ok(out)
     }
 

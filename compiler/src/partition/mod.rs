@@ -168,7 +168,7 @@ pub struct Plan {
     pub devices: Vec<DeviceProgram>,
     /// Per parameter: its stage and its layout per layout axis.
     pub param_layouts: Vec<(usize, Vec<L>)>,
-    /// Sends, receives and collectives per device, listed for `inspect`.
+    /// FNV-1a hash of the device programs: every message carries it.
     pub hash: u64,
 }
 
@@ -193,7 +193,6 @@ pub(crate) enum Home {
 /// The global analysis shared by every device's program.
 pub(crate) struct Global<'a> {
     pub g: &'a Graph,
-
     pub mesh: Mesh,
     pub axes: Vec<LayoutAxis>,
     /// Index of the microbatch axis in `axes`.
