@@ -2,6 +2,8 @@
 //! `shardplan run OUT.json` trains them bit for bit like the plan file, and
 //! a damaged or edited file is refused with its diagnostic, never a panic.
 
+mod common;
+
 use shardplan_compiler::partition::{plan_hash, Plan};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -40,18 +42,7 @@ fn compile(name: &str) -> PathBuf {
     out
 }
 
-/// Losses from a metrics file, as bit patterns.
-fn losses(path: &Path) -> Vec<(u64, u32)> {
-    std::fs::read_to_string(path)
-        .expect("metrics written")
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
-            let loss = v["loss"].as_f64().expect("loss") as f32;
-            (v["step"].as_u64().expect("step"), loss.to_bits())
-        })
-        .collect()
-}
+use common::losses;
 
 #[test]
 fn a_compiled_plan_trains_like_its_plan_file() {

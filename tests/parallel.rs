@@ -5,6 +5,8 @@
 //! (‖a − b‖ / ‖a‖). Also: placed runs are bit-identical, a run resumes under
 //! another placement, and an injected fault stops the run quickly.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -191,11 +193,7 @@ fn run(args: &[&str]) -> (bool, String, String) {
 }
 
 fn losses(path: &Path) -> Vec<f32> {
-    std::fs::read_to_string(path)
-        .expect("metrics")
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["loss"].as_f64().expect("loss") as f32)
-        .collect()
+    common::losses(path).into_iter().map(|(_, bits)| f32::from_bits(bits)).collect()
 }
 
 #[test]

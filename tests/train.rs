@@ -2,6 +2,8 @@
 //! lowers its loss, runs are bit-identical, and a resumed run continues
 //! exactly where the uninterrupted one went.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -20,18 +22,7 @@ fn run(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-/// Losses from a metrics file, as bit patterns.
-fn losses(path: &Path) -> Vec<(u64, u32)> {
-    std::fs::read_to_string(path)
-        .expect("metrics written")
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
-            let loss = v["loss"].as_f64().expect("loss") as f32;
-            (v["step"].as_u64().expect("step"), loss.to_bits())
-        })
-        .collect()
-}
+use common::losses;
 
 #[test]
 fn digits_mlp_reaches_90_percent() {

@@ -37,6 +37,17 @@ pub struct Hypers {
     pub bias_correction2: f64,
 }
 
+impl Hypers {
+    /// The value of one hyper.
+    pub fn get(&self, h: Hyper) -> f64 {
+        match h {
+            Hyper::Lr => self.lr,
+            Hyper::BiasCorrection1 => self.bias_correction1,
+            Hyper::BiasCorrection2 => self.bias_correction2,
+        }
+    }
+}
+
 enum Cmd {
     Load { params: Vec<(usize, Vec<f32>)>, states: Vec<(usize, Vec<f32>)> },
     Step { step: u64, hyper: Hypers, batches: Vec<Batch>, fault: bool },
@@ -588,11 +599,7 @@ fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, plan: u64, exec: &mut Executor, cm
             if fault {
                 return Err((format!("device {dev} failed at step {}: injected fault", step + 1), false));
             }
-            let h = move |x: Hyper| match x {
-                Hyper::Lr => hyper.lr,
-                Hyper::BiasCorrection1 => hyper.bias_correction1,
-                Hyper::BiasCorrection2 => hyper.bias_correction2,
-            };
+            let h = move |x: Hyper| hyper.get(x);
             let t0 = std::time::Instant::now();
             let mut st = DeviceStats { bytes: exec.bytes(), ..DeviceStats::default() };
             exec.begin_step(&h);

@@ -207,12 +207,17 @@ fn logits(g: &graph::Graph) -> Option<NodeId> {
     g.ids().find(|&id| g.node(id).op == Op::CrossEntropy).and_then(|id| g.args(id).first().copied())
 }
 
-/// Trains `c` (whose file's text is `plan_text`, with data paths relative to
-/// `base`) on the devices of `plan` when one is given (a compiled plan),
-/// else on those its placement partitions into, or on one device.
-fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Option<partition::Plan>) -> Result<(), Error> {
-    let t0 = Instant::now();
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+/// The training split, its sampler and the run's length in steps.
+struct TrainingData {
+    splits: data::Splits,
+    sampler: Sampler,
+    batch: usize,
+    per_epoch: u64,
+    total: u64,
+}
+
+/// Loads the plan's data (paths relative to `base`) and sizes the run.
+fn training_data(c: &Checked, base: &Path) -> Result<TrainingData, Error> {
     let seq = c.train.dims.get("seq").map(|&s| s as usize);
     let splits = data::load(&c.data.source, base, seq, classes(c)).map_err(|e| Error::Data(Box::new(e)))?;
     let batch = c.train.batch as usize;
@@ -230,6 +235,26 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
         Length::Epochs(e) => e as u64 * per_epoch,
         Length::Steps(s) => s as u64,
     };
+    Ok(TrainingData { splits, sampler, batch, per_epoch, total })
+}
+
+/// The learning rate and Adam's bias corrections of step `step` (from 0).
+fn hypers(c: &Checked, step: u64, total: u64) -> Hypers {
+    let (b1, b2) = match c.train.optimizer {
+        Optimizer::Adam { beta1, beta2, .. } => (beta1, beta2),
+        Optimizer::Sgd { .. } => (0.0, 0.0),
+    };
+    let t = (step + 1) as i32;
+    Hypers { lr: learning_rate(c, step, total), bias_correction1: 1.0 / (1.0 - b1.powi(t)), bias_correction2: 1.0 / (1.0 - b2.powi(t)).sqrt() }
+}
+
+/// Trains `c` (whose file's text is `plan_text`, with data paths relative to
+/// `base`) on the devices of `plan` when one is given (a compiled plan),
+/// else on those its placement partitions into, or on one device.
+fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Option<partition::Plan>) -> Result<(), Error> {
+    let t0 = Instant::now();
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+    let TrainingData { splits, sampler, batch, per_epoch, total } = training_data(c, base)?;
     let end = args.stop_after.map(|s| s.min(total)).unwrap_or(total);
 
     // Compile the training step.
@@ -382,17 +407,9 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             epoch_order = Some((epoch, sampler.epoch(epoch)));
         }
         let rows = &epoch_order.as_ref().map(|(_, o)| o[(step % per_epoch) as usize].clone()).unwrap_or_default();
-        let lr = learning_rate(c, step, total);
-        let (b1, b2) = match c.train.optimizer {
-            Optimizer::Adam { beta1, beta2, .. } => (beta1, beta2),
-            Optimizer::Sgd { .. } => (0.0, 0.0),
-        };
-        let t = (step + 1) as i32;
-        let hyper = move |h: Hyper| match h {
-            Hyper::Lr => lr,
-            Hyper::BiasCorrection1 => 1.0 / (1.0 - b1.powi(t)),
-            Hyper::BiasCorrection2 => 1.0 / (1.0 - b2.powi(t)).sqrt(),
-        };
+        let h = hypers(c, step, total);
+        let lr = h.lr;
+        let hyper = move |x: Hyper| h.get(x);
         let step_start = Instant::now();
         let loss = match &mut trainer {
             Trainer::Single(exec) => {
@@ -400,7 +417,6 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
                 exec.step(&hyper).map_err(kernel_err)?
             }
             Trainer::Multi(cl) => {
-                let h = Hypers { lr: hyper(Hyper::Lr), bias_correction1: hyper(Hyper::BiasCorrection1), bias_correction2: hyper(Hyper::BiasCorrection2) };
                 let fault = args.inject_fault.filter(|f| f.1 == step + 1).map(|f| f.0);
                 match cl.step(step, h, rows, &|r| splits.train.gather(r), fault) {
                     Ok(l) => l as f32,
@@ -850,23 +866,7 @@ fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Res
     let overrides: BTreeMap<String, i64> = args.set.iter().cloned().collect();
     let (single, _) = shardplan_compiler::check_source_placed(plan_text, &overrides, false);
     let single = single.ok_or_else(|| fail("run::internal", "the plan does not check without its placement", "this is a bug in shardplan"))?;
-    let seq = c.train.dims.get("seq").map(|&s| s as usize);
-    let splits = data::load(&c.data.source, base, seq, classes(c)).map_err(|e| Error::Data(Box::new(e)))?;
-    let batch = c.train.batch as usize;
-    let sampler = Sampler::new(splits.train.len(), batch, c.train.shuffle, c.train.seed);
-    let per_epoch = sampler.batches_per_epoch() as u64;
-    if per_epoch == 0 {
-        return Err(fail(
-            "run::batch_too_large",
-            format!("the training split has {} samples, fewer than one batch of {batch}", splits.train.len()),
-            "lower `batch`",
-        )
-        .into());
-    }
-    let total = match c.train.length {
-        Length::Epochs(e) => e as u64 * per_epoch,
-        Length::Steps(s) => s as u64,
-    };
+    let TrainingData { splits, sampler, per_epoch, total, .. } = training_data(c, base)?;
     let internal = |m: String| fail("run::internal", m, "this is a bug in shardplan; please report it with the plan");
     let g = autodiff::differentiate(graph::build(c), c);
     let g1 = autodiff::differentiate(graph::build(&single), &single);
@@ -919,18 +919,8 @@ fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Res
             order = Some((epoch, sampler.epoch(epoch)));
         }
         let rows = order.as_ref().map(|(_, o)| o[(step % per_epoch) as usize].clone()).unwrap_or_default();
-        let lr = learning_rate(c, step, total);
-        let (b1, b2) = match c.train.optimizer {
-            Optimizer::Adam { beta1, beta2, .. } => (beta1, beta2),
-            Optimizer::Sgd { .. } => (0.0, 0.0),
-        };
-        let t = (step + 1) as i32;
-        let h = Hypers { lr, bias_correction1: 1.0 / (1.0 - b1.powi(t)), bias_correction2: 1.0 / (1.0 - b2.powi(t)).sqrt() };
-        let hyper = move |x: Hyper| match x {
-            Hyper::Lr => h.lr,
-            Hyper::BiasCorrection1 => h.bias_correction1,
-            Hyper::BiasCorrection2 => h.bias_correction2,
-        };
+        let h = hypers(c, step, total);
+        let hyper = move |x: Hyper| h.get(x);
         set_batch(&mut exec, &splits.train.gather(&rows)).map_err(kernel_err)?;
         let one = exec.step(&hyper).map_err(kernel_err)? as f64;
         let placed = cluster.step(step, h, &rows, &|r| splits.train.gather(r), None).map_err(device_err)?;

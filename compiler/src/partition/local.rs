@@ -191,14 +191,14 @@ impl Builder<'_, '_> {
                 self.emit(id)?;
                 if self.stage_of(id) == Some(self.stage) && self.worker {
                     for (t, role) in self.readers(id, self.stage) {
-                        let v = self.val[&id];
+                        let v = self.have(id)?;
                         let to = self.peer(t);
                         self.lg.add(Op::Send { to, id: id.0 }, &[v], Ty::scalar(DType::F32), role);
                     }
                     // With microbatches, gradients are summed into accumulators;
                     // without, the update reads them where the backward pass left them.
                     if let (Some(k), true) = (self.crossing_index(id), self.glob.axes[self.glob.mb_axis].size > 1) {
-                        let v = self.val[&id];
+                        let v = self.have(id)?;
                         self.lg.add(Op::Accumulate(k), &[v], Ty::scalar(DType::F32), Role::Backward);
                     }
                 }
@@ -272,6 +272,11 @@ impl Builder<'_, '_> {
         };
         self.val.insert(id, local);
         Ok(())
+    }
+
+    /// The local value of global node `id`, which was emitted here.
+    fn have(&self, id: NodeId) -> Result<NodeId, PartitionError> {
+        self.val.get(&id).copied().ok_or_else(|| PartitionError(format!("internal: device {} has no value for node {}", self.dev, id.0)))
     }
 
     fn mul_const(&mut self, x: NodeId, c: f64, role: Role) -> NodeId {
@@ -511,7 +516,11 @@ impl Builder<'_, '_> {
                 let k = self.crossing_index(n).unwrap_or(0) as u32;
                 if home == self.stage {
                     for t in readers {
-                        let v = self.accum[&n].0;
+                        let v = self
+                            .accum
+                            .get(&n)
+                            .map(|x| x.0)
+                            .ok_or_else(|| PartitionError(format!("internal: device {} lost update value {}", self.dev, n.0)))?;
                         let to = self.peer(t);
                         self.lg.add(Op::Send { to, id: UPDATE_IDS + k }, &[v], Ty::scalar(DType::F32), u);
                     }
