@@ -2,3 +2,4 @@
 //! cranelift and runs matmuls through a tuned GEMM.
 
 pub mod cpu;
+pub mod cuda;
