@@ -115,6 +115,9 @@ fn tensor_parallel_matches_one_device() {
     verify("mlp_tp8", &mlp(64, 8, &format!("placement {{\n  mesh (model: 8)\n  {TP_MLP}\n}}")));
     verify("gpt_tp2", &gpt(4, 2, &format!("placement {{\n  mesh (model: 2)\n  {TP_GPT}\n}}")));
     verify("gpt_tp4", &gpt(4, 4, &format!("placement {{\n  mesh (model: 4)\n  {TP_GPT}\n}}")));
+    // Embedding tables split along their width: the lookups come out split and are all-gathered.
+    let tables = "shard embed.table (_, model)\n  shard pos.table (_, model)";
+    verify("gpt_tp2_tables", &gpt(4, 2, &format!("placement {{\n  mesh (model: 2)\n  {TP_GPT}\n  {tables}\n}}")));
 }
 
 #[test]

@@ -53,3 +53,51 @@ fn nothing_fits_a_tiny_budget() {
     assert_eq!(s.chosen, None);
     assert!(!s.candidates.is_empty());
 }
+
+/// The tiny GPT with a 16384-entry token table (4 MiB, 20 MiB with its
+/// gradient and Adam's moments): only tensor parallelism divides it.
+fn big_vocab(budget: &str) -> shardplan_compiler::partition::auto::Search {
+    let src = plan(budget).replace("Embedding(256, 64)", "Embedding(16384, 64)");
+    let c = common::checked(&src);
+    let g = autodiff::differentiate(graph::build(&c), &c);
+    search(&c, &g, &profile())
+}
+
+#[test]
+fn a_large_embedding_table_is_sharded_when_memory_is_short() {
+    let s = big_vocab("512 MiB");
+    let best = &s.candidates[s.chosen.expect("fits")];
+    assert!(!best.sharded_embeddings, "with memory to spare the table stays whole: {}", best.name());
+    let s = big_vocab("60 MiB");
+    let best = &s.candidates[s.chosen.expect("fits")];
+    assert!(best.sharded_embeddings && best.model > 1, "at 60 MiB: {}", best.name());
+    assert!(best.exact_memory.expect("checked") <= 60 << 20);
+    assert!(s.placement.contains("shard embed.table (_, model)"), "{}", s.placement);
+}
+
+#[test]
+fn pipelines_weigh_gpipe_against_1f1b() {
+    let c = common::checked(&plan("512 MiB"));
+    let g = autodiff::differentiate(graph::build(&c), &c);
+    let s = search(&c, &g, &profile());
+    let piped: Vec<_> = s.candidates.iter().filter(|c| c.pipe > 1).collect();
+    assert!(!piped.is_empty());
+    for a in piped.iter().filter(|c| c.schedule == "1f1b") {
+        let twin = piped
+            .iter()
+            .find(|b| {
+                b.schedule == "gpipe"
+                    && (b.data, b.model, b.pipe, b.microbatches, b.sharded_embeddings) == (a.data, a.model, a.pipe, a.microbatches, a.sharded_embeddings)
+            })
+            .unwrap_or_else(|| panic!("no gpipe twin of {}", a.name()));
+        // The same bubble; 1F1B keeps at most p − s microbatches in flight, GPipe all m.
+        assert_eq!(a.step_s(), twin.step_s(), "{}", a.name());
+        assert!(a.memory <= twin.memory, "{}: {} > {}", a.name(), a.memory, twin.memory);
+        if a.microbatches > a.pipe {
+            assert!(a.memory < twin.memory, "{}", a.name());
+        }
+    }
+    // At equal time, the one that needs less memory ranks first.
+    let first = |sched: &str| s.candidates.iter().position(|c| c.pipe > 1 && c.schedule == sched);
+    assert!(first("1f1b") < first("gpipe"));
+}

@@ -55,6 +55,9 @@ fn reason(best: &Candidate, other: &Candidate, budget: Option<u64>) -> String {
         ("communication", other.comm_s - best.comm_s, other.comm_s),
         ("pipeline bubble", other.bubble_s - best.bubble_s, other.bubble_s),
     ];
+    if other.step_s() == best.step_s() {
+        return format!("same predicted time, more memory: {} against {} per device", mib(other.memory), mib(best.memory));
+    }
     let worst = d.iter().max_by(|a, b| a.1.total_cmp(&b.1)).copied().unwrap_or(("compute", 0.0, 0.0));
     let slower = (other.step_s() / best.step_s().max(1e-12) - 1.0) * 100.0;
     format!("{slower:+.0}%: more {} ({} against {})", worst.0, ms(worst.2), ms(worst.2 - worst.1))
@@ -88,13 +91,20 @@ pub fn explain(file: &str, s: &Search, secs: f64) -> String {
         ms(best.comm_s),
         ms(best.bubble_s)
     );
+    if best.overlapped_s > 0.0 {
+        out += &format!("  (a further {} of pipeline transfers hides behind compute)\n", ms(best.overlapped_s));
+    }
     out += &format!("  memory per device {} (planned from its programs; estimate {})\n", mib(best.exact_memory.unwrap_or(best.memory)), mib(best.memory));
     let others: Vec<&Candidate> = s.candidates.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, c)| c).take(5).collect();
     if !others.is_empty() {
         out += "next best:\n";
-        for c in others {
-            out += &format!("  {:<44} {:>10}  {}\n", c.name(), ms(c.step_s()), reason(best, c, s.budget));
+        for o in others {
+            out += &format!("  {:<60} {:>10}  {}\n", o.name(), ms(o.step_s()), reason(best, o, s.budget));
         }
+    }
+    out += "as placement text:\n";
+    for line in s.placement.lines() {
+        out += &format!("  {line}\n");
     }
     out
 }

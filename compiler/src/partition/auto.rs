@@ -88,10 +88,17 @@ pub struct Candidate {
     pub model: usize,
     pub pipe: usize,
     pub microbatches: usize,
+    /// The pipeline schedule (GPipe or 1F1B; only meaningful when `pipe` > 1).
+    pub schedule: String,
+    /// Embedding tables split along their width over the tensor axis.
+    pub sharded_embeddings: bool,
     /// Units (layer names) per stage.
     pub stages: Vec<Vec<String>>,
     pub compute_s: f64,
+    /// Communication on the critical path.
     pub comm_s: f64,
+    /// Communication hidden behind compute (pipeline transfers in the steady state).
+    pub overlapped_s: f64,
     pub bubble_s: f64,
     /// Predicted bytes of the fullest device.
     pub memory: u64,
@@ -102,6 +109,8 @@ pub struct Candidate {
     stage_units: Vec<Vec<Unit>>,
     #[serde(skip)]
     shards: Vec<Shard>,
+    #[serde(skip)]
+    schedule_kind: Schedule,
 }
 
 impl Candidate {
@@ -115,10 +124,10 @@ impl Candidate {
             parts.push(format!("data {}", self.data));
         }
         if self.model > 1 {
-            parts.push(format!("tensor {}", self.model));
+            parts.push(format!("tensor {}{}", self.model, if self.sharded_embeddings { " with sharded embeddings" } else { "" }));
         }
         if self.pipe > 1 {
-            parts.push(format!("pipeline {} × {} microbatches", self.pipe, self.microbatches));
+            parts.push(format!("pipeline {} × {} microbatches ({})", self.pipe, self.microbatches, self.schedule));
         }
         if parts.is_empty() {
             "one device".into()
@@ -138,6 +147,8 @@ pub struct Search {
     /// Index of the chosen candidate (the first that fits when partitioned).
     pub chosen: Option<usize>,
     pub considered: usize,
+    /// The chosen candidate as placement text (empty when none fits).
+    pub placement: String,
 }
 
 /// Per-unit figures of one training step at the full batch.
@@ -158,6 +169,13 @@ struct UnitCost {
     ops: f64,
     /// Bytes the optimizer update moves (every data-parallel replica repeats it).
     update: f64,
+    /// Bytes of embedding tables the tensor axis can split along their width.
+    tables: f64,
+    /// Bytes of the unit's largest parameter.
+    largest: f64,
+    /// Bytes of the unit's output, which a split table leaves split and the
+    /// next layer all-gathers.
+    out: f64,
 }
 
 fn numel(g: &Graph, n: NodeId) -> f64 {
@@ -214,6 +232,23 @@ fn megatron(c: &Checked, prefix: &str, t: usize) -> (Vec<Shard>, usize) {
     (shards, pairs)
 }
 
+/// Width-split shards of the embedding tables (token and position) under
+/// `prefix` whose width `t` divides.
+fn table_shards(c: &Checked, prefix: &str, t: usize) -> Vec<Shard> {
+    let mut shards = Vec::new();
+    for inst in &c.model.instances {
+        if !(inst.path == prefix || inst.path.starts_with(&format!("{prefix}."))) || !matches!(inst.template.as_str(), "Embedding" | "PositionalEmbedding") {
+            continue;
+        }
+        let Some(p) = c.model.params.iter().position(|p| p.path == format!("{}.table", inst.path)) else { continue };
+        let width = c.model.params[p].ty.shape.last().map(|d| d.size.max(0) as usize).unwrap_or(0);
+        if t > 1 && c.model.params[p].ty.shape.len() == 2 && width.is_multiple_of(t) {
+            shards.push(Shard { param: p, spec: vec![None, Some(usize::MAX)] });
+        }
+    }
+    shards
+}
+
 /// Summarises the training graph per unit (in forward order).
 fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitCost> {
     let prefixes: Vec<String> = units.iter().map(|u| unit_prefix(c, *u)).collect();
@@ -243,13 +278,19 @@ fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitC
                 let nn = g.node(id).ty.shape.last().map(|d| d.size.max(1) as usize).unwrap_or(1);
                 out[u].flops += 2.0 * n * k as f64 / pr.matmul_rate(k.min(m).min(nn));
             }
-            Op::Param(_) => out[u].params += 4.0 * n,
+            Op::Param(_) => {
+                out[u].params += 4.0 * n;
+                out[u].largest = out[u].largest.max(4.0 * n);
+            }
             Op::Reshape | Op::Input(_) | Op::Const(_) | Op::Hyper(_) | Op::State(_) | Op::Assign(_) => {}
             _ if node.role == Role::Update => out[u].update += 4.0 * n * (args.len() + 1) as f64,
             _ => out[u].bytes += 4.0 * n * (args.len() + 1) as f64,
         }
         if node.role != Role::Update && !matches!(node.op, Op::Reshape | Op::Param(_) | Op::Const(_)) {
             out[u].act += 4.0 * n;
+        }
+        if node.role == Role::Forward && !matches!(node.op, Op::Param(_) | Op::Const(_)) {
+            out[u].out = 4.0 * n;
         }
     }
     for (u, pre) in prefixes.iter().enumerate() {
@@ -260,6 +301,7 @@ fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitC
         let width = shards.first().map(|s| c.model.params[s.param].ty.shape[0].size.max(1) as f64).unwrap_or(0.0);
         let tokens: f64 = c.model.inputs.first().map(|i| i.ty.shape.iter().map(|d| d.size.max(1) as f64).product()).unwrap_or(1.0);
         out[u].pair_bytes = 4.0 * tokens * width;
+        out[u].tables = table_shards(c, pre, 2).iter().map(|s| 4.0 * c.model.params[s.param].ty.numel() as f64).sum();
     }
     out
 }
@@ -354,10 +396,22 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
             }
             let rows = batch.div_ceil(d);
             let mbs: Vec<usize> = if p == 1 { vec![1] } else { [1, 2, 4, 8, 16, 32].into_iter().filter(|m| *m >= p && rows.is_multiple_of(*m)).collect() };
+            // Embedding tables replicated, or split along their width over the tensor axis.
+            let tables: Vec<Shard> = if t > 1 { units.iter().flat_map(|u| table_shards(c, &unit_prefix(c, *u), t)).collect() } else { Vec::new() };
+            let table_choices: &[bool] = if tables.is_empty() { &[false] } else { &[false, true] };
+            let schedules: &[Schedule] = if p == 1 { &[Schedule::OneFOneB] } else { &[Schedule::OneFOneB, Schedule::GPipe] };
             for m in mbs {
-                considered += 1;
-                let shape = Shape { d, t, p, m, n };
-                cands.push(evaluate(c, &costs, &units, &cuts, &pairs, shards.clone(), shape, states, budget, pr));
+                for &split_tables in table_choices {
+                    for &schedule in schedules {
+                        considered += 1;
+                        let shape = Shape { d, t, p, m, n, split_tables, schedule };
+                        let mut all = shards.clone();
+                        if split_tables {
+                            all.extend(tables.iter().cloned());
+                        }
+                        cands.push(evaluate(c, &costs, &units, &cuts, &pairs, all, shape, states, budget, pr));
+                    }
+                }
             }
         }
     }
@@ -365,10 +419,20 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
         Objective::StepTime => c.step_s(),
         Objective::Memory => c.memory as f64,
     };
-    // Fitting candidates by the objective; the others by how close they come to fitting.
+    // Fitting candidates by the objective, then by memory (1F1B before GPipe
+    // at the same time); the others by how close they come to fitting.
     cands.sort_by(|a, b| {
         let k = |c: &Candidate| if c.fits { key(c) } else { c.memory as f64 };
-        b.fits.cmp(&a.fits).then(k(a).total_cmp(&k(b))).then((a.data, a.model, a.pipe, a.microbatches).cmp(&(b.data, b.model, b.pipe, b.microbatches)))
+        b.fits.cmp(&a.fits).then(k(a).total_cmp(&k(b))).then(a.memory.cmp(&b.memory)).then(
+            (a.data, a.model, a.pipe, a.microbatches, a.sharded_embeddings, &a.schedule).cmp(&(
+                b.data,
+                b.model,
+                b.pipe,
+                b.microbatches,
+                b.sharded_embeddings,
+                &b.schedule,
+            )),
+        )
     });
     // Partition the best for real: the chosen plan must fit exactly.
     let mut chosen = None;
@@ -390,8 +454,13 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
             cands[i].fits = false;
         }
     }
-    Search { devices: n, budget, candidates: cands, chosen, considered }
+    let placement = chosen.map(|i| placement_text(c, &cands[i])).unwrap_or_default();
+    Search { devices: n, budget, candidates: cands, chosen, considered, placement }
 }
+
+/// Temporaries of the largest tensor's update (Adam's moments, the
+/// corrected step, the decayed weight, ...).
+const UPDATE_TEMPS: f64 = 6.0;
 
 /// The degrees of a candidate and the devices it runs on.
 #[derive(Clone, Copy)]
@@ -401,6 +470,8 @@ struct Shape {
     p: usize,
     m: usize,
     n: usize,
+    split_tables: bool,
+    schedule: Schedule,
 }
 
 /// Predicted time and memory of one candidate.
@@ -417,7 +488,7 @@ fn evaluate(
     budget: Option<u64>,
     pr: &Profile,
 ) -> Candidate {
-    let Shape { d, t, p, m, n } = shape;
+    let Shape { d, t, p, m, n, split_tables, schedule } = shape;
     // Matmul seconds on one core, spread over the devices' share of the cores.
     // A device runs on max(1, cores / n) cores; when devices outnumber the
     // cores they take turns, which the bound on total work below accounts for.
@@ -432,9 +503,11 @@ fn evaluate(
     let mut tp_comm = 0.0f64;
     for (s, r) in cuts.iter().enumerate() {
         let us = &costs[r.clone()];
+        // The fraction of a unit's parameters (and work) each tensor-parallel device keeps.
         let share = |u: &UnitCost| {
-            if t > 1 && u.pairs > 0 {
-                (u.shardable + (u.params - u.shardable) * t as f64) / (u.params.max(1.0) * t as f64)
+            let split = if t > 1 && u.pairs > 0 { u.shardable } else { 0.0 } + if split_tables { u.tables } else { 0.0 };
+            if t > 1 && split > 0.0 {
+                (split + (u.params - split) * t as f64) / (u.params.max(1.0) * t as f64)
             } else {
                 1.0
             }
@@ -445,7 +518,17 @@ fn evaluate(
         let act: f64 = us.iter().map(|u| u.act * share(u)).sum::<f64>() / (d * m) as f64;
         // Devices beyond the cores wait their turn for the fixed costs too.
         let overhead = us.iter().map(|u| u.ops).sum::<f64>() * pr.op_overhead;
-        let tp: f64 = us.iter().zip(&pairs[r.clone()]).map(|(u, k)| 2.0 * *k as f64 * ring(u.pair_bytes / (d * m) as f64, t, 2.0, pr)).sum::<f64>() * m as f64;
+        let mut tp: f64 =
+            us.iter().zip(&pairs[r.clone()]).map(|(u, k)| 2.0 * *k as f64 * ring(u.pair_bytes / (d * m) as f64, t, 2.0, pr)).sum::<f64>() * m as f64;
+        if split_tables {
+            // The last of a run of split tables leaves its output split: one all-gather.
+            for i in r.clone() {
+                let next_split = costs.get(i + 1).is_some_and(|n| n.tables > 0.0);
+                if costs[i].tables > 0.0 && !next_split {
+                    tp += ring(costs[i].out / (d * m) as f64, t, 1.0, pr) * m as f64;
+                }
+            }
+        }
         tp_comm = tp_comm.max(tp);
         let update: f64 = us.iter().map(|u| u.update * share(u)).sum::<f64>() / bw;
         let pass = pr.efficiency * ((flops / rate + bytes / bw) / m as f64 + update / m as f64) + overhead;
@@ -456,8 +539,17 @@ fn evaluate(
             let boundary = us.last().map(|u| u.pair_bytes.max(u.act / 16.0)).unwrap_or(0.0) / (d * m) as f64;
             pp_comm += 2.0 * (boundary / pr.link_bytes + pr.link_latency) * m as f64;
         }
-        let in_flight = if p == 1 { 1.0 } else { (p - s).min(m) as f64 };
-        stage_mem.push(params * (2.0 + states + 3.0) + act * in_flight);
+        let in_flight = match (p, schedule) {
+            (1, _) => 1.0,
+            (_, Schedule::GPipe) => m as f64,
+            (_, Schedule::OneFOneB) => (p - s).min(m) as f64,
+        };
+        // The update's temporaries are reused between tensors of one size
+        // only: a large tensor of its own (an embedding table) adds several.
+        let largest = us.iter().map(|u| u.largest * if split_tables && u.tables > 0.0 { 1.0 / t as f64 } else { 1.0 }).fold(0.0, f64::max);
+        // A split table's gradient is computed whole, then sliced.
+        let whole_grads: f64 = if split_tables { us.iter().map(|u| u.tables).sum() } else { 0.0 };
+        stage_mem.push(params * (2.0 + states + 1.0) + UPDATE_TEMPS * largest + whole_grads + act * in_flight);
     }
     let slowest = stage_time.iter().cloned().fold(0.0, f64::max);
     // The step takes at least its critical path ((m + p − 1) passes of the
@@ -468,20 +560,28 @@ fn evaluate(
     let bubble = (path.max(work) - compute - tp_comm).max(0.0);
     let memory = stage_mem.iter().cloned().fold(0.0, f64::max) as u64;
     let stages: Vec<Vec<Unit>> = cuts.iter().map(|r| units[r.clone()].to_vec()).collect();
+    // Sends do not wait for their receiver: in the steady state a stage's
+    // transfers hide behind the other stages' compute, and only the fill
+    // and drain (one transfer per boundary each way) stay on the critical path.
+    let exposed_pp = if m > 0 { pp_comm * (2.0 * (p - 1) as f64 / (2.0 * m as f64 * (p - 1).max(1) as f64)).min(1.0) } else { pp_comm };
     Candidate {
         data: d,
         model: t,
         pipe: p,
         microbatches: m,
+        schedule: schedule.name().to_string(),
+        sharded_embeddings: split_tables,
         stages: stages.iter().map(|s| s.iter().map(|u| c.model.unit_name(*u)).collect()).collect(),
         compute_s: compute.max(0.0),
-        comm_s: tp_comm + dp_comm + pp_comm,
+        comm_s: tp_comm + dp_comm + exposed_pp,
+        overlapped_s: pp_comm - exposed_pp,
         bubble_s: bubble,
         memory,
         exact_memory: None,
         fits: budget.is_none_or(|b| memory <= b),
         stage_units: stages,
         shards,
+        schedule_kind: schedule,
     }
 }
 
@@ -522,7 +622,10 @@ pub fn predict(c: &Checked, g: &Graph, pr: &Profile) -> Option<Candidate> {
         Optimizer::Sgd { momentum, .. } => usize::from(momentum != 0.0),
         Optimizer::Adam { .. } => 2,
     } as f64;
-    Some(evaluate(c, &costs, &units, &cuts, &pairs, e.shards.clone(), Shape { d, t, p, m, n }, states, None, pr))
+    let tables: Vec<usize> = units.iter().flat_map(|u| table_shards(c, &unit_prefix(c, *u), t)).map(|s| s.param).collect();
+    let split_tables = t > 1 && e.shards.iter().any(|s| tables.contains(&s.param));
+    let schedule = e.pipeline.as_ref().map(|x| x.schedule).unwrap_or(Schedule::OneFOneB);
+    Some(evaluate(c, &costs, &units, &cuts, &pairs, e.shards.clone(), Shape { d, t, p, m, n, split_tables, schedule }, states, None, pr))
 }
 
 /// The explicit placement a candidate stands for.
@@ -547,12 +650,50 @@ pub fn explicit(c: &Checked, cand: &Candidate) -> Explicit {
         None => Vec::new(),
     };
     let pipeline =
-        pipe_axis.map(|a| Pipeline { axis: a, stages: cand.stage_units.clone(), microbatches: cand.microbatches as i64, schedule: Schedule::OneFOneB });
+        pipe_axis.map(|a| Pipeline { axis: a, stages: cand.stage_units.clone(), microbatches: cand.microbatches as i64, schedule: cand.schedule_kind });
     let span = match &c.placement {
         Placement::Explicit(e) => e.span,
         _ => crate::Span::new(crate::SourceId::USER, 0, 0),
     };
     Explicit { mesh, data_axis, shards, pipeline, parameter_server: None, span }
+}
+
+/// A parameter's path as a plan writes it: `blocks.0.attn.wq` → `blocks[0].attn.wq`.
+fn plan_path(path: &str) -> String {
+    let mut out = String::new();
+    for part in path.split('.') {
+        if !out.is_empty() && part.chars().all(|c| c.is_ascii_digit()) {
+            out += &format!("[{part}]");
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out += part;
+        }
+    }
+    out
+}
+
+/// A candidate as placement text, to paste into a plan in place of `placement auto`.
+pub fn placement_text(c: &Checked, cand: &Candidate) -> String {
+    let e = explicit(c, cand);
+    let mut out = String::from("placement {\n");
+    out += &format!("  mesh ({})\n", e.mesh.iter().map(|(n, k)| format!("{n}: {k}")).collect::<Vec<_>>().join(", "));
+    if let Some(a) = e.data_axis {
+        out += &format!("  data_parallel over {}\n", e.mesh[a].0);
+    }
+    for s in &e.shards {
+        let spec: Vec<&str> = s.spec.iter().map(|x| x.map(|a| e.mesh[a].0.as_str()).unwrap_or("_")).collect();
+        out += &format!("  shard {} ({})\n", plan_path(&c.model.params[s.param].path), spec.join(", "));
+    }
+    if let Some(pl) = &e.pipeline {
+        out += &format!("  pipeline over {} {{\n", e.mesh[pl.axis].0);
+        for st in &pl.stages {
+            out += &format!("    stage {}\n", st.iter().map(|u| c.model.unit_name(*u)).collect::<Vec<_>>().join(", "));
+        }
+        out += &format!("    microbatches {}\n    schedule {}\n  }}\n", pl.microbatches, pl.schedule.name());
+    }
+    out + "}\n"
 }
 
 #[cfg(test)]
