@@ -1,0 +1,501 @@
+//! Kernels with one thread per output element: fused expressions (and
+//! reduction epilogues), copies through an index map (broadcast, expand,
+//! transpose, slice, pack, unpack), the causal mask, embedding lookup, the
+//! mean-squared-error gradient and gradient accumulation.
+
+use super::writer::{f32_lit, Gen, Mode, GELU};
+use super::Io;
+use shardplan_compiler::kernel::{Binary, BufId, Elem, Fused, Inst, Unary};
+
+/// The fused kernel: `out[i] = body(inputs at i)`.
+pub fn fused(f: &Fused, io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
+    f.validate(io.ins.len())?;
+    io.out_f32()?;
+    let total = f.rows * f.cols;
+    if io.out_len() != total {
+        return Err(format!("the output has {} elements for a {} × {} kernel", io.out_len(), f.rows, f.cols));
+    }
+    if total == 0 {
+        return Ok(None);
+    }
+    let mut g = Gen::new(format!("fused [{} × {}]", f.rows, f.cols), io.largest());
+    for (k, b) in io.ins.iter().enumerate() {
+        need_reads(io, k, f)?;
+        g.param(*b, Elem::F32, Mode::In, &format!("in{k}"));
+    }
+    g.param(io.out, Elem::F32, Mode::Out, "out");
+    g.each(total);
+    body(&mut g, f, |k| format!("in{k}"));
+    g.line(2, format!("out[i] = v{};", f.body.len() - 1));
+    g.close();
+    Ok(Some(g.finish()))
+}
+
+/// A reduction's epilogue, applied in place: input 0 is the output itself,
+/// read at each element's own index before that element is written; `io`'s
+/// operands are inputs 1.. .
+pub fn epilogue(f: &Fused, io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
+    f.validate(io.ins.len() + 1)?;
+    io.out_f32()?;
+    let total = f.rows * f.cols;
+    if io.out_len() != total {
+        return Err(format!("the epilogue runs over {} × {} but the output has {} elements", f.rows, f.cols, io.out_len()));
+    }
+    if f.col_strides[0] != 1 || (f.row_strides[0] != f.cols && f.rows > 1) {
+        return Err("the epilogue must read the reduction's result at the output's own index".into());
+    }
+    if total == 0 {
+        return Ok(None);
+    }
+    let mut g = Gen::new(format!("epilogue in place [{} × {}]", f.rows, f.cols), io.largest());
+    g.param(io.out, Elem::F32, Mode::InOut, "io");
+    for (k, b) in io.ins.iter().enumerate() {
+        let buf = io.buf(*b);
+        if buf.elem != Elem::F32 {
+            return Err(format!("epilogue input {} is not f32", k + 1));
+        }
+        let need = reach(f, k + 1);
+        if buf.len() < need {
+            return Err(format!("epilogue input {} has {} elements, the kernel reads {need}", k + 1, buf.len()));
+        }
+        g.param(*b, Elem::F32, Mode::In, &format!("in{}", k + 1));
+    }
+    g.each(total);
+    body(&mut g, f, |k| if k == 0 { "io".into() } else { format!("in{k}") });
+    g.line(2, format!("io[i] = v{};", f.body.len() - 1));
+    g.close();
+    Ok(Some(g.finish()))
+}
+
+/// The least length of input `k` (its largest index plus one).
+fn reach(f: &Fused, k: usize) -> usize {
+    if f.rows == 0 || f.cols == 0 {
+        return 0;
+    }
+    (f.rows - 1) * f.row_strides[k] + (f.cols - 1) * f.col_strides[k] + 1
+}
+
+fn need_reads(io: &Io<'_>, k: usize, f: &Fused) -> Result<(), String> {
+    let buf = io.input(k)?;
+    if buf.elem != Elem::F32 {
+        return Err(format!("fused input {k} is not f32"));
+    }
+    let need = reach(f, k);
+    if buf.len() < need {
+        return Err(format!("fused input {k} has {} elements, the kernel reads {need}", buf.len()));
+    }
+    Ok(())
+}
+
+/// The body of a fused kernel, one `float vN` per instruction, inside the
+/// loop over `i`; input `k` is the array `name(k)`.
+fn body(g: &mut Gen, f: &Fused, name: impl Fn(usize) -> String) {
+    let cols = f.cols;
+    let strided = |k: &usize| !plain(f, *k);
+    let c = g.n(cols);
+    if (0..f.row_strides.len()).filter(strided).any(|k| f.row_strides[k] != 0) {
+        g.line(2, format!("const I r = i / {c};"));
+    }
+    if (0..f.row_strides.len()).filter(strided).any(|k| f.col_strides[k] != 0) {
+        g.line(2, format!("const I c = i % {c};"));
+    }
+    for (i, inst) in f.body.iter().enumerate() {
+        let e = match *inst {
+            Inst::Load(k) => {
+                let (rs, cs) = (f.row_strides[k], f.col_strides[k]);
+                let at = if plain(f, k) {
+                    "i".to_string()
+                } else {
+                    let row = match rs {
+                        0 => None,
+                        1 => Some("r".to_string()),
+                        s => Some(format!("r * {}", g.n(s))),
+                    };
+                    match (row, cs) {
+                        (None, 0) => "0".into(),
+                        (None, _) => "c".into(),
+                        (Some(r), 0) => r,
+                        (Some(r), _) => format!("{r} + c"),
+                    }
+                };
+                format!("{}[{at}]", name(k))
+            }
+            Inst::Const(v) => f32_lit(v as f32),
+            Inst::Unary(u, a) => {
+                let a = format!("v{a}");
+                match u {
+                    Unary::Neg => format!("-{a}"),
+                    Unary::Relu => format!("({a} > 0.0f ? {a} : 0.0f)"),
+                    Unary::Gelu => {
+                        g.helper(GELU);
+                        format!("sp_gelu({a})")
+                    }
+                    Unary::Tanh => format!("tanhf({a})"),
+                    Unary::Sigmoid => format!("1.0f / (1.0f + expf(-{a}))"),
+                    Unary::Exp => format!("expf({a})"),
+                    Unary::Log => format!("logf({a})"),
+                    Unary::Sqrt => format!("sqrtf({a})"),
+                    // fminf takes the number when the quotient is NaN: clip_scale(NaN) = 1, as on CPUs.
+                    Unary::ClipScale(m) => format!("fminf({} / ({a} + 1e-6f), 1.0f)", f32_lit(m as f32)),
+                }
+            }
+            Inst::Binary(b, x, y) => {
+                let (x, y) = (format!("v{x}"), format!("v{y}"));
+                match b {
+                    Binary::Add => format!("{x} + {y}"),
+                    Binary::Sub => format!("{x} - {y}"),
+                    Binary::Mul => format!("{x} * {y}"),
+                    Binary::Div => format!("{x} / {y}"),
+                    Binary::ReluGrad => format!("({x} > 0.0f ? {y} : 0.0f)"),
+                    Binary::GeluGrad => {
+                        g.helper(GELU);
+                        format!("{y} * sp_gelu_grad({x})")
+                    }
+                }
+            }
+        };
+        g.line(2, format!("const float v{i} = {e};"));
+    }
+}
+
+/// Input `k` is read at the output's own index.
+fn plain(f: &Fused, k: usize) -> bool {
+    f.col_strides[k] == 1 && (f.row_strides[k] == f.cols || f.rows == 1)
+}
+
+/// Dims of the output (size, stride in the source) simplified: size-1 dims
+/// dropped, neighbours that are neighbours in the source merged.
+pub(super) fn simplify(dims: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for &(size, stride) in dims {
+        if size == 1 {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.1 == stride * size => *last = (last.0 * size, stride),
+            _ => out.push((size, stride)),
+        }
+    }
+    out
+}
+
+/// Lines (at `indent`) declaring `to`, the source index of element
+/// `from`, for dims `dims` = (size, source stride), outermost first.
+pub(super) fn index_map(g: &mut Gen, dims: &[(usize, usize)], from: &str, to: &str, indent: usize) {
+    let dims = simplify(dims);
+    match dims.as_slice() {
+        [] => g.line(indent, format!("const I {to} = 0;")),
+        [(_, 1)] => g.line(indent, format!("const I {to} = {from};")),
+        [(_, st)] => {
+            let st = g.n(*st);
+            g.line(indent, format!("const I {to} = {from} * {st};"));
+        }
+        _ => {
+            g.line(indent, format!("I {to}_t = {from}, {to} = 0;"));
+            for (d, &(size, stride)) in dims.iter().enumerate().rev() {
+                let (sz, st) = (g.n(size), g.n(stride));
+                if d == 0 {
+                    if stride != 0 {
+                        g.line(indent, format!("{to} += {to}_t * {st};"));
+                    }
+                } else if stride == 0 {
+                    g.line(indent, format!("{to}_t /= {sz};"));
+                } else {
+                    g.line(indent, format!("{to} += ({to}_t % {sz}) * {st}; {to}_t /= {sz};"));
+                }
+            }
+        }
+    }
+}
+
+/// out[i] = in[s(i)] for the index map `dims` (output dims with their
+/// source strides); `what` names the kernel.
+fn copy_kernel(io: &Io<'_>, what: String, dims: &[(usize, usize)], offset: usize) -> Result<Option<super::Kernel>, String> {
+    let x = io.input(0)?;
+    if x.elem != io.out_buf().elem {
+        return Err(format!("copies {:?} into {:?}", x.elem, io.out_buf().elem));
+    }
+    let total = io.out_len();
+    if total == 0 {
+        return Ok(None);
+    }
+    // Every index the map produces is inside the source.
+    let reach: usize = offset + dims.iter().map(|&(size, stride)| (size.max(1) - 1) * stride).sum::<usize>() + 1;
+    if reach > x.len() {
+        return Err(format!("reads up to element {reach} of a source of {}", x.len()));
+    }
+    let mut g = Gen::new(what, io.largest());
+    g.param(io.ins[0], x.elem, Mode::In, "x");
+    g.param(io.out, x.elem, Mode::Out, "out");
+    g.each(total);
+    index_map(&mut g, dims, "i", "s", 2);
+    if offset == 0 {
+        g.line(2, "out[i] = x[s];");
+    } else {
+        let o = g.n(offset);
+        g.line(2, format!("out[i] = x[{o} + s];"));
+    }
+    g.close();
+    Ok(Some(g.finish()))
+}
+
+fn row_major(shape: &[usize]) -> Vec<usize> {
+    let mut st = vec![1usize; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        st[d] = st[d + 1] * shape[d + 1];
+    }
+    st
+}
+
+/// Copies the operand broadcast (numpy rules, right-aligned) to the output's shape.
+pub fn broadcast(io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
+    io.arity(1, "broadcast")?;
+    let xs = io.shape(0)?;
+    let os = io.out_shape();
+    let lead = xs.len().saturating_sub(os.len());
+    if xs[..lead].iter().any(|&d| d != 1) {
+        return Err(format!("{xs:?} does not broadcast to {os:?}"));
+    }
+    let xs = &xs[lead..];
+    let pad = os.len() - xs.len();
+    let st = row_major(xs);
+    let mut dims = Vec::with_capacity(os.len());
+    for (d, &size) in os.iter().enumerate() {
+        let src = if d < pad { 1 } else { xs[d - pad] };
+        if src != size && src != 1 {
+            return Err(format!("{xs:?} does not broadcast to {os:?}"));
+        }
+        dims.push((size, if src == 1 { 0 } else { st[d - pad] }));
+    }
+    copy_kernel(io, format!("broadcast {xs:?} → {os:?}"), &dims, 0)
+}
+
+/// Copies the operand transposed by `perm`.
+pub fn transpose(io: &Io<'_>, perm: &[usize]) -> Result<Option<super::Kernel>, String> {
+    let xs = io.shape(0)?;
+    let mut seen = vec![false; xs.len()];
+    for &p in perm {
+        match seen.get_mut(p) {
+            Some(s) if !*s => *s = true,
+            _ => return Err(format!("{perm:?} is not a permutation of {} dims", xs.len())),
+        }
+    }
+    if perm.len() != xs.len() {
+        return Err(format!("{perm:?} is not a permutation of {} dims", xs.len()));
+    }
+    let want: Vec<usize> = perm.iter().map(|&p| xs[p]).collect();
+    io.expect_out(&want)?;
+    let st = row_major(xs);
+    let dims: Vec<(usize, usize)> = perm.iter().map(|&p| (xs[p], st[p])).collect();
+    copy_kernel(io, format!("transpose {xs:?} by {perm:?}"), &dims, 0)
+}
+
+/// Broadcasts a reduction result over `axes` back to the output's shape.
+pub fn expand(io: &Io<'_>, axes: &[usize]) -> Result<Option<super::Kernel>, String> {
+    let os = io.out_shape().to_vec();
+    if let Some(a) = axes.iter().find(|&&a| a >= os.len()) {
+        return Err(format!("axis {a} is out of range for {os:?}"));
+    }
+    let kept: usize = os.iter().enumerate().filter(|(d, _)| !axes.contains(d)).map(|(_, s)| s).product();
+    if io.input(0)?.len() != kept {
+        return Err(format!("operand has {} elements, expected {kept}", io.input(0)?.len()));
+    }
+    let mut dims = vec![(0, 0); os.len()];
+    let mut acc = 1;
+    for d in (0..os.len()).rev() {
+        if axes.contains(&d) {
+            dims[d] = (os[d], 0);
+        } else {
+            dims[d] = (os[d], acc);
+            acc *= os[d];
+        }
+    }
+    copy_kernel(io, format!("expand over {axes:?} → {os:?}"), &dims, 0)
+}
+
+/// The part of the operand starting at `start` along `dim`.
+pub fn slice(io: &Io<'_>, dim: usize, start: usize) -> Result<Option<super::Kernel>, String> {
+    let xs = io.shape(0)?;
+    let os = io.out_shape();
+    if dim >= xs.len() || xs.len() != os.len() || start + os[dim] > xs[dim] || (0..xs.len()).any(|d| d != dim && xs[d] != os[d]) {
+        return Err(format!("cannot take {os:?} at {start} along dim {dim} of {xs:?}"));
+    }
+    let st = row_major(xs);
+    let dims: Vec<(usize, usize)> = os.iter().zip(&st).map(|(&s, &t)| (s, t)).collect();
+    copy_kernel(io, format!("slice {os:?} at {start} along dim {dim} of {xs:?}"), &dims, start * st[dim])
+}
+
+/// Flattens and concatenates the operands.
+pub fn pack(io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
+    let total: usize = (0..io.ins.len()).map(|i| io.buf(io.ins[i]).len()).sum();
+    if total != io.out_len() {
+        return Err(format!("packs {total} values into {}", io.out_len()));
+    }
+    let elem = io.out_buf().elem;
+    if total == 0 {
+        return Ok(None);
+    }
+    let mut g = Gen::new(format!("pack {} operands into {total}", io.ins.len()), io.largest());
+    for (k, b) in io.ins.iter().enumerate() {
+        if io.buf(*b).elem != elem {
+            return Err(format!("operand {k} is not {elem:?}"));
+        }
+        g.param(*b, elem, Mode::In, &format!("in{k}"));
+    }
+    g.param(io.out, elem, Mode::Out, "out");
+    g.each(total);
+    let mut at = 0;
+    let mut first = true;
+    for (k, b) in io.ins.iter().enumerate() {
+        let len = io.buf(*b).len();
+        if len == 0 {
+            continue;
+        }
+        let (lo, hi) = (g.n(at), g.n(at + len));
+        let kw = if first { "if" } else { "else if" };
+        first = false;
+        let index = if at == 0 { "i".to_string() } else { format!("i - {lo}") };
+        g.line(2, format!("{kw} (i < {hi}) out[i] = in{k}[{index}];"));
+        at += len;
+    }
+    g.close();
+    Ok(Some(g.finish()))
+}
+
+/// Elements `[offset, offset + len)` of a packed operand.
+pub fn unpack(io: &Io<'_>, offset: usize) -> Result<Option<super::Kernel>, String> {
+    let x = io.input(0)?;
+    let n = io.out_len();
+    if offset + n > x.len() {
+        return Err(format!("reads {n} elements at {offset} of {}", x.len()));
+    }
+    copy_with_offset(io, io.ins[0], offset, format!("unpack {n} values at {offset}"))
+}
+
+/// The value of gradient accumulator `acc` (an `Accumulated` step).
+pub fn copy_from(io: &Io<'_>, acc: BufId) -> Result<Option<super::Kernel>, String> {
+    if io.buf(acc).len() != io.out_len() {
+        return Err(format!("the accumulator has {} values, the output {}", io.buf(acc).len(), io.out_len()));
+    }
+    copy_with_offset(io, acc, 0, "accumulated value".into())
+}
+
+fn copy_with_offset(io: &Io<'_>, src: BufId, offset: usize, what: String) -> Result<Option<super::Kernel>, String> {
+    let elem = io.out_buf().elem;
+    if io.buf(src).elem != elem {
+        return Err(format!("copies {:?} into {elem:?}", io.buf(src).elem));
+    }
+    let n = io.out_len();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut g = Gen::new(what, io.largest().max(io.buf(src).len()));
+    g.param(src, elem, Mode::In, "x");
+    g.param(io.out, elem, Mode::Out, "out");
+    g.each(n);
+    if offset == 0 {
+        g.line(2, "out[i] = x[i];");
+    } else {
+        let o = g.n(offset);
+        g.line(2, format!("out[i] = x[{o} + i];"));
+    }
+    g.close();
+    Ok(Some(g.finish()))
+}
+
+/// Adds the operand into accumulator `acc` (args: accumulator, operand).
+pub fn accumulate(io: &Io<'_>, acc: BufId, k: usize) -> Result<Option<super::Kernel>, String> {
+    let x = io.typed(0, Elem::F32)?;
+    let a = io.buf(acc);
+    if a.elem != Elem::F32 || a.len() != x.len() {
+        return Err(format!("accumulator {k} ({:?} × {}) does not match its gradient (f32 × {})", a.elem, a.len(), x.len()));
+    }
+    if x.is_empty() {
+        return Ok(None);
+    }
+    let mut g = Gen::new(format!("accumulate {} values into accumulator {k}", x.len()), x.len());
+    g.param(acc, Elem::F32, Mode::InOut, "acc");
+    g.param(io.ins[0], Elem::F32, Mode::In, "x");
+    g.each(x.len());
+    g.line(2, "acc[i] += x[i];");
+    g.close();
+    Ok(Some(g.finish()))
+}
+
+/// Entries with key index (last axis) > query index (second to last) become `fill`.
+pub fn causal_mask(io: &Io<'_>, fill: f64) -> Result<Option<super::Kernel>, String> {
+    let xs = io.typed(0, Elem::F32)?.shape.clone();
+    io.out_f32()?;
+    io.expect_out(&xs)?;
+    let &[.., sq, sk] = xs.as_slice() else {
+        return Err(format!("needs rank ≥ 2, got {xs:?}"));
+    };
+    let n = io.out_len();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut g = Gen::new(format!("causal mask {xs:?}"), n);
+    g.param(io.ins[0], Elem::F32, Mode::In, "x");
+    g.param(io.out, Elem::F32, Mode::Out, "out");
+    g.each(n);
+    let (k, q) = (g.n(sk), g.n(sq));
+    g.line(2, format!("const I key = i % {k}, query = (i / {k}) % {q};"));
+    g.line(2, format!("out[i] = key <= query ? x[i] : {};", f32_lit(fill as f32)));
+    g.close();
+    Ok(Some(g.finish()))
+}
+
+/// (table [v, d], ids) → rows of the table; an id outside the table reads zeros.
+pub fn embedding(io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
+    let ts = io.typed(0, Elem::F32)?.shape.clone();
+    let is = io.typed(1, Elem::I32)?.shape.clone();
+    io.out_f32()?;
+    let &[v, d] = ts.as_slice() else {
+        return Err(format!("table must be [vocab, dim], got {ts:?}"));
+    };
+    let want: Vec<usize> = is.iter().copied().chain([d]).collect();
+    io.expect_out(&want)?;
+    let n = io.out_len();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut g = Gen::new(format!("embedding [{v} × {d}] at {is:?}"), io.largest());
+    g.param(io.ins[0], Elem::F32, Mode::In, "table");
+    g.param(io.ins[1], Elem::I32, Mode::In, "ids");
+    g.param(io.out, Elem::F32, Mode::Out, "out");
+    g.each(n);
+    let (dd, vv) = (g.n(d), g.n(v));
+    g.line(2, format!("const int id = ids[i / {dd}];"));
+    g.line(2, format!("out[i] = id >= 0 && (I)id < {vv} ? table[(I)id * {dd} + i % {dd}] : 0.0f;"));
+    g.close();
+    Ok(Some(g.finish()))
+}
+
+/// (pred, target, dloss) → 2·(pred − target)/n·dloss.
+pub fn mse_grad(io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
+    let p = io.typed(0, Elem::F32)?;
+    let t = io.typed(1, Elem::F32)?;
+    let dl = io.typed(2, Elem::F32)?;
+    io.out_f32()?;
+    if p.len() != t.len() {
+        return Err(format!("pred has {} elements, target {}", p.len(), t.len()));
+    }
+    if dl.len() != 1 {
+        return Err(format!("dloss has {} elements, expected 1", dl.len()));
+    }
+    io.expect_out(&p.shape)?;
+    let n = p.len();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut g = Gen::new(format!("mse gradient over {n}"), n);
+    g.param(io.ins[0], Elem::F32, Mode::In, "p");
+    g.param(io.ins[1], Elem::F32, Mode::In, "t");
+    g.param(io.ins[2], Elem::F32, Mode::In, "dl");
+    g.param(io.out, Elem::F32, Mode::Out, "out");
+    g.line(1, format!("const float k = (float)(2.0 * (double)dl[0] / {n}.0);"));
+    g.each(n);
+    g.line(2, "out[i] = (p[i] - t[i]) * k;");
+    g.close();
+    Ok(Some(g.finish()))
+}
