@@ -1,5 +1,8 @@
-//! The multi-device CPU runtime: one worker thread per device of a
-//! partitioned plan.
+//! The multi-device runtime: one worker thread per device of a partitioned
+//! plan, each driving its own engine: the CPU executor, or a GPU executor
+//! (a logical device: its own stream and buffers on a physical GPU, which
+//! several logical devices may share). Transfers between GPU devices are
+//! staged through host memory and go over the same fabric as the CPU's.
 //!
 //! Input: a verified [`Plan`], global parameters, and per step the rows of
 //! the batch. Output: the step's loss (summed over the devices that hold a
@@ -16,7 +19,7 @@
 use crate::backend::cpu::KernelError;
 use crate::collectives::{self, chunk_range, Tag};
 use crate::data::Batch;
-use crate::exec::{Comm, Data, Executor};
+use crate::exec::{self, Backend, Comm, Data, Engine};
 use crate::transport::{Endpoint, Fabric, Header, Message, TransportError};
 use shardplan_compiler::graph::{Hyper, Op, Role};
 use shardplan_compiler::kernel::BufKind;
@@ -154,17 +157,28 @@ fn walk(piece: &Piece, mut f: impl FnMut(usize, usize)) {
 }
 
 impl Cluster {
-    /// Starts one thread per device; `threads` kernel threads are shared out among them.
+    /// Starts one CPU thread per device; `threads` kernel threads are shared out among them.
     pub fn start(plan: Plan, threads: usize, timeout: Duration) -> Cluster {
         let n = plan.devices.len();
-        let per = (threads / n.max(1)).max(1);
+        Cluster::start_on(plan, threads, timeout, vec![Backend::Cpu; n])
+    }
+
+    /// Starts one thread per device, device `i` running on `backends[i]`
+    /// (the CPU where none is given); the CPU devices share out `threads`
+    /// kernel threads.
+    pub fn start_on(plan: Plan, threads: usize, timeout: Duration, backends: Vec<Backend>) -> Cluster {
+        let n = plan.devices.len();
+        let cpus = (0..n).filter(|&i| backends.get(i).is_none_or(|b| *b == Backend::Cpu)).count();
+        let per = (threads / cpus.max(1)).max(1);
         let endpoints = Fabric::with_timeout(n, timeout);
         let mut workers = Vec::with_capacity(n);
-        for (dp, ep) in plan.devices.iter().cloned().zip(endpoints) {
+        for (i, (dp, ep)) in plan.devices.iter().cloned().zip(endpoints).enumerate() {
             let (tx, crx) = mpsc::channel::<Cmd>();
             let (rtx, rx) = mpsc::channel::<Reply>();
             let hash = plan.hash;
-            let handle = std::thread::Builder::new().name(format!("device {}", dp.device)).spawn(move || device_main(dp, ep, hash, per, crx, rtx)).ok();
+            let backend = backends.get(i).cloned().unwrap_or(Backend::Cpu);
+            let handle =
+                std::thread::Builder::new().name(format!("device {}", dp.device)).spawn(move || device_main(dp, ep, hash, per, backend, crx, rtx)).ok();
             workers.push(Worker { tx, rx, handle });
         }
         Cluster { plan, workers, failed: None, stats: Vec::new() }
@@ -525,7 +539,7 @@ fn copy_in(out: &mut [f32], shape: &[usize], at: &[usize], data: &[f32], block: 
     block_rows(shape, at, block, |s, d, n| out[s..s + n].copy_from_slice(&data[d..d + n]));
 }
 
-fn set_batch(exec: &mut Executor, slot: usize, b: &Batch) -> Result<(), KernelError> {
+fn set_batch(exec: &mut dyn Engine, slot: usize, b: &Batch) -> Result<(), KernelError> {
     match b {
         Batch::Table { features, labels } => {
             exec.set_in(slot, &BufKind::Input(0), Data::F32(features))?;
@@ -538,12 +552,18 @@ fn set_batch(exec: &mut Executor, slot: usize, b: &Batch) -> Result<(), KernelEr
     }
 }
 
-fn device_main(dp: DeviceProgram, ep: Endpoint, plan: u64, threads: usize, rx: Receiver<Cmd>, tx: Sender<Reply>) {
+fn device_main(dp: DeviceProgram, ep: Endpoint, plan: u64, threads: usize, backend: Backend, rx: Receiver<Cmd>, tx: Sender<Reply>) {
     let dev = dp.device;
-    let mut exec = match Executor::with_slots(dp.program.clone(), threads, dp.slots) {
+    let built = std::panic::catch_unwind(AssertUnwindSafe(|| exec::engine(&backend, dp.program.clone(), threads, dp.slots)))
+        .unwrap_or_else(|_| Err(KernelError::Invalid("building the executor panicked".into())));
+    let mut exec = match built {
         Ok(e) => e,
         Err(e) => {
-            let m = format!("device {dev} cannot compile its program: {e}");
+            let on = match backend {
+                Backend::Cpu => String::new(),
+                Backend::Cuda { ordinal, .. } => format!(" on GPU {ordinal}"),
+            };
+            let m = format!("device {dev} cannot set up its program{on}: {e}");
             ep.abort(&m);
             // Answer every command with the failure.
             while rx.recv().is_ok() {
@@ -558,7 +578,7 @@ fn device_main(dp: DeviceProgram, ep: Endpoint, plan: u64, threads: usize, rx: R
             Cmd::Load { .. } => " while loading parameters".to_string(),
             Cmd::Read => " while reading parameters back".to_string(),
         };
-        let reply = std::panic::catch_unwind(AssertUnwindSafe(|| run_cmd(&dp, &ep, plan, &mut exec, cmd))).unwrap_or_else(|p| {
+        let reply = std::panic::catch_unwind(AssertUnwindSafe(|| run_cmd(&dp, &ep, plan, exec.as_mut(), cmd))).unwrap_or_else(|p| {
             let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
             Err((format!("device {dev} failed{during}: internal error ({what})"), false))
         });
@@ -577,7 +597,7 @@ fn device_main(dp: DeviceProgram, ep: Endpoint, plan: u64, threads: usize, rx: R
 
 type CmdResult = Result<Reply, (String, bool)>;
 
-fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, plan: u64, exec: &mut Executor, cmd: Cmd) -> CmdResult {
+fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, plan: u64, exec: &mut dyn Engine, cmd: Cmd) -> CmdResult {
     let dev = dp.device;
     let kerr = |e: KernelError| (format!("device {dev}: {e}"), false);
     match cmd {
@@ -591,8 +611,14 @@ fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, plan: u64, exec: &mut Executor, cm
             Ok(Reply::Done)
         }
         Cmd::Read => {
-            let params = dp.params.iter().map(|p| (p.index, exec.get(&BufKind::Param(p.index)).map(<[f32]>::to_vec).unwrap_or_default())).collect();
-            let states = dp.states.iter().map(|p| (p.index, exec.get(&BufKind::State(p.index)).map(<[f32]>::to_vec).unwrap_or_default())).collect();
+            let mut params = Vec::with_capacity(dp.params.len());
+            for p in &dp.params {
+                params.push((p.index, exec.get(&BufKind::Param(p.index)).map_err(kerr)?.unwrap_or_default()));
+            }
+            let mut states = Vec::with_capacity(dp.states.len());
+            for p in &dp.states {
+                states.push((p.index, exec.get(&BufKind::State(p.index)).map_err(kerr)?.unwrap_or_default()));
+            }
             Ok(Reply::Tensors { params, states })
         }
         Cmd::Step { step, hyper, batches, fault } => {
@@ -602,7 +628,7 @@ fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, plan: u64, exec: &mut Executor, cm
             let h = move |x: Hyper| hyper.get(x);
             let t0 = std::time::Instant::now();
             let mut st = DeviceStats { bytes: exec.bytes(), ..DeviceStats::default() };
-            exec.begin_step(&h);
+            exec.begin_step(&h).map_err(kerr)?;
             let mut loss = 0.0f64;
             for instr in &dp.schedule {
                 let (role, code) = match instr.phase {
@@ -629,10 +655,10 @@ fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, plan: u64, exec: &mut Executor, cm
                 }
                 st.comm_s += link.spent;
                 if instr.phase == Phase::Forward && dp.reports_loss {
-                    loss += exec.loss_in(instr.slot) as f64;
+                    loss += exec.loss_in(instr.slot).map_err(kerr)? as f64;
                 }
             }
-            exec.finish_step();
+            exec.finish_step().map_err(kerr)?;
             st.step_s = t0.elapsed().as_secs_f64();
             Ok(Reply::Loss(dp.reports_loss.then_some(loss), st))
         }

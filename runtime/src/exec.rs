@@ -1,4 +1,6 @@
 //! The executor: runs a kernel [`Program`] on the CPU backend, step after step.
+//! [`Engine`] is what the runners (one device, a cluster) drive: this CPU
+//! executor or the CUDA backend's GPU executor, chosen per device by [`engine`].
 //!
 //! Input: a program and the values of its sources. Output: the loss (and any
 //! kept buffers) of each step, with parameters and optimizer states updated
@@ -13,6 +15,107 @@ use crate::backend::cpu::jit::{CompiledKernel, Jit};
 use crate::backend::cpu::{ops, Arg, KernelError, Operand};
 use shardplan_compiler::graph::{Hyper, Op, Role};
 use shardplan_compiler::kernel::{BufId, BufKind, Elem, Program, StepKind};
+
+/// Where a device's program runs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Backend {
+    /// The CPU executor, with the kernel threads the runner gives it.
+    Cpu,
+    /// A logical device on GPU `ordinal`: its own stream and buffers, and at
+    /// most `memory` bytes of them when a limit is given. Several logical
+    /// devices may share one GPU.
+    Cuda { ordinal: usize, memory: Option<u64> },
+}
+
+impl Backend {
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Backend::Cuda { .. })
+    }
+}
+
+/// Builds the engine that runs `program` on `backend`, with `slots` buffer
+/// sets (one per microbatch in flight) and, on CPUs, `threads` kernel threads.
+pub fn engine(backend: &Backend, program: Program, threads: usize, slots: usize) -> Result<Box<dyn Engine>, KernelError> {
+    Ok(match backend {
+        Backend::Cpu => Box::new(Executor::with_slots(program, threads, slots)?),
+        Backend::Cuda { ordinal, memory } => Box::new(crate::backend::cuda::exec::GpuExecutor::with_slots(program, *ordinal, slots, *memory)?),
+    })
+}
+
+/// What runs one device's program: the CPU [`Executor`] or a GPU executor.
+/// The methods are those of [`Executor`]; values come back owned (a GPU's
+/// live in device memory) and every device operation may fail.
+pub trait Engine {
+    fn program(&self) -> &Program;
+    /// Sets a parameter, state or input. Values of the wrong length are refused.
+    fn set(&mut self, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError>;
+    /// Sets an input (or any buffer of `kind`) in buffer set `slot`.
+    fn set_in(&mut self, slot: usize, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError>;
+    /// The f32 data of the buffer holding `kind` (a parameter, a state), if the program has one.
+    fn get(&self, kind: &BufKind) -> Result<Option<Vec<f32>>, KernelError>;
+    /// The f32 data of buffer `b` in buffer set 0.
+    fn buffer(&self, b: BufId) -> Result<Vec<f32>, KernelError>;
+    /// Starts a step: fills the hypers and zeroes the gradient accumulators.
+    fn begin_step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<(), KernelError>;
+    /// Runs the steps of one pass (`role`) in buffer set `slot`.
+    fn run_phase(&mut self, role: Role, slot: usize, comm: &mut dyn Comm) -> Result<(), KernelError>;
+    /// Ends a step: every parameter and state takes its new value.
+    fn finish_step(&mut self) -> Result<(), KernelError>;
+    /// The loss as computed in buffer set `slot`.
+    fn loss_in(&self, slot: usize) -> Result<f32, KernelError>;
+    /// Runs one step: every kernel, then the assignments. Returns the loss.
+    fn step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<f32, KernelError>;
+    /// Bytes of every buffer this engine holds, buffer sets included.
+    fn bytes(&self) -> u64;
+    /// Starts timing every step.
+    fn enable_profile(&mut self);
+    /// Seconds spent in each step so far (empty unless profiling).
+    fn profile(&self) -> &[f64];
+}
+
+impl Engine for Executor {
+    fn program(&self) -> &Program {
+        &self.program
+    }
+    fn set(&mut self, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError> {
+        Executor::set(self, kind, data)
+    }
+    fn set_in(&mut self, slot: usize, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError> {
+        Executor::set_in(self, slot, kind, data)
+    }
+    fn get(&self, kind: &BufKind) -> Result<Option<Vec<f32>>, KernelError> {
+        Ok(Executor::get(self, kind).map(<[f32]>::to_vec))
+    }
+    fn buffer(&self, b: BufId) -> Result<Vec<f32>, KernelError> {
+        Ok(Executor::buffer(self, b).to_vec())
+    }
+    fn begin_step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<(), KernelError> {
+        Executor::begin_step(self, hyper);
+        Ok(())
+    }
+    fn run_phase(&mut self, role: Role, slot: usize, comm: &mut dyn Comm) -> Result<(), KernelError> {
+        Executor::run_phase(self, role, slot, comm)
+    }
+    fn finish_step(&mut self) -> Result<(), KernelError> {
+        Executor::finish_step(self);
+        Ok(())
+    }
+    fn loss_in(&self, slot: usize) -> Result<f32, KernelError> {
+        Ok(Executor::loss_in(self, slot))
+    }
+    fn step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<f32, KernelError> {
+        Executor::step(self, hyper)
+    }
+    fn bytes(&self) -> u64 {
+        Executor::bytes(self)
+    }
+    fn enable_profile(&mut self) {
+        Executor::enable_profile(self)
+    }
+    fn profile(&self) -> &[f64] {
+        Executor::profile(self)
+    }
+}
 
 /// Transfers and collectives of a device program, done for the executor by
 /// whoever connects the device to the others.

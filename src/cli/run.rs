@@ -20,7 +20,7 @@ use shardplan_compiler::{autodiff, graph, Checked, Diagnostic, SourceId, Span};
 use shardplan_runtime::checkpoint::{self, Tensor};
 use shardplan_runtime::cluster::{Cluster, Hypers};
 use shardplan_runtime::data::{self, rng::Xoshiro256, Batch, DataError, Dataset, Sampler};
-use shardplan_runtime::exec::{Data, Executor};
+use shardplan_runtime::exec::{self, Backend, Data, Engine, Executor};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -77,6 +77,67 @@ pub struct RunArgs {
     /// Make device D fail at step S (for testing how a run stops), e.g. `device=1,step=3`.
     #[arg(long, value_name = "device=D,step=S", value_parser = parse_fault)]
     pub inject_fault: Option<(usize, u64)>,
+    /// Run every device on this backend (default: each device on its kind in
+    /// the plan, `cpu` or `gpu`). With `cuda`, the plan's devices become
+    /// logical devices on the GPUs present (device i on GPU i mod count).
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendArg>,
+}
+
+/// The backend named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    Cpu,
+    Cuda,
+}
+
+/// Where each device runs: `backend` when given, else the device's kind in
+/// the plan. Checks, before anything runs, that CUDA can be used when a
+/// device needs it.
+pub struct Backends {
+    backend: Option<BackendArg>,
+    kinds: Vec<(bool, Option<u64>)>,
+    gpus: usize,
+}
+
+impl Backends {
+    pub fn new(backend: Option<BackendArg>, c: &Checked) -> Result<Backends, Failure> {
+        use shardplan_compiler::check::config::DeviceKind;
+        let kinds: Vec<(bool, Option<u64>)> = c.devices.iter().map(|d| (d.kind == DeviceKind::Gpu, d.memory)).collect();
+        let wants = match backend {
+            Some(BackendArg::Cpu) => false,
+            Some(BackendArg::Cuda) => true,
+            None => kinds.iter().any(|k| k.0),
+        };
+        let gpus = if wants { cuda_ready()?.len() } else { 0 };
+        Ok(Backends { backend, kinds, gpus })
+    }
+
+    /// The backend of device `d`.
+    pub fn of(&self, d: usize) -> Backend {
+        let gpu = |d: usize| match self.backend {
+            Some(BackendArg::Cpu) => false,
+            Some(BackendArg::Cuda) => true,
+            None => self.kinds.get(d).is_some_and(|k| k.0),
+        };
+        if !gpu(d) || self.gpus == 0 {
+            return Backend::Cpu;
+        }
+        // GPU devices are dealt out over the GPUs present, in device order.
+        let rank = (0..d).filter(|&i| gpu(i)).count();
+        Backend::Cuda { ordinal: rank % self.gpus, memory: self.kinds.get(d).and_then(|k| k.1) }
+    }
+
+    /// The backends of devices `0..n`.
+    pub fn all(&self, n: usize) -> Vec<Backend> {
+        (0..n).map(|d| self.of(d)).collect()
+    }
+}
+
+/// The GPUs present when CUDA can be used (driver, NVRTC, cuBLAS), else why not.
+pub fn cuda_ready() -> Result<Vec<shardplan_runtime::backend::cuda::driver::Gpu>, Failure> {
+    shardplan_runtime::backend::cuda::exec::ready()
+        .map_err(|e| fail("run::no_cuda", e, "docs/cuda.md lists what a GPU run needs; `shardplan selftest --backend cuda` checks a machine's setup"))
 }
 
 fn parse_fault(s: &str) -> Result<(usize, u64), String> {
@@ -96,20 +157,20 @@ fn parse_fault(s: &str) -> Result<(usize, u64), String> {
     }
 }
 
-/// One device, or a cluster of CPU devices running a partitioned plan.
+/// One device, or a cluster of devices running a partitioned plan.
 enum Trainer {
-    Single(Box<Executor>),
+    Single(Box<dyn Engine>),
     Multi(Box<Cluster>),
 }
 
 /// A failure that is not a diagnostic of the plan itself.
-struct Failure {
+pub struct Failure {
     code: &'static str,
     message: String,
     help: String,
 }
 
-fn fail(code: &'static str, message: impl Into<String>, help: impl Into<String>) -> Failure {
+pub fn fail(code: &'static str, message: impl Into<String>, help: impl Into<String>) -> Failure {
     Failure { code, message: message.into(), help: help.into() }
 }
 
@@ -254,6 +315,7 @@ fn hypers(c: &Checked, step: u64, total: u64) -> Hypers {
 fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Option<partition::Plan>) -> Result<(), Error> {
     let t0 = Instant::now();
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+    let backends = Backends::new(args.backend, c)?;
     let TrainingData { splits, sampler, batch, per_epoch, total } = training_data(c, base)?;
     let end = args.stop_after.map(|s| s.min(total)).unwrap_or(total);
 
@@ -263,13 +325,25 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
         .map_err(|e| fail("run::internal", format!("the training graph is malformed: {e}"), "this is a bug in shardplan; please report it with the plan"))?;
     let states: Vec<(String, Vec<usize>)> = g.states.iter().map(|s| (s.name.clone(), s.ty.shape.iter().map(|d| d.size as usize).collect())).collect();
     let single = |program| {
-        let mut exec = Executor::new(program, threads).map_err(|e| {
-            fail("run::compile", format!("cannot compile the training step: {e}"), "this is a bug in shardplan; please report it with the plan")
+        let backend = backends.of(0);
+        let mut exec = exec::engine(&backend, program, threads, 1).map_err(|e| match backend {
+            Backend::Cpu => {
+                fail("run::compile", format!("cannot compile the training step: {e}"), "this is a bug in shardplan; please report it with the plan")
+            }
+            Backend::Cuda { ordinal, .. } => fail(
+                "run::gpu",
+                format!("cannot set up the training step on GPU {ordinal}: {e}"),
+                "`shardplan selftest --backend cuda` checks every kernel on this GPU against the CPU",
+            ),
         })?;
         if args.profile {
             exec.enable_profile();
         }
-        Ok::<Trainer, Failure>(Trainer::Single(Box::new(exec)))
+        Ok::<Trainer, Failure>(Trainer::Single(exec))
+    };
+    let start_cluster = |plan: partition::Plan| {
+        let on = backends.all(plan.devices.len());
+        Cluster::start_on(plan, threads, std::time::Duration::from_secs(60), on)
     };
     let mut auto_choice: Option<partition::auto::Candidate> = None;
     let mut trainer = match (plan, &c.placement) {
@@ -282,7 +356,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             if let Some(d) = partition::memory::check(c, &plan) {
                 return Err(Error::Diag(Box::new(d)));
             }
-            Trainer::Multi(Box::new(Cluster::start(plan, threads, std::time::Duration::from_secs(60))))
+            Trainer::Multi(Box::new(start_cluster(plan)))
         }
         (None, Placement::Auto { .. }) if !args.single_device => {
             let prof = super::auto::profile(args.device_profile.as_deref())
@@ -303,7 +377,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             partition::verify::verify(&plan)
                 .map_err(|e| fail("run::verify", format!("the device programs do not fit together: {e}"), "this is a bug in shardplan"))?;
             auto_choice = Some(best);
-            Trainer::Multi(Box::new(Cluster::start(plan, threads, std::time::Duration::from_secs(60))))
+            Trainer::Multi(Box::new(start_cluster(plan)))
         }
         (None, Placement::Explicit(_)) if !args.single_device => {
             let plan = partition::partition(c, &g).map_err(|e| {
@@ -315,7 +389,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             if let Some(d) = partition::memory::check(c, &plan) {
                 return Err(Error::Diag(Box::new(d)));
             }
-            Trainer::Multi(Box::new(Cluster::start(plan, threads, std::time::Duration::from_secs(60))))
+            Trainer::Multi(Box::new(start_cluster(plan)))
         }
         _ => single(lower(&g))?,
     };
@@ -413,7 +487,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
         let step_start = Instant::now();
         let loss = match &mut trainer {
             Trainer::Single(exec) => {
-                set_batch(exec, &splits.train.gather(rows)).map_err(kernel_err)?;
+                set_batch(exec.as_mut(), &splits.train.gather(rows)).map_err(kernel_err)?;
                 exec.step(&hyper).map_err(kernel_err)?
             }
             Trainer::Multi(cl) => {
@@ -484,10 +558,13 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
 
     // Read back the trained parameters.
     let (params, states_now): (Vec<Vec<f32>>, Vec<Vec<f32>>) = match &mut trainer {
-        Trainer::Single(exec) => (
-            (0..c.model.params.len()).map(|i| exec.get(&BufKind::Param(i)).map(<[f32]>::to_vec).unwrap_or_default()).collect(),
-            (0..states.len()).map(|i| exec.get(&BufKind::State(i)).map(<[f32]>::to_vec).unwrap_or_default()).collect(),
-        ),
+        Trainer::Single(exec) => {
+            let read = |k: BufKind| exec.get(&k).map(Option::unwrap_or_default).map_err(kernel_err);
+            (
+                (0..c.model.params.len()).map(|i| read(BufKind::Param(i))).collect::<Result<_, _>>()?,
+                (0..states.len()).map(|i| read(BufKind::State(i))).collect::<Result<_, _>>()?,
+            )
+        }
         Trainer::Multi(cl) => {
             let ps: Vec<Vec<usize>> = shapes.iter().map(|s| s.1.clone()).collect();
             let ss: Vec<Vec<usize>> = states.iter().map(|s| s.1.clone()).collect();
@@ -533,7 +610,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
         println!("  saved {}", p.display());
     }
     if let (true, Trainer::Single(exec)) = (args.profile, &trainer) {
-        print_profile(exec, trained);
+        print_profile(exec.as_ref(), trained);
     }
     let measured = if trained > 0 { secs / trained as f64 } else { f64::NAN };
     match &auto_choice {
@@ -556,8 +633,12 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             .map(|(i, (busy, comm, bytes))| {
                 let w = secs.max(1e-9);
                 let planned = cl.plan().devices.get(i).map(|d| partition::memory::device(d).total()).unwrap_or(0);
+                let dev = match backends.of(i) {
+                    Backend::Cpu => format!("cpu{i}"),
+                    Backend::Cuda { ordinal, .. } => format!("gpu{i} (GPU {ordinal})"),
+                };
                 format!(
-                    "cpu{i} {:.1} MiB (planned {:.1} MiB), {:.0}% compute, {:.0}% transfers",
+                    "{dev} {:.1} MiB (planned {:.1} MiB), {:.0}% compute, {:.0}% transfers",
                     *bytes as f64 / (1 << 20) as f64,
                     planned as f64 / (1 << 20) as f64,
                     busy / w * 100.0,
@@ -571,7 +652,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
 }
 
 /// The kernels that take the most time per step.
-fn print_profile(exec: &Executor, steps: u64) {
+fn print_profile(exec: &dyn Engine, steps: u64) {
     use shardplan_compiler::kernel::StepKind;
     let p = exec.program();
     let times = exec.profile();
@@ -624,7 +705,7 @@ fn fmt_epochs(steps: u64, per_epoch: u64) -> String {
     }
 }
 
-fn set_batch(exec: &mut Executor, b: &Batch) -> Result<(), shardplan_runtime::backend::cpu::KernelError> {
+fn set_batch(exec: &mut dyn Engine, b: &Batch) -> Result<(), shardplan_runtime::backend::cpu::KernelError> {
     match b {
         Batch::Table { features, labels } => {
             exec.set(&BufKind::Input(0), Data::F32(features))?;
@@ -672,7 +753,7 @@ fn evaluate(plan_text: &[u8], test: &Dataset, params: &[Vec<f32>], threads: usiz
         total_loss += loss as f64 * size as f64;
         if let (Some(lb), Batch::Table { labels, .. }) = (logits_buf, &b) {
             classifier = true;
-            let logits = exec.buffer(*lb);
+            let logits = Executor::buffer(exec, *lb);
             let k = logits.len() / size.max(1);
             for (i, &label) in labels.iter().enumerate() {
                 let row = &logits[i * k..(i + 1) * k];
@@ -770,6 +851,53 @@ impl Drop for AtomicFile {
     }
 }
 
+const GPU_HELP: &str = "`shardplan selftest --backend cuda` checks every kernel on this GPU against the CPU";
+
+/// What verify runs against one CPU device: one engine, or a cluster.
+enum Placed {
+    One(Box<dyn Engine>),
+    Many(Box<Cluster>),
+}
+
+impl Placed {
+    fn load(&mut self, params: &[Vec<f32>], states: &[Vec<f32>]) -> Result<(), String> {
+        match self {
+            Placed::Many(cl) => cl.load(params, states),
+            Placed::One(e) => {
+                for (i, p) in params.iter().enumerate() {
+                    e.set(&BufKind::Param(i), Data::F32(p)).map_err(|e| e.to_string())?;
+                }
+                for (i, s) in states.iter().enumerate() {
+                    e.set(&BufKind::State(i), Data::F32(s)).map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn step(&mut self, step: u64, h: Hypers, rows: &[usize], batch: &dyn Fn(&[usize]) -> Batch) -> Result<f64, String> {
+        match self {
+            Placed::Many(cl) => cl.step(step, h, rows, batch, None),
+            Placed::One(e) => {
+                set_batch(e.as_mut(), &batch(rows)).map_err(|e| e.to_string())?;
+                e.step(&move |x: Hyper| h.get(x)).map(f64::from).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    fn read(&mut self, shapes: &[Vec<usize>], state_shapes: &[Vec<usize>]) -> Result<shardplan_runtime::cluster::Tensors, String> {
+        match self {
+            Placed::Many(cl) => cl.read(shapes, state_shapes),
+            Placed::One(e) => {
+                let read = |k: BufKind| e.get(&k).map(Option::unwrap_or_default).map_err(|e| e.to_string());
+                let params = (0..shapes.len()).map(|i| read(BufKind::Param(i))).collect::<Result<_, _>>()?;
+                let states = (0..state_shapes.len()).map(|i| read(BufKind::State(i))).collect::<Result<_, _>>()?;
+                Ok((params, states))
+            }
+        }
+    }
+}
+
 /// Options of `shardplan verify`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct VerifyArgs {
@@ -791,6 +919,11 @@ pub struct VerifyArgs {
     /// `seq`, …) to another value, e.g. `--set batch=8 --set seq=16`.
     #[arg(long = "set", value_name = "DIM=N", value_parser = parse_set)]
     pub set: Vec<(String, i64)>,
+    /// Run the placed plan's devices on this backend (default: each device on
+    /// its kind in the plan); the reference is always one CPU device. With
+    /// `cuda`, a plan without placement is compared on one GPU.
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendArg>,
 }
 
 fn parse_set(s: &str) -> Result<(String, i64), String> {
@@ -858,7 +991,9 @@ pub fn verify(args: &VerifyArgs, color: bool) -> ExitCode {
 
 fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Result<bool, Error> {
     let name = args.file.display().to_string();
-    if matches!(c.placement, Placement::Single) {
+    let backends = Backends::new(args.backend, c)?;
+    let one_gpu = matches!(c.placement, Placement::Single) && backends.of(0).is_cuda();
+    if matches!(c.placement, Placement::Single) && !one_gpu {
         println!("{name}: the plan runs on one device; there is nothing to compare");
         return Ok(true);
     }
@@ -890,15 +1025,26 @@ fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Res
         }
         _ => c,
     };
-    let plan = partition::partition(c, &g).map_err(|e| fail("run::placement", format!("cannot partition the plan: {e}"), "change the placement"))?;
-    partition::verify::verify(&plan).map_err(|e| fail("run::verify", format!("the device programs do not fit together: {e}"), "this is a bug in shardplan"))?;
-    if let Some(d) = partition::memory::check(c, &plan) {
-        return Err(Error::Diag(Box::new(d)));
-    }
-    let devices = plan.devices.len();
-    let mesh: Vec<String> = plan.mesh.axes.iter().map(|(n, s)| format!("{n} {s}")).collect();
+    let (mut cluster, devices, mesh) = if one_gpu {
+        let backend = backends.of(0);
+        let engine = exec::engine(&backend, lower(&g), threads, 1)
+            .map_err(|e| fail("run::gpu", format!("cannot set up the training step on the GPU: {e}"), GPU_HELP))?;
+        (Placed::One(engine), 1, vec!["gpu".to_string()])
+    } else {
+        let plan = partition::partition(c, &g).map_err(|e| fail("run::placement", format!("cannot partition the plan: {e}"), "change the placement"))?;
+        partition::verify::verify(&plan)
+            .map_err(|e| fail("run::verify", format!("the device programs do not fit together: {e}"), "this is a bug in shardplan"))?;
+        if let Some(d) = partition::memory::check(c, &plan) {
+            return Err(Error::Diag(Box::new(d)));
+        }
+        let devices = plan.devices.len();
+        let mesh: Vec<String> = plan.mesh.axes.iter().map(|(n, s)| format!("{n} {s}")).collect();
+        let on = backends.all(devices);
+        (Placed::Many(Box::new(Cluster::start_on(plan, threads, std::time::Duration::from_secs(60), on))), devices, mesh)
+    };
     let mut exec = Executor::new(lower(&g1), threads).map_err(|e| internal(e.to_string()))?;
-    let mut cluster = Cluster::start(plan, threads, std::time::Duration::from_secs(60));
+    let kinds: Vec<&str> = (0..devices).map(|d| if backends.of(d).is_cuda() { "gpu" } else { "cpu" }).collect();
+    let kinds = if kinds.iter().all(|k| *k == "cpu") { String::new() } else { format!(" [{}]", kinds.join(", ")) };
     let shapes: Vec<Vec<usize>> = c.model.params.iter().map(|p| p.ty.shape.iter().map(|d| d.size as usize).collect()).collect();
     let state_shapes: Vec<Vec<usize>> = g.states.iter().map(|s| s.ty.shape.iter().map(|d| d.size as usize).collect()).collect();
     let params: Vec<Vec<f32>> = c.model.params.iter().enumerate().map(|(i, p)| init(&p.init, &shapes[i], c.train.seed, i as u64)).collect();
@@ -909,7 +1055,7 @@ fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Res
         exec.set(&BufKind::Param(i), Data::F32(p)).map_err(kernel_err)?;
     }
     cluster.load(&params, &states).map_err(device_err)?;
-    println!("{name}: {devices} devices (mesh {}), {} steps against one device", mesh.join(" × "), args.steps);
+    println!("{name}: {devices} devices{kinds} (mesh {}), {} steps against one CPU device", mesh.join(" × "), args.steps);
     println!("  {:>5}  {:>14}  {:>14}  {:>10}", "step", "loss, 1 device", "loss, placed", "rel. diff");
     let mut worst_loss = 0.0f64;
     let mut order: Option<(u64, Vec<Vec<usize>>)> = None;
@@ -923,7 +1069,7 @@ fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Res
         let hyper = move |x: Hyper| h.get(x);
         set_batch(&mut exec, &splits.train.gather(&rows)).map_err(kernel_err)?;
         let one = exec.step(&hyper).map_err(kernel_err)? as f64;
-        let placed = cluster.step(step, h, &rows, &|r| splits.train.gather(r), None).map_err(device_err)?;
+        let placed = cluster.step(step, h, &rows, &|r| splits.train.gather(r)).map_err(device_err)?;
         let rel = (one - placed).abs() / one.abs().max(1e-12);
         worst_loss = worst_loss.max(if rel.is_nan() { f64::INFINITY } else { rel });
         println!("  {:>5}  {one:>14.7}  {placed:>14.7}  {rel:>10.2e}", step + 1);

@@ -13,6 +13,9 @@
 use shardplan_compiler::kernel::BufId;
 
 pub mod codegen;
+pub mod driver;
+pub mod exec;
+pub mod nvrtc;
 
 /// What one step of a program becomes on a GPU (a step may need several).
 #[derive(Clone, Debug, PartialEq)]
