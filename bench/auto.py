@@ -8,11 +8,12 @@
             of the chosen plan).
   accuracy  `shardplan calibrate`, then every example trained 40 steps: the
             predicted step time beside the measured one.
-  choice    examples/auto.plan (the tiny GPT on 4 devices): every candidate
-            the search considers that fits, trained 30 steps each as an
-            explicit placement; auto's choice against the fastest measured.
+  choice    examples/auto.plan (the tiny GPT) on 2 and 4 devices: every
+            candidate the search considers that fits, trained 30 steps each as
+            the explicit placement the search prints for it, in interleaved
+            rounds; auto's choice against the fastest measured (medians).
 
-Usage: python3 bench/auto.py [--only search,accuracy]
+Usage: python3 bench/auto.py [--only search,accuracy,choice] [--rounds 5]
 Needs: cargo build --release.
 """
 import argparse
@@ -56,6 +57,7 @@ def machine():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="search,accuracy,choice")
+    ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
     if not os.path.exists(BIN):
         sys.exit("build first: cargo build --release")
@@ -80,9 +82,10 @@ def main():
                 chosen = m.group(1) if m else "none fits the 40 GiB budget"
 
                 print(f"  {n:>7} {cands:>10} {statistics.median(searches):>10.1f} {statistics.median(walls):>11.1f}  {chosen}")
-        if "accuracy" in a.only:
-            prof = os.path.join(tmp, "profile.json")
+        prof = os.path.join(tmp, "profile.json")
+        if "accuracy" in a.only or "choice" in a.only:
             subprocess.run([BIN, "calibrate", "-o", prof], check=True, capture_output=True)
+        if "accuracy" in a.only:
             print("\ncost model, after `shardplan calibrate` (40 steps each)")
             print(f"  {'example':<24} {'predicted ms':>12} {'measured ms':>12} {'error':>8}")
             for e in sorted(os.listdir(os.path.join(ROOT, "examples"))):
@@ -96,60 +99,66 @@ def main():
                 p, r = float(m.group(1)), float(m.group(2))
                 print(f"  {e:<24} {p:>12.2f} {r:>12.2f} {(p - r) / r * 100:>7.0f}%")
         if "choice" in a.only:
-            choice(tmp)
+            for n in [2, 4]:
+                choice(prof, n, a.rounds, 30)
 
 
-TP = ["shard blocks[*].attn.wq (_, model)", "shard blocks[*].attn.wk (_, model)", "shard blocks[*].attn.wv (_, model)",
-      "shard blocks[*].attn.wo (model, _)", "shard blocks[*].mlp.up.w (_, model)", "shard blocks[*].mlp.up.b (model)",
-      "shard blocks[*].mlp.down.w (model, _)"]
-
-
-def explicit(c):
-    axes = [(n, k) for n, k in [("data", c["data"]), ("model", c["model"]), ("pipe", c["pipe"])] if k > 1] or [("data", 1)]
-    lines = ["placement {", "  mesh (" + ", ".join(f"{n}: {k}" for n, k in axes) + ")"]
-    if c["data"] > 1:
-        lines.append("  data_parallel over data")
-    if c["model"] > 1:
-        lines += ["  " + t for t in TP]
-    if c["pipe"] > 1:
-        lines.append("  pipeline over pipe {")
-        lines += ["    stage " + ", ".join(st) for st in c["stages"]]
-        lines += [f"    microbatches {c['microbatches']}", "    schedule 1f1b", "  }"]
-    return "\n".join(lines + ["}"])
-
-
-def choice(tmp):
+def choice(prof, devices, rounds, steps):
+    """Every fitting candidate of examples/auto.plan on `devices` devices, as
+    the explicit placement the search prints for it, measured `rounds` times
+    (interleaved, so drift hits every candidate alike); the median per candidate."""
     import json
-    src = open(os.path.join(ROOT, "examples", "auto.plan")).read()
+    src = open(os.path.join(ROOT, "examples", "auto.plan")).read().replace("devices cpu x 4", f"devices cpu x {devices}")
     head = src[: src.index("\nplacement auto") + 1]
-    out = subprocess.run([BIN, "inspect", "examples/auto.plan", "--format", "json"], capture_output=True, text=True, cwd=ROOT).stdout
+    auto_plan = os.path.join(ROOT, "examples", f".bench_auto_{devices}.plan")
+    with open(auto_plan, "w") as f:
+        f.write(src)
+    try:
+        out = subprocess.run([BIN, "inspect", auto_plan, "--format", "json", "--device-profile", prof], capture_output=True, text=True, cwd=ROOT).stdout
+    finally:
+        os.remove(auto_plan)
     search = json.loads(out)["search"]
+    cands = [(i, c) for i, c in enumerate(search["candidates"]) if c["fits"]]
+    times = {i: [] for i, _ in cands}
+    for _ in range(rounds):
+        for i, c in cands:
+            plan = os.path.join(ROOT, "examples", f".bench_candidate_{i}.plan")
+            with open(plan, "w") as f:
+                f.write(head + c["placement"])
+            try:
+                r = subprocess.run([BIN, "run", plan, "--steps", str(steps), "--quiet", "--device-profile", prof], capture_output=True, text=True, cwd=ROOT)
+            finally:
+                os.remove(plan)
+            m = re.search(r"measured ([\d.]+) ms", r.stdout)
+            if m:
+                times[i].append(float(m.group(1)))
+            else:
+                print(f"  candidate {i}: did not run: {r.stderr.strip().splitlines()[:2]}")
     rows = []
-    for i, c in enumerate(search["candidates"]):
-        if not c["fits"]:
-            continue
-        plan = os.path.join(ROOT, "examples", f".bench_candidate_{i}.plan")
-        with open(plan, "w") as f:
-            f.write(head + explicit(c) + "\n")
-        try:
-            r = subprocess.run([BIN, "run", plan, "--steps", "30", "--quiet"], capture_output=True, text=True, cwd=ROOT)
-        finally:
-            os.remove(plan)
-        m = re.search(r"measured ([\d.]+) ms", r.stdout)
-        name = ", ".join(f"{k} {c[k]}" for k in ["data", "model", "pipe", "microbatches"])
-        if m:
+    for i, c in cands:
+        if times[i]:
             pred = c["compute_s"] + c["comm_s"] + c["bubble_s"]
-            rows.append((float(m.group(1)), pred * 1e3, name, i == search["chosen"]))
-        else:
-            print(f"  {name}: did not run: {r.stderr.strip().splitlines()[:2]}")
+            rows.append((statistics.median(times[i]), min(times[i]), max(times[i]), pred * 1e3, name(c), i == search["chosen"]))
     rows.sort()
-    print("\nauto's choice against every fitting candidate, measured (examples/auto.plan, 30 steps each)")
-    print(f"  {'candidate':<44} {'measured ms':>11} {'predicted ms':>12}")
-    for meas, pred, name, chosen in rows:
-        print(f"  {name:<44} {meas:>11.2f} {pred:>12.2f}{'   <- chosen' if chosen else ''}")
+    print(f"\nauto's choice against every fitting candidate, measured (examples/auto.plan on {devices} devices, "
+          f"{steps} steps, median of {rounds} interleaved rounds)")
+    print(f"  {'candidate':<66} {'median ms':>9} {'range ms':>13} {'predicted':>9}")
+    for med, lo, hi, pred, nm, chosen in rows:
+        print(f"  {nm:<66} {med:>9.2f} {lo:>6.2f}-{hi:<6.2f} {pred:>9.2f}{'   <- chosen' if chosen else ''}")
     best = rows[0][0] if rows else float("nan")
-    mine = next((r[0] for r in rows if r[3]), float("nan"))
+    mine = next((r[0] for r in rows if r[5]), float("nan"))
     print(f"  auto's choice is {(mine / best - 1) * 100:.0f}% slower than the fastest measured candidate (target: within 15%)")
+
+
+def name(c):
+    parts = []
+    if c["data"] > 1:
+        parts.append(f"data {c['data']}")
+    if c["model"] > 1:
+        parts.append(f"tensor {c['model']}" + (" +tables" if c["sharded_embeddings"] else ""))
+    if c["pipe"] > 1:
+        parts.append(f"pipe {c['pipe']} x {c['microbatches']} {c['schedule']}")
+    return ", ".join(parts) or "one device"
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ pub fn calibrate(out: &Path) -> std::process::ExitCode {
     };
     match fit(&p) {
         Ok((e, o)) => {
-            println!("fitted on two reference steps: compute takes {e:.2}× the model's time, {:.2} µs per kernel", o * 1e6);
+            println!("fitted on three reference steps: compute takes {e:.2}× the model's time, {:.2} µs per kernel", o * 1e6);
             p.efficiency = e;
             p.op_overhead = o;
         }
@@ -173,18 +173,23 @@ pub fn calibrate(out: &Path) -> std::process::ExitCode {
     std::process::ExitCode::SUCCESS
 }
 
-/// Reference steps: one compute-bound, one dominated by fixed costs.
-const REFERENCES: [&str; 2] = [
+/// Reference steps: one compute-bound, one dominated by fixed costs, and a
+/// small transformer (attention's transposes, softmax and norms).
+const REFERENCES: [&str; 3] = [
     "model Big { input x: f32[batch, 512]  input y: i32[batch]  layer a = Linear(512, 1024)  layer b = Linear(1024, 512)  layer c = Linear(512, 16)  loss cross_entropy(c(relu(b(relu(a(x))))), y) }
 data d = synthetic(rows: 512, features: 512, classes: 16)
 train { model: Big, data: d, batch: 256, steps: 1, optimizer: adam(lr: 0.001) }",
     "model Small { input x: f32[batch, 16]  input y: i32[batch]  layer a = Linear(16, 16)  layer b = Linear(16, 16)  layer c = Linear(16, 4)  loss cross_entropy(c(relu(b(relu(a(x))))), y) }
 data d = synthetic(rows: 64, features: 16, classes: 4)
 train { model: Small, data: d, batch: 8, steps: 1, optimizer: adam(lr: 0.001) }",
+    "model G { input tokens: i32[batch, seq]  input targets: i32[batch, seq]  layer embed = Embedding(256, 64)  layer pos = PositionalEmbedding(seq, 64)  layer blocks = repeat 2 Block(64, 4)  layer ln = LayerNorm(64)  layer head = Linear(64, 256)  loss cross_entropy(head(ln(blocks(pos(embed(tokens))))), targets) }
+data d = text(\"reference.txt\")
+train { model: G, data: d, batch: 8, seq: 64, steps: 1, optimizer: adam(lr: 0.001) }",
 ];
 
 /// Fits the compute efficiency and the cost per kernel from measured steps
-/// of the reference plans: T = e · compute + o · kernels, for both.
+/// of the reference plans: T = e · compute + o · kernels, least squares in
+/// relative error (each reference counts alike, whatever its size).
 fn fit(base: &Profile) -> Result<(f64, f64), String> {
     use shardplan_compiler::kernel::BufKind;
     use shardplan_runtime::exec::{Data, Executor};
@@ -219,12 +224,21 @@ fn fit(base: &Profile) -> Result<(f64, f64), String> {
         times.sort_by(f64::total_cmp);
         rows.push((compute, kernels, times[times.len() / 2]));
     }
-    let [(c1, k1, t1), (c2, k2, t2)] = [rows[0], rows[1]];
-    let det = c1 * k2 - c2 * k1;
+    // Rows (c/t, k/t) against 1: the normal equations of a 2 × 2 system.
+    let (mut aa, mut ab, mut bb, mut ay, mut by) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for &(c, k, t) in &rows {
+        let (a, b) = (c / t, k / t);
+        aa += a * a;
+        ab += a * b;
+        bb += b * b;
+        ay += a;
+        by += b;
+    }
+    let det = aa * bb - ab * ab;
     if det.abs() < 1e-18 {
         return Err("the reference steps do not separate compute from fixed costs".into());
     }
-    let e = (t1 * k2 - t2 * k1) / det;
-    let o = (c1 * t2 - c2 * t1) / det;
+    let e = (ay * bb - by * ab) / det;
+    let o = (aa * by - ab * ay) / det;
     Ok((e.clamp(0.5, 20.0), o.clamp(0.0, 1e-3)))
 }

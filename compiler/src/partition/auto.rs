@@ -105,6 +105,8 @@ pub struct Candidate {
     /// Exact bytes of the fullest device, for candidates partitioned for real.
     pub exact_memory: Option<u64>,
     pub fits: bool,
+    /// The candidate as placement text.
+    pub placement: String,
     #[serde(skip)]
     stage_units: Vec<Vec<Unit>>,
     #[serde(skip)]
@@ -454,7 +456,10 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
             cands[i].fits = false;
         }
     }
-    let placement = chosen.map(|i| placement_text(c, &cands[i])).unwrap_or_default();
+    for cand in &mut cands {
+        cand.placement = placement_text(c, cand);
+    }
+    let placement = chosen.map(|i| cands[i].placement.clone()).unwrap_or_default();
     Search { devices: n, budget, candidates: cands, chosen, considered, placement }
 }
 
@@ -579,6 +584,7 @@ fn evaluate(
         memory,
         exact_memory: None,
         fits: budget.is_none_or(|b| memory <= b),
+        placement: String::new(),
         stage_units: stages,
         shards,
         schedule_kind: schedule,
