@@ -5,6 +5,7 @@ use super::{Format, GraphFormat, KernelFormat};
 use shardplan_compiler::kernel::{lower, StepKind};
 use shardplan_compiler::{autodiff, graph};
 use shardplan_runtime::backend::cpu::jit;
+use shardplan_runtime::backend::cuda;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -21,7 +22,7 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
         eprintln!("error: internal: the training graph is malformed ({e}); please report this with the plan file");
         return ExitCode::from(1);
     }
-    if kernels == Some(KernelFormat::Clif) {
+    if let Some(format) = kernels {
         let p = lower(&g);
         println!("{}: {} kernels, {} buffers", file.display(), p.steps.len(), p.buffers.len());
         for (i, step) in p.steps.iter().enumerate() {
@@ -35,12 +36,27 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
                 StepKind::MatMul { trans_a, trans_b } => (format!("matmul{}{}", if *trans_a { " Aᵀ" } else { "" }, if *trans_b { " Bᵀ" } else { "" }), None),
             };
             println!("\nk{i}: {name} {} → {}", ins.join(" "), shape(&step.output));
-            if let Some(f) = fused {
-                print!("{}", f.display());
-                match jit::clif(f) {
-                    Ok(text) => print!("{text}"),
-                    Err(e) => println!("  (no CLIF: {e})"),
+            match format {
+                KernelFormat::Clif => {
+                    if let Some(f) = fused {
+                        print!("{}", f.display());
+                        match jit::clif(f) {
+                            Ok(text) => print!("{text}"),
+                            Err(e) => println!("  (no CLIF: {e})"),
+                        }
+                    }
                 }
+                KernelFormat::Cuda => match cuda::codegen::lower(step, &p) {
+                    Ok(launches) => {
+                        for l in &launches {
+                            print!("{}", cuda::codegen::describe(l, &p));
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("error: internal: CUDA code generation failed for kernel k{i} ({e}); please report this with the plan file");
+                        return ExitCode::from(1);
+                    }
+                },
             }
         }
         return ExitCode::SUCCESS;
@@ -97,7 +113,7 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
             println!("  parameters {} with gradients", g.grads.len());
             println!("  optimizer  {} state tensors", g.states.len());
             println!("  kernels    {} after fusion", lower(&g).steps.len());
-            println!("  (--graph dot prints the whole graph; --kernels clif the generated kernels)");
+            println!("  (--graph dot prints the whole graph; --kernels clif or cuda the generated kernels)");
         }
     }
     ExitCode::SUCCESS

@@ -81,6 +81,9 @@ pub enum Command {
 pub enum KernelFormat {
     /// The kernel program and, for each fused kernel, its cranelift IR.
     Clif,
+    /// The kernel program as the CUDA backend runs it: each kernel's CUDA C
+    /// source and launch shape, and each cuBLAS product's dimensions.
+    Cuda,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
