@@ -60,3 +60,19 @@ fn gpu_devices_still_train_with_backend_cpu() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("trained 2 steps"), "{out}");
 }
+
+#[test]
+fn selftest_on_cuda_says_cuda_is_missing() {
+    let (code, out) = shardplan(&["selftest", "--backend", "cuda", "examples/digits_mlp.plan"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(!out.contains("panicked"), "{out}");
+    assert!(out.contains("no CUDA driver found") || out.contains("sees no GPU"), "{out}");
+}
+
+#[test]
+fn selftest_on_the_cpu_runs_every_step() {
+    let (code, out) = shardplan(&["selftest", "--backend", "cpu", "--seed", "1", "examples/digits_mlp.plan", "examples/tensor_parallel.plan"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("selftest: ok"), "{out}");
+    assert!(out.contains("examples/tensor_parallel.plan device 1"), "{out}");
+}

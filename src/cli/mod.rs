@@ -10,6 +10,7 @@ mod devices;
 mod inspect;
 pub mod render;
 mod run;
+mod selftest;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
@@ -54,6 +55,9 @@ pub enum Command {
     },
     /// Train a few steps of the placed plan and of one device side by side; fail when they differ.
     Verify(run::VerifyArgs),
+    /// Run every kernel of the example programs (or of FILES) on random operands on a
+    /// backend and on the CPU, and compare: `selftest --backend cuda` checks a GPU setup.
+    Selftest(selftest::SelftestArgs),
     /// Show what the compiler makes of a plan.
     Inspect {
         /// The plan file.
@@ -120,5 +124,6 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Run(args) => run::run(&args, color),
         Command::Calibrate { output } => auto::calibrate(&output),
         Command::Verify(args) => run::verify(&args, color),
+        Command::Selftest(args) => selftest::run(&args, color),
     }
 }

@@ -166,8 +166,8 @@ enum Trainer {
 /// A failure that is not a diagnostic of the plan itself.
 pub struct Failure {
     code: &'static str,
-    message: String,
-    help: String,
+    pub message: String,
+    pub help: String,
 }
 
 pub fn fail(code: &'static str, message: impl Into<String>, help: impl Into<String>) -> Failure {
