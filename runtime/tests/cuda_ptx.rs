@@ -48,11 +48,51 @@ fn programs() -> Vec<(String, Program)> {
     out
 }
 
+/// A program over tensors of more than 2³¹ elements (never run, only
+/// compiled): its kernels index with 64-bit integers.
+fn huge() -> Program {
+    use shardplan_compiler::graph::{NodeId, Op, Role};
+    use shardplan_compiler::kernel::{Binary, BufId, BufKind, Buffer, Elem, Fused, Inst, Step, StepKind, Unary};
+    let (rows, cols) = (65_536, 40_000);
+    let buf = |kind, elem, shape: &[usize]| Buffer { kind, elem, shape: shape.to_vec(), node: NodeId(0) };
+    let buffers = vec![
+        buf(BufKind::Input(0), Elem::F32, &[rows, cols]),
+        buf(BufKind::Param(0), Elem::F32, &[cols]),
+        buf(BufKind::Temp, Elem::F32, &[rows, cols]),
+        buf(BufKind::Temp, Elem::F32, &[cols]),
+        buf(BufKind::Temp, Elem::F32, &[rows, cols]),
+        buf(BufKind::Input(1), Elem::I32, &[rows]),
+        buf(BufKind::Temp, Elem::F32, &[]),
+        buf(BufKind::Temp, Elem::F32, &[cols, rows]),
+        buf(BufKind::Temp, Elem::F32, &[rows]),
+    ];
+    let fused = Fused {
+        rows,
+        cols,
+        row_strides: vec![cols, 0],
+        col_strides: vec![1, 1],
+        body: vec![Inst::Load(0), Inst::Load(1), Inst::Binary(Binary::Add, 0, 1), Inst::Unary(Unary::Gelu, 2)],
+    };
+    let step = |kind, inputs: &[u32], output| Step { kind, role: Role::Forward, inputs: inputs.iter().map(|&b| BufId(b)).collect(), output: BufId(output) };
+    let steps = vec![
+        step(StepKind::Fused(fused), &[0, 1], 2),
+        step(StepKind::Op(Op::Sum { axes: vec![0], keepdims: false }), &[2], 3),
+        step(StepKind::Op(Op::Max { axes: vec![1], keepdims: false }), &[2], 8),
+        step(StepKind::Op(Op::Softmax { axis: 1 }), &[2], 4),
+        step(StepKind::Op(Op::CrossEntropy), &[2, 5], 6),
+        step(StepKind::Op(Op::Transpose { perm: vec![1, 0] }), &[2], 7),
+        step(StepKind::Op(Op::EmbeddingGrad), &[5, 2], 4),
+    ];
+    Program { buffers, steps, loss: BufId(6), assigns: vec![] }
+}
+
 /// Every distinct kernel, with where it was first seen.
 fn kernels() -> Vec<(String, Kernel)> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    for (name, p) in programs() {
+    let mut all = programs();
+    all.push(("a program of 2.6e9-element tensors".into(), huge()));
+    for (name, p) in all {
         for (si, step) in p.steps.iter().enumerate() {
             for l in codegen::lower(step, &p).unwrap_or_else(|e| panic!("{name} step {si}: {e}")) {
                 if let Launch::Kernel(k) = l {

@@ -4,9 +4,12 @@
 //! The operand's dims are split into kept and reduced ones (size-1 dims
 //! dropped, neighbours merged). A reduction over one contiguous run of at
 //! least 32 elements takes one block per output element (threads stride
-//! over the run, then a shared-memory tree); any other takes one thread per
-//! output element looping over the reduced dims in order, which reads
-//! neighbouring columns from neighbouring threads. Sums accumulate in double.
+//! over the run, then a shared-memory tree); one strided run of at least 64
+//! (the columns of a `[k1, r, k2]` tensor) takes 8 threads per output, each
+//! folding every 8th element, their partials folded in order; any other
+//! takes one thread per output element looping over the reduced dims in
+//! order. Neighbouring threads read neighbouring columns. Sums accumulate in
+//! double.
 
 use super::elementwise::{index_map, simplify};
 use super::writer::{f32_lit, f64_lit, pow2_block, Gen, Mode};
@@ -124,6 +127,35 @@ fn reduction(io: &Io<'_>, kind: Kind, xs: &[usize], collapsed: &dyn Fn(usize) ->
         g.line(2, "}");
         g.line(2, if kind == Kind::Max { "acc = sp_block_max(acc, sh_f);" } else { "acc = sp_block_sum(acc, sh_d);" });
         g.line(2, format!("if (threadIdx.x == 0) out[row] = {};", finish("acc")));
+        g.close();
+    } else if let ([(_, stride)], true) = (red.as_slice(), r >= 64) {
+        // One strided run per output (columns of a [k1, r, k2] tensor):
+        // blocks of 32 outputs × 8 lanes; lane y folds every 8th element of
+        // the run, then lane 0 folds the 8 partials in order.
+        g.helper(super::writer::MAX2);
+        g.block = 256;
+        g.grid = outs.div_ceil(32).clamp(1, super::writer::MAX_GRID) as u32;
+        let (oo, rr, st) = (g.n(outs), g.n(r), g.n(*stride));
+        g.line(1, format!("__shared__ {acc_t} part[8][32];"));
+        g.line(1, "const unsigned tx = threadIdx.x % 32u, ty = threadIdx.x / 32u;");
+        g.line(1, format!("for (I first = blockIdx.x * 32u; first < {oo}; first += gridDim.x * 32u) {{"));
+        g.line(2, "const I o = first + tx;");
+        g.line(2, format!("{acc_t} acc = {init};"));
+        g.line(2, format!("if (o < {oo}) {{"));
+        index_map(&mut g, &kept, "o", "base", 3);
+        g.line(3, format!("for (I j = ty; j < {rr}; j += 8u) {{"));
+        g.line(4, add(&format!("x[base + j * {st}]")));
+        g.line(3, "}");
+        g.line(2, "}");
+        g.line(2, "part[ty][tx] = acc;");
+        g.line(2, "__syncthreads();");
+        g.line(2, format!("if (ty == 0 && o < {oo}) {{"));
+        g.line(3, "for (unsigned y = 1; y < 8u; ++y) {");
+        g.line(4, add("part[y][tx]"));
+        g.line(3, "}");
+        g.line(3, format!("out[o] = {};", finish("acc")));
+        g.line(2, "}");
+        g.line(2, "__syncthreads();");
         g.close();
     } else {
         g.helper(super::writer::MAX2);
