@@ -287,7 +287,67 @@ pub fn transpose(io: &Io<'_>, perm: &[usize]) -> Result<Option<super::Kernel>, S
     io.expect_out(&want)?;
     let st = row_major(xs);
     let dims: Vec<(usize, usize)> = perm.iter().map(|&p| (xs[p], st[p])).collect();
-    copy_kernel(io, format!("transpose {xs:?} by {perm:?}"), &dims, 0)
+    let simple = simplify(&dims);
+    match (simple.last(), simple.iter().position(|d| d.1 == 1)) {
+        (Some(&(_, sq)), Some(p)) if sq != 1 && io.out_len() >= 1024 => tiled_transpose(io, &simple, p, format!("transpose {xs:?} by {perm:?}")),
+        _ => copy_kernel(io, format!("transpose {xs:?} by {perm:?}"), &dims, 0),
+    }
+}
+
+/// A transpose whose innermost output dim is strided in the source, and
+/// whose dim `p` is the source's contiguous one: 32 × 32 tiles of the
+/// (p, last) planes go through shared memory, so that both the reads and
+/// the writes of neighbouring threads are neighbours. Blocks of 32 × 8
+/// threads, one tile per block (grid-stride over tiles).
+fn tiled_transpose(io: &Io<'_>, dims: &[(usize, usize)], p: usize, what: String) -> Result<Option<super::Kernel>, String> {
+    let x = io.input(0)?;
+    let elem = x.elem;
+    if elem != io.out_buf().elem {
+        return Err(format!("copies {elem:?} into {:?}", io.out_buf().elem));
+    }
+    let q = dims.len() - 1;
+    let (np, nq, sq) = (dims[p].0, dims[q].0, dims[q].1);
+    // Output strides of the (simplified, dense) output dims.
+    let mut ost = vec![1usize; dims.len()];
+    for d in (0..dims.len() - 1).rev() {
+        ost[d] = ost[d + 1] * dims[d + 1].0;
+    }
+    let op = ost[p];
+    let outer_src: Vec<(usize, usize)> = (0..q).filter(|&d| d != p).map(|d| (dims[d].0, dims[d].1)).collect();
+    let outer_dst: Vec<(usize, usize)> = (0..q).filter(|&d| d != p).map(|d| (dims[d].0, ost[d])).collect();
+    let outer: usize = outer_src.iter().map(|d| d.0).product();
+    let (ti, tj) = (np.div_ceil(32), nq.div_ceil(32));
+    let tiles = outer * ti * tj;
+    let t = match elem {
+        Elem::F32 => "float",
+        Elem::I32 => "int",
+    };
+    let mut g = Gen::new(what, io.largest());
+    g.param(io.ins[0], elem, Mode::In, "x");
+    g.param(io.out, elem, Mode::Out, "out");
+    g.block = 256;
+    g.grid = tiles.clamp(1, super::writer::MAX_GRID) as u32;
+    let (nt, tjn, tin, npn, nqn, sqn, opn) = (g.n(tiles), g.n(tj), g.n(ti), g.n(np), g.n(nq), g.n(sq), g.n(op));
+    g.line(1, format!("__shared__ {t} tile[32][33];"));
+    g.line(1, "const unsigned tx = threadIdx.x % 32u, ty = threadIdx.x / 32u;");
+    g.line(1, format!("for (I b = blockIdx.x; b < {nt}; b += gridDim.x) {{"));
+    g.line(2, format!("const I j0 = (b % {tjn}) * 32u, i0 = ((b / {tjn}) % {tin}) * 32u, rest = b / ({tjn} * {tin});"));
+    index_map(&mut g, &outer_src, "rest", "src", 2);
+    index_map(&mut g, &outer_dst, "rest", "dst", 2);
+    // Load: source row j (stride sq), element i (contiguous).
+    g.line(2, "for (unsigned jj = ty; jj < 32u; jj += 8u) {");
+    g.line(3, "const I i = i0 + tx, j = j0 + jj;");
+    g.line(3, format!("if (i < {npn} && j < {nqn}) tile[jj][tx] = x[src + i + j * {sqn}];"));
+    g.line(2, "}");
+    g.line(2, "__syncthreads();");
+    // Store: output row i (stride op), element j (contiguous).
+    g.line(2, "for (unsigned ii = ty; ii < 32u; ii += 8u) {");
+    g.line(3, "const I i = i0 + ii, j = j0 + tx;");
+    g.line(3, format!("if (i < {npn} && j < {nqn}) out[dst + i * {opn} + j] = tile[tx][ii];"));
+    g.line(2, "}");
+    g.line(2, "__syncthreads();");
+    g.close();
+    Ok(Some(g.finish()))
 }
 
 /// Broadcasts a reduction result over `axes` back to the output's shape.
