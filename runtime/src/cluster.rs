@@ -559,11 +559,11 @@ fn device_main(dp: DeviceProgram, ep: Endpoint, plan: u64, threads: usize, backe
     let mut exec = match built {
         Ok(e) => e,
         Err(e) => {
-            let on = match backend {
-                Backend::Cpu => String::new(),
-                Backend::Cuda { ordinal, .. } => format!(" on GPU {ordinal}"),
+            let m = match (backend, e) {
+                (Backend::Cuda { ordinal, .. }, KernelError::Invalid(m)) => format!("device {dev} cannot set up its program on GPU {ordinal}: {m}"),
+                (Backend::Cuda { ordinal, .. }, e) => format!("device {dev} cannot set up its program on GPU {ordinal}: {e}"),
+                (Backend::Cpu, e) => format!("device {dev} cannot compile its program: {e}"),
             };
-            let m = format!("device {dev} cannot set up its program{on}: {e}");
             ep.abort(&m);
             // Answer every command with the failure.
             while rx.recv().is_ok() {

@@ -332,7 +332,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             }
             Backend::Cuda { ordinal, .. } => fail(
                 "run::gpu",
-                format!("cannot set up the training step on GPU {ordinal}: {e}"),
+                format!("cannot set up the training step on GPU {ordinal}: {}", gpu_message(e)),
                 "`shardplan selftest --backend cuda` checks every kernel on this GPU against the CPU",
             ),
         })?;
@@ -851,6 +851,14 @@ impl Drop for AtomicFile {
     }
 }
 
+/// A GPU executor's error as its message (its errors are not malformed kernel calls).
+fn gpu_message(e: shardplan_runtime::backend::cpu::KernelError) -> String {
+    match e {
+        shardplan_runtime::backend::cpu::KernelError::Invalid(m) => m,
+        other => other.to_string(),
+    }
+}
+
 const GPU_HELP: &str = "`shardplan selftest --backend cuda` checks every kernel on this GPU against the CPU";
 
 /// What verify runs against one CPU device: one engine, or a cluster.
@@ -1028,7 +1036,7 @@ fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Res
     let (mut cluster, devices, mesh) = if one_gpu {
         let backend = backends.of(0);
         let engine = exec::engine(&backend, lower(&g), threads, 1)
-            .map_err(|e| fail("run::gpu", format!("cannot set up the training step on the GPU: {e}"), GPU_HELP))?;
+            .map_err(|e| fail("run::gpu", format!("cannot set up the training step on the GPU: {}", gpu_message(e)), GPU_HELP))?;
         (Placed::One(engine), 1, vec!["gpu".to_string()])
     } else {
         let plan = partition::partition(c, &g).map_err(|e| fail("run::placement", format!("cannot partition the plan: {e}"), "change the placement"))?;
