@@ -621,8 +621,12 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
                 placed.placement = Placement::Single;
             }
             let prof = super::auto::profile(args.device_profile.as_deref()).unwrap_or_default();
-            if let Some(p) = partition::auto::predict(&placed, &g, &prof) {
-                println!("  step time: predicted {:.2} ms, measured {:.2} ms", p.step_s() * 1e3, measured * 1e3);
+            // The cost model knows CPU devices only.
+            let on_gpu = backends.of(0).is_cuda() || matches!(&trainer, Trainer::Multi(cl) if (0..cl.plan().devices.len()).any(|d| backends.of(d).is_cuda()));
+            match partition::auto::predict(&placed, &g, &prof) {
+                Some(p) if !on_gpu => println!("  step time: predicted {:.2} ms, measured {:.2} ms", p.step_s() * 1e3, measured * 1e3),
+                _ if on_gpu => println!("  step time: measured {:.2} ms", measured * 1e3),
+                _ => {}
             }
         }
     }
