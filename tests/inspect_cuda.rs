@@ -14,6 +14,6 @@ fn inspect_prints_cuda_kernels() {
         .expect("runs");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("extern \"C\" __global__ void sp_") && text.contains("gemm b0[64, 64] · b2[64, 128]"), "{text}");
+    assert!(text.contains("extern \"C\" __global__ void __launch_bounds__(256) sp_") && text.contains("gemm b0[64, 64] · b2[64, 128]"), "{text}");
     insta::assert_snapshot!(text);
 }

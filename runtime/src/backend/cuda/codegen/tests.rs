@@ -83,10 +83,11 @@ fn every_example_lowers() {
 /// memory with a written one; the name is the hash of the source.
 fn check_kernel(p: &Program, k: &Kernel, at: &str) {
     let head = k.source.lines().find(|l| l.starts_with("extern \"C\" __global__ void ")).unwrap_or_else(|| panic!("{at}: no kernel\n{}", k.source));
-    assert!(head.contains(&format!("void {}(", k.name)), "{at}: {head}");
+    assert!(head.contains(&format!("void __launch_bounds__({}) {}(", k.block, k.name)), "{at}: {head}");
     assert!(k.name.starts_with("sp_") && k.name.len() == 19, "{at}: {}", k.name);
     assert_eq!(k.name, format!("sp_{:016x}", super::content_hash(&k.source.replacen(&k.name, "KERNEL_NAME", 1))), "{at}");
-    let params: Vec<&str> = head.split_once('(').and_then(|(_, r)| r.rsplit_once(')')).map(|(ps, _)| ps.split(", ").collect()).unwrap_or_default();
+    let params: Vec<&str> =
+        head.split_once(&format!("{}(", k.name)).and_then(|(_, r)| r.rsplit_once(')')).map(|(ps, _)| ps.split(", ").collect()).unwrap_or_default();
     assert_eq!(params.len(), k.args.len(), "{at}: {head}");
     for (param, b) in params.iter().zip(&k.args) {
         let buf = &p.buffers[b.0 as usize];
@@ -141,7 +142,7 @@ fn fused_source() {
     assert_eq!((k.grid, k.block, k.args.clone()), (1, 256, vec![BufId(0), BufId(1), BufId(2)]));
     let want = "// fused [4 × 8]
 typedef unsigned int I;
-extern \"C\" __global__ void NAME(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out) {
+extern \"C\" __global__ void __launch_bounds__(256) NAME(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out) {
   for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < 32u; i += (I)gridDim.x * blockDim.x) {
     const I c = i % 8u;
     const float v0 = in0[i];

@@ -133,7 +133,8 @@ impl Gen {
                 }
             })
             .collect();
-        let _ = writeln!(src, "extern \"C\" __global__ void {PLACEHOLDER}({}) {{", params.join(", "));
+        // The bound lets ptxas keep registers within what a block of this size may use.
+        let _ = writeln!(src, "extern \"C\" __global__ void __launch_bounds__({}) {PLACEHOLDER}({}) {{", self.block, params.join(", "));
         src.push_str(&self.body);
         src.push_str("}\n");
         let name = format!("sp_{:016x}", fnv1a(src.as_bytes()));
