@@ -1,6 +1,7 @@
 //! Row-wise kernels, one block per row with block reductions in shared
 //! memory: softmax, log-softmax and their gradients along any axis, layer
-//! norm and its gradients along the last axis, the cross-entropy gradient.
+//! norm and its gradient in x along the last axis, the cross-entropy
+//! gradient. The gradient in gamma sums over rows instead: warps take rows.
 //! The scalar losses (cross-entropy, mean squared error) run in one block
 //! so that their sum has one fixed order.
 //!
@@ -234,8 +235,12 @@ pub fn layer_norm_grad_x(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, String
 }
 
 /// (x, dy) → dgamma = Σ over rows of dy·x̂, one output per column of x.
-/// Each block owns a band of columns and walks every row in order:
-/// the row's statistics (a block reduction), then one term per column.
+/// Each block owns a band of `32·K` columns; its 16 warps take every 16th
+/// row, each computing the row's statistics itself (warp reductions, no
+/// block barrier per row) and adding one term per column of the band to
+/// its lanes' sums; the warps' sums are then added in warp order. Bands
+/// are as narrow as keeps the blocks to about 16, so the statistics are
+/// recomputed by at most that many blocks.
 pub fn layer_norm_grad_gamma(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, String> {
     let xs = io.typed(0, Elem::F32)?.shape.clone();
     let dy = io.typed(1, Elem::F32)?.len();
@@ -246,23 +251,51 @@ pub fn layer_norm_grad_gamma(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, St
     if d == 0 {
         return Ok(None);
     }
+    const WARPS: u32 = 16;
+    let k = d.div_ceil(32 * 16).clamp(1, 8);
+    let band = 32 * k;
     let mut g = Gen::new(format!("layer_norm gradient of gamma, x {xs:?}"), io.largest());
     g.param(io.ins[0], Elem::F32, Mode::In, "x");
     g.param(io.ins[1], Elem::F32, Mode::In, "dy");
     g.param(io.out, Elem::F32, Mode::Out, "out");
-    let b = pow2_block(d, 32, 256);
-    g.block_reduce(b);
-    g.grid = d.div_ceil(b as usize).clamp(1, super::writer::MAX_GRID) as u32;
-    let (dd, rr) = (g.n(d), g.n(rows));
-    g.line(1, format!("for (I band = blockIdx.x * {b}u; band < {dd}; band += gridDim.x * {b}u) {{"));
-    g.line(2, "const I col = band + threadIdx.x;");
-    g.line(2, "double acc = 0.0;");
-    g.line(2, format!("for (I row = 0; row < {rr}; ++row) {{"));
+    g.helper(MAX2);
+    g.helper(WARP_REDUCE);
+    g.block = 32 * WARPS;
+    g.grid = d.div_ceil(band).clamp(1, super::writer::MAX_GRID) as u32;
+    let (dd, rr, bw) = (g.n(d), g.n(rows), g.n(band));
+    let df = f64_lit(d as f64);
+    g.line(1, format!("__shared__ double part[{WARPS}][32];"));
+    g.line(1, "const unsigned lane = threadIdx.x % 32u, warp = threadIdx.x / 32u;");
+    g.line(1, format!("for (I first = blockIdx.x * {bw}; first < {dd}; first += gridDim.x * {bw}) {{"));
+    g.line(2, format!("double acc[{k}];"));
+    g.line(2, format!("for (unsigned k = 0; k < {k}u; ++k) acc[k] = 0.0;"));
+    g.line(2, format!("for (I row = warp; row < {rr}; row += {WARPS}u) {{"));
     g.line(3, format!("const I base = row * {dd};"));
-    stats(&mut g, d, eps, 3);
-    g.line(3, format!("if (col < {dd}) acc += (double)(dy[base + col] * ((x[base + col] - mu) * rstd));"));
+    g.line(3, "double s = 0.0;");
+    g.line(3, format!("for (I j = lane; j < {dd}; j += 32u) s += (double)x[base + j];"));
+    g.line(3, format!("const float mu = (float)(sp_warp_sum(s) / {df});"));
+    g.line(3, "double q = 0.0;");
+    g.line(3, format!("for (I j = lane; j < {dd}; j += 32u) {{"));
+    g.line(4, "const float c = x[base + j] - mu;");
+    g.line(4, "q += (double)(c * c);");
+    g.line(3, "}");
+    g.line(3, format!("const float rstd = (float)(1.0 / sqrt(sp_warp_sum(q) / {df} + {}));", f64_lit(eps)));
+    g.line(3, format!("for (unsigned k = 0; k < {k}u; ++k) {{"));
+    g.line(4, "const I col = first + lane + 32u * k;");
+    g.line(4, format!("if (col < {dd}) acc[k] += (double)(dy[base + col] * ((x[base + col] - mu) * rstd));"));
+    g.line(3, "}");
     g.line(2, "}");
-    g.line(2, format!("if (col < {dd}) out[col] = (float)acc;"));
+    g.line(2, format!("for (unsigned k = 0; k < {k}u; ++k) {{"));
+    g.line(3, "part[warp][lane] = acc[k];");
+    g.line(3, "__syncthreads();");
+    g.line(3, "const I col = first + lane + 32u * k;");
+    g.line(3, format!("if (warp == 0 && col < {dd}) {{"));
+    g.line(4, "double sum = 0.0;");
+    g.line(4, format!("for (unsigned w = 0; w < {WARPS}u; ++w) sum += part[w][lane];"));
+    g.line(4, "out[col] = (float)sum;");
+    g.line(3, "}");
+    g.line(3, "__syncthreads();");
+    g.line(2, "}");
     g.close();
     Ok(Some(g.finish()))
 }
