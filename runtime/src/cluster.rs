@@ -1,8 +1,10 @@
 //! The multi-device runtime: one worker thread per device of a partitioned
 //! plan, each driving its own engine: the CPU executor, or a GPU executor
 //! (a logical device: its own stream and buffers on a physical GPU, which
-//! several logical devices may share). Transfers between GPU devices are
-//! staged through host memory and go over the same fabric as the CPU's.
+//! several logical devices may share). Collectives and transfers between
+//! GPU devices on distinct physical GPUs go through NCCL
+//! (`backend::cuda::nccl`); all others are staged through host memory and
+//! go over the same fabric as the CPU's.
 //!
 //! Input: a verified [`Plan`], global parameters, and per step the rows of
 //! the batch. Output: the step's loss (summed over the devices that hold a
@@ -12,20 +14,23 @@
 //! Each device owns its executor, buffers and endpoint; transfers and
 //! collectives move real bytes between the threads, tagged with (plan hash,
 //! instruction, sequence number). When any device fails (an error, a panic,
-//! or an injected fault), it aborts the fabric, every other device stops at
-//! its next transfer, and [`Cluster::step`] returns one error naming the
+//! or an injected fault), it aborts the fabric and the NCCL communicators,
+//! every other device stops at its next transfer (or within a poll when it
+//! waits in NCCL), and [`Cluster::step`] returns one error naming the
 //! device and the step.
 
 use crate::backend::cpu::KernelError;
+use crate::backend::cuda::nccl::{self, Abort, Nccl, Setup};
 use crate::collectives::{self, chunk_range, Tag};
 use crate::data::Batch;
 use crate::exec::{self, Backend, Comm, Data, Engine};
 use crate::transport::{Endpoint, Fabric, Header, Message, TransportError};
 use shardplan_compiler::graph::{Hyper, Op, Role};
-use shardplan_compiler::kernel::BufKind;
+use shardplan_compiler::kernel::{BufKind, StepKind};
 use shardplan_compiler::partition::{DeviceProgram, Phase, Piece, Plan};
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -171,14 +176,31 @@ impl Cluster {
         let cpus = (0..n).filter(|&i| backends.get(i).is_none_or(|b| *b == Backend::Cpu)).count();
         let per = (threads / cpus.max(1)).max(1);
         let endpoints = Fabric::with_timeout(n, timeout);
+        // Collectives and transfers between devices on distinct physical GPUs go through NCCL.
+        let gpu: Vec<Option<usize>> = (0..n)
+            .map(|i| match backends.get(i) {
+                Some(Backend::Cuda { ordinal, .. }) => Some(*ordinal),
+                _ => None,
+            })
+            .collect();
+        let ops = plan.devices.iter().enumerate().flat_map(|(i, d)| {
+            d.program.steps.iter().filter_map(move |st| match &st.kind {
+                StepKind::Op(op) => Some((i, op)),
+                _ => None,
+            })
+        });
+        let routes = nccl::routes(ops, &gpu);
+        let abort = Arc::new(Abort::default());
+        let setup = Setup::new(routes, gpu, abort.clone(), timeout);
         let mut workers = Vec::with_capacity(n);
         for (i, (dp, ep)) in plan.devices.iter().cloned().zip(endpoints).enumerate() {
             let (tx, crx) = mpsc::channel::<Cmd>();
             let (rtx, rx) = mpsc::channel::<Reply>();
             let hash = plan.hash;
             let backend = backends.get(i).cloned().unwrap_or(Backend::Cpu);
+            let net = Net { setup: setup.clone(), abort: abort.clone() };
             let handle =
-                std::thread::Builder::new().name(format!("device {}", dp.device)).spawn(move || device_main(dp, ep, hash, per, backend, crx, rtx)).ok();
+                std::thread::Builder::new().name(format!("device {}", dp.device)).spawn(move || device_main(dp, ep, net, hash, per, backend, crx, rtx)).ok();
             workers.push(Worker { tx, rx, handle });
         }
         Cluster { plan, workers, failed: None, stats: Vec::new() }
@@ -301,6 +323,8 @@ impl Drop for Cluster {
 /// Connects an executor to the other devices for one pass.
 struct Link<'a> {
     ep: &'a Endpoint,
+    /// This device's NCCL communicators, if it has any.
+    nccl: Option<&'a mut Nccl>,
     plan: u64,
     seq: u64,
     /// Seconds spent communicating.
@@ -323,6 +347,20 @@ impl Comm for Link<'_> {
         let r = self.transfer(op, input, out, out_shape);
         self.spent += t.elapsed().as_secs_f64();
         r
+    }
+
+    fn on_gpus(&mut self, op: &Op, f: &mut dyn FnMut(&mut Nccl) -> Result<(), KernelError>) -> Option<Result<(), KernelError>> {
+        let n = self.nccl.as_deref_mut()?;
+        n.route(op)?;
+        let t = std::time::Instant::now();
+        let r = f(n);
+        self.spent += t.elapsed().as_secs_f64();
+        if r.is_err() {
+            if let Some((by, reason)) = n.peer_failure() {
+                self.error = Some(TransportError::Aborted { device: self.ep.rank(), by, reason });
+            }
+        }
+        Some(r)
     }
 }
 
@@ -552,8 +590,27 @@ fn set_batch(exec: &mut dyn Engine, slot: usize, b: &Batch) -> Result<(), Kernel
     }
 }
 
-fn device_main(dp: DeviceProgram, ep: Endpoint, plan: u64, threads: usize, backend: Backend, rx: Receiver<Cmd>, tx: Sender<Reply>) {
+/// A device's share of the cluster's NCCL set-up, and the flag that stops
+/// every device waiting in NCCL when one fails.
+struct Net {
+    setup: Option<Arc<Setup>>,
+    abort: Arc<Abort>,
+}
+
+/// Ends the run for every device: the fabric, the NCCL waits, and this device's communicators.
+fn abort_all(ep: &Endpoint, abort: &Abort, nccl: Option<&mut Nccl>, m: &str) {
+    ep.abort(m);
+    abort.raise(ep.rank(), m);
+    if let Some(n) = nccl {
+        n.abort_all();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn device_main(dp: DeviceProgram, ep: Endpoint, net: Net, plan: u64, threads: usize, backend: Backend, rx: Receiver<Cmd>, tx: Sender<Reply>) {
     let dev = dp.device;
+    // Joins the NCCL communicators before anything can fail, so that no peer waits for this device.
+    let mut nccl = net.setup.as_ref().and_then(|s| s.join(ep.rank()));
     let built = std::panic::catch_unwind(AssertUnwindSafe(|| exec::engine(&backend, dp.program.clone(), threads, dp.slots)))
         .unwrap_or_else(|_| Err(KernelError::Invalid("building the executor panicked".into())));
     let mut exec = match built {
@@ -564,7 +621,7 @@ fn device_main(dp: DeviceProgram, ep: Endpoint, plan: u64, threads: usize, backe
                 (Backend::Cuda { ordinal, .. }, e) => format!("device {dev} cannot set up its program on GPU {ordinal}: {e}"),
                 (Backend::Cpu, e) => format!("device {dev} cannot compile its program: {e}"),
             };
-            ep.abort(&m);
+            abort_all(&ep, &net.abort, nccl.as_mut(), &m);
             // Answer every command with the failure.
             while rx.recv().is_ok() {
                 let _ = tx.send(Reply::Failed(m.clone(), false));
@@ -578,14 +635,14 @@ fn device_main(dp: DeviceProgram, ep: Endpoint, plan: u64, threads: usize, backe
             Cmd::Load { .. } => " while loading parameters".to_string(),
             Cmd::Read => " while reading parameters back".to_string(),
         };
-        let reply = std::panic::catch_unwind(AssertUnwindSafe(|| run_cmd(&dp, &ep, plan, exec.as_mut(), cmd))).unwrap_or_else(|p| {
+        let reply = std::panic::catch_unwind(AssertUnwindSafe(|| run_cmd(&dp, &ep, nccl.as_mut(), plan, exec.as_mut(), cmd))).unwrap_or_else(|p| {
             let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
             Err((format!("device {dev} failed{during}: internal error ({what})"), false))
         });
         let reply = match reply {
             Ok(r) => r,
             Err((m, secondary)) => {
-                ep.abort(&m);
+                abort_all(&ep, &net.abort, nccl.as_mut(), &m);
                 Reply::Failed(m, secondary)
             }
         };
@@ -597,7 +654,7 @@ fn device_main(dp: DeviceProgram, ep: Endpoint, plan: u64, threads: usize, backe
 
 type CmdResult = Result<Reply, (String, bool)>;
 
-fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, plan: u64, exec: &mut dyn Engine, cmd: Cmd) -> CmdResult {
+fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, mut nccl: Option<&mut Nccl>, plan: u64, exec: &mut dyn Engine, cmd: Cmd) -> CmdResult {
     let dev = dp.device;
     let kerr = |e: KernelError| (format!("device {dev}: {e}"), false);
     match cmd {
@@ -636,7 +693,8 @@ fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, plan: u64, exec: &mut dyn Engine, 
                     Phase::Backward => (Role::Backward, 2),
                     Phase::Update => (Role::Update, 3),
                 };
-                let mut link = Link { ep, plan, seq: (step << 32) | (code << 28) | ((instr.mb as u64) << 8), spent: 0.0, error: None };
+                let mut link =
+                    Link { ep, nccl: nccl.as_deref_mut(), plan, seq: (step << 32) | (code << 28) | ((instr.mb as u64) << 8), spent: 0.0, error: None };
                 let tp = std::time::Instant::now();
                 if instr.phase == Phase::Forward {
                     if let Some(b) = batches.get(instr.mb) {
@@ -677,7 +735,7 @@ mod tests {
             .enumerate()
             .map(|(r, ep)| {
                 std::thread::spawn(move || {
-                    let mut link = Link { ep: &ep, plan: 7, seq: 0, spent: 0.0, error: None };
+                    let mut link = Link { ep: &ep, nccl: None, plan: 7, seq: 0, spent: 0.0, error: None };
                     f(r, &mut link)
                 })
             })

@@ -13,6 +13,7 @@
 
 use crate::backend::cpu::jit::{CompiledKernel, Jit};
 use crate::backend::cpu::{ops, Arg, KernelError, Operand};
+use crate::backend::cuda::nccl::Nccl;
 use shardplan_compiler::graph::{Hyper, Op, Role};
 use shardplan_compiler::kernel::{BufId, BufKind, Elem, Program, StepKind};
 
@@ -123,6 +124,13 @@ pub trait Comm {
     /// Runs communication op `op` with operand `input` (none for a receive),
     /// writing its result to `out` (of shape `out_shape`).
     fn run(&mut self, op: &Op, input: Option<(&[f32], &[usize])>, out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError>;
+
+    /// Runs `op` through `f` on this device's NCCL communicators when it
+    /// goes between GPU devices on distinct physical GPUs; None when it takes
+    /// the host path ([`Comm::run`]).
+    fn on_gpus(&mut self, _op: &Op, _f: &mut dyn FnMut(&mut Nccl) -> Result<(), KernelError>) -> Option<Result<(), KernelError>> {
+        None
+    }
 }
 
 /// The executor's stand-in when no other device exists.

@@ -24,6 +24,7 @@
 //! table or the classes of the ops that read them, with the CPU kernels'
 //! error (`KernelError::Index`): the GPU kernels can then trust them.
 
+use super::nccl::Nccl;
 use super::{codegen, driver, Gemm, Launch};
 use crate::backend::cpu::KernelError;
 use crate::exec::{Comm, Data, Engine};
@@ -550,11 +551,16 @@ impl GpuExecutor {
         status.map_err(|e| format!("cuBLAS sgemm [{}×{}]·[{}×{}] × {batch} failed ({e:?})", g.m, g.k, g.k, g.n))
     }
 
-    /// A transfer or collective, staged through host memory.
+    /// A transfer or collective: through NCCL when the `Comm` routes it
+    /// there (devices on distinct physical GPUs), else staged through host memory.
     fn comm(&mut self, si: usize, slot: usize, comm: &mut dyn Comm) -> Result<(), KernelError> {
         let step = &self.program.steps[si];
         let StepKind::Op(op) = &step.kind else { return Err(err(format!("step {si} is not a transfer"))) };
         let op = op.clone();
+        if let Some(r) = comm.on_gpus(&op, &mut |n| self.comm_nccl(si, slot, &op, n)) {
+            return r;
+        }
+        let step = &self.program.steps[si];
         let out_shape = self.program.buffers[step.output.0 as usize].shape.clone();
         let input = match step.inputs.first() {
             Some(&b) if !matches!(op, Op::Recv { .. }) => {
@@ -578,6 +584,28 @@ impl GpuExecutor {
                 .map_err(|e| err(format!("GPU {ordinal}: step {si}: copying the result of {} to the device failed ({e:?})", op.name()))),
             _ => Err(err(format!("step {si}: {} writes a buffer that is not f32 of {} values", op.name(), out.len()))),
         }
+    }
+
+    /// A transfer or collective through NCCL, from and into device memory.
+    fn comm_nccl(&mut self, si: usize, slot: usize, op: &Op, nccl: &mut Nccl) -> Result<(), KernelError> {
+        let step = &self.program.steps[si];
+        let f32_at = |b: BufId| -> Result<(u64, Vec<usize>), KernelError> {
+            match self.mem(self.loc(b, slot))? {
+                m @ Mem::F32(_) => Ok((m.ptr(&self.stream), self.program.buffers[b.0 as usize].shape.clone())),
+                Mem::I32(_) => Err(err(format!("step {si}: {} moves buffer {} that is not f32", op.name(), b.0))),
+            }
+        };
+        let input = match step.inputs.first() {
+            Some(&b) if !matches!(op, Op::Recv { .. }) => Some(f32_at(b)?),
+            _ => None,
+        };
+        let out = f32_at(step.output)?;
+        nccl.run(&self.stream, op, input.as_ref().map(|(p, s)| (*p, s.as_slice())), (out.0, &out.1))
+            .map_err(|m| err(format!("GPU {}: step {si}: {m}", self.ordinal)))?;
+        if self.sync_each {
+            self.sync(&format!("the end of step {si} ({})", op.name()))?;
+        }
+        Ok(())
     }
 
     /// Bytes of every buffer this executor holds, buffer sets included.

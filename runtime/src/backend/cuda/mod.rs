@@ -15,6 +15,7 @@ use shardplan_compiler::kernel::BufId;
 pub mod codegen;
 pub mod driver;
 pub mod exec;
+pub mod nccl;
 pub mod nvrtc;
 
 /// What one step of a program becomes on a GPU (a step may need several).
