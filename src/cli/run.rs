@@ -475,6 +475,9 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
     let mut last_loss = f32::NAN;
     let mut recent: Vec<f32> = Vec::new();
     let mut epoch_order: Option<(u64, Vec<Vec<usize>>)> = None;
+    // Each step's wall time: the reported step time is their median, so the
+    // first steps (page faults, threads starting) do not weigh on it.
+    let mut step_times: Vec<f64> = Vec::new();
     for step in start..end {
         let epoch = step / per_epoch;
         if epoch_order.as_ref().is_none_or(|(e, _)| *e != epoch) {
@@ -518,6 +521,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
         let elapsed = loop_start.elapsed().as_secs_f64();
         let sps = ((step + 1 - start) as f64 * batch as f64) / elapsed.max(1e-9);
         let step_s = step_start.elapsed().as_secs_f64();
+        step_times.push(step_s);
         if let Trainer::Multi(cl) = &trainer {
             device_totals.resize(cl.stats().len(), (0.0, 0.0, 0));
             for (acc, st) in device_totals.iter_mut().zip(cl.stats()) {
@@ -612,7 +616,8 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
     if let (true, Trainer::Single(exec)) = (args.profile, &trainer) {
         print_profile(exec.as_ref(), trained);
     }
-    let measured = if trained > 0 { secs / trained as f64 } else { f64::NAN };
+    step_times.sort_by(f64::total_cmp);
+    let measured = step_times.get(step_times.len() / 2).copied().unwrap_or(f64::NAN);
     match &auto_choice {
         Some(best) => println!("  placement auto chose {}: predicted {:.2} ms per step, measured {:.2} ms", best.name(), best.step_s() * 1e3, measured * 1e3),
         None => {
