@@ -599,7 +599,8 @@ impl GpuExecutor {
             Some(&b) if !matches!(op, Op::Recv { .. }) => Some(f32_at(b)?),
             _ => None,
         };
-        let out = f32_at(step.output)?;
+        // A send writes nothing: its output buffer is not touched.
+        let out = if matches!(op, Op::Send { .. }) { (0, self.program.buffers[step.output.0 as usize].shape.clone()) } else { f32_at(step.output)? };
         nccl.run(&self.stream, op, input.as_ref().map(|(p, s)| (*p, s.as_slice())), (out.0, &out.1))
             .map_err(|m| err(format!("GPU {}: step {si}: {m}", self.ordinal)))?;
         if self.sync_each {
