@@ -110,7 +110,11 @@ def choice(prof, devices, rounds, steps):
     import json
     src = open(os.path.join(ROOT, "examples", "auto.plan")).read().replace("devices cpu x 4", f"devices cpu x {devices}")
     head = src[: src.index("\nplacement auto") + 1]
-    auto_plan = os.path.join(ROOT, "examples", f".bench_auto_{devices}.plan")
+    # Plans go to a folder of their own (with the examples' data beside them),
+    # never among the examples, which the tests read.
+    work = tempfile.mkdtemp()
+    os.symlink(os.path.join(ROOT, "examples", "data"), os.path.join(work, "data"))
+    auto_plan = os.path.join(work, f"auto_{devices}.plan")
     with open(auto_plan, "w") as f:
         f.write(src)
     try:
@@ -122,7 +126,7 @@ def choice(prof, devices, rounds, steps):
     times = {i: [] for i, _ in cands}
     for _ in range(rounds):
         for i, c in cands:
-            plan = os.path.join(ROOT, "examples", f".bench_candidate_{i}.plan")
+            plan = os.path.join(work, f"candidate_{i}.plan")
             with open(plan, "w") as f:
                 f.write(head + c["placement"])
             try:

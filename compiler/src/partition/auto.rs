@@ -175,6 +175,11 @@ struct UnitCost {
     tables: f64,
     /// Bytes of the unit's largest parameter.
     largest: f64,
+    /// Seconds on one core (matmuls and bytes moved) of the forward and
+    /// backward kernels, by how far their size lies above the size at which
+    /// a kernel spreads over threads: bucket `b` holds kernels
+    /// `2^(b − BUCKET0)` times that size at the full batch.
+    by_size: Vec<f64>,
     /// Bytes of the unit's output, which a split table leaves split and the
     /// next layer all-gathers.
     out: f64,
@@ -251,13 +256,24 @@ fn table_shards(c: &Checked, prefix: &str, t: usize) -> Vec<Shard> {
     shards
 }
 
+/// Elements below which the CPU backend runs a kernel on one thread.
+const THREADS_MIN: f64 = 65536.0;
+/// m·n·k below which a product runs on one thread.
+const GEMM_THREADS_MIN: f64 = 48.0 * 48.0 * 256.0;
+const BUCKETS: usize = 48;
+const BUCKET0: i32 = 24;
+
+fn size_bucket(size: f64, threshold: f64) -> usize {
+    ((size.max(1.0) / threshold).log2().floor() as i32 + BUCKET0).clamp(0, BUCKETS as i32 - 1) as usize
+}
+
 /// Summarises the training graph per unit (in forward order).
 fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitCost> {
     let prefixes: Vec<String> = units.iter().map(|u| unit_prefix(c, *u)).collect();
     let unit_of_param: Vec<Option<usize>> =
         c.model.params.iter().map(|p| prefixes.iter().position(|pre| p.path == *pre || p.path.starts_with(&format!("{pre}.")))).collect();
     let mut unit: Vec<Option<usize>> = vec![None; g.len()];
-    let mut out = vec![UnitCost::default(); units.len()];
+    let mut out = vec![UnitCost { by_size: vec![0.0; BUCKETS], ..UnitCost::default() }; units.len()];
     for id in g.ids() {
         let node = g.node(id);
         let args = g.args(id);
@@ -278,7 +294,9 @@ fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitC
                 let k = a.last().map(|d| d.size.max(1) as usize).unwrap_or(1);
                 let m = if a.len() >= 2 { a[a.len() - 2].size.max(1) as usize } else { 1 };
                 let nn = g.node(id).ty.shape.last().map(|d| d.size.max(1) as usize).unwrap_or(1);
-                out[u].flops += 2.0 * n * k as f64 / pr.matmul_rate(k.min(m).min(nn));
+                let secs = 2.0 * n * k as f64 / pr.matmul_rate(k.min(m).min(nn));
+                out[u].flops += secs;
+                out[u].by_size[size_bucket(n * k as f64, GEMM_THREADS_MIN)] += secs;
             }
             Op::Param(_) => {
                 out[u].params += 4.0 * n;
@@ -286,7 +304,11 @@ fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitC
             }
             Op::Reshape | Op::Input(_) | Op::Const(_) | Op::Hyper(_) | Op::State(_) | Op::Assign(_) => {}
             _ if node.role == Role::Update => out[u].update += 4.0 * n * (args.len() + 1) as f64,
-            _ => out[u].bytes += 4.0 * n * (args.len() + 1) as f64,
+            _ => {
+                let bytes = 4.0 * n * (args.len() + 1) as f64;
+                out[u].bytes += bytes;
+                out[u].by_size[size_bucket(n, THREADS_MIN)] += bytes / pr.elementwise_bytes;
+            }
         }
         if node.role != Role::Update && !matches!(node.op, Op::Reshape | Op::Param(_) | Op::Const(_)) {
             out[u].act += 4.0 * n;
@@ -406,7 +428,7 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
                 for &split_tables in table_choices {
                     for &schedule in schedules {
                         considered += 1;
-                        let shape = Shape { d, t, p, m, n, split_tables, schedule };
+                        let shape = Shape { d, t, p, m, n, split_tables, schedule, server: false };
                         let mut all = shards.clone();
                         if split_tables {
                             all.extend(tables.iter().cloned());
@@ -477,6 +499,8 @@ struct Shape {
     n: usize,
     split_tables: bool,
     schedule: Schedule,
+    /// A parameter server sums the gradients and updates (explicit placements only).
+    server: bool,
 }
 
 /// Predicted time and memory of one candidate.
@@ -493,7 +517,7 @@ fn evaluate(
     budget: Option<u64>,
     pr: &Profile,
 ) -> Candidate {
-    let Shape { d, t, p, m, n, split_tables, schedule } = shape;
+    let Shape { d, t, p, m, n, split_tables, schedule, server } = shape;
     // Matmul seconds on one core, spread over the devices' share of the cores.
     // A device runs on max(1, cores / n) cores; when devices outnumber the
     // cores they take turns, which the bound on total work below accounts for.
@@ -536,10 +560,29 @@ fn evaluate(
         }
         tp_comm = tp_comm.max(tp);
         let update: f64 = us.iter().map(|u| u.update * share(u)).sum::<f64>() / bw;
-        let pass = pr.efficiency * ((flops / rate + bytes / bw) / m as f64 + update / m as f64) + overhead;
-        core_seconds += pass * speed * (m * d * t) as f64;
+        // Kernels that a device's batch share leaves too small to spread over
+        // its threads run on one core.
+        let split = ((d * m) as f64).log2();
+        let serial: f64 = us
+            .iter()
+            .map(|u| u.by_size.iter().enumerate().filter(|(b, _)| ((*b as i32 - BUCKET0) as f64) < split).map(|(_, x)| x).sum::<f64>() * share(u))
+            .sum::<f64>()
+            / d as f64;
+        let compute = flops / rate + bytes / bw + serial * (1.0 - 1.0 / speed);
+        let work = pr.efficiency * compute / m as f64 + overhead;
+        let upd = pr.efficiency * update / m as f64;
+        let pass = work + upd;
+        // Every data-parallel replica repeats the update, unless a parameter server does it once.
+        let updates = if server { 1 } else { d };
+        core_seconds += (work * (m * d * t) as f64 + upd * (m * updates * t) as f64) * speed;
         stage_time.push(pass + tp / m as f64);
-        dp_comm = dp_comm.max(ring(params, d, 2.0, pr));
+        dp_comm = dp_comm.max(if server {
+            // Every worker sends its gradients to the server and receives the parameters
+            // back: the server's link carries them one worker after another.
+            2.0 * ((d - 1) as f64 * params / pr.link_bytes + pr.link_latency)
+        } else {
+            ring(params, d, 2.0, pr)
+        });
         if s + 1 < cuts.len() {
             let boundary = us.last().map(|u| u.pair_bytes.max(u.act / 16.0)).unwrap_or(0.0) / (d * m) as f64;
             pp_comm += 2.0 * (boundary / pr.link_bytes + pr.link_latency) * m as f64;
@@ -631,7 +674,18 @@ pub fn predict(c: &Checked, g: &Graph, pr: &Profile) -> Option<Candidate> {
     let tables: Vec<usize> = units.iter().flat_map(|u| table_shards(c, &unit_prefix(c, *u), t)).map(|s| s.param).collect();
     let split_tables = t > 1 && e.shards.iter().any(|s| tables.contains(&s.param));
     let schedule = e.pipeline.as_ref().map(|x| x.schedule).unwrap_or(Schedule::OneFOneB);
-    Some(evaluate(c, &costs, &units, &cuts, &pairs, e.shards.clone(), Shape { d, t, p, m, n, split_tables, schedule }, states, None, pr))
+    Some(evaluate(
+        c,
+        &costs,
+        &units,
+        &cuts,
+        &pairs,
+        e.shards.clone(),
+        Shape { d, t, p, m, n, split_tables, schedule, server: e.parameter_server.is_some() },
+        states,
+        None,
+        pr,
+    ))
 }
 
 /// The explicit placement a candidate stands for.
