@@ -141,12 +141,15 @@ pub fn calibrate(out: &Path) -> std::process::ExitCode {
         op_overhead: m.op_overhead,
         matmul_by_size: m.matmul.clone(),
         efficiency: 1.0,
+        thread_speedup: None,
     };
     match fit(&p) {
-        Ok((e, o)) => {
+        Ok((e, o, speedup)) => {
             println!("fitted on three reference steps: compute takes {e:.2}× the model's time, {:.2} µs per kernel", o * 1e6);
+            println!("the compute-bound step on {} threads: {speedup:.2}× as fast as on one", p.cores);
             p.efficiency = e;
             p.op_overhead = o;
+            p.thread_speedup = Some(speedup);
         }
         Err(e) => eprintln!("warning: the reference steps could not be run ({e}); the profile keeps the raw rates"),
     }
@@ -187,46 +190,30 @@ data d = text(\"reference.txt\")
 train { model: G, data: d, batch: 8, seq: 64, steps: 1, optimizer: adam(lr: 0.001) }",
 ];
 
-/// Fits the compute efficiency and the cost per kernel from measured steps
-/// of the reference plans: T = e · compute + o · kernels, least squares in
-/// relative error (each reference counts alike, whatever its size).
-fn fit(base: &Profile) -> Result<(f64, f64), String> {
-    use shardplan_compiler::kernel::BufKind;
-    use shardplan_runtime::exec::{Data, Executor};
+/// Fits the compute efficiency and the cost per kernel from steps of the
+/// reference plans run on one thread: T = e · compute + o · kernels, least
+/// squares in relative error (each reference counts alike, whatever its
+/// size). Then measures how much faster the compute-bound step runs on every
+/// core than on one.
+fn fit(base: &Profile) -> Result<(f64, f64, f64), String> {
     let mut rows = Vec::new();
     for src in REFERENCES {
         let (c, d) = shardplan_compiler::check_source(src.as_bytes());
         let c = c.ok_or_else(|| format!("a reference plan does not check: {:?}", d.iter().map(|d| d.message.clone()).collect::<Vec<_>>()))?;
         let g = shardplan_compiler::autodiff::differentiate(shardplan_compiler::graph::build(&c), &c);
-        let compute = auto::predict(&c, &g, &Profile { op_overhead: 0.0, ..base.clone() }).map(|x| x.step_s()).unwrap_or(0.0);
-        let kernels = auto::predict(&c, &g, &Profile { op_overhead: 1.0, ..base.clone() }).map(|x| x.step_s()).unwrap_or(0.0) - compute;
+        let one = Profile { cores: 1, ..base.clone() };
+        let compute = auto::predict(&c, &g, &Profile { op_overhead: 0.0, ..one.clone() }).map(|x| x.step_s()).unwrap_or(0.0);
+        let kernels = auto::predict(&c, &g, &Profile { op_overhead: 1.0, ..one.clone() }).map(|x| x.step_s()).unwrap_or(0.0) - compute;
         let program = shardplan_compiler::kernel::lower(&g);
-        let mut exec = Executor::new(program.clone(), base.cores).map_err(|e| e.to_string())?;
-        for b in &program.buffers {
-            let n = b.len();
-            let r = match (&b.kind, b.elem) {
-                (BufKind::Param(_) | BufKind::Input(_) | BufKind::State(_), shardplan_compiler::kernel::Elem::F32) => {
-                    let v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1).collect();
-                    exec.set(&b.kind, Data::F32(&v))
-                }
-                (BufKind::Input(_), _) => exec.set(&b.kind, Data::I32(&vec![1; n])),
-                _ => Ok(()),
-            };
-            r.map_err(|e| e.to_string())?;
+        let mut times = [0.0; 2];
+        for (slot, threads) in [(0, 1), (1, base.cores.max(1))] {
+            times[slot] = median_step(&program, threads)?;
         }
-        let hyper = |_| 0.001;
-        let mut times = Vec::new();
-        for _ in 0..25 {
-            let t = std::time::Instant::now();
-            exec.step(&hyper).map_err(|e| e.to_string())?;
-            times.push(t.elapsed().as_secs_f64());
-        }
-        times.sort_by(f64::total_cmp);
-        rows.push((compute, kernels, times[times.len() / 2]));
+        rows.push((compute, kernels, times[0], times[1]));
     }
     // Rows (c/t, k/t) against 1: the normal equations of a 2 × 2 system.
     let (mut aa, mut ab, mut bb, mut ay, mut by) = (0.0, 0.0, 0.0, 0.0, 0.0);
-    for &(c, k, t) in &rows {
+    for &(c, k, t, _) in &rows {
         let (a, b) = (c / t, k / t);
         aa += a * a;
         ab += a * b;
@@ -240,5 +227,34 @@ fn fit(base: &Profile) -> Result<(f64, f64), String> {
     }
     let e = (ay * bb - by * ab) / det;
     let o = (aa * by - ab * ay) / det;
-    Ok((e.clamp(0.5, 20.0), o.clamp(0.0, 1e-3)))
+    let speedup = rows.first().map(|r| r.2 / r.3).unwrap_or(1.0);
+    Ok((e.clamp(0.5, 20.0), o.clamp(0.0, 1e-3), speedup.clamp(1.0, base.cores.max(1) as f64)))
+}
+
+/// The median time of 25 steps of `program` on `threads` threads, on fixed pseudo-random data.
+fn median_step(program: &shardplan_compiler::kernel::Program, threads: usize) -> Result<f64, String> {
+    use shardplan_compiler::kernel::BufKind;
+    use shardplan_runtime::exec::{Data, Executor};
+    let mut exec = Executor::new(program.clone(), threads).map_err(|e| e.to_string())?;
+    for b in &program.buffers {
+        let n = b.len();
+        let r = match (&b.kind, b.elem) {
+            (BufKind::Param(_) | BufKind::Input(_) | BufKind::State(_), shardplan_compiler::kernel::Elem::F32) => {
+                let v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1).collect();
+                exec.set(&b.kind, Data::F32(&v))
+            }
+            (BufKind::Input(_), _) => exec.set(&b.kind, Data::I32(&vec![1; n])),
+            _ => Ok(()),
+        };
+        r.map_err(|e| e.to_string())?;
+    }
+    let hyper = |_| 0.001;
+    let mut times = Vec::new();
+    for _ in 0..25 {
+        let t = std::time::Instant::now();
+        exec.step(&hyper).map_err(|e| e.to_string())?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }

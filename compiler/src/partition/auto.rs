@@ -43,6 +43,10 @@ pub struct Profile {
     /// more than the peak rates above).
     #[serde(default = "one")]
     pub efficiency: f64,
+    /// How much faster a step runs on all `cores` threads than on one,
+    /// measured by `calibrate` (None: as many times as there are cores).
+    #[serde(default)]
+    pub thread_speedup: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -50,6 +54,21 @@ fn one() -> f64 {
 }
 
 impl Profile {
+    /// How many times faster than one core a device runs when `n` devices
+    /// share the machine: the machine with every core busy does the work of
+    /// `throughput()` cores, split evenly between the devices.
+    pub fn device_speed(&self, n: usize) -> f64 {
+        self.throughput() / n.max(1) as f64
+    }
+
+    /// The work of how many lone cores the machine does with every core busy
+    /// (below the core count where cores share caches, memory bandwidth or a
+    /// physical core), as `calibrate` measures it; else the core count.
+    pub fn throughput(&self) -> f64 {
+        let cores = self.cores.max(1) as f64;
+        self.thread_speedup.unwrap_or(cores).clamp(1.0, cores)
+    }
+
     /// FLOP/s of one core for a product whose smallest dim is `k`.
     pub fn matmul_rate(&self, k: usize) -> f64 {
         let mut rate = self.matmul_by_size.first().map(|x| x.1).unwrap_or(self.matmul_flops);
@@ -77,6 +96,7 @@ impl Default for Profile {
             op_overhead: default_overhead(),
             matmul_by_size: Vec::new(),
             efficiency: 1.0,
+            thread_speedup: None,
         }
     }
 }
@@ -521,7 +541,7 @@ fn evaluate(
     // Matmul seconds on one core, spread over the devices' share of the cores.
     // A device runs on max(1, cores / n) cores; when devices outnumber the
     // cores they take turns, which the bound on total work below accounts for.
-    let speed = (pr.cores as f64 / n as f64).max(1.0);
+    let speed = pr.device_speed(n);
     let rate = speed;
     let bw = pr.elementwise_bytes * speed;
     let mut core_seconds = 0.0;
@@ -568,7 +588,8 @@ fn evaluate(
             .map(|u| u.by_size.iter().enumerate().filter(|(b, _)| ((*b as i32 - BUCKET0) as f64) < split).map(|(_, x)| x).sum::<f64>() * share(u))
             .sum::<f64>()
             / d as f64;
-        let compute = flops / rate + bytes / bw + serial * (1.0 - 1.0 / speed);
+        // Kernels too small to split run on one thread, no faster than one core.
+        let compute = flops / rate + bytes / bw + serial * (1.0 / speed.min(1.0) - 1.0 / speed);
         let work = pr.efficiency * compute / m as f64 + overhead;
         let upd = pr.efficiency * update / m as f64;
         let pass = work + upd;
@@ -603,7 +624,7 @@ fn evaluate(
     // The step takes at least its critical path ((m + p − 1) passes of the
     // slowest stage) and at least the total work over the cores.
     let path = slowest * (m + p - 1) as f64;
-    let work = core_seconds / pr.cores.max(1) as f64;
+    let work = core_seconds / pr.throughput();
     let compute = (slowest * m as f64 - tp_comm).max(work - tp_comm).max(0.0);
     let bubble = (path.max(work) - compute - tp_comm).max(0.0);
     let memory = stage_mem.iter().cloned().fold(0.0, f64::max) as u64;
