@@ -142,14 +142,16 @@ pub fn calibrate(out: &Path) -> std::process::ExitCode {
         matmul_by_size: m.matmul.clone(),
         efficiency: 1.0,
         thread_speedup: None,
+        bytes_speedup: None,
     };
     match fit(&p) {
-        Ok((e, o, speedup)) => {
+        Ok((e, o, (mm, bytes))) => {
             println!("fitted on three reference steps: compute takes {e:.2}× the model's time, {:.2} µs per kernel", o * 1e6);
-            println!("the compute-bound step on {} threads: {speedup:.2}× as fast as on one", p.cores);
+            println!("on {} threads, the compute-bound step runs {mm:.2}× as fast as on one, the transformer step {bytes:.2}×", p.cores);
             p.efficiency = e;
             p.op_overhead = o;
-            p.thread_speedup = Some(speedup);
+            p.thread_speedup = Some(mm);
+            p.bytes_speedup = Some(bytes);
         }
         Err(e) => eprintln!("warning: the reference steps could not be run ({e}); the profile keeps the raw rates"),
     }
@@ -193,9 +195,9 @@ train { model: G, data: d, batch: 8, seq: 64, steps: 1, optimizer: adam(lr: 0.00
 /// Fits the compute efficiency and the cost per kernel from steps of the
 /// reference plans run on one thread: T = e · compute + o · kernels, least
 /// squares in relative error (each reference counts alike, whatever its
-/// size). Then measures how much faster the compute-bound step runs on every
-/// core than on one.
-fn fit(base: &Profile) -> Result<(f64, f64, f64), String> {
+/// size). Then measures how much faster the compute-bound step and the
+/// transformer step run on every core than on one.
+fn fit(base: &Profile) -> Result<(f64, f64, (f64, f64)), String> {
     let mut rows = Vec::new();
     for src in REFERENCES {
         let (c, d) = shardplan_compiler::check_source(src.as_bytes());
@@ -227,8 +229,13 @@ fn fit(base: &Profile) -> Result<(f64, f64, f64), String> {
     }
     let e = (ay * bb - by * ab) / det;
     let o = (aa * by - ab * ay) / det;
-    let speedup = rows.first().map(|r| r.2 / r.3).unwrap_or(1.0);
-    Ok((e.clamp(0.5, 20.0), o.clamp(0.0, 1e-3), speedup.clamp(1.0, base.cores.max(1) as f64)))
+    let cores = base.cores.max(1) as f64;
+    let speedup = |r: Option<&(f64, f64, f64, f64)>| r.map(|r| r.2 / r.3).unwrap_or(1.0).clamp(1.0, cores);
+    let speedups = (speedup(rows.first()), speedup(rows.last()));
+    for (name, &(c, k, t, _)) in ["compute-bound MLP", "tiny MLP", "small transformer"].iter().zip(&rows) {
+        println!("  reference {name:<18} one thread: measured {:.3} ms, fitted {:.3} ms", t * 1e3, (e * c + o * k) * 1e3);
+    }
+    Ok((e.clamp(0.5, 20.0), o.clamp(0.0, 1e-3), speedups))
 }
 
 /// The median time of 25 steps of `program` on `threads` threads, on fixed pseudo-random data.

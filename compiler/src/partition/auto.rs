@@ -47,6 +47,10 @@ pub struct Profile {
     /// measured by `calibrate` (None: as many times as there are cores).
     #[serde(default)]
     pub thread_speedup: Option<f64>,
+    /// The same for a step of many memory-bound kernels (a transformer's
+    /// norms, softmaxes and transposes); None: as `thread_speedup`.
+    #[serde(default)]
+    pub bytes_speedup: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -54,19 +58,23 @@ fn one() -> f64 {
 }
 
 impl Profile {
-    /// How many times faster than one core a device runs when `n` devices
-    /// share the machine: the machine with every core busy does the work of
-    /// `throughput()` cores, split evenly between the devices.
-    pub fn device_speed(&self, n: usize) -> f64 {
-        self.throughput() / n.max(1) as f64
+    /// How many times faster than one core a device runs its matmuls (and,
+    /// second, its memory-bound kernels) when `n` devices share the machine:
+    /// the machine with every core busy does the work of `throughput()`
+    /// cores, split evenly between the devices.
+    pub fn device_speed(&self, n: usize) -> (f64, f64) {
+        let (mm, bytes) = self.throughput();
+        (mm / n.max(1) as f64, bytes / n.max(1) as f64)
     }
 
     /// The work of how many lone cores the machine does with every core busy
     /// (below the core count where cores share caches, memory bandwidth or a
-    /// physical core), as `calibrate` measures it; else the core count.
-    pub fn throughput(&self) -> f64 {
+    /// physical core), as `calibrate` measures it; else the core count. For
+    /// matmuls, then for memory-bound kernels.
+    pub fn throughput(&self) -> (f64, f64) {
         let cores = self.cores.max(1) as f64;
-        self.thread_speedup.unwrap_or(cores).clamp(1.0, cores)
+        let mm = self.thread_speedup.unwrap_or(cores).clamp(1.0, cores);
+        (mm, self.bytes_speedup.unwrap_or(mm).clamp(1.0, cores))
     }
 
     /// FLOP/s of one core for a product whose smallest dim is `k`.
@@ -97,6 +105,7 @@ impl Default for Profile {
             matmul_by_size: Vec::new(),
             efficiency: 1.0,
             thread_speedup: None,
+            bytes_speedup: None,
         }
     }
 }
@@ -200,6 +209,8 @@ struct UnitCost {
     /// a kernel spreads over threads: bucket `b` holds kernels
     /// `2^(b − BUCKET0)` times that size at the full batch.
     by_size: Vec<f64>,
+    /// The same for matmuls.
+    mm_by_size: Vec<f64>,
     /// Bytes of the unit's output, which a split table leaves split and the
     /// next layer all-gathers.
     out: f64,
@@ -293,7 +304,7 @@ fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitC
     let unit_of_param: Vec<Option<usize>> =
         c.model.params.iter().map(|p| prefixes.iter().position(|pre| p.path == *pre || p.path.starts_with(&format!("{pre}.")))).collect();
     let mut unit: Vec<Option<usize>> = vec![None; g.len()];
-    let mut out = vec![UnitCost { by_size: vec![0.0; BUCKETS], ..UnitCost::default() }; units.len()];
+    let mut out = vec![UnitCost { by_size: vec![0.0; BUCKETS], mm_by_size: vec![0.0; BUCKETS], ..UnitCost::default() }; units.len()];
     for id in g.ids() {
         let node = g.node(id);
         let args = g.args(id);
@@ -316,7 +327,7 @@ fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitC
                 let nn = g.node(id).ty.shape.last().map(|d| d.size.max(1) as usize).unwrap_or(1);
                 let secs = 2.0 * n * k as f64 / pr.matmul_rate(k.min(m).min(nn));
                 out[u].flops += secs;
-                out[u].by_size[size_bucket(n * k as f64, GEMM_THREADS_MIN)] += secs;
+                out[u].mm_by_size[size_bucket(n * k as f64, GEMM_THREADS_MIN)] += secs;
             }
             Op::Param(_) => {
                 out[u].params += 4.0 * n;
@@ -541,10 +552,10 @@ fn evaluate(
     // Matmul seconds on one core, spread over the devices' share of the cores.
     // A device runs on max(1, cores / n) cores; when devices outnumber the
     // cores they take turns, which the bound on total work below accounts for.
-    let speed = pr.device_speed(n);
-    let rate = speed;
-    let bw = pr.elementwise_bytes * speed;
-    let mut core_seconds = 0.0;
+    let (speed, bspeed) = pr.device_speed(n);
+    let bw = pr.elementwise_bytes * bspeed;
+    // Seconds of one lone core: matmuls, then memory-bound kernels.
+    let (mut core_mm, mut core_bytes) = (0.0, 0.0);
     let mut stage_time = Vec::new();
     let mut stage_mem = Vec::new();
     let mut dp_comm: f64 = 0.0;
@@ -583,19 +594,23 @@ fn evaluate(
         // Kernels that a device's batch share leaves too small to spread over
         // its threads run on one core.
         let split = ((d * m) as f64).log2();
-        let serial: f64 = us
-            .iter()
-            .map(|u| u.by_size.iter().enumerate().filter(|(b, _)| ((*b as i32 - BUCKET0) as f64) < split).map(|(_, x)| x).sum::<f64>() * share(u))
-            .sum::<f64>()
-            / d as f64;
+        let small = |h: &dyn Fn(&UnitCost) -> &Vec<f64>| {
+            us.iter()
+                .map(|u| h(u).iter().enumerate().filter(|(b, _)| ((*b as i32 - BUCKET0) as f64) < split).map(|(_, x)| x).sum::<f64>() * share(u))
+                .sum::<f64>()
+                / d as f64
+        };
+        let (serial_mm, serial_bytes) = (small(&|u| &u.mm_by_size), small(&|u| &u.by_size));
         // Kernels too small to split run on one thread, no faster than one core.
-        let compute = flops / rate + bytes / bw + serial * (1.0 / speed.min(1.0) - 1.0 / speed);
+        let lone = |v: f64| 1.0 / v.min(1.0) - 1.0 / v;
+        let compute = flops / speed + bytes / bw + serial_mm * lone(speed) + serial_bytes * lone(bspeed);
         let work = pr.efficiency * compute / m as f64 + overhead;
         let upd = pr.efficiency * update / m as f64;
         let pass = work + upd;
         // Every data-parallel replica repeats the update, unless a parameter server does it once.
         let updates = if server { 1 } else { d };
-        core_seconds += (work * (m * d * t) as f64 + upd * (m * updates * t) as f64) * speed;
+        core_mm += pr.efficiency * flops * (d * t) as f64;
+        core_bytes += pr.efficiency * (bytes / pr.elementwise_bytes) * (d * t) as f64 + overhead * (m * d * t) as f64 + upd * bspeed * (m * updates * t) as f64;
         stage_time.push(pass + tp / m as f64);
         dp_comm = dp_comm.max(if server {
             // Every worker sends its gradients to the server and receives the parameters
@@ -624,7 +639,8 @@ fn evaluate(
     // The step takes at least its critical path ((m + p − 1) passes of the
     // slowest stage) and at least the total work over the cores.
     let path = slowest * (m + p - 1) as f64;
-    let work = core_seconds / pr.throughput();
+    let (mm, by) = pr.throughput();
+    let work = core_mm / mm + core_bytes / by;
     let compute = (slowest * m as f64 - tp_comm).max(work - tp_comm).max(0.0);
     let bubble = (path.max(work) - compute - tp_comm).max(0.0);
     let memory = stage_mem.iter().cloned().fold(0.0, f64::max) as u64;
