@@ -59,12 +59,15 @@ fn one() -> f64 {
 
 impl Profile {
     /// How many times faster than one core a device runs its matmuls (and,
-    /// second, its memory-bound kernels) when `n` devices share the machine:
-    /// the machine with every core busy does the work of `throughput()`
-    /// cores, split evenly between the devices.
+    /// second, its memory-bound kernels) while it computes, when `n` devices
+    /// share the machine: with every core busy the machine does the work of
+    /// `throughput()` cores, split evenly between the devices that run at
+    /// once (at most one per core; devices beyond the cores take turns, which
+    /// the bound on total work accounts for).
     pub fn device_speed(&self, n: usize) -> (f64, f64) {
         let (mm, bytes) = self.throughput();
-        (mm / n.max(1) as f64, bytes / n.max(1) as f64)
+        let running = n.clamp(1, self.cores.max(1)) as f64;
+        (mm / running, bytes / running)
     }
 
     /// The work of how many lone cores the machine does with every core busy
