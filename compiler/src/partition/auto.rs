@@ -65,9 +65,21 @@ impl Profile {
     /// once (at most one per core; devices beyond the cores take turns, which
     /// the bound on total work accounts for).
     pub fn device_speed(&self, n: usize) -> (f64, f64) {
-        let (mm, bytes) = self.throughput();
+        let (mm, bytes) = self.throughput_for(n);
         let running = n.clamp(1, self.cores.max(1)) as f64;
         (mm / running, bytes / running)
+    }
+
+    /// [`Profile::throughput`] for `n` devices: memory-bound kernels split
+    /// over one device's threads gain less than the cores' throughput (the
+    /// threads meet after every kernel), devices of their own do not.
+    pub fn throughput_for(&self, n: usize) -> (f64, f64) {
+        let (mm, bytes) = self.throughput();
+        if n >= self.cores.max(1) {
+            (mm, mm)
+        } else {
+            (mm, bytes)
+        }
     }
 
     /// The work of how many lone cores the machine does with every core busy
@@ -642,7 +654,7 @@ fn evaluate(
     // The step takes at least its critical path ((m + p − 1) passes of the
     // slowest stage) and at least the total work over the cores.
     let path = slowest * (m + p - 1) as f64;
-    let (mm, by) = pr.throughput();
+    let (mm, by) = pr.throughput_for(n);
     let work = core_mm / mm + core_bytes / by;
     let compute = (slowest * m as f64 - tp_comm).max(work - tp_comm).max(0.0);
     let bubble = (path.max(work) - compute - tp_comm).max(0.0);
