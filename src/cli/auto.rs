@@ -230,7 +230,7 @@ fn fit(base: &Profile) -> Result<(f64, f64, (f64, f64)), String> {
     let e = (ay * bb - by * ab) / det;
     let o = (aa * by - ab * ay) / det;
     let cores = base.cores.max(1) as f64;
-    let speedup = |r: Option<&(f64, f64, f64, f64)>| r.map(|r| r.2 / r.3).unwrap_or(1.0).clamp(1.0, cores);
+    let speedup = |r: Option<&(f64, f64, f64, f64)>| r.map(|r| r.2 / r.3).unwrap_or(1.0).clamp(0.5, cores);
     let speedups = (speedup(rows.first()), speedup(rows.last()));
     for (name, &(c, k, t, _)) in ["compute-bound MLP", "tiny MLP", "small transformer"].iter().zip(&rows) {
         println!("  reference {name:<18} one thread: measured {:.3} ms, fitted {:.3} ms", t * 1e3, (e * c + o * k) * 1e3);

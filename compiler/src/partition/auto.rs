@@ -89,7 +89,8 @@ impl Profile {
     pub fn throughput(&self) -> (f64, f64) {
         let cores = self.cores.max(1) as f64;
         let mm = self.thread_speedup.unwrap_or(cores).clamp(1.0, cores);
-        (mm, self.bytes_speedup.unwrap_or(mm).clamp(1.0, cores))
+        // Below 1 where splitting small kernels over threads costs more than it gains.
+        (mm, self.bytes_speedup.unwrap_or(mm).clamp(0.5, cores))
     }
 
     /// FLOP/s of one core for a product whose smallest dim is `k`.
@@ -616,8 +617,9 @@ fn evaluate(
                 / d as f64
         };
         let (serial_mm, serial_bytes) = (small(&|u| &u.mm_by_size), small(&|u| &u.by_size));
-        // Kernels too small to split run on one thread, no faster than one core.
-        let lone = |v: f64| 1.0 / v.min(1.0) - 1.0 / v;
+        // Kernels too small to split run on one thread: at one core's speed
+        // when the device has cores to itself, else at its share.
+        let lone = |v: f64| 1.0 / if n < pr.cores { 1.0 } else { v.min(1.0) } - 1.0 / v;
         let compute = flops / speed + bytes / bw + serial_mm * lone(speed) + serial_bytes * lone(bspeed);
         let work = pr.efficiency * compute / m as f64 + overhead;
         let upd = pr.efficiency * update / m as f64;
@@ -664,6 +666,10 @@ fn evaluate(
     // transfers hide behind the other stages' compute, and only the fill
     // and drain (one transfer per boundary each way) stay on the critical path.
     let exposed_pp = if m > 0 { pp_comm * (2.0 * (p - 1) as f64 / (2.0 * m as f64 * (p - 1).max(1) as f64)).min(1.0) } else { pp_comm };
+    // Several devices: each step the runtime hands the device threads their
+    // command and collects their replies: two thread wake-ups (about a
+    // message's latency each) on the step's critical path.
+    let dispatch = if n > 1 { 2.0 * pr.link_latency } else { 0.0 };
     Candidate {
         data: d,
         model: t,
@@ -673,7 +679,7 @@ fn evaluate(
         sharded_embeddings: split_tables,
         stages: stages.iter().map(|s| s.iter().map(|u| c.model.unit_name(*u)).collect()).collect(),
         compute_s: compute.max(0.0),
-        comm_s: tp_comm + dp_comm + exposed_pp,
+        comm_s: tp_comm + dp_comm + exposed_pp + dispatch,
         overlapped_s: pp_comm - exposed_pp,
         bubble_s: bubble,
         memory,
