@@ -27,6 +27,7 @@ mod rowwise;
 mod tests;
 
 pub use matmul::matmul;
+pub(crate) use matmul::{batch_dims, broadcast_batch};
 
 use super::{Arg, KernelError, Operand};
 use shardplan_compiler::graph::Op;

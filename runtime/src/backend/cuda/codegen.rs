@@ -31,6 +31,7 @@ mod tests;
 mod writer;
 
 use super::{Gemm, Kernel, Launch};
+use crate::backend::cpu::ops::{batch_dims, broadcast_batch};
 use shardplan_compiler::graph::Op;
 use shardplan_compiler::kernel::{BufId, BufKind, Buffer, Elem, Program, Step, StepKind};
 
@@ -296,42 +297,19 @@ fn gemm(io: &Io<'_>, trans_a: bool, trans_b: bool) -> Result<Vec<Launch>, String
     if b_count == 1 && ((a_count == nb && !trans_a) || nb == 1) {
         return Ok(vec![Launch::Gemm(Gemm { a: ia, b: ib, out: io.out, m: nb * m, n, k, trans_a, trans_b, a_offsets: vec![0], b_offsets: vec![0] })]);
     }
-    let (a_len, b_len) = (m * k, k * n);
-    let strides = |s: &[usize], unit: usize| -> Vec<usize> {
-        let pad = batch.len() - s.len();
-        let mut st = vec![0; batch.len()];
-        let mut acc = unit;
-        for d in (0..s.len()).rev() {
-            st[pad + d] = if s[d] == 1 { 0 } else { acc };
-            acc *= s[d];
-        }
-        st
-    };
-    let (sa, sb) = (strides(a_batch, a_len), strides(b_batch, b_len));
+    // Each product's operand offsets: an odometer over the output's batch dims.
+    let dims = batch_dims(&batch, a_batch, b_batch, m * k, k * n);
     let (mut a_offsets, mut b_offsets) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
     for i in 0..nb {
         let (mut rest, mut oa, mut ob) = (i, 0, 0);
-        for d in (0..batch.len()).rev() {
-            let digit = rest % batch[d];
-            rest /= batch[d];
-            oa += digit * sa[d];
-            ob += digit * sb[d];
+        for &(size, sa, sb) in dims.iter().rev() {
+            let digit = rest % size;
+            rest /= size;
+            oa += digit * sa;
+            ob += digit * sb;
         }
         a_offsets.push(oa);
         b_offsets.push(ob);
     }
     Ok(vec![Launch::Gemm(Gemm { a: ia, b: ib, out: io.out, m, n, k, trans_a, trans_b, a_offsets, b_offsets })])
-}
-
-/// The broadcast of two batch shapes (right-aligned), if they broadcast.
-fn broadcast_batch(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
-    let r = a.len().max(b.len());
-    let at = |s: &[usize], d: usize| if d + s.len() < r { 1 } else { s[d + s.len() - r] };
-    (0..r)
-        .map(|d| match (at(a, d), at(b, d)) {
-            (x, y) if x == y || y == 1 => Some(x),
-            (1, y) => Some(y),
-            _ => None,
-        })
-        .collect()
 }

@@ -105,7 +105,7 @@ pub fn matmul(a: &Operand<'_>, trans_a: bool, b: &Operand<'_>, trans_b: bool, ou
 }
 
 /// The broadcast of two batch shapes (right-aligned), if they broadcast.
-fn broadcast_batch(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+pub(crate) fn broadcast_batch(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let r = a.len().max(b.len());
     let at = |s: &[usize], d: usize| if d + s.len() < r { 1 } else { s[d + s.len() - r] };
     (0..r)
@@ -119,7 +119,7 @@ fn broadcast_batch(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
 
 /// Odometer dims over the output batch: (size, a stride, b stride), with
 /// stride 0 where an operand is broadcast.
-fn batch_dims(batch: &[usize], a: &[usize], b: &[usize], a_len: usize, b_len: usize) -> Vec<(usize, usize, usize)> {
+pub(crate) fn batch_dims(batch: &[usize], a: &[usize], b: &[usize], a_len: usize, b_len: usize) -> Vec<(usize, usize, usize)> {
     let strides = |s: &[usize], unit: usize| -> Vec<usize> {
         let pad = batch.len() - s.len();
         let mut st = vec![0; batch.len()];
