@@ -33,8 +33,15 @@ pub fn search(c: &Checked, g: &Graph, p: &Profile) -> (Search, f64) {
     (s, t.elapsed().as_secs_f64())
 }
 
-fn ms(s: f64) -> String {
-    format!("{:.2} ms", s * 1e3)
+/// Milliseconds with three significant figures below 1 ms (steps of
+/// small models take tens of microseconds), two decimals above.
+pub fn ms(s: f64) -> String {
+    let v = s * 1e3;
+    match v.abs() {
+        a if a >= 1.0 || a < 5e-5 => format!("{:.2} ms", if a < 5e-5 { 0.0 } else { v }),
+        a if a >= 0.1 => format!("{v:.3} ms"),
+        _ => format!("{v:.4} ms"),
+    }
 }
 
 fn mib(b: u64) -> String {
@@ -106,6 +113,27 @@ pub fn explain(file: &str, s: &Search, secs: f64) -> String {
     for line in s.placement.lines() {
         out += &format!("  {line}\n");
     }
+    out
+}
+
+/// What `inspect --explain` prints for a plan that places itself: the cost
+/// model's predicted step, broken down as for a candidate of the search.
+pub fn explain_placed(file: &str, c: &Candidate) -> String {
+    let mut out = format!("{file}: {} as placed, by the cost model\n", c.name());
+    if c.pipe > 1 {
+        out += &format!("  stages: {}\n", c.stages.iter().map(|s| s.join(", ")).collect::<Vec<_>>().join(" | "));
+    }
+    out += &format!(
+        "  predicted step {} = compute {} + communication {} + pipeline bubble {}\n",
+        ms(c.step_s()),
+        ms(c.compute_s),
+        ms(c.comm_s),
+        ms(c.bubble_s)
+    );
+    if c.overlapped_s > 0.0 {
+        out += &format!("  (a further {} of pipeline transfers hides behind compute)\n", ms(c.overlapped_s));
+    }
+    out += &format!("  memory per device {} (planned from its programs; estimate {})\n", mib(c.exact_memory.unwrap_or(c.memory)), mib(c.memory));
     out
 }
 

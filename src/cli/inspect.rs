@@ -3,7 +3,9 @@
 use super::check;
 use super::{Format, GraphFormat, KernelFormat};
 use shardplan_compiler::kernel::{lower, StepKind};
-use shardplan_compiler::{autodiff, graph};
+use shardplan_compiler::graph::Graph;
+use shardplan_compiler::partition::auto::Profile;
+use shardplan_compiler::{autodiff, graph, Checked};
 use shardplan_runtime::backend::cpu::jit;
 use shardplan_runtime::backend::cuda;
 use std::path::Path;
@@ -62,10 +64,6 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
         return ExitCode::SUCCESS;
     }
     if graph_format.is_none() && (auto.explain || matches!(c.placement, shardplan_compiler::check::Placement::Auto { .. })) {
-        if !matches!(c.placement, shardplan_compiler::check::Placement::Auto { .. }) {
-            eprintln!("error: --explain explains `placement auto`; this plan places itself");
-            return ExitCode::from(1);
-        }
         let prof = match super::auto::profile(auto.profile.as_deref()) {
             Ok(p) => p,
             Err(e) => {
@@ -73,6 +71,9 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
                 return ExitCode::from(1);
             }
         };
+        if !matches!(c.placement, shardplan_compiler::check::Placement::Auto { .. }) {
+            return explain_placed(file, &c, &g, &prof, format);
+        }
         let (found, secs) = super::auto::search(&c, &g, &prof);
         let name = file.display().to_string();
         if format == Format::Json {
@@ -115,6 +116,30 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
             println!("  kernels    {} after fusion", lower(&g).steps.len());
             println!("  (--graph dot prints the whole graph; --kernels clif or cuda the generated kernels)");
         }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `inspect --explain` on a plan that places itself: the cost model's
+/// prediction for its placement, with each device's exact memory plan.
+fn explain_placed(file: &Path, c: &Checked, g: &Graph, prof: &Profile, format: Format) -> ExitCode {
+    use shardplan_compiler::partition::{self, memory};
+    let Some(mut pred) = partition::auto::predict(c, g, prof) else {
+        eprintln!("error: internal: no prediction for this placement; please report this with the plan file");
+        return ExitCode::from(1);
+    };
+    let exact = match partition::partition(c, g) {
+        Ok(plan) => plan.devices.iter().map(|d| memory::device(d).total()).max(),
+        Err(e) => {
+            eprintln!("error[run::placement]: cannot partition the plan: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    pred.exact_memory = exact;
+    let name = file.display().to_string();
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({"file": name, "predicted": pred})).unwrap_or_default()),
+        Format::Human => print!("{}", super::auto::explain_placed(&name, &pred)),
     }
     ExitCode::SUCCESS
 }

@@ -72,10 +72,11 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
         /// For `placement auto`: the chosen plan, its predicted step time and
-        /// memory, and the next best candidates with why each lost.
+        /// memory, and the next best candidates with why each lost. For a
+        /// placement written out: the cost model's prediction for it.
         #[arg(long)]
         explain: bool,
-        /// Device profile written by `shardplan calibrate` (for `placement auto`).
+        /// Device profile written by `shardplan calibrate` (for `--explain` and `placement auto`).
         #[arg(long, value_name = "FILE")]
         device_profile: Option<std::path::PathBuf>,
     },

@@ -10,6 +10,7 @@
 
 use super::render::{self, Sources};
 use super::{check, compile};
+use super::auto::ms;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shardplan_compiler::check::Placement;
 use shardplan_compiler::check::{Init, Length, LrSchedule, Optimizer, Prim};
@@ -594,7 +595,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
     let secs = loop_start.elapsed().as_secs_f64();
     let mean_recent = if recent.is_empty() { last_loss } else { recent.iter().sum::<f32>() / recent.len() as f32 };
     println!(
-        "{}: trained {} steps ({} epochs of {} batches) in {:.2}s, {:.0} samples/s",
+        "{}: trained {} steps ({} epochs of {} batches) in {:.3}s, {:.0} samples/s",
         args.file.display(),
         trained,
         fmt_epochs(trained, per_epoch),
@@ -619,7 +620,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
     step_times.sort_by(f64::total_cmp);
     let measured = step_times.get(step_times.len() / 2).copied().unwrap_or(f64::NAN);
     match &auto_choice {
-        Some(best) => println!("  placement auto chose {}: predicted {:.2} ms per step, measured {:.2} ms", best.name(), best.step_s() * 1e3, measured * 1e3),
+        Some(best) => println!("  placement auto chose {}: predicted {} per step, measured {}", best.name(), ms(best.step_s()), ms(measured)),
         None => {
             let mut placed = c.clone();
             if args.single_device {
@@ -629,8 +630,8 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             // The cost model knows CPU devices only.
             let on_gpu = backends.of(0).is_cuda() || matches!(&trainer, Trainer::Multi(cl) if (0..cl.plan().devices.len()).any(|d| backends.of(d).is_cuda()));
             match partition::auto::predict(&placed, &g, &prof) {
-                Some(p) if !on_gpu => println!("  step time: predicted {:.2} ms, measured {:.2} ms", p.step_s() * 1e3, measured * 1e3),
-                _ if on_gpu => println!("  step time: measured {:.2} ms", measured * 1e3),
+                Some(p) if !on_gpu => println!("  step time: predicted {}, measured {}", ms(p.step_s()), ms(measured)),
+                _ if on_gpu => println!("  step time: measured {}", ms(measured)),
                 _ => {}
             }
         }
