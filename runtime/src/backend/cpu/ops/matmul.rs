@@ -6,14 +6,14 @@
 //! `trans_a` / `trans_b` let an executor skip the copy of a `Transpose`
 //! that only feeds a matmul.
 //!
-//! Threads: one large product uses gemm's own rayon split; a batch of
-//! products (attention heads) is split across threads by batch, each
-//! product on one thread, when that balances.
+//! Threads: one large product is split into blocks of rows or columns, one
+//! per kernel thread; a batch of products (attention heads) is split across
+//! threads by batch, each product on one thread, when that balances.
 
 use super::{expect_shape, invalid, layout::odometer, par_each, Arg, KernelError, Name, Operand};
 use gemm::Parallelism;
 
-/// m·n·k above which one product is worth gemm's threads (its own cut-off).
+/// m·n·k above which one product is worth splitting over threads (gemm's own cut-off).
 const GEMM_PARALLEL_MIN: usize = gemm::DEFAULT_THREADING_THRESHOLD;
 /// Total m·n·k of a batch above which products are split across threads.
 const BATCH_PARALLEL_MIN: usize = 1 << 21;
@@ -70,12 +70,11 @@ pub fn matmul(a: &Operand<'_>, trans_a: bool, b: &Operand<'_>, trans_b: bool, ou
     // batch folds into the rows of a single product (the linear layer).
     if b_count == 1 && ((a_count == nb && !trans_a) || nb == 1) {
         let rows = nb * m;
-        if threads > 1 && !trans_b && n >= 256 * threads && rows * n * k >= COLUMN_SPLIT_MIN {
-            columns(rows, n, k, lhs(ad), rhs(bd), out, threads);
-            return Ok(());
+        if threads > 1 && rows * n * k >= GEMM_PARALLEL_MIN {
+            split(rows, n, k, lhs(ad), rhs(bd), out, threads);
+        } else {
+            product(rows, n, k, lhs(ad), rhs(bd), out);
         }
-        let par = if threads > 1 && rows * n * k >= GEMM_PARALLEL_MIN { Parallelism::Rayon(threads) } else { Parallelism::None };
-        product(rows, n, k, lhs(ad), rhs(bd), out, par);
         return Ok(());
     }
 
@@ -87,18 +86,22 @@ pub fn matmul(a: &Operand<'_>, trans_a: bool, b: &Operand<'_>, trans_b: bool, ou
     // it divides evenly or is long enough to balance; otherwise, split each
     // product (if it is big enough).
     let work = m * n * k;
-    let split =
+    let by_batch =
         threads > 1 && nb > 1 && work.saturating_mul(nb) >= BATCH_PARALLEL_MIN && (work < GEMM_PARALLEL_MIN || nb.is_multiple_of(threads) || nb >= 4 * threads);
-    let par = if !split && threads > 1 && work >= GEMM_PARALLEL_MIN { Parallelism::Rayon(threads) } else { Parallelism::None };
-    let t = if split { threads.min(nb) } else { 1 };
+    let whole = !by_batch && threads > 1 && work >= GEMM_PARALLEL_MIN;
+    let t = if by_batch { threads.min(nb) } else { 1 };
     // One product per item: a helper that starts late still takes a share.
-    let per = if split { 1 } else { nb };
+    let per = if by_batch { 1 } else { nb };
     let items: Vec<(usize, &mut [f32])> = out.chunks_mut(per * m * n).enumerate().map(|(i, c)| (i * per, c)).collect();
     par_each(items, t, |(b0, block)| {
         for (i, o) in block.chunks_exact_mut(m * n).enumerate() {
             let Some(&(oa, ob)) = offsets.get(b0 + i) else { return };
             let (Some(a), Some(b)) = (ad.get(oa..oa + a_len), bd.get(ob..ob + b_len)) else { return };
-            product(m, n, k, lhs(a), rhs(b), o, par);
+            if whole {
+                split(m, n, k, lhs(a), rhs(b), o, threads);
+            } else {
+                product(m, n, k, lhs(a), rhs(b), o);
+            }
         }
     });
     Ok(())
@@ -134,14 +137,11 @@ pub(crate) fn batch_dims(batch: &[usize], a: &[usize], b: &[usize], a_len: usize
     (0..batch.len()).map(|d| (batch[d], sa[d], sb[d])).collect()
 }
 
-/// Products at least this large (m·n·k) split their columns over threads.
-const COLUMN_SPLIT_MIN: usize = 1 << 26;
-
-/// A raw output pointer shared by threads writing disjoint columns.
+/// A raw output pointer shared by threads writing disjoint blocks.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 // SAFETY: each thread writes only its own column block of the output (see
-// `columns`), so no element is written by two threads.
+// `split`), so no element is written by two threads.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
@@ -153,38 +153,43 @@ impl OutPtr {
     }
 }
 
-/// out = lhs · rhs with rhs (k × n, row-major) split into one column block per
-/// thread, each a single-threaded product: every thread reads the whole
-/// (small) left operand once and its own share of the right one, which packs
-/// better than splitting one product's inner loops.
-fn columns(m: usize, n: usize, k: usize, lhs: Mat<'_>, rhs: Mat<'_>, out: &mut [f32], threads: usize) {
+/// out = lhs · rhs split into one block of rows per thread (of columns,
+/// when the product is wider than tall), each a single-threaded product run
+/// by the kernel threads. Every thread reads its own share of one operand
+/// and the whole of the other, which packs better than splitting one
+/// product's inner loops, and the kernel threads (unlike gemm's own pool)
+/// are usually awake between a step's kernels.
+fn split(m: usize, n: usize, k: usize, lhs: Mat<'_>, rhs: Mat<'_>, out: &mut [f32], threads: usize) {
     let fits = |x: &Mat<'_>, r: usize, c: usize| (r - 1) * x.rs + (c - 1) * x.cs < x.data.len();
-    if m == 0 || n == 0 || k == 0 || out.len() < m * n || !fits(&lhs, m, k) || !fits(&rhs, k, n) || rhs.cs != 1 {
+    if m == 0 || n == 0 || k == 0 || out.len() < m * n || !fits(&lhs, m, k) || !fits(&rhs, k, n) {
         return;
     }
-    let per = n.div_ceil(threads).next_multiple_of(16).min(n);
-    let blocks: Vec<(usize, usize)> = (0..n).step_by(per).map(|j| (j, per.min(n - j))).collect();
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    let per = len.div_ceil(threads).next_multiple_of(16).min(len);
+    let blocks: Vec<(usize, usize)> = (0..len).step_by(per).map(|j| (j, per.min(len - j))).collect();
     let dst = OutPtr(out.as_mut_ptr());
     par_each(blocks, threads, |(j, w)| {
-        // SAFETY: lhs is read at i·rs + p·cs (i < m, p < k), in bounds by
-        // `fits`; rhs at p·rs + (j + q) for p < k, q < w, with j + w ≤ n, in
-        // bounds by `fits`; the output is written at i·n + j + q for i < m,
-        // q < w, inside `out` (m·n elements checked above). Blocks have
-        // disjoint column ranges, so threads never write the same element,
-        // and `out` is borrowed mutably for the whole call.
+        let (rows, cols, o, l, r) = if by_rows { (w, n, j * n, j * lhs.rs, 0) } else { (m, w, j, 0, j * rhs.cs) };
+        // SAFETY: as in `product`, for the block: lhs is read at
+        // l + i·rs + p·cs and rhs at r + p·rs + q·cs for i < rows, p < k,
+        // q < cols, inside them by `fits` (the block lies within the whole
+        // product); the output is written at o + i·n + q, inside `out`.
+        // Blocks are disjoint row (or column) ranges, so no element is
+        // written twice, and `out` is borrowed mutably for the whole call.
         unsafe {
             gemm::gemm(
-                m,
-                w,
+                rows,
+                cols,
                 k,
-                dst.get().add(j),
+                dst.get().add(o),
                 1,
                 n as isize,
                 false,
-                lhs.data.as_ptr(),
+                lhs.data.as_ptr().add(l),
                 lhs.cs as isize,
                 lhs.rs as isize,
-                rhs.data.as_ptr().add(j),
+                rhs.data.as_ptr().add(r),
                 rhs.cs as isize,
                 rhs.rs as isize,
                 0.0,
@@ -199,7 +204,7 @@ fn columns(m: usize, n: usize, k: usize, lhs: Mat<'_>, rhs: Mat<'_>, out: &mut [
 }
 
 /// out (m × n, row-major, dense) = lhs (m × k) · rhs (k × n).
-fn product(m: usize, n: usize, k: usize, lhs: Mat<'_>, rhs: Mat<'_>, out: &mut [f32], par: Parallelism) {
+fn product(m: usize, n: usize, k: usize, lhs: Mat<'_>, rhs: Mat<'_>, out: &mut [f32]) {
     let fits = |x: &Mat<'_>, r: usize, c: usize| (r - 1) * x.rs + (c - 1) * x.cs < x.data.len();
     if m == 0 || n == 0 || k == 0 || out.len() < m * n || !fits(&lhs, m, k) || !fits(&rhs, k, n) {
         return;
@@ -229,7 +234,7 @@ fn product(m: usize, n: usize, k: usize, lhs: Mat<'_>, rhs: Mat<'_>, out: &mut [
             false,
             false,
             false,
-            par,
+            Parallelism::None,
         );
     }
 }

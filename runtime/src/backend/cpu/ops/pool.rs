@@ -2,7 +2,10 @@
 //!
 //! Starting and joining a scoped thread costs tens of microseconds, about
 //! what a mid-sized kernel takes; a training step runs hundreds of them.
-//! Here helpers sleep on a condition variable between calls instead.
+//! Here helpers sleep on a condition variable between calls instead, after
+//! watching for the next call for a moment: waking a sleeping thread costs
+//! tens of microseconds on a virtual machine, and a step's kernels follow
+//! each other faster than that.
 //!
 //! [`broadcast`] publishes one task (a closure borrowed from the caller),
 //! runs it on the calling thread as well, then withdraws it and waits for
@@ -12,16 +15,24 @@
 //! splits), the caller simply runs its task alone.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
 /// A published task, its lifetime erased (see the SAFETY note in [`broadcast`]).
 type Task = &'static (dyn Fn() + Sync);
+
+/// How long an idle helper watches for the next task before it sleeps.
+const WATCH: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// Most helpers ever started.
 const MAX_HELPERS: usize = 255;
 
 struct Pool {
     state: Mutex<State>,
+    /// Tasks published so far: an idle helper watches it for a moment
+    /// before it sleeps, so a kernel that follows soon after the last one
+    /// does not pay for waking it.
+    published: AtomicU64,
     /// Helpers wait here for a task.
     wake: Condvar,
     /// The caller waits here for helpers to leave the task.
@@ -40,7 +51,12 @@ struct State {
 
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| Pool { state: Mutex::new(State { task: None, seats: 0, running: 0, helpers: 0 }), wake: Condvar::new(), done: Condvar::new() })
+    POOL.get_or_init(|| Pool {
+        state: Mutex::new(State { task: None, seats: 0, running: 0, helpers: 0 }),
+        published: AtomicU64::new(0),
+        wake: Condvar::new(),
+        done: Condvar::new(),
+    })
 }
 
 fn lock(p: &Pool) -> MutexGuard<'_, State> {
@@ -73,6 +89,7 @@ pub(super) fn broadcast(extra: usize, task: &(dyn Fn() + Sync)) {
         let erased = unsafe { std::mem::transmute::<&(dyn Fn() + Sync), Task>(task) };
         st.task = Some(erased);
         st.seats = want.min(st.helpers);
+        p.published.fetch_add(1, Ordering::Release);
         p.wake.notify_all();
     }
     let _withdraw = Withdraw(p);
@@ -112,7 +129,27 @@ fn helper() {
                     p.done.notify_all();
                 }
             }
-            _ => st = p.wake.wait(st).unwrap_or_else(PoisonError::into_inner),
+            _ => {
+                // Watch for the next task a little while before sleeping:
+                // a training step's kernels follow each other within
+                // microseconds, and waking a sleeping thread costs about as
+                // much as a small kernel.
+                let seen = p.published.load(Ordering::Acquire);
+                drop(st);
+                let start = std::time::Instant::now();
+                'watch: while p.published.load(Ordering::Acquire) == seen {
+                    for _ in 0..64 {
+                        std::hint::spin_loop();
+                    }
+                    if start.elapsed() > WATCH {
+                        break 'watch;
+                    }
+                }
+                st = lock(p);
+                if st.task.is_none() || st.seats == 0 {
+                    st = p.wake.wait(st).unwrap_or_else(PoisonError::into_inner);
+                }
+            }
         }
     }
 }

@@ -158,6 +158,10 @@ fn matmul_matches_reference() {
 fn matmul_reads_transposed_operands_in_place() {
     let mut rng = Rng(crate::data::rng::SplitMix64::new(2));
     let cases: &[(&[usize], &[usize])] = &[(&[7, 17], &[17, 5]), (&[2, 3, 33, 17], &[3, 17, 9]), (&[1, 9, 4], &[2, 4, 3]), (&[130, 70], &[70, 150])];
+    // Large enough to split over threads: by columns, by rows, and each
+    // product of a batch that does not divide over the threads.
+    let cases = [cases, &[(&[150, 70], &[70, 130]), (&[3, 140, 70], &[70, 130])]].concat();
+    let cases = cases.as_slice();
     for &(sa, sb) in cases {
         let (a, b) = (rng.vec(numel(sa)), rng.vec(numel(sb)));
         let swap = |s: &[usize]| -> (Vec<usize>, Vec<usize>) {
@@ -538,13 +542,13 @@ fn exp_is_accurate_over_its_range() {
     assert!(lanes::exp(f32::NAN).is_nan());
 }
 
-/// Products large enough to split their columns over threads, with a column
-/// count that does not divide evenly, against the plain single-threaded one
-/// and the reference.
+/// Products large enough to split over threads (by columns, or by rows when
+/// taller than wide), with a count that does not divide evenly, against the
+/// plain single-threaded one and the reference.
 #[test]
-fn large_products_split_by_columns_match() {
+fn large_products_split_over_threads_match() {
     let mut rng = Rng(crate::data::rng::SplitMix64::new(77));
-    for (m, k, n) in [(64usize, 1024usize, 1030usize), (3 * 64, 512, 1024)] {
+    for (m, k, n) in [(64usize, 1024usize, 1030usize), (3 * 64, 512, 1024), (1030, 256, 64)] {
         let a: Vec<f32> = (0..m * k).map(|_| rng.f32()).collect();
         let b: Vec<f32> = (0..k * n).map(|_| rng.f32()).collect();
         let ins = [f(a, &[m, k]), f(b, &[k, n])];
