@@ -92,9 +92,11 @@ def main():
             pred, meas, effs = {e: [] for e in examples}, {e: [] for e in examples}, []
             for _ in range(a.rounds):
                 r = subprocess.run([BIN, "calibrate", "-o", prof], check=True, capture_output=True, text=True).stdout
-                m = re.search(r"compute takes ([\d.]+)× the model's time, ([\d.]+) µs per kernel", r)
-                if m:
-                    effs.append((float(m.group(1)), float(m.group(2))))
+                m = re.search(r"matmuls take ([\d.]+)× the model's time and ([\d.]+) µs per call, element-wise kernels ([\d.]+)× and ([\d.]+) µs, other kernels ([\d.]+)× and ([\d.]+) µs", r)
+                t = re.search(r"split run ([\d.]+)× as fast as on one, plus ([\d.]+) µs each", r)
+                k = re.search(r"take turns, at ([\d.]+)× the work", r)
+                if m and t and k:
+                    effs.append(tuple(float(x) for x in m.groups() + t.groups() + k.groups()))
                 for e in examples:
                     out = subprocess.run([BIN, "run", os.path.join("examples", e), "--steps", "40", "--quiet", "--device-profile", prof], capture_output=True, text=True, cwd=ROOT).stdout
                     m = re.search(r"predicted ([\d.]+) ms(?: per step)?, measured ([\d.]+) ms", out)
@@ -102,14 +104,17 @@ def main():
                         pred[e].append(float(m.group(1)))
                         meas[e].append(float(m.group(2)))
             print(f"\ncost model: {a.rounds} rounds of `shardplan calibrate` then every example (40 steps, median step); medians")
-            print("  fitted per round: " + ", ".join(f"{e:.2f}× and {o:.2f} µs per kernel" for e, o in effs))
-            print(f"  {'example':<24} {'predicted ms':>12} {'measured ms':>12} {'error':>8} {'measured range':>15}")
+            print("  fitted per round: matmuls, element-wise, other kernels (× the model's time, µs per call); on every core: speedup of split kernels, µs per split; work when devices outnumber cores")
+            for e in effs:
+                print(f"    {e[0]:.2f}× {e[1]:.2f} µs, {e[2]:.2f}× {e[3]:.2f} µs, {e[4]:.2f}× {e[5]:.2f} µs; {e[6]:.2f}×, {e[7]:.1f} µs; {e[8]:.2f}×")
+            print(f"  {'example':<24} {'predicted ms':>12} {'measured ms':>12} {'error':>8} {'measured range':>15}  error per round")
             for e in examples:
                 if not meas[e]:
                     print(f"  {e:<24} (no prediction)")
                     continue
                 p, r = statistics.median(pred[e]), statistics.median(meas[e])
-                print(f"  {e:<24} {p:>12.2f} {r:>12.2f} {(p - r) / r * 100:>7.0f}% {min(meas[e]):>7.2f}-{max(meas[e]):<7.2f}")
+                rounds = " ".join(f"{(x - y) / y * 100:+.0f}%" for x, y in zip(pred[e], meas[e]))
+                print(f"  {e:<24} {p:>12.3g} {r:>12.3g} {(p - r) / r * 100:>7.0f}% {min(meas[e]):>7.3g}-{max(meas[e]):<7.3g}  {rounds}")
         if "choice" in a.only:
             for n in [2, 4]:
                 choice(prof, n, a.rounds, 30)

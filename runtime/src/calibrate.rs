@@ -14,6 +14,9 @@ pub struct Measured {
     /// (matrix size, FLOP/s) for square matmuls on one thread.
     pub matmul: Vec<(usize, f64)>,
     pub elementwise_bytes: f64,
+    /// (working set in bytes, bytes/s) of an element-wise kernel on one
+    /// thread: small working sets stay in the caches.
+    pub elementwise: Vec<(usize, f64)>,
     pub link_bytes: f64,
     pub link_latency: f64,
     pub cores: usize,
@@ -50,22 +53,33 @@ pub fn measure() -> Result<Measured, String> {
         })?;
         matmul.push((n, 2.0 * (rows * n * n * reps) as f64 / secs));
     }
-    // out = x + y over 4M elements: 12 bytes moved per element.
-    let len = 1 << 22;
+    // out = x + y: 12 bytes moved per element, over 8K elements to 4M, the
+    // same buffers again and again: the rate of a device whose whole
+    // working set is that large (small ones stay in the caches).
     let mut jit = Jit::new().map_err(|e| e.to_string())?;
-    let k = jit
-        .compile(&Fused {
-            rows: 1,
-            cols: len,
-            row_strides: vec![0, 0],
-            col_strides: vec![1, 1],
-            body: vec![Inst::Load(0), Inst::Load(1), Inst::Binary(Binary::Add, 0, 1)],
-        })
-        .map_err(|e| e.to_string())?;
-    let (x, y) = (vec![1.0f32; len], vec![2.0f32; len]);
-    let mut out = vec![0.0f32; len];
-    let secs = best_of(5, || k.run(&[&x, &y], &mut out).map_err(|e| e.to_string()))?;
-    let elementwise_bytes = 12.0 * len as f64 / secs;
+    let mut elementwise = Vec::new();
+    for len in [1usize << 13, 1 << 16, 1 << 19, 1 << 22] {
+        let k = jit
+            .compile(&Fused {
+                rows: 1,
+                cols: len,
+                row_strides: vec![0, 0],
+                col_strides: vec![1, 1],
+                body: vec![Inst::Load(0), Inst::Load(1), Inst::Binary(Binary::Add, 0, 1)],
+            })
+            .map_err(|e| e.to_string())?;
+        let (x, y) = (vec![1.0f32; len], vec![2.0f32; len]);
+        let mut out = vec![0.0f32; len];
+        let reps = (1 << 22) / len;
+        let secs = best_of(5, || {
+            for _ in 0..reps {
+                k.run(&[&x, &y], &mut out).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })?;
+        elementwise.push((12 * len, 12.0 * (len * reps) as f64 / secs));
+    }
+    let elementwise_bytes = elementwise.last().map(|x| x.1).unwrap_or(1.0);
     // What a kernel costs beyond its work: a program of 400 steps on
     // 64-element buffers, run by the executor.
     let op_overhead = {
@@ -134,5 +148,5 @@ pub fn measure() -> Result<Measured, String> {
     echo.join().map_err(|_| "the echo device stopped".to_string())??;
     let link_bytes = 4.0 * big as f64 / best;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    Ok(Measured { matmul, elementwise_bytes, link_bytes, link_latency, cores, op_overhead })
+    Ok(Measured { matmul, elementwise_bytes, elementwise, link_bytes, link_latency, cores, op_overhead })
 }

@@ -2,8 +2,8 @@
 
 use super::check;
 use super::{Format, GraphFormat, KernelFormat};
-use shardplan_compiler::kernel::{lower, StepKind};
 use shardplan_compiler::graph::Graph;
+use shardplan_compiler::kernel::{lower, StepKind};
 use shardplan_compiler::partition::auto::Profile;
 use shardplan_compiler::{autodiff, graph, Checked};
 use shardplan_runtime::backend::cpu::jit;

@@ -8,9 +8,9 @@
 //! `shardplan run OUT.json` runs a plan compiled by `shardplan compile`: its
 //! device programs as compiled, once read back and checked (`compile::load`).
 
+use super::auto::ms;
 use super::render::{self, Sources};
 use super::{check, compile};
-use super::auto::ms;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shardplan_compiler::check::Placement;
 use shardplan_compiler::check::{Init, Length, LrSchedule, Optimizer, Prim};

@@ -15,6 +15,7 @@
 use super::{memory, partition_devices};
 use crate::check::{Checked, Explicit, Objective, Optimizer, Pipeline, Placement, Schedule, Shard, Unit};
 use crate::graph::{Graph, NodeId, Op, Role};
+use crate::kernel::StepKind;
 use serde::{Deserialize, Serialize};
 
 /// What the devices can do, from `shardplan calibrate` (defaults: measured on
@@ -23,8 +24,12 @@ use serde::{Deserialize, Serialize};
 pub struct Profile {
     /// Matmul FLOP/s of one core.
     pub matmul_flops: f64,
-    /// Bytes/s of element-wise kernels on one core.
+    /// Bytes/s of element-wise kernels on one core (large ones, from memory).
     pub elementwise_bytes: f64,
+    /// Bytes/s of one core's element-wise kernels by the working set of the
+    /// device (a small one stays in the caches), ascending.
+    #[serde(default)]
+    pub elementwise_by_size: Vec<(usize, f64)>,
     /// Bytes/s between two devices.
     pub link_bytes: f64,
     /// Seconds per message between two devices.
@@ -34,23 +39,56 @@ pub struct Profile {
     /// Seconds of fixed cost per kernel (dispatch, buffer lookup).
     #[serde(default = "default_overhead")]
     pub op_overhead: f64,
+    /// The same for a matmul (packing its operands), then for the library's
+    /// other kernels, fitted by `calibrate` (None: `op_overhead`).
+    #[serde(default)]
+    pub matmul_overhead: Option<f64>,
+    #[serde(default)]
+    pub kernel_overhead: Option<f64>,
     /// Matmul FLOP/s of one core by the smallest of the product's dims
     /// (small products run far below the peak), ascending.
     #[serde(default)]
     pub matmul_by_size: Vec<(usize, f64)>,
-    /// Measured step time over the model's compute time, fitted by
-    /// `calibrate` on reference steps (the kernels' shapes and strides cost
-    /// more than the peak rates above).
+    /// Measured matmul time over the model's, fitted by `calibrate` on
+    /// reference steps (the products' shapes, transposes and batches cost
+    /// more, or less, than the square products measured above).
     #[serde(default = "one")]
     pub efficiency: f64,
-    /// How much faster a step runs on all `cores` threads than on one,
-    /// measured by `calibrate` (None: as many times as there are cores).
+    /// The same for fused element-wise kernels and the optimizer's update
+    /// (None: as `efficiency`).
+    #[serde(default)]
+    pub bytes_efficiency: Option<f64>,
+    /// The same for the library's other memory-bound kernels: reductions,
+    /// softmax, norms, losses, gathers, transposes (None: as
+    /// `bytes_efficiency`).
+    #[serde(default)]
+    pub kernel_efficiency: Option<f64>,
+    /// How much faster a device with all `cores` threads runs the kernels
+    /// large enough to split than one thread does, before `split_cost`,
+    /// fitted by `calibrate` (None: as many times as there are cores).
     #[serde(default)]
     pub thread_speedup: Option<f64>,
-    /// The same for a step of many memory-bound kernels (a transformer's
-    /// norms, softmaxes and transposes); None: as `thread_speedup`.
+    /// The same for memory-bound kernels alone (None: as `thread_speedup`,
+    /// which is what `calibrate` writes).
     #[serde(default)]
     pub bytes_speedup: Option<f64>,
+    /// The work of how many lone cores the machine does when `cores`
+    /// single-threaded devices run at once, as `calibrate` measures it
+    /// (None: as `thread_speedup`).
+    #[serde(default)]
+    pub devices_speedup: Option<f64>,
+    /// When devices outnumber the cores they take turns, and the turns cost
+    /// (a thread switch at every message, caches warmed by another device):
+    /// the machine then does `1 / (1 + crowding)` of the work of as many
+    /// devices as cores, fitted by `calibrate` on a reference plan run over
+    /// 2 and 4 devices per core.
+    #[serde(default)]
+    pub crowding: Option<f64>,
+    /// Seconds a kernel split over a device's threads costs beyond its
+    /// share of the work (waking the helpers, waiting for the last one),
+    /// fitted by `calibrate`.
+    #[serde(default)]
+    pub split_cost: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -75,8 +113,11 @@ impl Profile {
     /// threads meet after every kernel), devices of their own do not.
     pub fn throughput_for(&self, n: usize) -> (f64, f64) {
         let (mm, bytes) = self.throughput();
-        if n >= self.cores.max(1) {
-            (mm, mm)
+        let cores = self.cores.max(1);
+        if n >= cores {
+            let all = self.devices_speedup.unwrap_or(mm).clamp(1.0, cores as f64);
+            let crowded = 1.0 + if n > cores { self.crowding.unwrap_or(0.0).max(0.0) } else { 0.0 };
+            (all / crowded, all / crowded)
         } else {
             (mm, bytes)
         }
@@ -91,6 +132,41 @@ impl Profile {
         let mm = self.thread_speedup.unwrap_or(cores).clamp(1.0, cores);
         // Below 1 where splitting small kernels over threads costs more than it gains.
         (mm, self.bytes_speedup.unwrap_or(mm).clamp(0.5, cores))
+    }
+
+    /// Seconds of fixed cost per call of a matmul, a fused element-wise
+    /// kernel (or the update), and the other kernels (see [`kernel_kind`]).
+    pub fn call_costs(&self) -> [f64; 3] {
+        let o = self.op_overhead.max(0.0);
+        [self.matmul_overhead.unwrap_or(o).max(0.0), o, self.kernel_overhead.unwrap_or(o).max(0.0)]
+    }
+
+    /// Bytes/s of one core for a device whose working set is `bytes`.
+    /// Between measured sizes the rate is interpolated in log(size);
+    /// beyond them it is the nearest one's.
+    pub fn elementwise_rate(&self, bytes: f64) -> f64 {
+        let pts = &self.elementwise_by_size;
+        let rate = match pts.iter().position(|&(size, _)| size as f64 >= bytes) {
+            None => pts.last().map(|x| x.1).unwrap_or(self.elementwise_bytes),
+            Some(0) => pts[0].1,
+            Some(i) => {
+                let ((s0, r0), (s1, r1)) = (pts[i - 1], pts[i]);
+                let f = (bytes.max(1.0).ln() - (s0.max(1) as f64).ln()) / ((s1.max(1) as f64).ln() - (s0.max(1) as f64).ln()).max(1e-9);
+                r0 + (r1 - r0) * f.clamp(0.0, 1.0)
+            }
+        };
+        if rate.is_finite() {
+            rate.max(1.0)
+        } else {
+            self.elementwise_bytes
+        }
+    }
+
+    /// Measured over modelled time of matmuls, of fused element-wise
+    /// kernels, and of the other memory-bound kernels.
+    pub fn efficiencies(&self) -> (f64, f64, f64) {
+        let bytes = self.bytes_efficiency.unwrap_or(self.efficiency);
+        (self.efficiency, bytes, self.kernel_efficiency.unwrap_or(bytes))
     }
 
     /// FLOP/s of one core for a product whose smallest dim is `k`.
@@ -114,14 +190,22 @@ impl Default for Profile {
         Profile {
             matmul_flops: 200e9,
             elementwise_bytes: 25e9,
+            elementwise_by_size: Vec::new(),
             link_bytes: 10e9,
             link_latency: 30e-6,
             cores: 2,
             op_overhead: default_overhead(),
+            matmul_overhead: None,
+            kernel_overhead: None,
             matmul_by_size: Vec::new(),
             efficiency: 1.0,
+            bytes_efficiency: None,
+            kernel_efficiency: None,
             thread_speedup: None,
             bytes_speedup: None,
+            devices_speedup: None,
+            crowding: None,
+            split_cost: None,
         }
     }
 }
@@ -142,6 +226,8 @@ pub struct Candidate {
     pub compute_s: f64,
     /// Communication on the critical path.
     pub comm_s: f64,
+    /// Of `comm_s`, the tensor-parallel collectives inside the passes.
+    pub tensor_comm_s: f64,
     /// Communication hidden behind compute (pipeline transfers in the steady state).
     pub overlapped_s: f64,
     pub bubble_s: f64,
@@ -203,6 +289,8 @@ pub struct Search {
 struct UnitCost {
     /// Seconds of matmul on one core.
     flops: f64,
+    /// Bytes moved by the other forward and backward kernels, each weighted
+    /// by its kind's efficiency.
     bytes: f64,
     act: f64,
     params: f64,
@@ -212,10 +300,15 @@ struct UnitCost {
     pairs: usize,
     /// Bytes of the activation each pair all-reduces.
     pair_bytes: f64,
-    /// Kernels per step (each costs a fixed overhead).
-    ops: f64,
-    /// Bytes the optimizer update moves (every data-parallel replica repeats it).
+    /// Kernels per step by kind (see [`kernel_kind`]; each costs a fixed overhead).
+    ops: [f64; 3],
+    /// Bytes the optimizer update moves, weighted likewise (every
+    /// data-parallel replica repeats it).
     update: f64,
+    /// The part of `update` in kernels too small to spread over threads.
+    update_small: f64,
+    /// Update kernels large enough to spread over threads.
+    update_split: f64,
     /// Bytes of embedding tables the tensor axis can split along their width.
     tables: f64,
     /// Bytes of the unit's largest parameter.
@@ -227,6 +320,10 @@ struct UnitCost {
     by_size: Vec<f64>,
     /// The same for matmuls.
     mm_by_size: Vec<f64>,
+    /// The forward and backward kernels (matmuls and the others) by the
+    /// same buckets: each one large enough to split over threads costs the
+    /// threads a meeting.
+    calls_by_size: Vec<f64>,
     /// Bytes of the unit's output, which a split table leaves split and the
     /// next layer all-gathers.
     out: f64,
@@ -310,6 +407,18 @@ const GEMM_THREADS_MIN: f64 = 48.0 * 48.0 * 256.0;
 const BUCKETS: usize = 48;
 const BUCKET0: i32 = 24;
 
+/// The kind of a step for the cost model: 0 matmuls, 1 fused element-wise
+/// kernels and the optimizer update, 2 the library's other kernels
+/// (reductions, softmax, norms, losses, gathers, layout changes).
+pub fn kernel_kind(step: &crate::kernel::Step) -> usize {
+    match &step.kind {
+        StepKind::MatMul { .. } | StepKind::Op(Op::MatMul) => 0,
+        StepKind::Fused(_) => 1,
+        _ if step.role == Role::Update => 1,
+        _ => 2,
+    }
+}
+
 fn size_bucket(size: f64, threshold: f64) -> usize {
     ((size.max(1.0) / threshold).log2().floor() as i32 + BUCKET0).clamp(0, BUCKETS as i32 - 1) as usize
 }
@@ -320,7 +429,8 @@ fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitC
     let unit_of_param: Vec<Option<usize>> =
         c.model.params.iter().map(|p| prefixes.iter().position(|pre| p.path == *pre || p.path.starts_with(&format!("{pre}.")))).collect();
     let mut unit: Vec<Option<usize>> = vec![None; g.len()];
-    let mut out = vec![UnitCost { by_size: vec![0.0; BUCKETS], mm_by_size: vec![0.0; BUCKETS], ..UnitCost::default() }; units.len()];
+    let mut out =
+        vec![UnitCost { by_size: vec![0.0; BUCKETS], mm_by_size: vec![0.0; BUCKETS], calls_by_size: vec![0.0; BUCKETS], ..UnitCost::default() }; units.len()];
     for id in g.ids() {
         let node = g.node(id);
         let args = g.args(id);
@@ -332,36 +442,56 @@ fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitC
         unit[id.0 as usize] = u;
         let Some(u) = u else { continue };
         let n = numel(g, id);
-        if !matches!(node.op, Op::Reshape | Op::Param(_) | Op::Const(_) | Op::Hyper(_) | Op::State(_) | Op::Input(_) | Op::Assign(_)) {
-            out[u].ops += 1.0;
-        }
-        match &node.op {
-            Op::MatMul => {
-                let a = &g.node(args[0]).ty.shape;
-                let k = a.last().map(|d| d.size.max(1) as usize).unwrap_or(1);
-                let m = if a.len() >= 2 { a[a.len() - 2].size.max(1) as usize } else { 1 };
-                let nn = g.node(id).ty.shape.last().map(|d| d.size.max(1) as usize).unwrap_or(1);
-                let secs = 2.0 * n * k as f64 / pr.matmul_rate(k.min(m).min(nn));
-                out[u].flops += secs;
-                out[u].mm_by_size[size_bucket(n * k as f64, GEMM_THREADS_MIN)] += secs;
-            }
-            Op::Param(_) => {
-                out[u].params += 4.0 * n;
-                out[u].largest = out[u].largest.max(4.0 * n);
-            }
-            Op::Reshape | Op::Input(_) | Op::Const(_) | Op::Hyper(_) | Op::State(_) | Op::Assign(_) => {}
-            _ if node.role == Role::Update => out[u].update += 4.0 * n * (args.len() + 1) as f64,
-            _ => {
-                let bytes = 4.0 * n * (args.len() + 1) as f64;
-                out[u].bytes += bytes;
-                out[u].by_size[size_bucket(n, THREADS_MIN)] += bytes / pr.elementwise_bytes;
-            }
+        if let Op::Param(_) = node.op {
+            out[u].params += 4.0 * n;
+            out[u].largest = out[u].largest.max(4.0 * n);
         }
         if node.role != Role::Update && !matches!(node.op, Op::Reshape | Op::Param(_) | Op::Const(_)) {
             out[u].act += 4.0 * n;
         }
         if node.role == Role::Forward && !matches!(node.op, Op::Param(_) | Op::Const(_)) {
             out[u].out = 4.0 * n;
+        }
+    }
+    // Time from the kernels the step runs (after fusion, with transposes
+    // read in place by the matmuls), each charged to its output's unit.
+    let program = crate::kernel::lower(g);
+    let (_, e_fused, e_kernel) = pr.efficiencies();
+    let len = |b: &crate::kernel::BufId| program.buffers[b.0 as usize].len() as f64;
+    for step in &program.steps {
+        let Some(u) = unit[program.buffers[step.output.0 as usize].node.0 as usize] else { continue };
+        out[u].ops[kernel_kind(step)] += 1.0;
+        let n = len(&step.output);
+        match (&step.kind, step.inputs.as_slice()) {
+            (StepKind::MatMul { .. } | StepKind::Op(Op::MatMul), [a, ..]) => {
+                // `a` is stored [.., k, m] when read transposed.
+                let trans_a = matches!(step.kind, StepKind::MatMul { trans_a: true, .. });
+                let a = &program.buffers[a.0 as usize].shape;
+                let dim = |i: usize| a.get(a.len().wrapping_sub(i)).copied().unwrap_or(1).max(1);
+                let (m, k) = if trans_a { (dim(1), dim(2)) } else { (dim(2), dim(1)) };
+                let nn = program.buffers[step.output.0 as usize].shape.last().copied().unwrap_or(1).max(1);
+                let secs = 2.0 * n * k as f64 / pr.matmul_rate(k.min(m).min(nn));
+                out[u].flops += secs;
+                out[u].mm_by_size[size_bucket(n * k as f64, GEMM_THREADS_MIN)] += secs;
+                out[u].calls_by_size[size_bucket(n * k as f64, GEMM_THREADS_MIN)] += 1.0;
+            }
+            (kind, _) => {
+                // Bytes moved, weighted by how fast the kind of kernel moves them.
+                let eff = if matches!(kind, StepKind::Fused(_)) || step.role == Role::Update { e_fused } else { e_kernel };
+                let bytes = eff * 4.0 * (n + step.inputs.iter().map(len).sum::<f64>());
+                if step.role == Role::Update {
+                    out[u].update += bytes;
+                    if n < THREADS_MIN {
+                        out[u].update_small += bytes;
+                    } else {
+                        out[u].update_split += 1.0;
+                    }
+                } else {
+                    out[u].bytes += bytes;
+                    out[u].by_size[size_bucket(n, THREADS_MIN)] += bytes / pr.elementwise_bytes;
+                    out[u].calls_by_size[size_bucket(n, THREADS_MIN)] += 1.0;
+                }
+            }
         }
     }
     for (u, pre) in prefixes.iter().enumerate() {
@@ -592,8 +722,24 @@ fn evaluate(
         let bytes: f64 = us.iter().map(|u| u.bytes * share(u)).sum::<f64>() / d as f64;
         let params: f64 = us.iter().map(|u| u.params * share(u)).sum();
         let act: f64 = us.iter().map(|u| u.act * share(u)).sum::<f64>() / (d * m) as f64;
+        let in_flight = match (p, schedule) {
+            (1, _) => 1.0,
+            (_, Schedule::GPipe) => m as f64,
+            (_, Schedule::OneFOneB) => (p - s).min(m) as f64,
+        };
+        // The update's temporaries are reused between tensors of one size
+        // only: a large tensor of its own (an embedding table) adds several.
+        let largest = us.iter().map(|u| u.largest * if split_tables && u.tables > 0.0 { 1.0 / t as f64 } else { 1.0 }).fold(0.0, f64::max);
+        // A split table's gradient is computed whole, then sliced.
+        let whole_grads: f64 = if split_tables { us.iter().map(|u| u.tables).sum() } else { 0.0 };
+        let mem = params * (2.0 + states + 1.0) + UPDATE_TEMPS * largest + whole_grads + act * in_flight;
+        // Memory-bound kernels run faster when the device's whole working
+        // set stays in the caches: their seconds at the headline bandwidth,
+        // scaled. Devices that take turns on a core share its caches.
+        let cache = pr.elementwise_bytes / pr.elementwise_rate(mem * (n as f64 / pr.cores.max(1) as f64).max(1.0));
         // Devices beyond the cores wait their turn for the fixed costs too.
-        let overhead = us.iter().map(|u| u.ops).sum::<f64>() * pr.op_overhead;
+        let calls = pr.call_costs();
+        let overhead = us.iter().map(|u| (0..3).map(|k| u.ops[k] * calls[k]).sum::<f64>()).sum::<f64>();
         let mut tp: f64 =
             us.iter().zip(&pairs[r.clone()]).map(|(u, k)| 2.0 * *k as f64 * ring(u.pair_bytes / (d * m) as f64, t, 2.0, pr)).sum::<f64>() * m as f64;
         if split_tables {
@@ -606,7 +752,7 @@ fn evaluate(
             }
         }
         tp_comm = tp_comm.max(tp);
-        let update: f64 = us.iter().map(|u| u.update * share(u)).sum::<f64>() / bw;
+        let update: f64 = cache * us.iter().map(|u| u.update * share(u)).sum::<f64>() / bw;
         // Kernels that a device's batch share leaves too small to spread over
         // its threads run on one core.
         let split = ((d * m) as f64).log2();
@@ -616,18 +762,30 @@ fn evaluate(
                 .sum::<f64>()
                 / d as f64
         };
-        let (serial_mm, serial_bytes) = (small(&|u| &u.mm_by_size), small(&|u| &u.by_size));
+        let (serial_mm, serial_bytes) = (small(&|u| &u.mm_by_size), cache * small(&|u| &u.by_size));
+        // A device with several threads: every kernel it splits over them
+        // costs their meeting (waking the helpers, waiting for the last).
+        let split_calls =
+            |u: &UnitCost| u.calls_by_size.iter().enumerate().filter(|(b, _)| ((*b as i32 - BUCKET0) as f64) >= split).map(|(_, x)| x).sum::<f64>();
+        let (sync, update_sync) = if n < pr.cores {
+            let c = pr.split_cost.unwrap_or(0.0).max(0.0);
+            (c * us.iter().map(split_calls).sum::<f64>(), c * us.iter().map(|u| u.update_split).sum::<f64>())
+        } else {
+            (0.0, 0.0)
+        };
         // Kernels too small to split run on one thread: at one core's speed
         // when the device has cores to itself, else at its share.
         let lone = |v: f64| 1.0 / if n < pr.cores { 1.0 } else { v.min(1.0) } - 1.0 / v;
-        let compute = flops / speed + bytes / bw + serial_mm * lone(speed) + serial_bytes * lone(bspeed);
-        let work = pr.efficiency * compute / m as f64 + overhead;
-        let upd = pr.efficiency * update / m as f64;
+        let (e_mm, _, _) = pr.efficiencies();
+        let compute = e_mm * (flops / speed + serial_mm * lone(speed)) + cache * bytes / bw + serial_bytes * lone(bspeed);
+        let work = compute / m as f64 + overhead + sync;
+        let small_update: f64 = cache * us.iter().map(|u| u.update_small * share(u)).sum::<f64>() / pr.elementwise_bytes;
+        let upd = (update + small_update * lone(bspeed) + update_sync) / m as f64;
         let pass = work + upd;
         // Every data-parallel replica repeats the update, unless a parameter server does it once.
         let updates = if server { 1 } else { d };
-        core_mm += pr.efficiency * flops * (d * t) as f64;
-        core_bytes += pr.efficiency * (bytes / pr.elementwise_bytes) * (d * t) as f64 + overhead * (m * d * t) as f64 + upd * bspeed * (m * updates * t) as f64;
+        core_mm += e_mm * flops * (d * t) as f64;
+        core_bytes += cache * (bytes / pr.elementwise_bytes) * (d * t) as f64 + overhead * (m * d * t) as f64 + upd * bspeed * (m * updates * t) as f64;
         stage_time.push(pass + tp / m as f64);
         dp_comm = dp_comm.max(if server {
             // Every worker sends its gradients to the server and receives the parameters
@@ -640,24 +798,16 @@ fn evaluate(
             let boundary = us.last().map(|u| u.pair_bytes.max(u.act / 16.0)).unwrap_or(0.0) / (d * m) as f64;
             pp_comm += 2.0 * (boundary / pr.link_bytes + pr.link_latency) * m as f64;
         }
-        let in_flight = match (p, schedule) {
-            (1, _) => 1.0,
-            (_, Schedule::GPipe) => m as f64,
-            (_, Schedule::OneFOneB) => (p - s).min(m) as f64,
-        };
-        // The update's temporaries are reused between tensors of one size
-        // only: a large tensor of its own (an embedding table) adds several.
-        let largest = us.iter().map(|u| u.largest * if split_tables && u.tables > 0.0 { 1.0 / t as f64 } else { 1.0 }).fold(0.0, f64::max);
-        // A split table's gradient is computed whole, then sliced.
-        let whole_grads: f64 = if split_tables { us.iter().map(|u| u.tables).sum() } else { 0.0 };
-        stage_mem.push(params * (2.0 + states + 1.0) + UPDATE_TEMPS * largest + whole_grads + act * in_flight);
+        stage_mem.push(mem);
     }
     let slowest = stage_time.iter().cloned().fold(0.0, f64::max);
     // The step takes at least its critical path ((m + p − 1) passes of the
     // slowest stage) and at least the total work over the cores.
     let path = slowest * (m + p - 1) as f64;
     let (mm, by) = pr.throughput_for(n);
-    let work = core_mm / mm + core_bytes / by;
+    // (One device: its path is all its work, and the bound would charge its
+    // serial kernels at the split ones' speed.)
+    let work = if n > 1 { core_mm / mm + core_bytes / by } else { 0.0 };
     let compute = (slowest * m as f64 - tp_comm).max(work - tp_comm).max(0.0);
     let bubble = (path.max(work) - compute - tp_comm).max(0.0);
     let memory = stage_mem.iter().cloned().fold(0.0, f64::max) as u64;
@@ -680,6 +830,7 @@ fn evaluate(
         stages: stages.iter().map(|s| s.iter().map(|u| c.model.unit_name(*u)).collect()).collect(),
         compute_s: compute.max(0.0),
         comm_s: tp_comm + dp_comm + exposed_pp + dispatch,
+        tensor_comm_s: tp_comm,
         overlapped_s: pp_comm - exposed_pp,
         bubble_s: bubble,
         memory,
@@ -732,7 +883,7 @@ pub fn predict(c: &Checked, g: &Graph, pr: &Profile) -> Option<Candidate> {
     let tables: Vec<usize> = units.iter().flat_map(|u| table_shards(c, &unit_prefix(c, *u), t)).map(|s| s.param).collect();
     let split_tables = t > 1 && e.shards.iter().any(|s| tables.contains(&s.param));
     let schedule = e.pipeline.as_ref().map(|x| x.schedule).unwrap_or(Schedule::OneFOneB);
-    Some(evaluate(
+    let mut cand = evaluate(
         c,
         &costs,
         &units,
@@ -743,7 +894,43 @@ pub fn predict(c: &Checked, g: &Graph, pr: &Profile) -> Option<Candidate> {
         states,
         None,
         pr,
-    ))
+    );
+    // A placement written out may split layers the model above does not
+    // know as Megatron pairs: charge the tensor-parallel collectives its
+    // device programs actually hold (once per microbatch).
+    if !e.shards.is_empty() {
+        if let Ok(plan) = partition_devices(c, g, true) {
+            let data_axis = e.data_axis.and_then(|a| e.mesh.get(a)).map(|x| x.0.as_str());
+            let exact = plan.devices.iter().map(|d| tensor_comm(&d.program, data_axis, pr)).fold(0.0, f64::max) * m as f64;
+            cand.comm_s = (cand.comm_s + exact - cand.tensor_comm_s).max(0.0);
+            cand.tensor_comm_s = exact;
+        }
+    }
+    Some(cand)
+}
+
+/// Seconds of one pass's collectives in `program` other than those over
+/// the data axis (the gradients' all-reduce, charged apart) and pipeline
+/// transfers: ring formulas over each collective's group.
+fn tensor_comm(program: &crate::kernel::Program, data_axis: Option<&str>, pr: &Profile) -> f64 {
+    let len = |b: &crate::kernel::BufId| 4.0 * program.buffers[b.0 as usize].len() as f64;
+    program
+        .steps
+        .iter()
+        .filter(|s| s.role != Role::Update)
+        .map(|s| {
+            let bytes = len(&s.output).max(s.inputs.first().map(len).unwrap_or(0.0));
+            match &s.kind {
+                StepKind::Op(Op::AllReduce { group, axis, .. }) if Some(axis.as_str()) != data_axis => ring(bytes, group.len(), 2.0, pr),
+                StepKind::Op(Op::AllGather { group, axis, .. } | Op::ReduceScatter { group, axis, .. } | Op::AllToAll { group, axis, .. })
+                    if Some(axis.as_str()) != data_axis =>
+                {
+                    ring(bytes, group.len(), 1.0, pr)
+                }
+                _ => 0.0,
+            }
+        })
+        .sum()
 }
 
 /// The explicit placement a candidate stands for.
