@@ -4,7 +4,7 @@
 
 mod common;
 
-use shardplan_compiler::partition::auto::{search, Profile};
+use shardplan_compiler::partition::auto::{self, search, Profile};
 use shardplan_compiler::{autodiff, graph};
 
 fn plan(budget: &str) -> String {
@@ -79,17 +79,29 @@ fn a_large_embedding_table_is_sharded_when_memory_is_short() {
 fn pipelines_weigh_gpipe_against_1f1b() {
     let c = common::checked(&plan("512 MiB"));
     let g = autodiff::differentiate(graph::build(&c), &c);
-    let s = search(&c, &g, &profile());
-    let piped: Vec<_> = s.candidates.iter().filter(|c| c.pipe > 1).collect();
-    assert!(!piped.is_empty());
-    for a in piped.iter().filter(|c| c.schedule == "1f1b") {
-        let twin = piped
+    // With instant transfers the two schedules differ in memory only.
+    let instant = Profile { link_latency: 0.0, link_bytes: 1e30, ..profile() };
+    let twins = |s: &auto::Search| {
+        let piped: Vec<auto::Candidate> = s.candidates.iter().filter(|c| c.pipe > 1).cloned().collect();
+        assert!(!piped.is_empty());
+        piped
             .iter()
-            .find(|b| {
-                b.schedule == "gpipe"
-                    && (b.data, b.model, b.pipe, b.microbatches, b.sharded_embeddings) == (a.data, a.model, a.pipe, a.microbatches, a.sharded_embeddings)
+            .filter(|c| c.schedule == "1f1b")
+            .map(|a| {
+                let twin = piped
+                    .iter()
+                    .find(|b| {
+                        b.schedule == "gpipe"
+                            && (b.data, b.model, b.pipe, b.microbatches, b.sharded_embeddings)
+                                == (a.data, a.model, a.pipe, a.microbatches, a.sharded_embeddings)
+                    })
+                    .unwrap_or_else(|| panic!("no gpipe twin of {}", a.name()));
+                (a.clone(), twin.clone())
             })
-            .unwrap_or_else(|| panic!("no gpipe twin of {}", a.name()));
+            .collect::<Vec<_>>()
+    };
+    let s = search(&c, &g, &instant);
+    for (a, twin) in twins(&s) {
         // The same bubble; 1F1B keeps at most p − s microbatches in flight, GPipe all m.
         assert_eq!(a.step_s(), twin.step_s(), "{}", a.name());
         assert!(a.memory <= twin.memory, "{}: {} > {}", a.name(), a.memory, twin.memory);
@@ -98,6 +110,13 @@ fn pipelines_weigh_gpipe_against_1f1b() {
         }
     }
     // At equal time, the one that needs less memory ranks first.
-    let first = |sched: &str| s.candidates.iter().position(|c| c.pipe > 1 && c.schedule == sched);
-    assert!(first("1f1b") < first("gpipe"));
+    let first = |s: &auto::Search, sched: &str| s.candidates.iter().position(|c| c.pipe > 1 && c.schedule == sched);
+    assert!(first(&s, "1f1b") < first(&s, "gpipe"));
+    // With a latency per message, GPipe's forwards run ahead and hide their
+    // transfers, while each 1F1B backward waits for its gradient's round trip.
+    let s = search(&c, &g, &profile());
+    for (a, twin) in twins(&s) {
+        assert!(a.comm_s > twin.comm_s, "{}: {} against {}", a.name(), a.comm_s, twin.comm_s);
+        assert!(a.memory <= twin.memory, "{}", a.name());
+    }
 }

@@ -812,10 +812,17 @@ fn evaluate(
     let bubble = (path.max(work) - compute - tp_comm).max(0.0);
     let memory = stage_mem.iter().cloned().fold(0.0, f64::max) as u64;
     let stages: Vec<Vec<Unit>> = cuts.iter().map(|r| units[r.clone()].to_vec()).collect();
-    // Sends do not wait for their receiver: in the steady state a stage's
-    // transfers hide behind the other stages' compute, and only the fill
-    // and drain (one transfer per boundary each way) stay on the critical path.
-    let exposed_pp = if m > 0 { pp_comm * (2.0 * (p - 1) as f64 / (2.0 * m as f64 * (p - 1).max(1) as f64)).min(1.0) } else { pp_comm };
+    // Sends do not wait for their receiver: under GPipe a stage runs all
+    // its forwards ahead, so in the steady state its transfers hide behind
+    // the other stages' compute and only the fill and drain (one transfer
+    // per boundary each way) stay on the critical path. Under 1F1B each
+    // backward waits for the gradient of the forward just sent downstream:
+    // every microbatch's round trip is on the critical path.
+    let exposed_pp = match schedule {
+        _ if m == 0 => pp_comm,
+        Schedule::GPipe => pp_comm * (2.0 * (p - 1) as f64 / (2.0 * m as f64 * (p - 1).max(1) as f64)).min(1.0),
+        Schedule::OneFOneB => pp_comm,
+    };
     // Several devices: each step the runtime hands the device threads their
     // command and collects their replies: two thread wake-ups (about a
     // message's latency each) on the step's critical path.
