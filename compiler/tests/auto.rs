@@ -120,3 +120,23 @@ fn pipelines_weigh_gpipe_against_1f1b() {
         assert!(a.memory <= twin.memory, "{}", a.name());
     }
 }
+
+/// Predicted times within the model's margin count as even, and the
+/// simplest of those plans is chosen: the choice is never more complex than
+/// a fitting candidate predicted within `NEAR_TIE` of the fastest, and
+/// never slower than the fastest by more than that.
+#[test]
+fn near_ties_go_to_the_simpler_plan() {
+    for budget in ["512 MiB", "128 MiB", "96 MiB"] {
+        let c = common::checked(&plan(budget));
+        let g = autodiff::differentiate(graph::build(&c), &c);
+        let s = search(&c, &g, &profile());
+        let i = s.chosen.unwrap_or_else(|| panic!("nothing fits {budget}"));
+        let choice = &s.candidates[i];
+        let fastest = s.candidates.iter().filter(|c| c.fits).map(|c| c.step_s()).fold(f64::INFINITY, f64::min);
+        assert!(choice.step_s() <= fastest * (1.0 + auto::NEAR_TIE) + 1e-12, "{budget}: {} against {fastest}", choice.step_s());
+        for other in s.candidates.iter().filter(|c| c.fits && c.exact_memory.is_some() && c.step_s() <= fastest * (1.0 + auto::NEAR_TIE)) {
+            assert!(choice.complexity() <= other.complexity(), "{budget}: chose {} over the simpler {}", choice.name(), other.name());
+        }
+    }
+}

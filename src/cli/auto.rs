@@ -65,6 +65,10 @@ fn reason(best: &Candidate, other: &Candidate, budget: Option<u64>) -> String {
     if other.step_s() == best.step_s() {
         return format!("same predicted time, more memory: {} against {} per device", mib(other.memory), mib(best.memory));
     }
+    if other.step_s() < best.step_s() {
+        let faster = (1.0 - other.step_s() / best.step_s().max(1e-12)) * 100.0;
+        return format!("{faster:.1}% faster by the model, within its {:.0}% margin: the simpler plan goes first", auto::NEAR_TIE * 100.0);
+    }
     let worst = d.iter().max_by(|a, b| a.1.total_cmp(&b.1)).copied().unwrap_or(("compute", 0.0, 0.0));
     let slower = (other.step_s() / best.step_s().max(1e-12) - 1.0) * 100.0;
     format!("{slower:+.0}%: more {} ({} against {})", worst.0, ms(worst.2), ms(worst.2 - worst.1))

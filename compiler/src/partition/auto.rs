@@ -246,9 +246,18 @@ pub struct Candidate {
     schedule_kind: Schedule,
 }
 
+/// Predicted step times within this fraction of each other count as even.
+pub const NEAR_TIE: f64 = 0.03;
+
 impl Candidate {
     pub fn step_s(&self) -> f64 {
         self.compute_s + self.comm_s + self.bubble_s
+    }
+
+    /// What makes a plan harder to run well, most weighty first: pipeline
+    /// stages, the tensor degree, microbatches, split tables.
+    pub fn complexity(&self) -> (usize, usize, usize, bool) {
+        (self.pipe, self.model, self.microbatches, self.sharded_embeddings)
     }
 
     pub fn name(&self) -> String {
@@ -635,6 +644,17 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
             )),
         )
     });
+    // Predictions this close are within the model's error: among fitting
+    // candidates within `NEAR_TIE` of the fastest, the simplest goes first
+    // (fewer pipeline stages, then a lower tensor degree, then fewer
+    // microbatches), as an expert would pick at an even estimate.
+    if objective == Objective::StepTime {
+        let best = cands.first().filter(|c| c.fits).map(Candidate::step_s);
+        if let Some(best) = best {
+            let near = cands.iter().take_while(|c| c.fits && c.step_s() <= best * (1.0 + NEAR_TIE)).count();
+            cands[..near].sort_by(|a, b| a.complexity().cmp(&b.complexity()).then(a.step_s().total_cmp(&b.step_s())).then(a.memory.cmp(&b.memory)));
+        }
+    }
     // Partition the best for real: the chosen plan must fit exactly.
     let mut chosen = None;
     for i in 0..cands.len().min(6) {
