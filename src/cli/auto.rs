@@ -18,10 +18,18 @@ pub fn profile(path: Option<&Path>) -> Result<Profile, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the device profile `{}`: {e}", path.display()))?;
     let p: Profile =
         serde_json::from_str(&text).map_err(|e| format!("`{}` is not a device profile (line {}, column {}): {e}", path.display(), e.line(), e.column()))?;
-    let finite =
-        [p.matmul_flops, p.elementwise_bytes, p.link_bytes].iter().all(|x| x.is_finite() && *x > 0.0) && p.link_latency.is_finite() && p.link_latency >= 0.0;
-    if !finite || p.cores == 0 {
-        return Err(format!("`{}` holds rates that are not positive numbers", path.display()));
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    let at_least_zero = |x: f64| x.is_finite() && x >= 0.0;
+    let rates = [p.matmul_flops, p.elementwise_bytes, p.link_bytes, p.efficiency]
+        .into_iter()
+        .chain(p.matmul_by_size.iter().chain(&p.elementwise_by_size).map(|x| x.1))
+        .chain([p.bytes_efficiency, p.kernel_efficiency, p.thread_speedup, p.bytes_speedup, p.devices_speedup].into_iter().flatten());
+    let costs = [p.link_latency, p.op_overhead].into_iter().chain([p.matmul_overhead, p.kernel_overhead, p.split_cost, p.crowding].into_iter().flatten());
+    if p.cores == 0 || !rates.into_iter().all(positive) || !costs.into_iter().all(at_least_zero) {
+        return Err(format!(
+            "`{}` holds figures that are not finite: rates, efficiencies and speedups must be positive, costs and latencies zero or more",
+            path.display()
+        ));
     }
     Ok(p)
 }

@@ -626,7 +626,10 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             if args.single_device {
                 placed.placement = Placement::Single;
             }
-            let prof = super::auto::profile(args.device_profile.as_deref()).unwrap_or_default();
+            let prof = super::auto::profile(args.device_profile.as_deref()).unwrap_or_else(|e| {
+                eprintln!("warning[run::device_profile]: {e}; the predicted step time below uses built-in figures");
+                Default::default()
+            });
             // The cost model knows CPU devices only.
             let on_gpu = backends.of(0).is_cuda() || matches!(&trainer, Trainer::Multi(cl) if (0..cl.plan().devices.len()).any(|d| backends.of(d).is_cuda()));
             match partition::auto::predict(&placed, &g, &prof) {
