@@ -5,15 +5,20 @@
 
 use std::process::Command;
 
-#[test]
-fn the_explanation_is_stable() {
+/// `inspect PLAN --explain` under the fixed profile; its standard output.
+fn explain(plan: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_shardplan"))
-        .args(["inspect", "examples/auto.plan", "--explain", "--device-profile", "tests/plans/profile_2core.json"])
+        .args(["inspect", plan, "--explain", "--device-profile", "tests/plans/profile_2core.json"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_explanation_is_stable() {
+    let text = explain("examples/auto.plan");
     let masked: String = text
         .lines()
         .map(|l| match l.find(" searched in ") {
@@ -30,13 +35,7 @@ fn the_explanation_is_stable() {
 /// broken down the same way, beside each device's exact memory plan.
 #[test]
 fn an_explicit_placement_is_explained_too() {
-    let out = Command::new(env!("CARGO_BIN_EXE_shardplan"))
-        .args(["inspect", "examples/data_tensor_pipeline.plan", "--explain", "--device-profile", "tests/plans/profile_2core.json"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = explain("examples/data_tensor_pipeline.plan");
     assert!(text.contains("as placed") && text.contains("pipeline bubble"), "{text}");
     insta::assert_snapshot!(text);
 }

@@ -179,17 +179,9 @@ pub fn calibrate(out: &Path) -> std::process::ExitCode {
         link_latency: m.link_latency,
         cores: m.cores,
         op_overhead: m.op_overhead,
-        matmul_overhead: None,
-        kernel_overhead: None,
         matmul_by_size: m.matmul.clone(),
-        efficiency: 1.0,
-        bytes_efficiency: None,
-        kernel_efficiency: None,
-        thread_speedup: None,
-        bytes_speedup: None,
-        devices_speedup: None,
-        crowding: None,
-        split_cost: None,
+        // The fitted figures start from the model's own (efficiency 1, no speedups).
+        ..Profile::default()
     };
     let p = match fit(&p) {
         Ok(f) => {
@@ -268,6 +260,7 @@ train { model: G, data: d, batch: 8, seq: 64, steps: 1, optimizer: adam(lr: 0.00
 struct Reference {
     plan: Checked,
     graph: Graph,
+    program: shardplan_compiler::kernel::Program,
     /// The model's seconds on one core and its kernel calls, for matmuls,
     /// fused element-wise kernels (with the update) and the other kernels.
     model: [(f64, f64); 3],
@@ -326,7 +319,7 @@ fn fit(base: &Profile) -> Result<Profile, String> {
         let model = [0, 1, 2].map(|k| (step(&only(&one_core, k)), calls[k]));
         let one = measure_step(&program, 1, bound)?;
         let all = measure_step(&program, cores, bound)?.iter().sum();
-        refs.push(Reference { plan: c, graph: g, model, one, all });
+        refs.push(Reference { plan: c, graph: g, program, model, one, all });
     }
     // For each kind of kernel, two unknowns: its efficiency and its cost
     // per call. Each reference that spends time in that kind gives a row,
@@ -379,9 +372,8 @@ fn fit(base: &Profile) -> Result<Profile, String> {
         if r.all < 1e-4 {
             continue; // too short to time side by side
         }
-        let program = shardplan_compiler::kernel::lower(&r.graph);
         let alone: f64 = r.one.iter().sum();
-        shares.push(alone / side_by_side(&program, bound, cores)?);
+        shares.push(alone / side_by_side(&r.program, bound, cores)?);
     }
     let devices = if shares.is_empty() { None } else { Some((cores as f64 * shares.iter().sum::<f64>() / shares.len() as f64).clamp(1.0, cores as f64)) };
     let fitted = Profile { devices_speedup: devices, ..fitted };
