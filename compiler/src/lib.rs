@@ -1,21 +1,53 @@
 //! The shardplan compiler, read top to bottom as its pipeline:
-//! `parse → check → (graph → differentiate → partition → schedule → plan)`.
 //!
-//! Each stage is one module with one public entry point taking the previous
-//! stage's product. The compiler does no IO: sources come in as text,
-//! diagnostics go out as values, and the CLI renders them.
+//! ```text
+//! bytes ─► syntax::parse ─► check::check          (check_source: a Checked plan or diagnostics)
+//!       ─► graph::build ─► autodiff::differentiate (the training graph)
+//!       ─► partition::auto::search                (placement auto only)
+//!       ─► partition::partition | kernel::lower    (device programs, or one program)
+//!       ─► partition::verify, partition::memory    (the plan fits together and fits its devices)
+//! ```
+//!
+//! [`check_source`] runs the front end; [`compile`] (the driver, `driver.rs`)
+//! runs every later stage in order with the verifiers between them. No other
+//! code chains the stages. Each stage is one module with one public entry
+//! point taking the previous stage's product. The compiler does no IO:
+//! sources come in as text, diagnostics go out as values, and the CLI
+//! renders them. `interp` is the reference interpreter kernels are tested
+//! against.
 
-pub mod autodiff;
-pub mod check;
+/// Diagnostics: what every stage reports to the user.
 pub mod diag;
-pub mod graph;
-pub mod interp;
-pub mod kernel;
-pub mod partition;
+
+/// 1. Bytes → syntax tree.
 pub mod syntax;
+
+/// 2. Syntax tree → checked plan (names, layers, shapes, sections, placement).
+pub mod check;
+
+/// 3. Checked plan → forward graph.
+pub mod graph;
+
+/// 4. Forward graph → training graph (backward pass and optimizer update).
+pub mod autodiff;
+
+/// 5. Training graph and placement → device programs (with the planner for
+///    `placement auto`, the verifiers and the memory plan).
+pub mod partition;
+
+/// 6. A graph → a kernel program (fused element-wise kernels, reductions,
+///    matmuls), backend-neutral.
+pub mod kernel;
+
+/// The driver: stages 3 to 6 in order, with the verifiers between them.
+pub mod driver;
+
+/// The reference interpreter every backend's kernels are tested against.
+pub mod interp;
 
 pub use check::Checked;
 pub use diag::{Diagnostic, Diagnostics, Severity, SourceId, Span};
+pub use driver::{compile, Compiled, Options, Target};
 
 use std::sync::OnceLock;
 

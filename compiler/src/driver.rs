@@ -1,0 +1,184 @@
+//! The compiler driver: a checked plan through every later stage, in order,
+//! with the verifiers between them.
+//!
+//! Input: a [`Checked`] plan and [`Options`]. Output: a [`Compiled`] plan:
+//! the training graph, the placement it runs with (`placement auto`
+//! resolved by the planner), and either one device's kernel program or every
+//! device's program ([`Target`]); or the diagnostics of the first stage that
+//! failed.
+//!
+//! Stages: build the graph → differentiate (backward and update) → verify
+//! the graph → plan (`placement auto` only: search, then the placement
+//! chosen written out) → partition → verify the device programs → check
+//! every device's memory plan against its memory. A plan without a
+//! placement (or compiled with [`Options::single_device`]) is lowered to one
+//! kernel program instead of partitioned.
+//!
+//! Invariants: no other code chains these stages; every caller (the command
+//! line, the training session, the tests) goes through [`compile`]. The
+//! graph and communication verifiers always run (both are linear in the
+//! program); the kernel programs' own structural check runs in debug builds
+//! and tests. A verifier's failure is a compiler bug, reported as the
+//! diagnostic `compile::internal`.
+
+use crate::check::{Checked, Placement};
+use crate::graph::{Graph, NodeId, Op};
+use crate::kernel::{BufId, Program};
+use crate::partition::auto::{Profile, Search};
+use crate::partition::{self, Plan};
+use crate::{autodiff, graph, kernel, Diagnostic, Diagnostics};
+
+/// How to compile.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Ignore the placement: one device's training step, the reference
+    /// every placement must match.
+    pub single_device: bool,
+    /// The device profile `placement auto` plans with (built-in figures when
+    /// none is given).
+    pub profile: Option<Profile>,
+    /// Compile the forward pass only (no backward, no update), keeping the
+    /// logits of a cross-entropy loss: what evaluation runs.
+    pub forward_only: bool,
+}
+
+/// What the devices run.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// One device's kernel program.
+    One(Program),
+    /// Every device's program, transfers, collectives and schedule.
+    Placed(Plan),
+}
+
+/// A plan through every stage.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    /// The checked plan as it runs: with `placement auto` replaced by the
+    /// placement the planner chose, and without a placement when compiled
+    /// for one device.
+    pub checked: Checked,
+    /// The training graph (the forward graph with [`Options::forward_only`]).
+    pub graph: Graph,
+    pub target: Target,
+    /// The planner's search, for `placement auto`.
+    pub search: Option<Search>,
+    /// Seconds the planner's search took.
+    pub search_s: f64,
+    /// The buffer holding the logits, with [`Options::forward_only`] on a
+    /// cross-entropy loss.
+    pub logits: Option<BufId>,
+}
+
+impl Compiled {
+    /// The number of devices the target runs on.
+    pub fn devices(&self) -> usize {
+        match &self.target {
+            Target::One(_) => 1,
+            Target::Placed(p) => p.devices.len(),
+        }
+    }
+
+    /// The plan's devices, when it is partitioned.
+    pub fn plan(&self) -> Option<&Plan> {
+        match &self.target {
+            Target::Placed(p) => Some(p),
+            Target::One(_) => None,
+        }
+    }
+}
+
+const BUG: &str = "this is a bug in shardplan; please report it with the plan";
+
+fn internal(message: String) -> Diagnostics {
+    Diagnostic::error("compile::internal", message).help(BUG).into()
+}
+
+/// Runs every stage after the checker on `c`.
+pub fn compile(c: &Checked, o: &Options) -> Result<Compiled, Diagnostics> {
+    let mut checked = c.clone();
+    if o.single_device || o.forward_only {
+        checked.placement = Placement::Single;
+    }
+    let forward = graph::build(&checked);
+    if o.forward_only {
+        forward.verify().map_err(|e| internal(format!("the forward graph is malformed: {e}")))?;
+        let keep: Vec<NodeId> = logits(&forward).into_iter().collect();
+        let (program, kept) = kernel::lower_keeping(&forward, &keep);
+        verify_program(&program)?;
+        return Ok(Compiled { checked, graph: forward, target: Target::One(program), search: None, search_s: 0.0, logits: kept.first().copied() });
+    }
+    let g = autodiff::differentiate(forward, &checked);
+    g.verify().map_err(|e| internal(format!("the training graph is malformed: {e}")))?;
+
+    let (mut search, mut search_s) = (None, 0.0);
+    if let Placement::Auto { .. } = &checked.placement {
+        let profile = o.profile.clone().unwrap_or_default();
+        let t = std::time::Instant::now();
+        let found = partition::auto::search(&checked, &g, &profile);
+        search_s = t.elapsed().as_secs_f64();
+        let Some(best) = found.chosen.map(|i| found.candidates[i].clone()) else {
+            return Err(no_fit());
+        };
+        checked.placement = Placement::Explicit(partition::auto::explicit(c, &best));
+        search = Some(found);
+    }
+
+    let target = match &checked.placement {
+        Placement::Explicit(_) => {
+            let plan = partition::partition(&checked, &g).map_err(|e| {
+                let help = if search.is_some() { BUG } else { "change the placement; `shardplan check` shows what it holds" };
+                Diagnostics::from(Diagnostic::error("run::placement", format!("cannot partition the plan: {e}")).help(help))
+            })?;
+            verify_plan(&checked, &plan)?;
+            Target::Placed(plan)
+        }
+        _ => {
+            let program = kernel::lower(&g);
+            verify_program(&program)?;
+            Target::One(program)
+        }
+    };
+    Ok(Compiled { checked, graph: g, target, search, search_s, logits: None })
+}
+
+/// The checks a partitioned plan passes before it runs, whoever made it
+/// (the partitioner, or a compiled plan read back from a file): the
+/// communication verifier, each program's structure, and every device's
+/// memory plan within the device's memory.
+pub fn verify_plan(c: &Checked, plan: &Plan) -> Result<(), Diagnostics> {
+    partition::verify::verify(plan).map_err(|e| {
+        Diagnostics::from(
+            Diagnostic::error("run::verify", format!("the device programs do not fit together: {e}"))
+                .help("this is a bug in shardplan; please report it with the plan"),
+        )
+    })?;
+    for d in &plan.devices {
+        verify_program(&d.program)?;
+    }
+    match partition::memory::check(c, plan) {
+        Some(d) => Err(d.into()),
+        None => Ok(()),
+    }
+}
+
+/// A kernel program's own structure (every buffer and step well formed), in
+/// debug builds and tests.
+fn verify_program(p: &Program) -> Result<(), Diagnostics> {
+    if cfg!(debug_assertions) {
+        p.validate().map_err(|e| internal(format!("a kernel program is malformed: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The diagnostic when no candidate of `placement auto` fits.
+fn no_fit() -> Diagnostics {
+    Diagnostic::error("placement::no_fit", "no placement of the model over these devices fits the memory budget")
+        .help("`shardplan inspect FILE --explain` lists the closest candidates; raise the budget or add devices")
+        .into()
+}
+
+/// The logits node of a forward graph (the cross-entropy's first operand).
+fn logits(g: &Graph) -> Option<NodeId> {
+    g.ids().find(|&id| g.node(id).op == Op::CrossEntropy).and_then(|id| g.args(id).first().copied())
+}
