@@ -142,6 +142,20 @@ pub fn compile(c: &Checked, o: &Options) -> Result<Compiled, Diagnostics> {
     Ok(Compiled { checked, graph: g, target, search, search_s, logits: None })
 }
 
+/// A partitioned plan made before (a compiled plan file read back), with its
+/// checked source: verified as [`compile`] verifies the plans it makes. A
+/// plan without a mesh is one device's program.
+pub fn from_plan(c: &Checked, plan: Plan) -> Result<Compiled, Diagnostics> {
+    let g = autodiff::differentiate(graph::build(c), c);
+    g.verify().map_err(|e| internal(format!("the training graph is malformed: {e}")))?;
+    verify_plan(c, &plan)?;
+    let target = match plan.devices.first() {
+        Some(d) if plan.mesh.axes.is_empty() && plan.devices.len() == 1 => Target::One(d.program.clone()),
+        _ => Target::Placed(plan),
+    };
+    Ok(Compiled { checked: c.clone(), graph: g, target, search: None, search_s: 0.0, logits: None })
+}
+
 /// The checks a partitioned plan passes before it runs, whoever made it
 /// (the partitioner, or a compiled plan read back from a file): the
 /// communication verifier, each program's structure, and every device's

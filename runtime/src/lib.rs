@@ -5,6 +5,7 @@
 //! loads training data; `checkpoint` reads and writes safetensors files.
 //! Transport and collectives between devices join them with the partitioner.
 
+pub mod atomic;
 pub mod backend;
 pub mod calibrate;
 pub mod checkpoint;
@@ -12,4 +13,5 @@ pub mod cluster;
 pub mod collectives;
 pub mod data;
 pub mod exec;
+pub mod session;
 pub mod transport;

@@ -15,7 +15,7 @@
 //! Exit code 1 when any step differs by more than the tolerance (or fails).
 
 use super::check;
-use super::run::{cuda_ready, BackendArg};
+use super::run::BackendArg;
 use shardplan_compiler::check::Placement;
 use shardplan_compiler::graph::{Op, Role};
 use shardplan_compiler::kernel::{lower, BufId, BufKind, Buffer, Elem, Inst, Program, Step, StepKind, Unary};
@@ -23,6 +23,7 @@ use shardplan_compiler::{autodiff, graph, partition};
 use shardplan_runtime::backend::cpu::KernelError;
 use shardplan_runtime::data::rng::Xoshiro256;
 use shardplan_runtime::exec::{self, Backend, Data, Engine};
+use shardplan_runtime::session::cuda_ready;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,7 +71,7 @@ pub fn run(args: &SelftestArgs, color: bool) -> ExitCode {
                 Backend::Cuda { ordinal: 0, memory: None }
             }
             Err(f) => {
-                eprintln!("error: {}\n  help: {}", f.message, f.help);
+                eprintln!("error: {f}\n  help: {}", f.help());
                 return ExitCode::from(1);
             }
         },
