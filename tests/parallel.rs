@@ -1,11 +1,14 @@
 //! Every placement against one device: for each strategy and combination, on
-//! 2, 4 and 8 CPU devices, `shardplan verify` trains 10 steps of the placed
+//! 2, 4 and 8 CPU devices, the training session (as `shardplan verify` runs
+//! it) trains 10 steps of the placed
 //! plan and of one device side by side and fails unless every step's loss
 //! agrees within 1e-5 relative and every final parameter within 1e-4
 //! (‖a − b‖ / ‖a‖). Also: placed runs are bit-identical, a run resumes under
 //! another placement, and an injected fault stops the run quickly.
 
 mod common;
+
+use shardplan_runtime::session::{Config, Start};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -87,15 +90,16 @@ devices cpu x {devices}
 const TP_MLP: &str = "shard fc1.w (_, model)\n  shard fc1.b (model)\n  shard fc2.w (model, _)";
 const TP_GPT: &str = "shard blocks[*].attn.wq (_, model)\n  shard blocks[*].attn.wk (_, model)\n  shard blocks[*].attn.wv (_, model)\n  shard blocks[*].attn.wo (model, _)\n  shard blocks[*].mlp.up.w (_, model)\n  shard blocks[*].mlp.up.b (model)\n  shard blocks[*].mlp.down.w (model, _)";
 
+/// `plan` placed against one device, for ten steps: losses within 1e-5,
+/// parameters within 1e-4 (`shardplan verify`'s defaults).
 fn verify(name: &str, plan: &str) {
-    let path = tmp(&format!("{name}.plan"));
-    std::fs::write(&path, plan).expect("write plan");
-    let out = Command::new(env!("CARGO_BIN_EXE_shardplan")).args(["verify", "--threads", "2"]).arg(&path).output().expect("runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{name}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("ok: the placement matches one device"), "{name}:\n{stdout}");
-    // Ten steps were compared.
-    assert!(stdout.lines().any(|l| l.trim_start().starts_with("10 ")), "{name}:\n{stdout}");
+    verify_set(name, plan, root(), &[]);
+}
+
+fn verify_set(name: &str, plan: &str, base: &Path, set: &[(&str, i64)]) {
+    let cmp = common::verify_text(plan, base, set);
+    assert_eq!(cmp.losses.len(), 10, "{name}: {cmp:?}");
+    assert!(cmp.within(1e-5, 1e-4), "{name}: the placement does not match one device: {cmp:?}");
 }
 
 #[test]
@@ -177,16 +181,11 @@ fn examples_match_one_device() {
         ("data_parallel", vec![]),
         ("tensor_parallel", vec![]),
         ("parameter_server", vec![]),
-        ("pipeline_1f1b", vec!["--set", "batch=8", "--set", "seq=16"]),
-        ("data_tensor_pipeline", vec!["--set", "batch=8", "--set", "seq=16"]),
+        ("pipeline_1f1b", vec![("batch", 8), ("seq", 16)]),
+        ("data_tensor_pipeline", vec![("batch", 8), ("seq", 16)]),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_shardplan"))
-            .args(["verify", "--threads", "2", &format!("examples/{e}.plan")])
-            .args(&set)
-            .current_dir(root())
-            .output()
-            .expect("runs");
-        assert!(out.status.success(), "{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = std::fs::read_to_string(root().join(format!("examples/{e}.plan"))).expect("example");
+        verify_set(e, &text, &root().join("examples"), &set);
     }
 }
 
@@ -195,24 +194,11 @@ fn run(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-fn losses(path: &Path) -> Vec<f32> {
-    common::losses(path).into_iter().map(|(_, bits)| f32::from_bits(bits)).collect()
-}
-
 #[test]
 fn placed_runs_are_bit_identical() {
-    let plan = tmp("gpt_3d.plan");
-    std::fs::write(
-        &plan,
-        gpt(8, 8, &format!("placement {{\n  mesh (data: 2, model: 2, pipe: 2)\n  data_parallel over data\n  {TP_GPT}\n  pipeline over pipe {{\n    stage embed, pos, blocks[0]\n    stage blocks[1], ln, head\n    microbatches 2\n    schedule 1f1b\n  }}\n}}")),
-    )
-    .expect("write");
-    let (a, b) = (tmp("3d_a.jsonl"), tmp("3d_b.jsonl"));
-    for m in [&a, &b] {
-        let (ok, _, err) = run(&[plan.to_str().unwrap_or_default(), "--steps", "6", "--metrics", m.to_str().unwrap_or_default()]);
-        assert!(ok, "{err}");
-    }
-    let (la, lb) = (losses(&a), losses(&b));
+    let plan = gpt(8, 8, &format!("placement {{\n  mesh (data: 2, model: 2, pipe: 2)\n  data_parallel over data\n  {TP_GPT}\n  pipeline over pipe {{\n    stage embed, pos, blocks[0]\n    stage blocks[1], ln, head\n    microbatches 2\n    schedule 1f1b\n  }}\n}}"));
+    let six = |c: &mut Config| c.stop_after = Some(6);
+    let (la, lb) = (common::train_text(&plan, root(), six, None), common::train_text(&plan, root(), six, None));
     assert_eq!(la.len(), 6);
     assert_eq!(la.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), lb.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
 }
@@ -221,23 +207,13 @@ fn placed_runs_are_bit_identical() {
 fn a_run_resumes_under_another_placement() {
     // Uninterrupted on one device; stopped after 5 steps under data
     // parallelism; resumed for the last 5 under tensor parallelism.
-    let one = tmp("resume_one.plan");
-    let dp = tmp("resume_dp.plan");
-    let tp = tmp("resume_tp.plan");
-    std::fs::write(&one, mlp(64, 1, "")).expect("write");
-    std::fs::write(&dp, mlp(64, 4, "placement {\n  mesh (data: 4)\n  data_parallel over data\n}")).expect("write");
-    std::fs::write(&tp, mlp(64, 2, &format!("placement {{\n  mesh (model: 2)\n  {TP_MLP}\n}}"))).expect("write");
-    let s = |p: &PathBuf| p.to_str().unwrap_or_default().to_string();
-    let (full, first, second, ck) = (tmp("full.jsonl"), tmp("first.jsonl"), tmp("second.jsonl"), tmp("mid.safetensors"));
-    let (ok, _, err) = run(&[&s(&one), "--metrics", &s(&full)]);
-    assert!(ok, "{err}");
-    let (ok, _, err) = run(&[&s(&dp), "--stop-after", "5", "--save", &s(&ck), "--metrics", &s(&first)]);
-    assert!(ok, "{err}");
-    let (ok, _, err) = run(&[&s(&tp), "--resume", &s(&ck), "--metrics", &s(&second)]);
-    assert!(ok, "{err}");
-    let full = losses(&full);
-    let mut pieced = losses(&first);
-    pieced.extend(losses(&second));
+    let one = mlp(64, 1, "");
+    let dp = mlp(64, 4, "placement {\n  mesh (data: 4)\n  data_parallel over data\n}");
+    let tp = mlp(64, 2, &format!("placement {{\n  mesh (model: 2)\n  {TP_MLP}\n}}"));
+    let ck = tmp("mid.safetensors");
+    let full = common::train_text(&one, root(), |_| {}, None);
+    let mut pieced = common::train_text(&dp, root(), |c| c.stop_after = Some(5), Some(&ck));
+    pieced.extend(common::train_text(&tp, root(), |c| c.start = Start::Resume { path: ck.clone(), seed_given: false }, None));
     assert_eq!(full.len(), 10);
     assert_eq!(pieced.len(), 10);
     for (i, (a, b)) in full.iter().zip(&pieced).enumerate() {
@@ -342,6 +318,7 @@ fn reduce_scatter_and_all_to_all_match_one_device() {
     for (name, plan, kind) in [("rs", rs, "reduce-scatter(model)"), ("a2a", a2a, "all-to-all(model)")] {
         verify(name, &plan);
         let path = tmp(&format!("{name}.plan"));
+        std::fs::write(&path, &plan).expect("write plan");
         let v = inspect_json(&path);
         let used = v["devices"][0]["collectives"].as_array().expect("collectives").iter().any(|c| c[0] == kind);
         assert!(used, "{name}: no {kind} in {}", v["devices"][0]["collectives"]);

@@ -72,6 +72,22 @@ pub fn check_source_with(bytes: &[u8], overrides: &std::collections::BTreeMap<St
     check_source_placed(bytes, overrides, true)
 }
 
+/// As [`check_source_with`], and the run uses the reduced sizes too: the
+/// train section's batch and dims take the overrides (`verify --set`).
+pub fn check_source_resized(bytes: &[u8], overrides: &std::collections::BTreeMap<String, i64>) -> (Option<Checked>, Diagnostics) {
+    let (checked, diags) = check_source_with(bytes, overrides);
+    let checked = checked.map(|mut c| {
+        for (k, v) in overrides {
+            if k == "batch" {
+                c.train.batch = *v;
+            }
+            c.train.dims.insert(k.clone(), *v);
+        }
+        c
+    });
+    (checked, diags)
+}
+
 /// As [`check_source_with`], optionally dropping the placement (the plan
 /// then runs on one device): evaluation and single-device baselines.
 pub fn check_source_placed(bytes: &[u8], overrides: &std::collections::BTreeMap<String, i64>, placed: bool) -> (Option<Checked>, Diagnostics) {

@@ -454,19 +454,10 @@ pub fn verify(args: &VerifyArgs, color: bool) -> ExitCode {
     let c = if overrides.is_empty() {
         c
     } else {
-        let (reduced, diags) = shardplan_compiler::check_source_with(&text, &overrides);
+        let (reduced, diags) = shardplan_compiler::check_source_resized(&text, &overrides);
         let errors: Vec<&Diagnostic> = diags.iter().filter(|d| d.is_error()).collect();
         match reduced {
-            Some(mut r) if errors.is_empty() => {
-                // The train section keeps the sizes written; the run uses the reduced ones.
-                for (k, v) in &overrides {
-                    if k == "batch" {
-                        r.train.batch = *v;
-                    }
-                    r.train.dims.insert(k.clone(), *v);
-                }
-                r
-            }
+            Some(r) if errors.is_empty() => r,
             _ => {
                 let sources = Sources::new(&name, String::from_utf8_lossy(&text).into_owned());
                 for d in errors {
@@ -492,50 +483,26 @@ fn compare(args: &VerifyArgs, c: &Checked, text: &[u8], base: &Path) -> Result<b
         println!("{name}: the plan runs on one device; there is nothing to compare");
         return Ok(true);
     }
-    let threads = threads(args.threads);
-    let placed = shardplan_compiler::compile(c, &options(c, None, false)?)?;
-    let reference = shardplan_compiler::compile(c, &Options { single_device: true, ..Default::default() })?;
-    let mesh: Vec<String> = match placed.plan() {
+    let profile = options(c, None, false)?.profile;
+    let (mut one, mut placed) = shardplan_runtime::session::side_by_side(c, text, base, args.steps, threads(args.threads), backends, profile)?;
+    let devices = placed.runner().devices();
+    let mesh: Vec<String> = match placed.runner().plan() {
         Some(p) => p.mesh.axes.iter().map(|(n, s)| format!("{n} {s}")).collect(),
         None => vec!["gpu".to_string()],
     };
-    let devices = placed.devices();
-    let mut cfg = Config::new(threads, backends);
-    cfg.stop_after = Some(args.steps);
-    let mut placed = Session::new(placed, text, base, cfg)?;
-    let mut rcfg = Config::new(threads, Backends::cpu());
-    rcfg.stop_after = Some(args.steps);
-    let mut one = Session::new(reference, text, base, rcfg)?;
     let kinds: Vec<&str> = (0..devices).map(|d| if placed.backend(d).is_cuda() { "gpu" } else { "cpu" }).collect();
     let kinds = if kinds.iter().all(|k| *k == "cpu") { String::new() } else { format!(" [{}]", kinds.join(", ")) };
     let (_, end, _) = one.steps();
     println!("{name}: {devices} devices{kinds} (mesh {}), {end} steps against one CPU device", mesh.join(" × "));
     println!("  {:>5}  {:>14}  {:>14}  {:>10}", "step", "loss, 1 device", "loss, placed", "rel. diff");
-    let mut worst_loss = 0.0f64;
-    while let Some(a) = one.step()? {
-        let Some(b) = placed.step()? else { break };
-        let (x, y) = (a.loss as f64, b.loss as f64);
+    let cmp = shardplan_runtime::session::compare(&mut one, &mut placed, &mut |step, x, y| {
         let rel = (x - y).abs() / x.abs().max(1e-12);
-        worst_loss = worst_loss.max(if rel.is_nan() { f64::INFINITY } else { rel });
-        println!("  {:>5}  {x:>14.7}  {y:>14.7}  {rel:>10.2e}", a.step);
-    }
-    let (pa, _) = one.parameters()?;
-    let (pb, _) = placed.parameters()?;
-    let mut worst_param = (0.0f64, String::new());
-    for (i, p) in c.model.params.iter().enumerate() {
-        let (a, b) = (&pa[i], &pb[i]);
-        // Norm-wise: ‖a − b‖ / ‖a‖ (one near-zero gradient whose sign
-        // reassociation flips moves one Adam update, not the tensor).
-        let norm = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
-        let diff = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>().sqrt() / norm;
-        let diff = if a.len() != b.len() { f64::INFINITY } else { diff };
-        if diff > worst_param.0 || worst_param.1.is_empty() {
-            worst_param = (diff, p.path.clone());
-        }
-    }
+        println!("  {step:>5}  {x:>14.7}  {y:>14.7}  {rel:>10.2e}");
+    })?;
+    let (worst_loss, worst_param) = (cmp.worst_loss, &cmp.worst_param);
     println!("  largest loss difference: {worst_loss:.2e} relative (tolerance {:.0e})", args.loss_tolerance);
     println!("  largest parameter difference: {:.2e} relative, in {} (tolerance {:.0e})", worst_param.0, worst_param.1, args.param_tolerance);
-    let ok = worst_loss <= args.loss_tolerance && worst_param.0 <= args.param_tolerance;
+    let ok = cmp.within(args.loss_tolerance, args.param_tolerance);
     println!("  {}", if ok { "ok: the placement matches one device" } else { "FAILED: the placement does not match one device" });
     Ok(ok)
 }

@@ -857,3 +857,72 @@ fn evaluate(source: &[u8], test: &Dataset, params: &[Vec<f32>], threads: usize) 
     let accuracy = (classifier && counted > 0).then(|| correct as f64 / counted as f64);
     Ok(Evaluation { loss: (total_loss / n.max(1) as f64) as f32, accuracy, samples: n })
 }
+
+/// A placed run against one device, step by step.
+#[derive(Clone, Debug, Default)]
+pub struct Comparison {
+    /// Per step (from 1): the loss on one device and placed.
+    pub losses: Vec<(u64, f64, f64)>,
+    /// The largest relative difference of a step's loss.
+    pub worst_loss: f64,
+    /// The largest difference of a parameter tensor, ‖a − b‖ / ‖a‖, and its name.
+    pub worst_param: (f64, String),
+}
+
+impl Comparison {
+    /// Whether both differences are within their tolerances.
+    pub fn within(&self, loss_tolerance: f64, param_tolerance: f64) -> bool {
+        self.worst_loss <= loss_tolerance && self.worst_param.0 <= param_tolerance
+    }
+}
+
+/// The two sessions `verify` compares: `c` as placed (on `backends`;
+/// `placement auto` as the planner chooses with `profile`), and on one CPU
+/// device; both stop after `steps` steps.
+pub fn side_by_side(
+    c: &Checked,
+    source: &[u8],
+    base: &Path,
+    steps: u64,
+    threads: usize,
+    backends: Backends,
+    profile: Option<shardplan_compiler::partition::auto::Profile>,
+) -> Result<(Session, Session), SessionError> {
+    let placed = shardplan_compiler::compile(c, &shardplan_compiler::Options { profile, ..Default::default() }).map_err(SessionError::Plan)?;
+    let reference = shardplan_compiler::compile(c, &shardplan_compiler::Options { single_device: true, ..Default::default() }).map_err(SessionError::Plan)?;
+    let mut cfg = Config::new(threads, Backends::cpu());
+    cfg.stop_after = Some(steps);
+    let one = Session::new(reference, source, base, cfg.clone())?;
+    cfg.backends = backends;
+    let placed = Session::new(placed, source, base, cfg)?;
+    Ok((one, placed))
+}
+
+/// Steps `reference` (one device) and `placed` side by side until either
+/// ends, calling `on_step` with each step's two losses; then compares their
+/// parameters.
+pub fn compare(reference: &mut Session, placed: &mut Session, on_step: &mut dyn FnMut(u64, f64, f64)) -> Result<Comparison, SessionError> {
+    let mut out = Comparison::default();
+    while let Some(a) = reference.step()? {
+        let Some(b) = placed.step()? else { break };
+        let (x, y) = (a.loss as f64, b.loss as f64);
+        let rel = (x - y).abs() / x.abs().max(1e-12);
+        out.worst_loss = out.worst_loss.max(if rel.is_nan() { f64::INFINITY } else { rel });
+        out.losses.push((a.step, x, y));
+        on_step(a.step, x, y);
+    }
+    let (pa, _) = reference.parameters()?;
+    let (pb, _) = placed.parameters()?;
+    for (i, p) in reference.checked.model.params.iter().enumerate() {
+        let (a, b) = (&pa[i], &pb[i]);
+        // Norm-wise: ‖a − b‖ / ‖a‖ (one near-zero gradient whose sign
+        // reassociation flips moves one Adam update, not the tensor).
+        let norm = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+        let diff = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>().sqrt() / norm;
+        let diff = if a.len() != b.len() || diff.is_nan() { f64::INFINITY } else { diff };
+        if diff > out.worst_param.0 || out.worst_param.1.is_empty() {
+            out.worst_param = (diff, p.path.clone());
+        }
+    }
+    Ok(out)
+}
