@@ -754,7 +754,17 @@ impl<'a> Cx<'a> {
     /// `f32[batch, 4 * d]` → a type, or None after reporting.
     fn tensor_type(&mut self, t: &ast::TensorType, scope: &Scope) -> Option<Ty> {
         let dtype = match DType::parse(&t.dtype.name) {
-            Some(d) => Some(d),
+            // The runtime computes in f32 and indexes with i32; another
+            // dtype would be trained as one of those without a word.
+            Some(d @ (DType::F32 | DType::I32)) => Some(d),
+            Some(d) => {
+                self.err(
+                    Diagnostic::error("dtype::unsupported", format!("dtype `{d}` is not implemented by the runtime yet"))
+                        .label(t.dtype.span, format!("{d} is not supported"))
+                        .help("tensors are `f32` (parameters, activations, features) or `i32` (token ids, labels); write `f32` to train in single precision"),
+                );
+                None
+            }
             None => {
                 let names: Vec<&str> = DType::ALL.iter().map(|d| d.name()).collect();
                 let mut d = Diagnostic::error("dtype::unknown", format!("unknown dtype `{}`", t.dtype.name)).label(t.dtype.span, "not a dtype");

@@ -227,6 +227,37 @@ pub fn load(source: &DataSource, base: &Path, seq: Option<usize>, classes: Optio
     }
 }
 
+/// Checks that a table source gives each sample the `expected` feature
+/// values the model's input `input` (of type `ty`) takes, from the csv
+/// header alone (or a synthetic source's declared width). Text sources, and
+/// a csv file that cannot be read (which [`load`] reports), pass.
+pub fn check_width(source: &DataSource, base: &Path, expected: usize, input: &str, ty: &str) -> Result<(), DataError> {
+    let mismatch = |found: usize, path: &Path, what: &str| {
+        let more = if found < expected { "add the missing feature columns to the data" } else { "drop the extra feature columns from the data" };
+        DataError::new("data::width_mismatch", format!("the data has {found} {what} per sample, but input `{input}: {ty}` takes {expected}"), path)
+            .help(format!("declare the input with {found} features per sample, or {more}"))
+    };
+    match source {
+        DataSource::Csv { path, .. } => {
+            let path = base.join(path);
+            let Ok(f) = std::fs::File::open(&path) else { return Ok(()) };
+            let mut header = String::new();
+            if std::io::BufRead::read_line(&mut std::io::BufReader::new(f), &mut header).is_err() {
+                return Ok(());
+            }
+            let line = header.trim_end_matches(['\n', '\r']);
+            let columns = line.split(',').count();
+            // One column is the label (its absence is `load`'s error).
+            match columns.checked_sub(1) {
+                Some(found) if found != expected && found > 0 => Err(mismatch(found, &path, "feature columns").line(1).span(0, line.len())),
+                _ => Ok(()),
+            }
+        }
+        DataSource::Synthetic { features, .. } if *features as usize != expected => Err(mismatch(*features as usize, Path::new(""), "features")),
+        _ => Ok(()),
+    }
+}
+
 /// Reads a whole data file; the OS error goes into the message, because "not
 /// found" and "permission denied" call for different fixes.
 fn read(path: &Path) -> Result<Vec<u8>, DataError> {

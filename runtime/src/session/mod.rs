@@ -471,12 +471,23 @@ fn shape(ty: &shardplan_compiler::check::Ty) -> Vec<usize> {
     ty.shape.iter().map(|d| d.size.max(0) as usize).collect()
 }
 
+/// Checks, before loading, that the data fits the model's first input: a
+/// table gives each sample as many features as the input takes (from the
+/// csv header). `check` runs it when the data file is readable; every
+/// session runs it.
+pub fn check_data(c: &Checked, base: &Path) -> Result<(), DataError> {
+    let Some(input) = c.model.inputs.first() else { return Ok(()) };
+    let expected: i64 = input.ty.shape.iter().skip(1).map(|d| d.size).product();
+    data::check_width(&c.data.source, base, expected.max(0) as usize, &input.name, &input.ty.to_string())
+}
+
 impl Session {
     /// Loads the data (paths relative to `base`), starts the devices and
     /// sets the first parameters. `source` is the plan file's text.
     pub fn new(compiled: Compiled, source: &[u8], base: &Path, cfg: Config) -> Result<Session, SessionError> {
         let created = Instant::now();
         let Compiled { checked: c, graph, target, search, .. } = compiled;
+        check_data(&c, base)?;
         let seq = c.train.dims.get("seq").map(|&s| s as usize);
         let splits = data::load(&c.data.source, base, seq, classes(&c))?;
         let batch = c.train.batch.max(1) as usize;

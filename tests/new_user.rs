@@ -1,0 +1,101 @@
+//! Defects found by trying shardplan as a new user would: each is a clear
+//! error or does what it says, never silently something else. These spawn
+//! the binary because the command line (its usage errors, its exit codes,
+//! what it prints) is what is under test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shardplan-new-user-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d.join(name)
+}
+
+fn shardplan(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shardplan")).arg("--color").arg("never").args(args).current_dir(root()).output().expect("runs")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// The digits example with its input (and first layer) `width` wide, in
+/// `examples/` so its data path resolves.
+fn digits_with_width(width: usize) -> PathBuf {
+    let src = std::fs::read_to_string(root().join("examples/digits_mlp.plan")).expect("example");
+    let changed = src.replace("input x: f32[batch, 64]", &format!("input x: f32[batch, {width}]")).replace("Linear(64, 128)", &format!("Linear({width}, 128)"));
+    assert_ne!(src, changed, "the example changed shape; update this test");
+    let p = root().join(format!("examples/.width{width}-{}.plan", std::process::id()));
+    std::fs::write(&p, changed).expect("write");
+    p
+}
+
+#[test]
+fn zero_steps_are_usage_errors() {
+    for args in [
+        vec!["verify", "examples/data_parallel.plan", "--steps", "0"],
+        vec!["run", "examples/digits_mlp.plan", "--steps", "0"],
+        vec!["run", "examples/digits_mlp.plan", "--epochs", "0"],
+    ] {
+        let o = shardplan(&args);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {t}");
+        assert!(t.contains("must be at least 1"), "{args:?}: {t}");
+        assert!(!t.contains("ok: the placement matches") && !t.contains("NaN"), "{args:?}: {t}");
+    }
+}
+
+#[test]
+fn verify_refuses_a_dimension_the_plan_does_not_have() {
+    let o = shardplan(&["verify", "examples/data_parallel.plan", "--set", "foo=3"]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(t.contains("the plan has no dimension `foo`") && t.contains("`batch`"), "{t}");
+    assert!(!t.contains("ok: the placement matches"), "{t}");
+}
+
+#[test]
+fn data_narrower_than_the_input_is_reported_before_any_kernel() {
+    let plan = digits_with_width(65);
+    let p = plan.to_str().expect("utf-8");
+    for args in [vec!["check", p], vec!["run", "--quiet", "--steps", "1", p]] {
+        let o = shardplan(&args);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {t}");
+        assert!(t.contains("data::width_mismatch"), "{args:?}: {t}");
+        assert!(t.contains("64 feature columns") && t.contains("input `x: f32[batch, 65]` takes 65") && t.contains("digits.csv"), "{args:?}: {t}");
+        assert!(!t.contains("invalid kernel call"), "{args:?}: {t}");
+    }
+    let _ = std::fs::remove_file(plan);
+}
+
+#[test]
+fn a_saved_checkpoint_initialises_a_run() {
+    let ck = tmp("saved.safetensors");
+    let o = shardplan(&["run", "--quiet", "--steps", "3", "examples/digits_mlp.plan", "--save", ck.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = shardplan(&["run", "--quiet", "--steps", "2", "examples/digits_mlp.plan", "--init", ck.to_str().expect("utf-8")]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert_eq!(t.matches("optimizer state").count(), 1, "{t}");
+    assert!(t.contains("its optimizer state (") && t.contains("is left out"), "{t}");
+}
+
+#[test]
+fn reduced_precision_dtypes_are_refused_at_check() {
+    let src = std::fs::read_to_string(root().join("examples/digits_mlp.plan")).expect("example");
+    for dtype in ["bf16", "f16", "f64"] {
+        let p = root().join(format!("examples/.{dtype}-{}.plan", std::process::id()));
+        std::fs::write(&p, src.replace("input x: f32[batch, 64]", &format!("input x: {dtype}[batch, 64]"))).expect("write");
+        let o = shardplan(&["check", p.to_str().expect("utf-8")]);
+        let t = text(&o);
+        let _ = std::fs::remove_file(&p);
+        assert_eq!(o.status.code(), Some(1), "{dtype}: {t}");
+        assert!(t.contains("dtype::unsupported") && t.contains(&format!("dtype `{dtype}` is not implemented")), "{dtype}: {t}");
+    }
+}
