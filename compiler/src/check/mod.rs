@@ -7,13 +7,13 @@
 //! when another failed, and a failed value (`Val::Error`) silences the errors
 //! that would only follow from it.
 
-pub mod config;
+pub mod sections;
 pub mod model;
 mod ops;
 pub mod placement;
 pub mod types;
 
-pub use config::{Data, DataSource, Device, DeviceKind, Length, LrSchedule, Optimizer, RowRange, Train};
+pub use sections::{Data, DataSource, Device, DeviceKind, Length, LrSchedule, Optimizer, RowRange, Train};
 pub use model::{Child, Init, Input, Instance, Model, Param, TopLayer, Unit};
 pub use ops::broadcast as broadcast_shapes;
 pub use placement::{Explicit, Objective, Pipeline, Placement, Schedule, Shard};
@@ -129,7 +129,7 @@ pub fn check_with(file: &ast::File, prelude: &ast::File, overrides: &BTreeMap<St
     }
 
     let train = match (train_def, model_def) {
-        (Some(t), Some(m)) => config::train(t, &m.name.name, &syms, &mut diags),
+        (Some(t), Some(m)) => sections::train(t, &m.name.name, &syms, &mut diags),
         _ => None,
     };
     // Dims come from the raw entries, so that a mistake elsewhere in the
@@ -139,7 +139,7 @@ pub fn check_with(file: &ast::File, prelude: &ast::File, overrides: &BTreeMap<St
             .entries
             .iter()
             .filter(|e| e.key.name == "batch" || syms.contains(&e.key.name))
-            .filter_map(|e| match config::konst(&e.value) {
+            .filter_map(|e| match sections::konst(&e.value) {
                 Ok(types::Val::Int(n, _)) if n >= 1 => Some((e.key.name.clone(), n)),
                 _ => None,
             })
@@ -150,7 +150,7 @@ pub fn check_with(file: &ast::File, prelude: &ast::File, overrides: &BTreeMap<St
     let unbound: HashSet<String> = sym_spans.keys().filter(|s| !dims.contains_key(*s)).cloned().collect();
     if let Some(t) = train_def {
         for (name, span) in &sym_spans {
-            if unbound.contains(name) && config::train_entry(t, name).is_none() {
+            if unbound.contains(name) && sections::train_entry(t, name).is_none() {
                 diags.push(
                     Diagnostic::error("shape::unbound_dim", format!("symbolic dim `{name}` is not bound"))
                         .label(*span, format!("`{name}` is used here"))
@@ -183,18 +183,18 @@ pub fn check_with(file: &ast::File, prelude: &ast::File, overrides: &BTreeMap<St
     // Sources are checked even when unused, so their errors show.
     let mut data_checked = None;
     for d in &datas {
-        let checked = config::data(d, &mut diags);
+        let checked = sections::data(d, &mut diags);
         if data.is_some_and(|sel| std::ptr::eq(sel, *d)) {
             data_checked = checked;
         }
     }
     if let (Some(d), Some(m)) = (&data_checked, &model) {
         if m.inputs_complete {
-            config::data_fits_model(d, m, &mut diags);
+            sections::data_fits_model(d, m, &mut diags);
         }
     }
 
-    let (devices, devices_ok) = config::devices(&file.devices, &mut diags);
+    let (devices, devices_ok) = sections::devices(&file.devices, &mut diags);
     let placement = match (&model, dims.get("batch")) {
         (Some(m), Some(&batch)) if devices_ok => placement::placement(file.placements.first(), m, batch, &devices, &mut diags),
         _ => None,
@@ -224,7 +224,7 @@ fn check_template_params(l: &ast::LayerDef, diags: &mut Diagnostics) {
 }
 
 fn select_model<'a>(models: &[&'a ast::ModelDef], train: Option<&ast::TrainDef>, diags: &mut Diagnostics) -> Option<&'a ast::ModelDef> {
-    let entry = train.and_then(|t| config::train_entry(t, "model"));
+    let entry = train.and_then(|t| sections::train_entry(t, "model"));
     match entry {
         Some(e) => {
             let name = match &e.value.kind {
@@ -281,7 +281,7 @@ fn select_data<'a>(t: &ast::TrainDef, name: Option<&str>, datas: &[&'a ast::Data
         Some(n) => match datas.iter().find(|d| d.name.name == n) {
             Some(d) => Some(d),
             None => {
-                let span = config::train_entry(t, "data").map(|e| e.value.span).unwrap_or(t.head);
+                let span = sections::train_entry(t, "data").map(|e| e.value.span).unwrap_or(t.head);
                 let names: Vec<&str> = datas.iter().map(|d| d.name.name.as_str()).collect();
                 let mut d = Diagnostic::error("names::unknown_data", format!("there is no data source `{n}`")).label(span, "not a data source");
                 d = d.help(match did_you_mean(n, names.iter().copied()) {
@@ -293,7 +293,7 @@ fn select_data<'a>(t: &ast::TrainDef, name: Option<&str>, datas: &[&'a ast::Data
                 None
             }
         },
-        None if config::train_entry(t, "data").is_some() => None,
+        None if sections::train_entry(t, "data").is_some() => None,
         None => match datas {
             [one] => Some(one),
             _ => {
