@@ -6,7 +6,7 @@ use shardplan_compiler::check::{Placement, Unit};
 use shardplan_compiler::graph::{Op, Role};
 use shardplan_compiler::kernel::{BufKind, Program, StepKind};
 use shardplan_compiler::partition::verify::{events, Event};
-use shardplan_compiler::partition::{Phase, Plan, L};
+use shardplan_compiler::partition::{Layout, Phase, Plan};
 use shardplan_compiler::Checked;
 
 /// Per-device figures of one training step.
@@ -197,13 +197,13 @@ fn fmt_flops(f: f64) -> String {
     }
 }
 
-fn layout_text(plan: &Plan, l: &[L]) -> String {
+fn layout_text(plan: &Plan, l: &[Layout]) -> String {
     let parts: Vec<String> = l
         .iter()
         .enumerate()
         .filter(|(a, _)| plan.layout_axes[*a].mesh.is_some())
         .filter_map(|(a, x)| match x {
-            L::S(d, _) => Some(format!("dim {d} split over `{}`", plan.layout_axes[a].name)),
+            Layout::Split(d, _) => Some(format!("dim {d} split over `{}`", plan.layout_axes[a].name)),
             _ => None,
         })
         .collect();

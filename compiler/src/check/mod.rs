@@ -7,16 +7,16 @@
 //! when another failed, and a failed value (`Val::Error`) silences the errors
 //! that would only follow from it.
 
-pub mod sections;
 pub mod model;
 mod ops;
 pub mod placement;
+pub mod sections;
 pub mod types;
 
-pub use sections::{Data, DataSource, Device, DeviceKind, Length, LrSchedule, Optimizer, RowRange, Train};
 pub use model::{Child, Init, Input, Instance, Model, Param, TopLayer, Unit};
 pub use ops::broadcast as broadcast_shapes;
 pub use placement::{Explicit, Objective, Pipeline, Placement, Schedule, Shard};
+pub use sections::{Data, DataSource, Device, DeviceKind, Length, LrSchedule, Optimizer, RowRange, Train};
 pub use types::{DType, Dim, InstId, Prim, TId, TraceOp, Ty};
 
 use crate::diag::{did_you_mean, Diagnostic, Diagnostics, SourceId, Span};

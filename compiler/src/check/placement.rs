@@ -7,8 +7,8 @@
 //! forward order, microbatches divide the batch, and the parameter server is
 //! a real device.
 
-use super::sections::{quantity, Device, UnitKind};
 use super::model::{Child, Model, Unit};
+use super::sections::{quantity, Device, UnitKind};
 use crate::diag::{did_you_mean, Diagnostic, Diagnostics, Span};
 use crate::syntax::ast::{self, Index, PathSeg, PlacementKind, PlacementStmt};
 use std::collections::BTreeMap;

@@ -3,7 +3,7 @@
 
 use super::rules::Scale;
 use super::schedule::passes;
-use super::{chunk_range, DeviceProgram, Global, Home, PartitionError, Piece, L};
+use super::{chunk_range, DeviceProgram, Global, Home, Layout, PartitionError, Piece};
 use crate::check::{DType, Dim, Schedule, Ty};
 use crate::graph::{Graph, NodeId, Op, Role, Target};
 use std::collections::HashMap;
@@ -25,9 +25,9 @@ struct Builder<'a, 'g> {
     /// Local value of each global node in its natural layout.
     val: HashMap<NodeId, NodeId>,
     /// The update's view of forward/backward values: (local node, layout).
-    accum: HashMap<NodeId, (NodeId, Vec<L>)>,
+    accum: HashMap<NodeId, (NodeId, Vec<Layout>)>,
     /// Conversions made: (global node, layout, for the update) → local node.
-    conv: HashMap<(NodeId, Vec<L>, bool), NodeId>,
+    conv: HashMap<(NodeId, Vec<Layout>, bool), NodeId>,
     next_coll: u32,
     params: Vec<Piece>,
     states: Vec<Piece>,
@@ -88,7 +88,7 @@ impl Builder<'_, '_> {
         matches!(self.g().node(n).op, Op::Param(_) | Op::State(_) | Op::Input(_) | Op::Const(_) | Op::Hyper(_))
     }
 
-    fn local_ty(&self, global: &Ty, l: &[L]) -> Ty {
+    fn local_ty(&self, global: &Ty, l: &[Layout]) -> Ty {
         let shape: Vec<usize> = global.shape.iter().map(|d| d.size.max(0) as usize).collect();
         let s = self.glob.local_shape(&shape, l, &self.at);
         Ty::new(global.dtype, s.into_iter().map(|x| Dim::known(x as i64)).collect())
@@ -308,7 +308,7 @@ impl Builder<'_, '_> {
     }
 
     /// The local value of global `a` for a consumer of `role`, in layout `want`.
-    fn operand(&mut self, a: NodeId, role: Role, want: &[L]) -> Result<NodeId, PartitionError> {
+    fn operand(&mut self, a: NodeId, role: Role, want: &[Layout]) -> Result<NodeId, PartitionError> {
         let g = self.glob.g;
         let update_view = role == Role::Update && g.node(a).role != Role::Update && !self.is_source(a);
         let (v, have) = if update_view {
@@ -335,7 +335,7 @@ impl Builder<'_, '_> {
     }
 
     /// Converts a local value from layout `have` to `want`, axis by axis.
-    fn convert(&mut self, mut v: NodeId, global: &Ty, mut have: Vec<L>, want: &[L], role: Role) -> Result<NodeId, PartitionError> {
+    fn convert(&mut self, mut v: NodeId, global: &Ty, mut have: Vec<Layout>, want: &[Layout], role: Role) -> Result<NodeId, PartitionError> {
         let shape: Vec<usize> = global.shape.iter().map(|d| d.size.max(0) as usize).collect();
         for a in 0..want.len() {
             if have[a] == want[a] {
@@ -352,9 +352,9 @@ impl Builder<'_, '_> {
             let name = axis.name.clone();
             let k = axis.size;
             let c = self.at[a];
-            let split_elsewhere = |l: &[L], d: usize| l.iter().enumerate().any(|(b, x)| b != a && matches!(x, L::S(dd, _) if *dd == d));
+            let split_elsewhere = |l: &[Layout], d: usize| l.iter().enumerate().any(|(b, x)| b != a && matches!(x, Layout::Split(dd, _) if *dd == d));
             // Partial → split: one reduce-scatter.
-            if let (L::P, L::S(d, u)) = (have[a], want[a]) {
+            if let (Layout::Partial, Layout::Split(d, u)) = (have[a], want[a]) {
                 if !split_elsewhere(&have, d) {
                     let mut to = have.clone();
                     to[a] = want[a];
@@ -366,7 +366,7 @@ impl Builder<'_, '_> {
                 }
             }
             // Split → split along another dim: one all-to-all.
-            if let (L::S(d, du), L::S(e, eu)) = (have[a], want[a]) {
+            if let (Layout::Split(d, du), Layout::Split(e, eu)) = (have[a], want[a]) {
                 if d != e && !split_elsewhere(&have, d) && !split_elsewhere(&have, e) {
                     let mut to = have.clone();
                     to[a] = want[a];
@@ -380,38 +380,38 @@ impl Builder<'_, '_> {
             }
             // Gather or reduce to replicated first, when needed.
             match have[a] {
-                L::P if want[a] != L::P => {
+                Layout::Partial if want[a] != Layout::Partial => {
                     let ty = self.lg.node(v).ty.clone();
                     let id = self.coll_id();
                     v = self.lg.add(Op::AllReduce { group: group.clone(), id, axis: name.clone() }, &[v], ty, role);
-                    have[a] = L::R;
+                    have[a] = Layout::Replicated;
                 }
-                L::S(d, u) => {
-                    if have.iter().enumerate().any(|(b, x)| b != a && matches!(x, L::S(dd, _) if *dd == d)) {
+                Layout::Split(d, u) => {
+                    if have.iter().enumerate().any(|(b, x)| b != a && matches!(x, Layout::Split(dd, _) if *dd == d)) {
                         return err(format!("a {global} split along dim {d} over two axes cannot be gathered over `{name}`"));
                     }
                     let mut to = have.clone();
-                    to[a] = L::R;
+                    to[a] = Layout::Replicated;
                     let ty = self.local_ty(global, &to);
                     let id = self.coll_id();
                     v = self.lg.add(Op::AllGather { group: group.clone(), id, axis: name.clone(), dim: d, granule: u }, &[v], ty, role);
-                    have[a] = L::R;
+                    have[a] = Layout::Replicated;
                 }
                 _ => {}
             }
             match want[a] {
-                L::R => {}
-                L::S(d, u) => {
-                    if have.iter().enumerate().any(|(b, x)| b != a && matches!(x, L::S(dd, _) if *dd == d)) {
+                Layout::Replicated => {}
+                Layout::Split(d, u) => {
+                    if have.iter().enumerate().any(|(b, x)| b != a && matches!(x, Layout::Split(dd, _) if *dd == d)) {
                         return err(format!("a {global} split along dim {d} over two axes cannot be sliced over `{name}`"));
                     }
                     let start = chunk_range(shape[d] / u.max(1), k, c).start * u.max(1);
                     let mut to = have.clone();
-                    to[a] = L::S(d, u);
+                    to[a] = Layout::Split(d, u);
                     let ty = self.local_ty(global, &to);
                     v = self.lg.add(Op::Slice { dim: d, start }, &[v], ty, role);
                 }
-                L::P => {
+                Layout::Partial => {
                     if c != 0 {
                         let ty = self.lg.node(v).ty.clone();
                         v = self.lg.add(Op::Const(0.0), &[], ty, role);
@@ -428,12 +428,12 @@ impl Builder<'_, '_> {
         self.next_coll
     }
 
-    fn piece(&self, p: usize, global: &Ty, l: &[L]) -> Piece {
+    fn piece(&self, p: usize, global: &Ty, l: &[Layout]) -> Piece {
         let shape: Vec<usize> = global.shape.iter().map(|d| d.size.max(0) as usize).collect();
         let len = self.glob.local_shape(&shape, l, &self.at);
         let mut start = vec![0; shape.len()];
         for (a, x) in l.iter().enumerate() {
-            if let L::S(d, u) = *x {
+            if let Layout::Split(d, u) = *x {
                 start[d] = chunk_range(shape[d] / u.max(1), self.glob.axes[a].size, self.at[a]).start * u.max(1);
             }
         }
@@ -446,7 +446,7 @@ impl Builder<'_, '_> {
         let mut want = self.glob.layout[id.0 as usize].clone();
         for (a, w) in want.iter_mut().enumerate() {
             if a != self.glob.mb_axis && Some(a) != self.glob.data_axis {
-                *w = L::R;
+                *w = Layout::Replicated;
             }
         }
         let v = self.operand(id, Role::Forward, &want)?;
@@ -455,12 +455,12 @@ impl Builder<'_, '_> {
     }
 
     /// Layout of a forward/backward value as the update reads it.
-    fn update_layout(&self, n: NodeId) -> Vec<L> {
+    fn update_layout(&self, n: NodeId) -> Vec<Layout> {
         let mut l = self.glob.layout[n.0 as usize].clone();
-        l[self.glob.mb_axis] = L::R;
+        l[self.glob.mb_axis] = Layout::Replicated;
         if let Some(d) = self.glob.data_axis {
-            if l[d] == L::P && (self.glob.axes[d].size > 1) {
-                l[d] = L::R;
+            if l[d] == Layout::Partial && (self.glob.axes[d].size > 1) {
+                l[d] = Layout::Replicated;
             }
         }
         l
@@ -477,7 +477,7 @@ impl Builder<'_, '_> {
         let mut raw: Vec<(NodeId, NodeId)> = Vec::new();
         for &(k, n) in &mine {
             let mut l = self.glob.layout[n.0 as usize].clone();
-            l[self.glob.mb_axis] = L::R;
+            l[self.glob.mb_axis] = Layout::Replicated;
             let ty = self.local_ty(&g.node(n).ty, &l);
             let v = if self.glob.axes[self.glob.mb_axis].size > 1 {
                 self.lg.add(Op::Accumulated(k), &[], ty, u)
@@ -539,7 +539,7 @@ impl Builder<'_, '_> {
     fn all_reduce_buckets(&mut self, raw: &[(NodeId, NodeId)], d: usize) -> Result<Vec<NodeId>, PartitionError> {
         let u = Role::Update;
         let mut out: Vec<NodeId> = raw.iter().map(|x| x.1).collect();
-        let partial: Vec<usize> = (0..raw.len()).filter(|&i| self.glob.layout[raw[i].0 .0 as usize][d] == L::P).collect();
+        let partial: Vec<usize> = (0..raw.len()).filter(|&i| self.glob.layout[raw[i].0 .0 as usize][d] == Layout::Partial).collect();
         let group = self.glob.mesh.group(self.dev, self.glob.axes[d].mesh.unwrap_or(0));
         let name = self.glob.axes[d].name.clone();
         let mut bucket: Vec<usize> = Vec::new();
@@ -590,7 +590,7 @@ impl Builder<'_, '_> {
         let g = self.glob.g;
         let d = self.glob.data_axis.unwrap_or(0);
         for (n, _) in raw {
-            if self.glob.layout[n.0 as usize][d] != L::P && self.glob.axes[d].size > 1 {
+            if self.glob.layout[n.0 as usize][d] != Layout::Partial && self.glob.axes[d].size > 1 {
                 return err(format!("a parameter server needs every gradient summed over `{}`; {} is not", self.glob.axes[d].name, g.node(*n).op.name()));
             }
         }

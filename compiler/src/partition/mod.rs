@@ -6,7 +6,7 @@
 //! and a schedule of forward, backward and update passes over microbatches.
 //!
 //! How:
-//! - Layouts are types. Every value has, per mesh axis, a layout [`L`]:
+//! - Layouts are types. Every value has, per mesh axis, a layout [`Layout`]:
 //!   replicated, split along a dim, or a partial sum. Parameters take the
 //!   layouts the placement gives, inputs are split along the batch over the
 //!   data axis (and over microbatches, a virtual axis of its own), and
@@ -45,24 +45,28 @@ use crate::kernel::Program;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
-/// A value's layout along one mesh axis.
+/// A value's layout along one mesh axis. (Compiled plan files spell the
+/// variants `R`, `S` and `P`.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum L {
+pub enum Layout {
     /// Every device of the axis holds all of it.
-    R,
+    #[serde(rename = "R")]
+    Replicated,
     /// Split along dim `.0` in blocks of whole granules of `.1` elements
     /// of that dim (1 unless an uneven split was merged with inner dims).
-    S(usize, usize),
+    #[serde(rename = "S")]
+    Split(usize, usize),
     /// Every device holds a full-size partial sum; the value is their sum.
-    P,
+    #[serde(rename = "P")]
+    Partial,
 }
 
-impl std::fmt::Display for L {
+impl std::fmt::Display for Layout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            L::R => write!(f, "replicated"),
-            L::S(d, _) => write!(f, "split(dim {d})"),
-            L::P => write!(f, "partial"),
+            Layout::Replicated => write!(f, "replicated"),
+            Layout::Split(d, _) => write!(f, "split(dim {d})"),
+            Layout::Partial => write!(f, "partial"),
         }
     }
 }
@@ -167,7 +171,7 @@ pub struct Plan {
     pub server: Option<usize>,
     pub devices: Vec<DeviceProgram>,
     /// Per parameter: its stage and its layout per layout axis.
-    pub param_layouts: Vec<(usize, Vec<L>)>,
+    pub param_layouts: Vec<(usize, Vec<Layout>)>,
     /// FNV-1a hash of the device programs: every message carries it.
     pub hash: u64,
 }
@@ -198,14 +202,14 @@ pub(crate) struct Global<'a> {
     /// Index of the microbatch axis in `axes`.
     pub mb_axis: usize,
     pub data_axis: Option<usize>,
-    pub layout: Vec<Vec<L>>,
+    pub layout: Vec<Vec<Layout>>,
     /// Per node: required operand layouts and the scale rule, per axis.
-    pub args: Vec<Vec<Vec<L>>>,
+    pub args: Vec<Vec<Vec<Layout>>>,
     pub scale: Vec<rules::Scale>,
     pub home: Vec<Home>,
     pub stages: usize,
     pub param_stage: Vec<usize>,
-    pub param_layout: Vec<Vec<L>>,
+    pub param_layout: Vec<Vec<Layout>>,
     /// Forward/backward values read by the update, in node order.
     pub crossing: Vec<NodeId>,
     pub users: Vec<Vec<NodeId>>,
@@ -257,12 +261,12 @@ pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Resul
     let m = &c.model;
 
     // Parameter layouts.
-    let mut param_layout: Vec<Vec<L>> = vec![vec![L::R; axes.len()]; m.params.len()];
+    let mut param_layout: Vec<Vec<Layout>> = vec![vec![Layout::Replicated; axes.len()]; m.params.len()];
     for s in &shards {
         for (d, a) in s.spec.iter().enumerate() {
             if let Some(a) = a {
                 if let Some(ax) = axes.iter().position(|x| x.mesh == Some(*a)) {
-                    param_layout[s.param][ax] = L::S(d, 1);
+                    param_layout[s.param][ax] = Layout::Split(d, 1);
                 }
             }
         }
@@ -342,7 +346,7 @@ pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Resul
         .collect();
     for &x in &glob.crossing {
         let l = &glob.layout[x.0 as usize];
-        if glob.axes[mb_axis].size > 1 && l[mb_axis] != L::P {
+        if glob.axes[mb_axis].size > 1 && l[mb_axis] != Layout::Partial {
             return err(format!("internal: the update reads {} which is not summed over microbatches", g.node(x).op.name()));
         }
         if glob.home[x.0 as usize] == Home::Anywhere {
@@ -394,16 +398,16 @@ impl Global<'_> {
 
     /// Drops what an axis cannot express: anything on an axis of one device,
     /// granules where the split is even.
-    fn normalize(&self, shape: &[usize], l: &mut [L]) {
+    fn normalize(&self, shape: &[usize], l: &mut [Layout]) {
         for (a, x) in l.iter_mut().enumerate() {
             let k = self.axes[a].size;
             if k <= 1 {
-                *x = L::R;
-            } else if let L::S(d, u) = *x {
+                *x = Layout::Replicated;
+            } else if let Layout::Split(d, u) = *x {
                 if d >= shape.len() || shape[d] < k {
-                    *x = L::R;
+                    *x = Layout::Replicated;
                 } else if u > 1 && (shape[d] / u).is_multiple_of(k) {
-                    *x = L::S(d, 1);
+                    *x = Layout::Split(d, 1);
                 }
             }
         }
@@ -421,8 +425,8 @@ impl Global<'_> {
             let node = g.node(id);
             let shape = self.shape(id);
             let args = g.args(id);
-            let mut out = vec![L::R; na];
-            let mut req: Vec<Vec<L>> = vec![vec![L::R; na]; args.len()];
+            let mut out = vec![Layout::Replicated; na];
+            let mut req: Vec<Vec<Layout>> = vec![vec![Layout::Replicated; na]; args.len()];
             let mut scale = rules::Scale::None;
             match &node.op {
                 Op::Param(i) => out = self.param_layout[*i].clone(),
@@ -431,9 +435,9 @@ impl Global<'_> {
                     let batch = node.ty.shape.first().is_some_and(|d| d.sym.as_deref() == Some("batch"));
                     if batch {
                         if let Some(d) = self.data_axis {
-                            out[d] = L::S(0, 1);
+                            out[d] = Layout::Split(0, 1);
                         }
-                        out[self.mb_axis] = L::S(0, 1);
+                        out[self.mb_axis] = Layout::Split(0, 1);
                     }
                 }
                 _ => {
@@ -445,15 +449,15 @@ impl Global<'_> {
                         let summed = node.role == Role::Update
                             && xn.role != Role::Update
                             && !matches!(xn.op, Op::Param(_) | Op::State(_) | Op::Input(_) | Op::Const(_) | Op::Hyper(_));
-                        let reduced_here = l == L::P && reduced[a].contains(x) && (xn.role == Role::Update) == (node.role == Role::Update);
-                        if (summed && (a == self.mb_axis || (Some(a) == self.data_axis && l == L::P))) || reduced_here {
-                            L::R
+                        let reduced_here = l == Layout::Partial && reduced[a].contains(x) && (xn.role == Role::Update) == (node.role == Role::Update);
+                        if (summed && (a == self.mb_axis || (Some(a) == self.data_axis && l == Layout::Partial))) || reduced_here {
+                            Layout::Replicated
                         } else {
                             l
                         }
                     };
                     for a in 0..na {
-                        let have: Vec<L> = args.iter().map(|x| view(x, a)).collect();
+                        let have: Vec<Layout> = args.iter().map(|x| view(x, a)).collect();
                         let r = rules::decide(g, id, &have, self.axes[a].size, node.role == Role::Update);
                         for (i, l) in r.args.into_iter().enumerate() {
                             req[i][a] = l;
@@ -477,7 +481,7 @@ impl Global<'_> {
                 let s = self.shape(args[i]);
                 self.normalize(&s, r);
                 for (a, l) in r.iter().enumerate() {
-                    if *l == L::R && self.layout[args[i].0 as usize].get(a) == Some(&L::P) {
+                    if *l == Layout::Replicated && self.layout[args[i].0 as usize].get(a) == Some(&Layout::Partial) {
                         reduced[a].insert(args[i]);
                     }
                 }
@@ -486,7 +490,7 @@ impl Global<'_> {
             // Two mesh axes may not split one dim (microbatches nest inside the data axis).
             for a in 0..na {
                 for b in a + 1..na {
-                    if let (L::S(d1, _), L::S(d2, _)) = (out[a], out[b]) {
+                    if let (Layout::Split(d1, _), Layout::Split(d2, _)) = (out[a], out[b]) {
                         let nested = Some(a) == self.data_axis && b == self.mb_axis;
                         if d1 == d2 && !nested {
                             return Err(PartitionError(format!(
@@ -574,12 +578,12 @@ impl Global<'_> {
 
     /// Local shape of a value of global `shape` in layout `l` on a device at
     /// layout coordinates `at`.
-    pub fn local_shape(&self, shape: &[usize], l: &[L], at: &[usize]) -> Vec<usize> {
+    pub fn local_shape(&self, shape: &[usize], l: &[Layout], at: &[usize]) -> Vec<usize> {
         let mut s = shape.to_vec();
         for d in 0..s.len() {
             let mut units: Option<(usize, usize)> = None;
             for (a, x) in l.iter().enumerate() {
-                if let L::S(dd, u) = *x {
+                if let Layout::Split(dd, u) = *x {
                     if dd == d {
                         let (n, uu) = units.unwrap_or((shape[d] / u.max(1), u.max(1)));
                         units = Some((chunk_range(n, self.axes[a].size, at[a]).len(), uu));

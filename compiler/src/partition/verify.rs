@@ -9,7 +9,7 @@
 //!   collective must reach the same collective (instruction, size, group) in
 //!   the same order; and the whole set must finish (no device waits forever).
 
-use super::{Phase, Plan, L};
+use super::{Layout, Phase, Plan};
 use crate::graph::{Graph, Op, Role};
 use crate::kernel::StepKind;
 use std::collections::VecDeque;
@@ -214,20 +214,20 @@ pub fn simulate(ev: &[Vec<Event>]) -> Result<(), String> {
 /// Layout typing of a partitioned graph: `out[n]` is node n's layout and
 /// `args[n][i]` the layout its operand i is given, per axis. Partial sums may
 /// only reach ops linear in that operand.
-pub fn check_layouts(g: &Graph, out: &[Vec<L>], args: &[Vec<Vec<L>>]) -> Result<(), String> {
+pub fn check_layouts(g: &Graph, out: &[Vec<Layout>], args: &[Vec<Vec<Layout>>]) -> Result<(), String> {
     for id in g.ids() {
         let node = g.node(id);
         let a = &args[id.0 as usize];
         let axes = out[id.0 as usize].len();
         for ax in 0..axes {
-            let has: Vec<L> = a.iter().map(|x| x[ax]).collect();
-            let ps: Vec<usize> = (0..has.len()).filter(|&i| has[i] == L::P).collect();
+            let has: Vec<Layout> = a.iter().map(|x| x[ax]).collect();
+            let ps: Vec<usize> = (0..has.len()).filter(|&i| has[i] == Layout::Partial).collect();
             if ps.is_empty() {
                 continue;
             }
             let ok = match &node.op {
                 Op::Add | Op::Sub => ps.len() == has.len(),
-                Op::Mul | Op::MatMul => ps.len() == 1 && !has.iter().any(|l| matches!(l, L::S(..))),
+                Op::Mul | Op::MatMul => ps.len() == 1 && !has.iter().any(|l| matches!(l, Layout::Split(..))),
                 Op::Div => ps == [0],
                 Op::Neg | Op::Reshape | Op::Transpose { .. } | Op::Sum { .. } | Op::Mean { .. } | Op::SumTo | Op::Expand { .. } => true,
                 Op::ReluGrad | Op::GeluGrad | Op::SoftmaxGrad { .. } | Op::LogSoftmaxGrad { .. } | Op::LayerNormGradGamma { .. } | Op::EmbeddingGrad => {
@@ -238,7 +238,7 @@ pub fn check_layouts(g: &Graph, out: &[Vec<L>], args: &[Vec<Vec<L>>]) -> Result<
                 _ => false,
             };
             let carries = matches!(node.op, Op::Accumulate(_) | Op::Send { .. });
-            if !ok || (!carries && out[id.0 as usize][ax] != L::P) {
+            if !ok || (!carries && out[id.0 as usize][ax] != Layout::Partial) {
                 return Err(format!("node {} ({}) reads a partial sum as operand {} along axis {ax} as if it were complete", id.0, node.op.name(), ps[0]));
             }
         }
@@ -291,13 +291,13 @@ mod tests {
         let n = g.add(Op::Neg, &[x], t, Role::Forward);
         let _ = (r, n);
         // relu of a partial sum: wrong.
-        let out = vec![vec![L::P], vec![L::P], vec![L::P]];
-        let args = vec![vec![], vec![vec![L::P]], vec![vec![L::P]]];
+        let out = vec![vec![Layout::Partial], vec![Layout::Partial], vec![Layout::Partial]];
+        let args = vec![vec![], vec![vec![Layout::Partial]], vec![vec![Layout::Partial]]];
         let e = check_layouts(&g, &out, &args).unwrap_err();
         assert!(e.contains("relu"), "{e}");
         // negation is linear: fine once relu reads the reduced value.
-        let args = vec![vec![], vec![vec![L::R]], vec![vec![L::P]]];
-        let out = vec![vec![L::P], vec![L::R], vec![L::P]];
+        let args = vec![vec![], vec![vec![Layout::Replicated]], vec![vec![Layout::Partial]]];
+        let out = vec![vec![Layout::Partial], vec![Layout::Replicated], vec![Layout::Partial]];
         assert_eq!(check_layouts(&g, &out, &args), Ok(()));
     }
 }
