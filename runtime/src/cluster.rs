@@ -21,13 +21,13 @@
 
 use crate::backend::cpu::KernelError;
 use crate::backend::cuda::nccl::{self, Abort, Nccl, Setup};
-use crate::collectives::{self, chunk_range, Tag};
+use crate::collectives::{self, Tag};
 use crate::data::Batch;
 use crate::exec::{self, Backend, Comm, Data, Engine};
 use crate::transport::{Endpoint, Fabric, Header, Message, TransportError};
 use shardplan_compiler::graph::{Hyper, Op, Role};
 use shardplan_compiler::kernel::{BufKind, StepKind};
-use shardplan_compiler::partition::{DeviceProgram, Phase, Piece, Plan};
+use shardplan_compiler::partition::{chunk_range, DeviceProgram, Phase, Piece, Plan};
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
