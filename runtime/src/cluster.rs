@@ -19,11 +19,10 @@
 //! waits in NCCL), and [`Cluster::step`] returns one error naming the
 //! device and the step.
 
-use crate::backend::cpu::KernelError;
 use crate::backend::cuda::nccl::{self, Abort, Nccl, Setup};
 use crate::collectives::{self, Tag};
 use crate::data::Batch;
-use crate::exec::{self, Backend, Comm, Data, Engine};
+use crate::engine::{Backend, Comm, Data, Engine, EngineError};
 use crate::transport::{Endpoint, Fabric, Header, Message, TransportError};
 use shardplan_compiler::graph::{Hyper, Op, Role};
 use shardplan_compiler::kernel::{BufKind, StepKind};
@@ -334,22 +333,22 @@ struct Link<'a> {
 }
 
 impl Link<'_> {
-    fn fail(&mut self, e: TransportError) -> KernelError {
+    fn fail(&mut self, e: TransportError) -> EngineError {
         let m = e.to_string();
         self.error = Some(e);
-        KernelError::Invalid(m)
+        EngineError::Transfer(m)
     }
 }
 
 impl Comm for Link<'_> {
-    fn run(&mut self, op: &Op, input: Option<(&[f32], &[usize])>, out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError> {
+    fn run(&mut self, op: &Op, input: Option<(&[f32], &[usize])>, out: &mut [f32], out_shape: &[usize]) -> Result<(), EngineError> {
         let t = std::time::Instant::now();
         let r = self.transfer(op, input, out, out_shape);
         self.spent += t.elapsed().as_secs_f64();
         r
     }
 
-    fn on_gpus(&mut self, op: &Op, f: &mut dyn FnMut(&mut Nccl) -> Result<(), KernelError>) -> Option<Result<(), KernelError>> {
+    fn on_gpus(&mut self, op: &Op, f: &mut dyn FnMut(&mut Nccl) -> Result<(), EngineError>) -> Option<Result<(), EngineError>> {
         let n = self.nccl.as_deref_mut()?;
         n.route(op)?;
         let t = std::time::Instant::now();
@@ -365,21 +364,21 @@ impl Comm for Link<'_> {
 }
 
 impl Link<'_> {
-    fn transfer(&mut self, op: &Op, input: Option<(&[f32], &[usize])>, out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError> {
+    fn transfer(&mut self, op: &Op, input: Option<(&[f32], &[usize])>, out: &mut [f32], out_shape: &[usize]) -> Result<(), EngineError> {
         let group = |g: &[u32]| g.iter().map(|&x| x as usize).collect::<Vec<usize>>();
         match op {
             Op::AllReduce { group: g, id, axis } => {
-                let Some((x, _)) = input else { return Err(KernelError::Invalid("all-reduce without an operand".into())) };
+                let Some((x, _)) = input else { return Err(EngineError::Bug("all-reduce without an operand".into())) };
                 out.copy_from_slice(x);
                 let tag = Tag { plan: self.plan, instr: *id, seq: self.seq, name: format!("all-reduce({axis})") };
                 collectives::all_reduce(self.ep, &group(g), &tag, out).map_err(|e| self.fail(e))
             }
             Op::AllGather { group: g, id, axis, dim, granule } => {
-                let Some((x, _)) = input else { return Err(KernelError::Invalid("all-gather without an operand".into())) };
+                let Some((x, _)) = input else { return Err(EngineError::Bug("all-gather without an operand".into())) };
                 let members = group(g);
                 let n = members.len();
                 let Some(pos) = members.iter().position(|&m| m == self.ep.rank()) else {
-                    return Err(KernelError::Invalid(format!("device {} is not in all-gather group {members:?}", self.ep.rank())));
+                    return Err(EngineError::Bug(format!("device {} is not in all-gather group {members:?}", self.ep.rank())));
                 };
                 let outer: usize = out_shape[..*dim].iter().product();
                 let inner: usize = out_shape[dim + 1..].iter().product();
@@ -393,7 +392,7 @@ impl Link<'_> {
                     .collect();
                 let widest = parts.iter().map(|r| r.len()).max().unwrap_or(0) * outer * inner;
                 if x.len() != parts[pos].len() * outer * inner {
-                    return Err(KernelError::Invalid(format!("all-gather part of {} elements, expected {}", x.len(), parts[pos].len() * outer * inner)));
+                    return Err(EngineError::Bug(format!("all-gather part of {} elements, expected {}", x.len(), parts[pos].len() * outer * inner)));
                 }
                 let mut mine = x.to_vec();
                 mine.resize(widest, 0.0);
@@ -411,21 +410,21 @@ impl Link<'_> {
                 Ok(())
             }
             Op::ReduceScatter { group: g, id, axis, dim, granule } => {
-                let Some((x, in_shape)) = input else { return Err(KernelError::Invalid("reduce-scatter without an operand".into())) };
+                let Some((x, in_shape)) = input else { return Err(EngineError::Bug("reduce-scatter without an operand".into())) };
                 let members = group(g);
                 let n = members.len();
                 let Some(pos) = members.iter().position(|&m| m == self.ep.rank()) else {
-                    return Err(KernelError::Invalid(format!("device {} is not in reduce-scatter group {members:?}", self.ep.rank())));
+                    return Err(EngineError::Bug(format!("device {} is not in reduce-scatter group {members:?}", self.ep.rank())));
                 };
                 if *dim >= in_shape.len() || in_shape.len() != out_shape.len() {
-                    return Err(KernelError::Invalid(format!("reduce-scatter along dim {dim} of {in_shape:?}")));
+                    return Err(EngineError::Bug(format!("reduce-scatter along dim {dim} of {in_shape:?}")));
                 }
                 let full = in_shape[*dim];
                 let parts = parts(full, n, *granule);
                 let outer: usize = in_shape[..*dim].iter().product();
                 let inner: usize = in_shape[dim + 1..].iter().product();
                 if out.len() != parts[pos].len() * outer * inner {
-                    return Err(KernelError::Invalid(format!("reduce-scatter part of {} elements, expected {}", out.len(), parts[pos].len() * outer * inner)));
+                    return Err(EngineError::Bug(format!("reduce-scatter part of {} elements, expected {}", out.len(), parts[pos].len() * outer * inner)));
                 }
                 let widest = parts.iter().map(|r| r.len()).max().unwrap_or(0) * outer * inner;
                 let mut staging = vec![0.0f32; widest * n];
@@ -443,16 +442,16 @@ impl Link<'_> {
                 Ok(())
             }
             Op::AllToAll { group: g, id, axis, from, from_granule, to, to_granule } => {
-                let Some((x, in_shape)) = input else { return Err(KernelError::Invalid("all-to-all without an operand".into())) };
+                let Some((x, in_shape)) = input else { return Err(EngineError::Bug("all-to-all without an operand".into())) };
                 let members = group(g);
                 let n = members.len();
                 let me = self.ep.rank();
                 let Some(pos) = members.iter().position(|&m| m == me) else {
-                    return Err(KernelError::Invalid(format!("device {me} is not in all-to-all group {members:?}")));
+                    return Err(EngineError::Bug(format!("device {me} is not in all-to-all group {members:?}")));
                 };
                 let r = in_shape.len();
                 if *from >= r || *to >= r || from == to || out_shape.len() != r {
-                    return Err(KernelError::Invalid(format!("all-to-all from dim {from} to dim {to} of {in_shape:?}")));
+                    return Err(EngineError::Bug(format!("all-to-all from dim {from} to dim {to} of {in_shape:?}")));
                 }
                 let from_parts = parts(out_shape[*from], n, *from_granule);
                 let to_parts = parts(in_shape[*to], n, *to_granule);
@@ -495,7 +494,7 @@ impl Link<'_> {
                 Ok(())
             }
             Op::Send { to, id } => {
-                let Some((x, _)) = input else { return Err(KernelError::Invalid("send without an operand".into())) };
+                let Some((x, _)) = input else { return Err(EngineError::Bug("send without an operand".into())) };
                 let header = Header { plan: self.plan, instr: *id, seq: self.seq, kind: "send".into() };
                 self.ep.send(*to as usize, Message { header, data: x.to_vec() }).map_err(|e| self.fail(e))
             }
@@ -512,7 +511,7 @@ impl Link<'_> {
                 out.copy_from_slice(&data);
                 Ok(())
             }
-            other => Err(KernelError::Invalid(format!("{} is not a transfer", other.name()))),
+            other => Err(EngineError::Bug(format!("{} is not a transfer", other.name()))),
         }
     }
 }
@@ -577,7 +576,7 @@ fn copy_in(out: &mut [f32], shape: &[usize], at: &[usize], data: &[f32], block: 
     block_rows(shape, at, block, |s, d, n| out[s..s + n].copy_from_slice(&data[d..d + n]));
 }
 
-fn set_batch(exec: &mut dyn Engine, slot: usize, b: &Batch) -> Result<(), KernelError> {
+fn set_batch(exec: &mut dyn Engine, slot: usize, b: &Batch) -> Result<(), EngineError> {
     match b {
         Batch::Table { features, labels } => {
             exec.set_in(slot, &BufKind::Input(0), Data::F32(features))?;
@@ -611,13 +610,12 @@ fn device_main(dp: DeviceProgram, ep: Endpoint, net: Net, plan: u64, threads: us
     let dev = dp.device;
     // Joins the NCCL communicators before anything can fail, so that no peer waits for this device.
     let mut nccl = net.setup.as_ref().and_then(|s| s.join(ep.rank()));
-    let built = std::panic::catch_unwind(AssertUnwindSafe(|| exec::engine(&backend, dp.program.clone(), threads, dp.slots)))
-        .unwrap_or_else(|_| Err(KernelError::Invalid("building the executor panicked".into())));
+    let built = std::panic::catch_unwind(AssertUnwindSafe(|| crate::backend::engine(&backend, dp.program.clone(), threads, dp.slots)))
+        .unwrap_or_else(|_| Err(EngineError::Bug("building the executor panicked".into())));
     let mut exec = match built {
         Ok(e) => e,
         Err(e) => {
             let m = match (backend, e) {
-                (Backend::Cuda { ordinal, .. }, KernelError::Invalid(m)) => format!("device {dev} cannot set up its program on GPU {ordinal}: {m}"),
                 (Backend::Cuda { ordinal, .. }, e) => format!("device {dev} cannot set up its program on GPU {ordinal}: {e}"),
                 (Backend::Cpu, e) => format!("device {dev} cannot compile its program: {e}"),
             };
@@ -656,7 +654,7 @@ type CmdResult = Result<Reply, (String, bool)>;
 
 fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, mut nccl: Option<&mut Nccl>, plan: u64, exec: &mut dyn Engine, cmd: Cmd) -> CmdResult {
     let dev = dp.device;
-    let kerr = |e: KernelError| (format!("device {dev}: {e}"), false);
+    let kerr = |e: EngineError| (format!("device {dev}: {e}"), false);
     match cmd {
         Cmd::Load { params, states } => {
             for (i, v) in params {

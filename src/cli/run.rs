@@ -7,6 +7,13 @@
 //!
 //! `shardplan run OUT.json` runs a plan compiled by `shardplan compile`: its
 //! device programs as compiled, once read back and checked (`compile::load`).
+//!
+//! Input: a plan (or a compiled plan) and the command's options. Output: the
+//! trained parameters (a checkpoint on request), metrics, and a report; on
+//! failure one diagnostic. Invariant: an engine's failure is reported by its
+//! kind (`EngineError`): a GPU's own failure as `run::gpu`, bad data as
+//! `run::kernel`; a cluster's as `run::device`, naming the device. Nothing is
+//! saved after a failure.
 
 use super::auto::ms;
 use super::render::{self, Sources};
@@ -18,10 +25,11 @@ use shardplan_compiler::graph::{Hyper, NodeId, Op};
 use shardplan_compiler::kernel::{lower, lower_keeping, BufKind};
 use shardplan_compiler::partition;
 use shardplan_compiler::{autodiff, graph, Checked, Diagnostic, SourceId, Span};
+use shardplan_runtime::backend::cpu::exec::Executor;
 use shardplan_runtime::checkpoint::{self, Tensor};
 use shardplan_runtime::cluster::{Cluster, Hypers};
 use shardplan_runtime::data::{self, rng::Xoshiro256, Batch, DataError, Dataset, Sampler};
-use shardplan_runtime::exec::{self, Backend, Data, Engine, Executor};
+use shardplan_runtime::engine::{Backend, Data, Engine, EngineError};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -327,13 +335,13 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
     let states: Vec<(String, Vec<usize>)> = g.states.iter().map(|s| (s.name.clone(), s.ty.shape.iter().map(|d| d.size as usize).collect())).collect();
     let single = |program| {
         let backend = backends.of(0);
-        let mut exec = exec::engine(&backend, program, threads, 1).map_err(|e| match backend {
+        let mut exec = shardplan_runtime::backend::engine(&backend, program, threads, 1).map_err(|e| match backend {
             Backend::Cpu => {
                 fail("run::compile", format!("cannot compile the training step: {e}"), "this is a bug in shardplan; please report it with the plan")
             }
             Backend::Cuda { ordinal, .. } => fail(
                 "run::gpu",
-                format!("cannot set up the training step on GPU {ordinal}: {}", gpu_message(e)),
+                format!("cannot set up the training step on GPU {ordinal}: {e}"),
                 "`shardplan selftest --backend cuda` checks every kernel on this GPU against the CPU",
             ),
         })?;
@@ -425,8 +433,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             .into());
         }
     }
-    let kernel_err =
-        |e: shardplan_runtime::backend::cpu::KernelError| fail("run::kernel", e.to_string(), "check the data: an index or label is outside the model's range");
+    let kernel_err = |e: EngineError| engine_failure(e, "run::kernel", "check the data: an index or label is outside the model's range");
     let device_err = |e: String| fail("run::device", e, "the other devices were stopped; nothing was saved");
     if let Some((d, _)) = args.inject_fault {
         let n = match &trainer {
@@ -718,7 +725,7 @@ fn fmt_epochs(steps: u64, per_epoch: u64) -> String {
     }
 }
 
-fn set_batch(exec: &mut dyn Engine, b: &Batch) -> Result<(), shardplan_runtime::backend::cpu::KernelError> {
+fn set_batch(exec: &mut dyn Engine, b: &Batch) -> Result<(), EngineError> {
     match b {
         Batch::Table { features, labels } => {
             exec.set(&BufKind::Input(0), Data::F32(features))?;
@@ -864,15 +871,18 @@ impl Drop for AtomicFile {
     }
 }
 
-/// A GPU executor's error as its message (its errors are not malformed kernel calls).
-fn gpu_message(e: shardplan_runtime::backend::cpu::KernelError) -> String {
-    match e {
-        shardplan_runtime::backend::cpu::KernelError::Invalid(m) => m,
-        other => other.to_string(),
+const GPU_HELP: &str = "`shardplan selftest --backend cuda` checks every kernel on this GPU against the CPU";
+
+/// An engine's failure during training, as `code` with `help`; when the GPU
+/// itself failed (its driver, a library, its memory) it is `run::gpu`, with
+/// the GPU's help, whatever the step was doing.
+fn engine_failure(e: EngineError, code: &'static str, help: &str) -> Failure {
+    if e.is_device() {
+        fail("run::gpu", e.to_string(), GPU_HELP)
+    } else {
+        fail(code, e.to_string(), help)
     }
 }
-
-const GPU_HELP: &str = "`shardplan selftest --backend cuda` checks every kernel on this GPU against the CPU";
 
 /// What verify runs against one CPU device: one engine, or a cluster.
 enum Placed {
@@ -1048,8 +1058,8 @@ fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Res
     };
     let (mut cluster, devices, mesh) = if one_gpu {
         let backend = backends.of(0);
-        let engine = exec::engine(&backend, lower(&g), threads, 1)
-            .map_err(|e| fail("run::gpu", format!("cannot set up the training step on the GPU: {}", gpu_message(e)), GPU_HELP))?;
+        let engine = shardplan_runtime::backend::engine(&backend, lower(&g), threads, 1)
+            .map_err(|e| fail("run::gpu", format!("cannot set up the training step on the GPU: {e}"), GPU_HELP))?;
         (Placed::One(engine), 1, vec!["gpu".to_string()])
     } else {
         let plan = partition::partition(c, &g).map_err(|e| fail("run::placement", format!("cannot partition the plan: {e}"), "change the placement"))?;
@@ -1070,7 +1080,7 @@ fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Res
     let state_shapes: Vec<Vec<usize>> = g.states.iter().map(|s| s.ty.shape.iter().map(|d| d.size as usize).collect()).collect();
     let params: Vec<Vec<f32>> = c.model.params.iter().enumerate().map(|(i, p)| init(&p.init, &shapes[i], c.train.seed, i as u64)).collect();
     let states: Vec<Vec<f32>> = state_shapes.iter().map(|s| vec![0.0; s.iter().product()]).collect();
-    let kernel_err = |e: shardplan_runtime::backend::cpu::KernelError| fail("run::kernel", e.to_string(), "check the data");
+    let kernel_err = |e: EngineError| fail("run::kernel", e.to_string(), "check the data");
     let device_err = |e: String| fail("run::device", e, "the other devices were stopped");
     for (i, p) in params.iter().enumerate() {
         exec.set(&BufKind::Param(i), Data::F32(p)).map_err(kernel_err)?;
