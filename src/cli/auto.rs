@@ -609,7 +609,7 @@ fn cluster_step(plan: shardplan_compiler::partition::Plan, n: usize, threads: us
     let mut times = Vec::new();
     for step in 0..25 {
         let t = std::time::Instant::now();
-        cl.step(step, hyper, &rows, &batch, None)?;
+        cl.step(step, hyper, &rows, &batch, None).map_err(|e| e.to_string())?;
         if step >= 5 {
             times.push(t.elapsed().as_secs_f64());
         }

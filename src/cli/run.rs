@@ -27,7 +27,7 @@ use shardplan_compiler::partition;
 use shardplan_compiler::{autodiff, graph, Checked, Diagnostic, SourceId, Span};
 use shardplan_runtime::backend::cpu::exec::Executor;
 use shardplan_runtime::checkpoint::{self, Tensor};
-use shardplan_runtime::cluster::{Cluster, Hypers};
+use shardplan_runtime::cluster::{Cluster, ClusterError, Hypers};
 use shardplan_runtime::data::{self, rng::Xoshiro256, Batch, DataError, Dataset, Sampler};
 use shardplan_runtime::engine::{Backend, Data, Engine, EngineError};
 use std::collections::BTreeMap;
@@ -434,7 +434,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
         }
     }
     let kernel_err = |e: EngineError| engine_failure(e, "run::kernel", "check the data: an index or label is outside the model's range");
-    let device_err = |e: String| fail("run::device", e, "the other devices were stopped; nothing was saved");
+    let device_err = |e: ClusterError| fail("run::device", e.to_string(), "the other devices were stopped; nothing was saved");
     if let Some((d, _)) = args.inject_fault {
         let n = match &trainer {
             Trainer::Multi(cl) => cl.plan().devices.len(),
@@ -893,7 +893,7 @@ enum Placed {
 impl Placed {
     fn load(&mut self, params: &[Vec<f32>], states: &[Vec<f32>]) -> Result<(), String> {
         match self {
-            Placed::Many(cl) => cl.load(params, states),
+            Placed::Many(cl) => cl.load(params, states).map_err(|e| e.to_string()),
             Placed::One(e) => {
                 for (i, p) in params.iter().enumerate() {
                     e.set(&BufKind::Param(i), Data::F32(p)).map_err(|e| e.to_string())?;
@@ -908,7 +908,7 @@ impl Placed {
 
     fn step(&mut self, step: u64, h: Hypers, rows: &[usize], batch: &dyn Fn(&[usize]) -> Batch) -> Result<f64, String> {
         match self {
-            Placed::Many(cl) => cl.step(step, h, rows, batch, None),
+            Placed::Many(cl) => cl.step(step, h, rows, batch, None).map_err(|e| e.to_string()),
             Placed::One(e) => {
                 set_batch(e.as_mut(), &batch(rows)).map_err(|e| e.to_string())?;
                 e.step(&move |x: Hyper| h.get(x)).map(f64::from).map_err(|e| e.to_string())
@@ -918,7 +918,7 @@ impl Placed {
 
     fn read(&mut self, shapes: &[Vec<usize>], state_shapes: &[Vec<usize>]) -> Result<shardplan_runtime::cluster::Tensors, String> {
         match self {
-            Placed::Many(cl) => cl.read(shapes, state_shapes),
+            Placed::Many(cl) => cl.read(shapes, state_shapes).map_err(|e| e.to_string()),
             Placed::One(e) => {
                 let read = |k: BufKind| e.get(&k).map(Option::unwrap_or_default).map_err(|e| e.to_string());
                 let params = (0..shapes.len()).map(|i| read(BufKind::Param(i))).collect::<Result<_, _>>()?;
