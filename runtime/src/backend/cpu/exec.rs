@@ -36,7 +36,7 @@ pub struct Executor {
     storage: Vec<Storage>,
     /// Buffer sets of microbatches 1.. in flight (only banked buffers are used).
     banks: Vec<Vec<Storage>>,
-    /// Per buffer: one copy per microbatch in flight (forward and backward values).
+    /// Per buffer: one copy per microbatch in flight ([`Program::banked`]).
     banked: Vec<bool>,
     kernels: Vec<Option<CompiledKernel>>,
     threads: usize,
