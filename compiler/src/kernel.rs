@@ -12,6 +12,12 @@
 //! or 1, which covers same-shape operands, scalars, and operands broadcast
 //! along rows (a bias) or along columns (a kept-dim reduction). Inputs
 //! broadcast in other ways are first expanded by a `Broadcast` step.
+//!
+//! Invariants of a lowered program: buffer ids are dense indices into
+//! `buffers`; an alias ends, without a loop, at a buffer of as many values
+//! ([`Program::storage`]); steps run in order, each writing its output
+//! whole. Which buffers get one copy per microbatch in flight is decided
+//! once, by [`Program::banked`], for every backend and the memory plan.
 
 use crate::graph::{Graph, Hyper, NodeId, Op, Role, Target};
 use serde::{Deserialize, Serialize};
@@ -246,6 +252,28 @@ impl Program {
             b = a;
         }
         b
+    }
+
+    /// Per buffer: whether it gets one copy per buffer set (one set per
+    /// microbatch in flight) rather than one copy shared by all sets.
+    ///
+    /// The rule, the same for every backend and for the memory plan: a
+    /// buffer is banked when it is an input (each microbatch has its own
+    /// batch), or a temporary that a forward or backward step writes (each
+    /// microbatch has its own activations and gradients until its backward
+    /// pass is done). Parameters, optimizer states, gradient accumulators,
+    /// hypers, constants and the update's temporaries are shared. Aliases
+    /// are never banked themselves: they use their storage buffer's memory,
+    /// and a step's output counts for its storage buffer.
+    pub fn banked(&self) -> Vec<bool> {
+        let mut banked: Vec<bool> = self.buffers.iter().map(|b| matches!(b.kind, BufKind::Input(_))).collect();
+        for st in &self.steps {
+            let o = self.storage(st.output).0 as usize;
+            if st.role != Role::Update && self.buffers[o].kind == BufKind::Temp {
+                banked[o] = true;
+            }
+        }
+        banked
     }
 }
 
@@ -673,6 +701,32 @@ mod tests {
         assert_eq!(linear_strides(&[], &[4, 8], 1), Some((0, 0)));
         // [B, 1, D] against [B, S, D] is not linear with cols = D
         assert_eq!(linear_strides(&[2, 1, 8], &[2, 3, 8], 2), None);
+    }
+
+    #[test]
+    fn inputs_and_pass_temporaries_are_banked() {
+        let buf = |kind: BufKind| Buffer { kind, elem: Elem::F32, shape: vec![4], node: NodeId(0) };
+        let step = |role: Role, inputs: Vec<u32>, output: u32| Step {
+            kind: StepKind::Op(Op::Relu),
+            role,
+            inputs: inputs.into_iter().map(BufId).collect(),
+            output: BufId(output),
+        };
+        // 0 input, 1 param, 2 forward temporary (written through its alias 3), 4 update temporary, 5 accumulator.
+        let p = Program {
+            buffers: vec![
+                buf(BufKind::Input(0)),
+                buf(BufKind::Param(0)),
+                buf(BufKind::Temp),
+                buf(BufKind::Alias(BufId(2))),
+                buf(BufKind::Temp),
+                buf(BufKind::Accum(0)),
+            ],
+            steps: vec![step(Role::Forward, vec![0], 3), step(Role::Backward, vec![2], 5), step(Role::Update, vec![1], 4)],
+            loss: BufId(2),
+            assigns: vec![(Target::Param(0), BufId(4))],
+        };
+        assert_eq!(p.banked(), vec![true, false, true, false, false, false]);
     }
 }
 

@@ -16,18 +16,25 @@
 //! instruction, sequence number). When any device fails (an error, a panic,
 //! or an injected fault), it aborts the fabric and the NCCL communicators,
 //! every other device stops at its next transfer (or within a poll when it
-//! waits in NCCL), and [`Cluster::step`] returns one error naming the
-//! device and the step.
+//! waits in NCCL), and [`Cluster::step`] returns one [`ClusterError`] naming
+//! the device and the step: the device that failed on its own, not one that
+//! stopped because of it. Its variant tells a device's engine failure (and,
+//! through [`EngineError`], a GPU's failure from a bug or bad data) from a
+//! failed transfer, a panic or an injected fault.
+//!
+//! Invariants: the devices' engines are built by `backend::engine` and
+//! driven only through [`Engine`]; tensors and batches are split with the
+//! partitioner's `chunk_range`, so each device gets the piece its program
+//! was compiled for.
 
-use crate::backend::cpu::KernelError;
 use crate::backend::cuda::nccl::{self, Abort, Nccl, Setup};
-use crate::collectives::{self, chunk_range, Tag};
+use crate::collectives::{self, Tag};
 use crate::data::Batch;
-use crate::exec::{self, Backend, Comm, Data, Engine};
+use crate::engine::{Backend, Comm, Data, Engine, EngineError};
 use crate::transport::{Endpoint, Fabric, Header, Message, TransportError};
 use shardplan_compiler::graph::{Hyper, Op, Role};
 use shardplan_compiler::kernel::{BufKind, StepKind};
-use shardplan_compiler::partition::{DeviceProgram, Phase, Piece, Plan};
+use shardplan_compiler::partition::{chunk_range, DeviceProgram, Phase, Piece, Plan};
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -36,6 +43,117 @@ use std::time::Duration;
 
 /// Global parameters and optimizer states, in index order.
 pub type Tensors = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
+/// What a device was doing when it failed, for messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum During {
+    /// Taking its pieces of the parameters and states.
+    Load,
+    /// Running step `n` (counted from 1).
+    Step(u64),
+    /// Handing its pieces back.
+    Read,
+}
+
+impl std::fmt::Display for During {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            During::Load => write!(f, " while loading parameters"),
+            During::Step(n) => write!(f, " at step {n}"),
+            During::Read => write!(f, " while reading parameters back"),
+        }
+    }
+}
+
+/// Why a command of the cluster failed. Each variant names the device at
+/// the root of the failure; its `Display` is the one line a runner prints.
+#[derive(Clone, Debug)]
+pub enum ClusterError {
+    /// Device `device` could not build its engine on `backend` (compile its
+    /// program on the CPU, or set it up on its GPU).
+    Setup { device: usize, backend: Backend, error: EngineError },
+    /// Device `device`'s engine failed: while running a pass of step `step`
+    /// (counted from 1), or, `step` None, outside a pass (setting a
+    /// parameter or the batch, starting or ending a step, reading back).
+    Engine { device: usize, step: Option<u64>, error: EngineError },
+    /// A transfer or collective failed at step `step` (counted from 1): a
+    /// peer ran another instruction, sent malformed data, vanished or timed out.
+    Transport { step: u64, error: TransportError },
+    /// Device `device` stopped because another device failed (`error` names
+    /// it); reported only when no device says it failed on its own.
+    Stopped { device: usize, error: EngineError },
+    /// Device `device` was told to fail at step `step` (a fault injected for tests).
+    Injected { device: usize, step: u64 },
+    /// Device `device` panicked (an internal error).
+    Panicked { device: usize, during: During, what: String },
+    /// Device `device`'s thread is gone.
+    Lost { device: usize },
+}
+
+impl ClusterError {
+    /// The device the error names.
+    pub fn device(&self) -> usize {
+        match self {
+            ClusterError::Setup { device, .. }
+            | ClusterError::Engine { device, .. }
+            | ClusterError::Stopped { device, .. }
+            | ClusterError::Injected { device, .. }
+            | ClusterError::Panicked { device, .. }
+            | ClusterError::Lost { device } => *device,
+            ClusterError::Transport { error, .. } => error.device(),
+        }
+    }
+
+    /// The engine's error behind it, if an engine failed.
+    pub fn engine(&self) -> Option<&EngineError> {
+        match self {
+            ClusterError::Setup { error, .. } | ClusterError::Engine { error, .. } | ClusterError::Stopped { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
+    /// Whether shardplan is at fault: an engine's bug, or a panic.
+    pub fn is_bug(&self) -> bool {
+        matches!(self, ClusterError::Panicked { .. }) || self.engine().is_some_and(EngineError::is_bug)
+    }
+
+    /// Whether a device itself (a GPU, its driver or libraries) failed.
+    pub fn is_device(&self) -> bool {
+        self.engine().is_some_and(EngineError::is_device)
+    }
+
+    /// Whether the device only stopped because another one failed.
+    fn is_secondary(&self) -> bool {
+        matches!(self, ClusterError::Stopped { .. })
+    }
+}
+
+impl std::fmt::Display for ClusterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClusterError::Setup { device, backend: Backend::Cuda { ordinal, .. }, error } => {
+                write!(f, "device {device} cannot set up its program on GPU {ordinal}: {error}")
+            }
+            ClusterError::Setup { device, backend: Backend::Cpu, error } => write!(f, "device {device} cannot compile its program: {error}"),
+            ClusterError::Engine { device, step: Some(step), error } => write!(f, "device {device} failed at step {step}: {error}"),
+            ClusterError::Engine { device, step: None, error } => write!(f, "device {device}: {error}"),
+            ClusterError::Transport { step, error } => write!(f, "{error} (step {step})"),
+            ClusterError::Stopped { error, .. } => write!(f, "{error}"),
+            ClusterError::Injected { device, step } => write!(f, "device {device} failed at step {step}: injected fault"),
+            ClusterError::Panicked { device, during, what } => write!(f, "device {device} failed{during}: internal error ({what})"),
+            ClusterError::Lost { device } => write!(f, "device {device} stopped unexpectedly"),
+        }
+    }
+}
+
+impl std::error::Error for ClusterError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ClusterError::Transport { error, .. } => Some(error),
+            _ => self.engine().map(|e| e as _),
+        }
+    }
+}
 
 /// Per-step scalars.
 #[derive(Clone, Copy, Debug)]
@@ -65,12 +183,8 @@ enum Cmd {
 enum Reply {
     Done,
     Loss(Option<f64>, DeviceStats),
-    Tensors {
-        params: Vec<(usize, Vec<f32>)>,
-        states: Vec<(usize, Vec<f32>)>,
-    },
-    /// The error, and whether it only reports another device's failure.
-    Failed(String, bool),
+    Tensors { params: Vec<(usize, Vec<f32>)>, states: Vec<(usize, Vec<f32>)> },
+    Failed(ClusterError),
 }
 
 struct Worker {
@@ -96,7 +210,7 @@ pub struct DeviceStats {
 pub struct Cluster {
     plan: Plan,
     workers: Vec<Worker>,
-    failed: Option<String>,
+    failed: Option<ClusterError>,
     stats: Vec<DeviceStats>,
 }
 
@@ -216,28 +330,28 @@ impl Cluster {
     }
 
     /// Sends one command to every device and waits for every reply.
-    fn all(&mut self, mut cmd: impl FnMut(usize) -> Cmd) -> Result<Vec<Reply>, String> {
+    fn all(&mut self, mut cmd: impl FnMut(usize) -> Cmd) -> Result<Vec<Reply>, ClusterError> {
         if let Some(f) = &self.failed {
             return Err(f.clone());
         }
         for (i, w) in self.workers.iter().enumerate() {
             if w.tx.send(cmd(i)).is_err() {
-                let e = format!("device {i} stopped unexpectedly");
+                let e = ClusterError::Lost { device: i };
                 self.failed = Some(e.clone());
                 return Err(e);
             }
         }
         let mut replies = Vec::with_capacity(self.workers.len());
         for (i, w) in self.workers.iter().enumerate() {
-            replies.push(w.rx.recv().unwrap_or_else(|_| Reply::Failed(format!("device {i} stopped unexpectedly"), false)));
+            replies.push(w.rx.recv().unwrap_or(Reply::Failed(ClusterError::Lost { device: i })));
         }
         // The first device that failed on its own is the cause; the others stopped because of it.
         let root = replies.iter().find_map(|r| match r {
-            Reply::Failed(m, false) => Some(m.clone()),
+            Reply::Failed(e) if !e.is_secondary() => Some(e.clone()),
             _ => None,
         });
         let any = replies.iter().find_map(|r| match r {
-            Reply::Failed(m, _) => Some(m.clone()),
+            Reply::Failed(e) => Some(e.clone()),
             _ => None,
         });
         if let Some(e) = root.or(any) {
@@ -248,7 +362,7 @@ impl Cluster {
     }
 
     /// Gives every device its pieces of the global parameters and states.
-    pub fn load(&mut self, params: &[Vec<f32>], states: &[Vec<f32>]) -> Result<(), String> {
+    pub fn load(&mut self, params: &[Vec<f32>], states: &[Vec<f32>]) -> Result<(), ClusterError> {
         let devices = self.plan.devices.clone();
         self.all(|i| {
             let d = &devices[i];
@@ -261,7 +375,7 @@ impl Cluster {
     }
 
     /// One training step on the batch `batch(rows)` of `rows`. `fault`: a device told to fail at this step.
-    pub fn step(&mut self, step: u64, hyper: Hypers, rows: &[usize], batch: &dyn Fn(&[usize]) -> Batch, fault: Option<usize>) -> Result<f64, String> {
+    pub fn step(&mut self, step: u64, hyper: Hypers, rows: &[usize], batch: &dyn Fn(&[usize]) -> Batch, fault: Option<usize>) -> Result<f64, ClusterError> {
         let plan = &self.plan;
         let batches: Vec<Vec<Batch>> =
             plan.devices.iter().map(|d| if d.coords.is_empty() { Vec::new() } else { device_rows(plan, d, rows).iter().map(|r| batch(r)).collect() }).collect();
@@ -283,7 +397,7 @@ impl Cluster {
     }
 
     /// The global parameters and optimizer states, assembled from the devices' pieces.
-    pub fn read(&mut self, param_shapes: &[Vec<usize>], state_shapes: &[Vec<usize>]) -> Result<Tensors, String> {
+    pub fn read(&mut self, param_shapes: &[Vec<usize>], state_shapes: &[Vec<usize>]) -> Result<Tensors, ClusterError> {
         let replies = self.all(|_| Cmd::Read)?;
         let mut params: Vec<Vec<f32>> = param_shapes.iter().map(|s| vec![0.0; s.iter().product()]).collect();
         let mut states: Vec<Vec<f32>> = state_shapes.iter().map(|s| vec![0.0; s.iter().product()]).collect();
@@ -334,22 +448,22 @@ struct Link<'a> {
 }
 
 impl Link<'_> {
-    fn fail(&mut self, e: TransportError) -> KernelError {
+    fn fail(&mut self, e: TransportError) -> EngineError {
         let m = e.to_string();
         self.error = Some(e);
-        KernelError::Invalid(m)
+        EngineError::Transfer(m)
     }
 }
 
 impl Comm for Link<'_> {
-    fn run(&mut self, op: &Op, input: Option<(&[f32], &[usize])>, out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError> {
+    fn run(&mut self, op: &Op, input: Option<(&[f32], &[usize])>, out: &mut [f32], out_shape: &[usize]) -> Result<(), EngineError> {
         let t = std::time::Instant::now();
         let r = self.transfer(op, input, out, out_shape);
         self.spent += t.elapsed().as_secs_f64();
         r
     }
 
-    fn on_gpus(&mut self, op: &Op, f: &mut dyn FnMut(&mut Nccl) -> Result<(), KernelError>) -> Option<Result<(), KernelError>> {
+    fn on_gpus(&mut self, op: &Op, f: &mut dyn FnMut(&mut Nccl) -> Result<(), EngineError>) -> Option<Result<(), EngineError>> {
         let n = self.nccl.as_deref_mut()?;
         n.route(op)?;
         let t = std::time::Instant::now();
@@ -365,21 +479,21 @@ impl Comm for Link<'_> {
 }
 
 impl Link<'_> {
-    fn transfer(&mut self, op: &Op, input: Option<(&[f32], &[usize])>, out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError> {
+    fn transfer(&mut self, op: &Op, input: Option<(&[f32], &[usize])>, out: &mut [f32], out_shape: &[usize]) -> Result<(), EngineError> {
         let group = |g: &[u32]| g.iter().map(|&x| x as usize).collect::<Vec<usize>>();
         match op {
             Op::AllReduce { group: g, id, axis } => {
-                let Some((x, _)) = input else { return Err(KernelError::Invalid("all-reduce without an operand".into())) };
+                let Some((x, _)) = input else { return Err(EngineError::Bug("all-reduce without an operand".into())) };
                 out.copy_from_slice(x);
                 let tag = Tag { plan: self.plan, instr: *id, seq: self.seq, name: format!("all-reduce({axis})") };
                 collectives::all_reduce(self.ep, &group(g), &tag, out).map_err(|e| self.fail(e))
             }
             Op::AllGather { group: g, id, axis, dim, granule } => {
-                let Some((x, _)) = input else { return Err(KernelError::Invalid("all-gather without an operand".into())) };
+                let Some((x, _)) = input else { return Err(EngineError::Bug("all-gather without an operand".into())) };
                 let members = group(g);
                 let n = members.len();
                 let Some(pos) = members.iter().position(|&m| m == self.ep.rank()) else {
-                    return Err(KernelError::Invalid(format!("device {} is not in all-gather group {members:?}", self.ep.rank())));
+                    return Err(EngineError::Bug(format!("device {} is not in all-gather group {members:?}", self.ep.rank())));
                 };
                 let outer: usize = out_shape[..*dim].iter().product();
                 let inner: usize = out_shape[dim + 1..].iter().product();
@@ -393,7 +507,7 @@ impl Link<'_> {
                     .collect();
                 let widest = parts.iter().map(|r| r.len()).max().unwrap_or(0) * outer * inner;
                 if x.len() != parts[pos].len() * outer * inner {
-                    return Err(KernelError::Invalid(format!("all-gather part of {} elements, expected {}", x.len(), parts[pos].len() * outer * inner)));
+                    return Err(EngineError::Bug(format!("all-gather part of {} elements, expected {}", x.len(), parts[pos].len() * outer * inner)));
                 }
                 let mut mine = x.to_vec();
                 mine.resize(widest, 0.0);
@@ -411,21 +525,21 @@ impl Link<'_> {
                 Ok(())
             }
             Op::ReduceScatter { group: g, id, axis, dim, granule } => {
-                let Some((x, in_shape)) = input else { return Err(KernelError::Invalid("reduce-scatter without an operand".into())) };
+                let Some((x, in_shape)) = input else { return Err(EngineError::Bug("reduce-scatter without an operand".into())) };
                 let members = group(g);
                 let n = members.len();
                 let Some(pos) = members.iter().position(|&m| m == self.ep.rank()) else {
-                    return Err(KernelError::Invalid(format!("device {} is not in reduce-scatter group {members:?}", self.ep.rank())));
+                    return Err(EngineError::Bug(format!("device {} is not in reduce-scatter group {members:?}", self.ep.rank())));
                 };
                 if *dim >= in_shape.len() || in_shape.len() != out_shape.len() {
-                    return Err(KernelError::Invalid(format!("reduce-scatter along dim {dim} of {in_shape:?}")));
+                    return Err(EngineError::Bug(format!("reduce-scatter along dim {dim} of {in_shape:?}")));
                 }
                 let full = in_shape[*dim];
                 let parts = parts(full, n, *granule);
                 let outer: usize = in_shape[..*dim].iter().product();
                 let inner: usize = in_shape[dim + 1..].iter().product();
                 if out.len() != parts[pos].len() * outer * inner {
-                    return Err(KernelError::Invalid(format!("reduce-scatter part of {} elements, expected {}", out.len(), parts[pos].len() * outer * inner)));
+                    return Err(EngineError::Bug(format!("reduce-scatter part of {} elements, expected {}", out.len(), parts[pos].len() * outer * inner)));
                 }
                 let widest = parts.iter().map(|r| r.len()).max().unwrap_or(0) * outer * inner;
                 let mut staging = vec![0.0f32; widest * n];
@@ -443,16 +557,16 @@ impl Link<'_> {
                 Ok(())
             }
             Op::AllToAll { group: g, id, axis, from, from_granule, to, to_granule } => {
-                let Some((x, in_shape)) = input else { return Err(KernelError::Invalid("all-to-all without an operand".into())) };
+                let Some((x, in_shape)) = input else { return Err(EngineError::Bug("all-to-all without an operand".into())) };
                 let members = group(g);
                 let n = members.len();
                 let me = self.ep.rank();
                 let Some(pos) = members.iter().position(|&m| m == me) else {
-                    return Err(KernelError::Invalid(format!("device {me} is not in all-to-all group {members:?}")));
+                    return Err(EngineError::Bug(format!("device {me} is not in all-to-all group {members:?}")));
                 };
                 let r = in_shape.len();
                 if *from >= r || *to >= r || from == to || out_shape.len() != r {
-                    return Err(KernelError::Invalid(format!("all-to-all from dim {from} to dim {to} of {in_shape:?}")));
+                    return Err(EngineError::Bug(format!("all-to-all from dim {from} to dim {to} of {in_shape:?}")));
                 }
                 let from_parts = parts(out_shape[*from], n, *from_granule);
                 let to_parts = parts(in_shape[*to], n, *to_granule);
@@ -495,7 +609,7 @@ impl Link<'_> {
                 Ok(())
             }
             Op::Send { to, id } => {
-                let Some((x, _)) = input else { return Err(KernelError::Invalid("send without an operand".into())) };
+                let Some((x, _)) = input else { return Err(EngineError::Bug("send without an operand".into())) };
                 let header = Header { plan: self.plan, instr: *id, seq: self.seq, kind: "send".into() };
                 self.ep.send(*to as usize, Message { header, data: x.to_vec() }).map_err(|e| self.fail(e))
             }
@@ -512,7 +626,7 @@ impl Link<'_> {
                 out.copy_from_slice(&data);
                 Ok(())
             }
-            other => Err(KernelError::Invalid(format!("{} is not a transfer", other.name()))),
+            other => Err(EngineError::Bug(format!("{} is not a transfer", other.name()))),
         }
     }
 }
@@ -577,7 +691,7 @@ fn copy_in(out: &mut [f32], shape: &[usize], at: &[usize], data: &[f32], block: 
     block_rows(shape, at, block, |s, d, n| out[s..s + n].copy_from_slice(&data[d..d + n]));
 }
 
-fn set_batch(exec: &mut dyn Engine, slot: usize, b: &Batch) -> Result<(), KernelError> {
+fn set_batch(exec: &mut dyn Engine, slot: usize, b: &Batch) -> Result<(), EngineError> {
     match b {
         Batch::Table { features, labels } => {
             exec.set_in(slot, &BufKind::Input(0), Data::F32(features))?;
@@ -611,39 +725,35 @@ fn device_main(dp: DeviceProgram, ep: Endpoint, net: Net, plan: u64, threads: us
     let dev = dp.device;
     // Joins the NCCL communicators before anything can fail, so that no peer waits for this device.
     let mut nccl = net.setup.as_ref().and_then(|s| s.join(ep.rank()));
-    let built = std::panic::catch_unwind(AssertUnwindSafe(|| exec::engine(&backend, dp.program.clone(), threads, dp.slots)))
-        .unwrap_or_else(|_| Err(KernelError::Invalid("building the executor panicked".into())));
+    let built = std::panic::catch_unwind(AssertUnwindSafe(|| crate::backend::engine(&backend, dp.program.clone(), threads, dp.slots)))
+        .unwrap_or_else(|_| Err(EngineError::Bug("building the executor panicked".into())));
     let mut exec = match built {
         Ok(e) => e,
-        Err(e) => {
-            let m = match (backend, e) {
-                (Backend::Cuda { ordinal, .. }, KernelError::Invalid(m)) => format!("device {dev} cannot set up its program on GPU {ordinal}: {m}"),
-                (Backend::Cuda { ordinal, .. }, e) => format!("device {dev} cannot set up its program on GPU {ordinal}: {e}"),
-                (Backend::Cpu, e) => format!("device {dev} cannot compile its program: {e}"),
-            };
-            abort_all(&ep, &net.abort, nccl.as_mut(), &m);
+        Err(error) => {
+            let e = ClusterError::Setup { device: dev, backend, error };
+            abort_all(&ep, &net.abort, nccl.as_mut(), &e.to_string());
             // Answer every command with the failure.
             while rx.recv().is_ok() {
-                let _ = tx.send(Reply::Failed(m.clone(), false));
+                let _ = tx.send(Reply::Failed(e.clone()));
             }
             return;
         }
     };
     while let Ok(cmd) = rx.recv() {
         let during = match &cmd {
-            Cmd::Step { step, .. } => format!(" at step {}", step + 1),
-            Cmd::Load { .. } => " while loading parameters".to_string(),
-            Cmd::Read => " while reading parameters back".to_string(),
+            Cmd::Step { step, .. } => During::Step(step + 1),
+            Cmd::Load { .. } => During::Load,
+            Cmd::Read => During::Read,
         };
         let reply = std::panic::catch_unwind(AssertUnwindSafe(|| run_cmd(&dp, &ep, nccl.as_mut(), plan, exec.as_mut(), cmd))).unwrap_or_else(|p| {
             let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
-            Err((format!("device {dev} failed{during}: internal error ({what})"), false))
+            Err(ClusterError::Panicked { device: dev, during, what })
         });
         let reply = match reply {
             Ok(r) => r,
-            Err((m, secondary)) => {
-                abort_all(&ep, &net.abort, nccl.as_mut(), &m);
-                Reply::Failed(m, secondary)
+            Err(e) => {
+                abort_all(&ep, &net.abort, nccl.as_mut(), &e.to_string());
+                Reply::Failed(e)
             }
         };
         if tx.send(reply).is_err() {
@@ -652,11 +762,11 @@ fn device_main(dp: DeviceProgram, ep: Endpoint, net: Net, plan: u64, threads: us
     }
 }
 
-type CmdResult = Result<Reply, (String, bool)>;
+type CmdResult = Result<Reply, ClusterError>;
 
 fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, mut nccl: Option<&mut Nccl>, plan: u64, exec: &mut dyn Engine, cmd: Cmd) -> CmdResult {
     let dev = dp.device;
-    let kerr = |e: KernelError| (format!("device {dev}: {e}"), false);
+    let kerr = |error: EngineError| ClusterError::Engine { device: dev, step: None, error };
     match cmd {
         Cmd::Load { params, states } => {
             for (i, v) in params {
@@ -680,7 +790,7 @@ fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, mut nccl: Option<&mut Nccl>, plan:
         }
         Cmd::Step { step, hyper, batches, fault } => {
             if fault {
-                return Err((format!("device {dev} failed at step {}: injected fault", step + 1), false));
+                return Err(ClusterError::Injected { device: dev, step: step + 1 });
             }
             let h = move |x: Hyper| hyper.get(x);
             let t0 = std::time::Instant::now();
@@ -701,11 +811,11 @@ fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, mut nccl: Option<&mut Nccl>, plan:
                         set_batch(exec, instr.slot, b).map_err(kerr)?;
                     }
                 }
-                if let Err(e) = exec.run_phase(role, instr.slot, &mut link) {
+                if let Err(error) = exec.run_phase(role, instr.slot, &mut link) {
                     return Err(match link.error {
-                        Some(TransportError::Aborted { .. }) => (e.to_string(), true),
-                        Some(t) => (format!("{t} (step {})", step + 1), false),
-                        None => (format!("device {dev} failed at step {}: {e}", step + 1), false),
+                        Some(TransportError::Aborted { .. }) => ClusterError::Stopped { device: dev, error },
+                        Some(t) => ClusterError::Transport { step: step + 1, error: t },
+                        None => ClusterError::Engine { device: dev, step: Some(step + 1), error },
                     });
                 }
                 if instr.phase != Phase::Update {
@@ -750,6 +860,34 @@ mod tests {
 
     fn group(n: usize) -> Vec<u32> {
         (0..n as u32).collect()
+    }
+
+    #[test]
+    fn cluster_errors_print_one_line_naming_the_device() {
+        let gpu = Backend::Cuda { ordinal: 1, memory: None };
+        let oom = EngineError::Device("GPU 1: the program needs 2.0 MiB of device buffers".into());
+        let e = ClusterError::Setup { device: 3, backend: gpu, error: oom };
+        assert_eq!(e.to_string(), "device 3 cannot set up its program on GPU 1: GPU 1: the program needs 2.0 MiB of device buffers");
+        assert!(e.is_device() && !e.is_bug() && e.device() == 3);
+        let e = ClusterError::Setup { device: 0, backend: Backend::Cpu, error: EngineError::Codegen("no ISA".into()) };
+        assert_eq!(e.to_string(), "device 0 cannot compile its program: code generation failed: no ISA");
+        assert!(e.is_bug());
+        let label = EngineError::BadData("label 9 at position 0 is outside 0..4".into());
+        let e = ClusterError::Engine { device: 1, step: None, error: label.clone() };
+        assert_eq!(e.to_string(), "device 1: label 9 at position 0 is outside 0..4");
+        assert!(!e.is_bug() && !e.is_device());
+        let e = ClusterError::Engine { device: 1, step: Some(4), error: label };
+        assert_eq!(e.to_string(), "device 1 failed at step 4: label 9 at position 0 is outside 0..4");
+        let t = TransportError::Timeout { device: 2, from: 0, instr: 7, secs: 1.0 };
+        let e = ClusterError::Transport { step: 2, error: t };
+        assert_eq!(e.to_string(), "device 2 waited 1.0 s at instruction 7 for device 0 (step 2)");
+        assert_eq!(e.device(), 2);
+        assert_eq!(ClusterError::Injected { device: 1, step: 3 }.to_string(), "device 1 failed at step 3: injected fault");
+        let e = ClusterError::Panicked { device: 0, during: During::Load, what: "oops".into() };
+        assert_eq!(e.to_string(), "device 0 failed while loading parameters: internal error (oops)");
+        assert!(e.is_bug());
+        assert_eq!(ClusterError::Lost { device: 5 }.to_string(), "device 5 stopped unexpectedly");
+        assert!(ClusterError::Stopped { device: 1, error: EngineError::Transfer("x".into()) }.is_secondary());
     }
 
     #[test]

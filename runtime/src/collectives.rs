@@ -6,7 +6,9 @@
 //! `TransportError` (which also fails the fabric, so no member hangs).
 //! Invariants:
 //! - chunk layout: `len` elements split into `n` contiguous chunks, the first
-//!   `len % n` of them one element longer; member at position `i` of `group` owns chunk `i`;
+//!   `len % n` of them one element longer (the partitioner's `chunk_range`, so a
+//!   collective's chunks are the pieces the compiler planned); member at position
+//!   `i` of `group` owns chunk `i`;
 //! - sums follow the ring: chunk `c` starts at the member after `c` and each next
 //!   member adds its own part to the running sum it received, so the reduction order, and
 //!   therefore every bit of the result, is the same on every run and every member;
@@ -19,7 +21,7 @@
 //!   it is reduced or copied out, so after the first collective of a size the ring
 //!   steps allocate nothing (`reduce_scatter` still copies its input once).
 
-use std::ops::Range;
+use shardplan_compiler::partition::chunk_range;
 
 use crate::transport::{Endpoint, Header, Message, TransportError};
 
@@ -34,16 +36,6 @@ pub struct Tag {
     pub seq: u64,
     /// Kind named in errors, e.g. `all-reduce(data)`.
     pub name: String,
-}
-
-/// Elements `[start, end)` of chunk `i` when `len` elements are split `n` ways.
-pub fn chunk_range(len: usize, n: usize, i: usize) -> Range<usize> {
-    if n == 0 {
-        return 0..0;
-    }
-    let (base, rem) = (len / n, len % n);
-    let start = i * base + i.min(rem);
-    start..start + base + usize::from(i < rem)
 }
 
 /// Sums `data` across `group`; every member ends with the same bits.

@@ -57,7 +57,7 @@ pub struct Message {
     pub data: Vec<f32>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("device {device} at instruction {instr} expected {expected} but received {got}")]
     Mismatch { device: usize, instr: u32, expected: String, got: String },
@@ -71,6 +71,20 @@ pub enum TransportError {
     BadPeer { device: usize, peer: usize, size: usize },
     #[error("device {device} at instruction {instr}: {reason}")]
     Malformed { device: usize, instr: u32, reason: String },
+}
+
+impl TransportError {
+    /// The device that reports the error.
+    pub fn device(&self) -> usize {
+        match self {
+            TransportError::Mismatch { device, .. }
+            | TransportError::Aborted { device, .. }
+            | TransportError::Timeout { device, .. }
+            | TransportError::Closed { device, .. }
+            | TransportError::BadPeer { device, .. }
+            | TransportError::Malformed { device, .. } => *device,
+        }
+    }
 }
 
 /// State every endpoint of one fabric shares: whether, and by whom, it was failed.

@@ -3,7 +3,7 @@
 
 use shardplan_compiler::partition::{self, memory};
 use shardplan_compiler::{autodiff, check_source, graph};
-use shardplan_runtime::exec::Executor;
+use shardplan_runtime::backend::cpu::exec::Executor;
 
 #[test]
 fn planned_memory_is_what_each_device_allocates() {

@@ -6,7 +6,7 @@ use shardplan_compiler::graph::Op;
 use shardplan_compiler::kernel::StepKind;
 use shardplan_compiler::partition::{self, verify};
 use shardplan_compiler::{autodiff, check_source, graph};
-use shardplan_runtime::cluster::{Cluster, Hypers};
+use shardplan_runtime::cluster::{Cluster, ClusterError, Hypers};
 use shardplan_runtime::data::Batch;
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,9 @@ fn mismatched_programs_fail_at_once_with_the_mismatch_named() {
     let batch = |rows: &[usize]| Batch::Table { features: vec![0.5; rows.len() * 8], labels: vec![1; rows.len()] };
     let h = Hypers { lr: 0.1, bias_correction1: 1.0, bias_correction2: 1.0 };
     let e = cl.step(0, h, &(0..8).collect::<Vec<_>>(), &batch, None).expect_err("fails");
+    assert!(matches!(e, ClusterError::Transport { step: 1, .. }), "{e:?}");
+    assert!(!e.is_bug() && !e.is_device(), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("expected all-reduce(model) but received send"), "{e}");
     assert!(e.contains("device 0"), "{e}");
     assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());

@@ -1,5 +1,12 @@
 //! `placement auto` at the command line: the device profile, the search,
 //! and its explanation.
+//!
+//! Input: a checked plan, its training graph and a device profile (a file,
+//! or the built-in figures). Output: the candidates ranked by predicted step
+//! time, the one chosen, and their explanation; `calibrate` writes a profile
+//! measured on this machine (reference steps run on the CPU executor and on
+//! a cluster). Invariant: a profile with a figure that is not finite is an
+//! error, never a ranking.
 
 use shardplan_compiler::graph::Graph;
 use shardplan_compiler::partition::auto::{self, Candidate, Profile, Search};
@@ -602,7 +609,7 @@ fn cluster_step(plan: shardplan_compiler::partition::Plan, n: usize, threads: us
     let mut times = Vec::new();
     for step in 0..25 {
         let t = std::time::Instant::now();
-        cl.step(step, hyper, &rows, &batch, None)?;
+        cl.step(step, hyper, &rows, &batch, None).map_err(|e| e.to_string())?;
         if step >= 5 {
             times.push(t.elapsed().as_secs_f64());
         }
@@ -629,9 +636,10 @@ fn side_by_side(program: &shardplan_compiler::kernel::Program, bound: i32, k: us
 
 /// An executor of `program` on `threads` threads, its parameters, state and
 /// inputs filled with fixed pseudo-random data.
-fn prepared(program: &shardplan_compiler::kernel::Program, threads: usize, bound: i32) -> Result<shardplan_runtime::exec::Executor, String> {
+fn prepared(program: &shardplan_compiler::kernel::Program, threads: usize, bound: i32) -> Result<shardplan_runtime::backend::cpu::exec::Executor, String> {
     use shardplan_compiler::kernel::BufKind;
-    use shardplan_runtime::exec::{Data, Executor};
+    use shardplan_runtime::backend::cpu::exec::Executor;
+    use shardplan_runtime::engine::Data;
     let mut exec = Executor::new(program.clone(), threads).map_err(|e| e.to_string())?;
     for b in &program.buffers {
         let n = b.len();
@@ -649,7 +657,7 @@ fn prepared(program: &shardplan_compiler::kernel::Program, threads: usize, bound
 }
 
 /// Runs `n` steps; the seconds of each.
-fn run_steps(exec: &mut shardplan_runtime::exec::Executor, n: usize) -> Result<Vec<f64>, String> {
+fn run_steps(exec: &mut shardplan_runtime::backend::cpu::exec::Executor, n: usize) -> Result<Vec<f64>, String> {
     let hyper = |_| 0.001;
     let mut times = Vec::new();
     for _ in 0..n {

@@ -15,7 +15,7 @@ use shardplan_compiler::check::{Length, Placement};
 use shardplan_compiler::kernel::StepKind;
 use shardplan_compiler::{Checked, Compiled, Diagnostic, Diagnostics, Options, SourceId, Span};
 use shardplan_runtime::data::DataError;
-use shardplan_runtime::exec::Backend;
+use shardplan_runtime::engine::Backend;
 use shardplan_runtime::session::{BackendChoice, Backends, Config, KernelProfile, Session, SessionError, Start};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

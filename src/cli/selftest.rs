@@ -12,7 +12,10 @@
 //! kernels and are skipped. `--backend cpu` compares the CPU executor on
 //! one thread against itself on all threads, so the command runs anywhere.
 //!
-//! Exit code 1 when any step differs by more than the tolerance (or fails).
+//! Input: plan files and a backend. Output: one line per program, one per
+//! step over the tolerance or failed (the engine's error, as the backend
+//! reports it), and exit code 1 when there is any. Invariant: both sides are
+//! built by `backend::engine` from the same program and operands.
 
 use super::check;
 use super::run::BackendArg;
@@ -20,9 +23,8 @@ use shardplan_compiler::check::Placement;
 use shardplan_compiler::graph::{Op, Role};
 use shardplan_compiler::kernel::{lower, BufId, BufKind, Buffer, Elem, Inst, Program, Step, StepKind, Unary};
 use shardplan_compiler::{autodiff, graph, partition};
-use shardplan_runtime::backend::cpu::KernelError;
 use shardplan_runtime::data::rng::Xoshiro256;
-use shardplan_runtime::exec::{self, Backend, Data, Engine};
+use shardplan_runtime::engine::{Backend, Data, Engine, EngineError};
 use shardplan_runtime::session::cuda_ready;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -351,8 +353,8 @@ fn compare(p: &Program, si: usize, backend: &Backend, threads: usize, seed: u64)
             }
         }
     }
-    let run = |backend: &Backend, threads: usize| -> Result<Vec<f32>, KernelError> {
-        let mut e: Box<dyn Engine> = exec::engine(backend, a.program.clone(), threads, 1)?;
+    let run = |backend: &Backend, threads: usize| -> Result<Vec<f32>, EngineError> {
+        let mut e: Box<dyn Engine> = shardplan_runtime::backend::engine(backend, a.program.clone(), threads, 1)?;
         for (kind, values) in &data {
             match values {
                 Values::F32(f) => e.set(kind, Data::F32(f))?,

@@ -1,10 +1,17 @@
 //! The memory plan of each device: every buffer its program allocates, by
 //! what it holds, computed from the program before anything runs.
 //!
-//! The executor allocates each buffer once (reshapes share their operand's
-//! memory) and one copy of every forward/backward buffer per microbatch in
-//! flight, so the sum below is exactly what a device allocates; the runtime
-//! measures its allocation too and `inspect` shows both.
+//! Input: a device program and its number of buffer sets (microbatches in
+//! flight). Output: its bytes by what they hold ([`Memory`]), and an error
+//! for a plan that does not fit its devices' memory.
+//!
+//! Invariant: the executors allocate each buffer once (reshapes share their
+//! operand's memory) and one copy per buffer set of the buffers
+//! [`Program::banked`] names, the same rule used here, so the sum below is
+//! exactly what a device allocates; the runtime measures its allocation too
+//! and `inspect` shows both.
+//!
+//! [`Program::banked`]: crate::kernel::Program::banked
 
 use super::{DeviceProgram, Plan};
 use crate::graph::Role;
@@ -41,16 +48,13 @@ pub fn plan(plan: &Plan) -> Vec<Memory> {
 pub fn device(d: &DeviceProgram) -> Memory {
     let p = &d.program;
     let n = p.buffers.len();
-    let mut pass_written = vec![false; n];
+    // Inputs, and the temporaries forward and backward steps write: one copy per buffer set.
+    let banked = p.banked();
     let mut comm = vec![false; n];
     for s in &p.steps {
-        let o = p.storage(s.output).0 as usize;
-        if s.role != Role::Update {
-            pass_written[o] = true;
-        }
         if let StepKind::Op(op) = &s.kind {
             if op.is_comm() {
-                comm[o] = true;
+                comm[p.storage(s.output).0 as usize] = true;
             }
         }
     }
@@ -58,7 +62,7 @@ pub fn device(d: &DeviceProgram) -> Memory {
     for s in p.steps.iter().filter(|s| s.role == Role::Update) {
         for b in &s.inputs {
             let i = p.storage(*b).0 as usize;
-            if pass_written[i] && p.buffers[i].kind == BufKind::Temp {
+            if banked[i] && p.buffers[i].kind == BufKind::Temp {
                 grad[i] = true;
             }
         }
@@ -74,9 +78,9 @@ pub fn device(d: &DeviceProgram) -> Memory {
             BufKind::Accum(_) => m.grads += bytes,
             BufKind::Temp if grad[i] => m.grads += bytes * sets,
             BufKind::Input(_) => m.activations += bytes * sets,
-            BufKind::Temp if comm[i] && pass_written[i] => m.comm += bytes * sets,
+            BufKind::Temp if comm[i] && banked[i] => m.comm += bytes * sets,
             BufKind::Temp if comm[i] => m.comm += bytes,
-            BufKind::Temp if pass_written[i] => m.activations += bytes * sets,
+            BufKind::Temp if banked[i] => m.activations += bytes * sets,
             BufKind::Temp | BufKind::Const(_) | BufKind::Hyper(_) => m.workspace += bytes,
         }
     }

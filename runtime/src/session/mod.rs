@@ -23,11 +23,11 @@
 pub mod schedule;
 
 use crate::atomic::AtomicFile;
-use crate::backend::cpu::KernelError;
+use crate::backend::cpu::exec::Executor;
 use crate::checkpoint::{self, CheckpointError, Tensor};
-use crate::cluster::{Cluster, DeviceStats, Hypers};
+use crate::cluster::{Cluster, ClusterError, DeviceStats, Hypers};
 use crate::data::{self, Batch, DataError, Dataset, Sampler};
-use crate::exec::{self, Backend, Data, Engine, Executor};
+use crate::engine::{Backend, Data, Engine, EngineError};
 use shardplan_compiler::check::{DeviceKind, Length, Prim};
 use shardplan_compiler::graph::{Graph, Hyper};
 use shardplan_compiler::kernel::{BufKind, Program};
@@ -104,12 +104,18 @@ impl From<DataError> for SessionError {
 const BUG: &str = "this is a bug in shardplan; please report it with the plan";
 const GPU_HELP: &str = "`shardplan selftest --backend cuda` checks every kernel on this GPU against the CPU";
 
-fn kernel_error(e: KernelError) -> SessionError {
-    SessionError::failed("run::kernel", e.to_string(), "check the data: an index or label is outside the model's range")
+/// An engine's failure during training; when the GPU itself failed (its
+/// driver, a library, its memory) it is `run::gpu`, whatever the step was doing.
+fn kernel_error(e: EngineError) -> SessionError {
+    if e.is_device() {
+        SessionError::failed("run::gpu", e.to_string(), GPU_HELP)
+    } else {
+        SessionError::failed("run::kernel", e.to_string(), "check the data: an index or label is outside the model's range")
+    }
 }
 
-fn device_error(e: String) -> SessionError {
-    SessionError::failed("run::device", e, "the other devices were stopped; nothing was saved")
+fn device_error(e: ClusterError) -> SessionError {
+    SessionError::failed("run::device", e.to_string(), "the other devices were stopped; nothing was saved")
 }
 
 /// The backend asked for on the command line: every device on the CPU, on
@@ -237,10 +243,10 @@ impl Runner {
         match target {
             Target::One(program) => {
                 let backend = backends.of(0);
-                let mut e = exec::engine(&backend, program, threads, 1).map_err(|e| match backend {
+                let mut e = crate::backend::engine(&backend, program, threads, 1).map_err(|e| match backend {
                     Backend::Cpu => SessionError::failed("run::compile", format!("cannot compile the training step: {e}"), BUG),
                     Backend::Cuda { ordinal, .. } => {
-                        SessionError::failed("run::gpu", format!("cannot set up the training step on GPU {ordinal}: {}", gpu_message(e)), GPU_HELP)
+                        SessionError::failed("run::gpu", format!("cannot set up the training step on GPU {ordinal}: {e}"), GPU_HELP)
                     }
                 })?;
                 if profile {
@@ -320,16 +326,8 @@ impl Runner {
     }
 }
 
-/// A GPU executor's error as its message (its errors are not malformed kernel calls).
-fn gpu_message(e: KernelError) -> String {
-    match e {
-        KernelError::Invalid(m) => m,
-        other => other.to_string(),
-    }
-}
-
 /// Puts a batch into a one-device engine's inputs.
-pub fn set_batch(exec: &mut dyn Engine, b: &Batch) -> Result<(), KernelError> {
+pub fn set_batch(exec: &mut dyn Engine, b: &Batch) -> Result<(), EngineError> {
     match b {
         Batch::Table { features, labels } => {
             exec.set(&BufKind::Input(0), Data::F32(features))?;

@@ -30,7 +30,7 @@ mod math;
 #[cfg(test)]
 mod tests;
 
-use super::KernelError;
+use crate::engine::EngineError;
 use codegen::Target;
 use cranelift_codegen::ir::{Function, UserFuncName};
 use cranelift_codegen::isa::OwnedTargetIsa;
@@ -70,13 +70,13 @@ pub struct CompiledKernel {
 
 impl Jit {
     /// A JIT for the host ISA at `opt_level=speed`, using `fma` where the host has it.
-    pub fn new() -> Result<Jit, KernelError> {
+    pub fn new() -> Result<Jit, EngineError> {
         Jit::with_fma(None)
     }
 
     /// `fma: Some(false)` turns fused multiply-add off even where the host
     /// has it, so that tests cover both code paths.
-    fn with_fma(fma: Option<bool>) -> Result<Jit, KernelError> {
+    fn with_fma(fma: Option<bool>) -> Result<Jit, EngineError> {
         let isa = native_isa(fma)?;
         let target = Target::of(&*isa);
         let module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
@@ -85,7 +85,7 @@ impl Jit {
     }
 
     /// Compiles `k`, or returns the kernel compiled earlier for an identical `Fused`.
-    pub fn compile(&mut self, k: &Fused) -> Result<CompiledKernel, KernelError> {
+    pub fn compile(&mut self, k: &Fused) -> Result<CompiledKernel, EngineError> {
         let input_lens = required_lens(k)?;
         let key = Key::of(k);
         if let Some(kernel) = self.cache.get(&key) {
@@ -103,14 +103,14 @@ impl Jit {
         self.ctx.func.name = UserFuncName::user(0, id.as_u32());
         if let Err(e) = self.module.define_function(id, &mut self.ctx) {
             return Err(match e {
-                ModuleError::Compilation(err) => KernelError::Codegen(print_errors::pretty_error(&self.ctx.func, err)),
+                ModuleError::Compilation(err) => EngineError::Codegen(print_errors::pretty_error(&self.ctx.func, err)),
                 other => module_error(other),
             });
         }
         self.module.finalize_definitions().map_err(module_error)?;
         let code = self.module.get_finalized_function(id);
         if code.is_null() {
-            return Err(KernelError::Codegen("the JIT returned no code for the kernel".into()));
+            return Err(EngineError::Codegen("the JIT returned no code for the kernel".into()));
         }
         // SAFETY: `code` is the entry of the function just finalised, whose
         // signature (`codegen::signature`: four pointer-sized parameters, the
@@ -138,16 +138,16 @@ impl CompiledKernel {
     }
 
     /// Runs every row. `out.len()` must be `rows * cols`.
-    pub fn run(&self, inputs: &[&[f32]], out: &mut [f32]) -> Result<(), KernelError> {
+    pub fn run(&self, inputs: &[&[f32]], out: &mut [f32]) -> Result<(), EngineError> {
         self.run_rows(inputs, out, 0, self.rows)
     }
 
     /// Runs rows `[row_begin, row_end)` of the whole output `out`
     /// (`out.len() == rows * cols`); other rows are left untouched.
-    pub fn run_rows(&self, inputs: &[&[f32]], out: &mut [f32], row_begin: usize, row_end: usize) -> Result<(), KernelError> {
+    pub fn run_rows(&self, inputs: &[&[f32]], out: &mut [f32], row_begin: usize, row_end: usize) -> Result<(), EngineError> {
         let total = self.rows * self.cols; // checked against overflow at compile time
         if out.len() != total {
-            return Err(KernelError::Invalid(format!("output has {} elements, the kernel writes {} × {}", out.len(), self.rows, self.cols)));
+            return Err(EngineError::Bug(format!("output has {} elements, the kernel writes {} × {}", out.len(), self.rows, self.cols)));
         }
         self.check_range(row_begin, row_end)?;
         let part = &mut out[row_begin * self.cols..row_end * self.cols];
@@ -158,22 +158,22 @@ impl CompiledKernel {
     /// those rows (`out_rows.len() == (row_end - row_begin) * cols`). This is
     /// the form for several threads: split the output with `chunks_mut` and
     /// give each thread its chunk and row range; the inputs are shared.
-    pub fn run_block(&self, inputs: &[&[f32]], out_rows: &mut [f32], row_begin: usize, row_end: usize) -> Result<(), KernelError> {
+    pub fn run_block(&self, inputs: &[&[f32]], out_rows: &mut [f32], row_begin: usize, row_end: usize) -> Result<(), EngineError> {
         self.check_range(row_begin, row_end)?;
         let want = (row_end - row_begin) * self.cols;
         if out_rows.len() != want {
-            return Err(KernelError::Invalid(format!(
+            return Err(EngineError::Bug(format!(
                 "output part has {} elements, rows {row_begin}..{row_end} of {} columns need {want}",
                 out_rows.len(),
                 self.cols
             )));
         }
         if inputs.len() != self.input_lens.len() {
-            return Err(KernelError::Invalid(format!("kernel takes {} inputs, got {}", self.input_lens.len(), inputs.len())));
+            return Err(EngineError::Bug(format!("kernel takes {} inputs, got {}", self.input_lens.len(), inputs.len())));
         }
         for (k, (x, &need)) in inputs.iter().zip(self.input_lens).enumerate() {
             if x.len() < need {
-                return Err(KernelError::Invalid(format!("input {k} has {} elements, the kernel reads {need}", x.len())));
+                return Err(EngineError::Bug(format!("input {k} has {} elements, the kernel reads {need}", x.len())));
             }
         }
         if want == 0 {
@@ -209,10 +209,10 @@ impl CompiledKernel {
     /// read at the output's own index (row stride `cols`, column stride 1),
     /// so each element is loaded before the store that replaces it and no
     /// other element's store touches it. `rest` are inputs 1.. .
-    pub fn run_in_place(&self, rest: &[&[f32]], io: &mut [f32]) -> Result<(), KernelError> {
+    pub fn run_in_place(&self, rest: &[&[f32]], io: &mut [f32]) -> Result<(), EngineError> {
         let total = self.rows * self.cols;
         if io.len() != total || self.input_lens.first() != Some(&total) {
-            return Err(KernelError::Invalid(format!(
+            return Err(EngineError::Bug(format!(
                 "in place: the buffer has {} elements and input 0 is read over {:?}; both must be the {} × {} output",
                 io.len(),
                 self.input_lens.first(),
@@ -221,11 +221,11 @@ impl CompiledKernel {
             )));
         }
         if rest.len() + 1 != self.input_lens.len() {
-            return Err(KernelError::Invalid(format!("kernel takes {} inputs, got {}", self.input_lens.len(), rest.len() + 1)));
+            return Err(EngineError::Bug(format!("kernel takes {} inputs, got {}", self.input_lens.len(), rest.len() + 1)));
         }
         for (k, (x, &need)) in rest.iter().zip(&self.input_lens[1..]).enumerate() {
             if x.len() < need {
-                return Err(KernelError::Invalid(format!("input {} has {} elements, the kernel reads {need}", k + 1, x.len())));
+                return Err(EngineError::Bug(format!("input {} has {} elements, the kernel reads {need}", k + 1, x.len())));
             }
         }
         if total == 0 {
@@ -245,9 +245,9 @@ impl CompiledKernel {
         Ok(())
     }
 
-    fn check_range(&self, row_begin: usize, row_end: usize) -> Result<(), KernelError> {
+    fn check_range(&self, row_begin: usize, row_end: usize) -> Result<(), EngineError> {
         if row_begin > row_end || row_end > self.rows {
-            return Err(KernelError::Invalid(format!("row range {row_begin}..{row_end} is not within 0..{}", self.rows)));
+            return Err(EngineError::Bug(format!("row range {row_begin}..{row_end} is not within 0..{}", self.rows)));
         }
         Ok(())
     }
@@ -255,7 +255,7 @@ impl CompiledKernel {
 
 /// The CLIF of `k`'s function as built, before optimisation, for the host
 /// ISA (it differs between hosts with and without `fma`).
-pub fn clif(k: &Fused) -> Result<String, KernelError> {
+pub fn clif(k: &Fused) -> Result<String, EngineError> {
     required_lens(k)?;
     let isa = native_isa(None)?;
     let target = Target::of(&*isa);
@@ -264,29 +264,29 @@ pub fn clif(k: &Fused) -> Result<String, KernelError> {
     Ok(func.display().to_string())
 }
 
-fn native_isa(fma: Option<bool>) -> Result<OwnedTargetIsa, KernelError> {
-    let setting = |e: settings::SetError| KernelError::Codegen(format!("cranelift setting: {e}"));
+fn native_isa(fma: Option<bool>) -> Result<OwnedTargetIsa, EngineError> {
+    let setting = |e: settings::SetError| EngineError::Codegen(format!("cranelift setting: {e}"));
     let mut flags = settings::builder();
     flags.set("opt_level", "speed").map_err(setting)?;
     flags.set("use_colocated_libcalls", "false").map_err(setting)?;
     flags.set("is_pic", "false").map_err(setting)?;
-    let mut isa = cranelift_native::builder().map_err(|e| KernelError::Codegen(format!("host ISA not supported: {e}")))?;
+    let mut isa = cranelift_native::builder().map_err(|e| EngineError::Codegen(format!("host ISA not supported: {e}")))?;
     if let Some(on) = fma {
         // Only x86-64 has the flag; elsewhere `fma` is native or absent.
         if cfg!(target_arch = "x86_64") {
             isa.set("has_fma", if on { "true" } else { "false" }).map_err(setting)?;
         }
     }
-    isa.finish(settings::Flags::new(flags)).map_err(|e| KernelError::Codegen(e.to_string()))
+    isa.finish(settings::Flags::new(flags)).map_err(|e| EngineError::Codegen(e.to_string()))
 }
 
-fn module_error(e: ModuleError) -> KernelError {
-    KernelError::Codegen(e.to_string())
+fn module_error(e: ModuleError) -> EngineError {
+    EngineError::Codegen(e.to_string())
 }
 
 /// Checks that `k` is well formed and returns the least length of each input.
-fn required_lens(k: &Fused) -> Result<Vec<usize>, KernelError> {
-    let bad = |m: String| Err(KernelError::Invalid(m));
+fn required_lens(k: &Fused) -> Result<Vec<usize>, EngineError> {
+    let bad = |m: String| Err(EngineError::Bug(m));
     let n = k.row_strides.len();
     if k.col_strides.len() != n {
         return bad(format!("{} row strides but {} col strides", n, k.col_strides.len()));

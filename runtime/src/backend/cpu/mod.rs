@@ -1,7 +1,19 @@
 //! The CPU backend: fused element-wise kernels compiled by cranelift for the
-//! host ISA (`jit`), library kernels for everything else (`ops`), and
-//! matmuls through the `gemm` crate.
+//! host ISA (`jit`), library kernels for everything else (`ops`), matmuls
+//! through the `gemm` crate, and the executor that runs a whole program with
+//! them (`exec`).
+//!
+//! Input: kernels and programs of the compiler, operands as [`Operand`]s.
+//! Output: their values in f32 buffers. Invariants: kernels never panic; a
+//! malformed call is an [`EngineError::Bug`], an id or label out of range an
+//! [`EngineError::BadData`], a kernel cranelift cannot compile an
+//! [`EngineError::Codegen`] (the runtime's one error type, `crate::engine`).
+//!
+//! [`EngineError::Bug`]: crate::engine::EngineError::Bug
+//! [`EngineError::BadData`]: crate::engine::EngineError::BadData
+//! [`EngineError::Codegen`]: crate::engine::EngineError::Codegen
 
+pub mod exec;
 pub mod jit;
 pub mod ops;
 
@@ -27,17 +39,4 @@ impl<'a> Operand<'a> {
     pub fn i32(data: &'a [i32], shape: &'a [usize]) -> Operand<'a> {
         Operand { data: Arg::I32(data), shape }
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum KernelError {
-    /// An index read from data is out of range (an embedding id, a label).
-    #[error("{0}")]
-    Index(String),
-    /// Code generation failed; carries cranelift's message.
-    #[error("code generation failed: {0}")]
-    Codegen(String),
-    /// The kernel was given operands it does not accept (a compiler bug).
-    #[error("invalid kernel call: {0}")]
-    Invalid(String),
 }

@@ -5,8 +5,8 @@
 //! semantics of the reference interpreter (`shardplan_compiler::interp`).
 //!
 //! Invariants: no kernel panics; malformed calls (a compiler bug) return
-//! [`KernelError::Invalid`], out-of-range ids and labels (bad data) return
-//! [`KernelError::Index`]. Every kernel except MatMul gives bit-identical
+//! [`EngineError::Bug`], out-of-range ids and labels (bad data) return
+//! [`EngineError::BadData`]. Every kernel except MatMul gives bit-identical
 //! results for any `threads`: work is split so that each output element is
 //! computed by one thread in a fixed order, and reductions that span the
 //! split combine fixed-size partials in a fixed order.
@@ -29,7 +29,8 @@ mod tests;
 pub use matmul::matmul;
 pub(crate) use matmul::{batch_dims, broadcast_batch};
 
-use super::{Arg, KernelError, Operand};
+use super::{Arg, Operand};
+use crate::engine::EngineError;
 use shardplan_compiler::graph::Op;
 use std::sync::{Mutex, PoisonError};
 
@@ -42,7 +43,7 @@ const BLOCKS_PER_THREAD: usize = 4;
 /// Runs library op `op` (any graph op that is not element-wise, not
 /// `Reshape`, not a source and not `Assign`). `args` are the operands in
 /// graph order with their shapes; `out` has `out_shape`.
-pub fn run(op: &Op, args: &[Operand<'_>], out: &mut [f32], out_shape: &[usize], threads: usize) -> Result<(), KernelError> {
+pub fn run(op: &Op, args: &[Operand<'_>], out: &mut [f32], out_shape: &[usize], threads: usize) -> Result<(), EngineError> {
     let name = Name::Op(op);
     if args.len() != op.arity() {
         return Err(invalid(name, format!("takes {} operands, got {}", op.arity(), args.len())));
@@ -135,7 +136,7 @@ pub fn run(op: &Op, args: &[Operand<'_>], out: &mut [f32], out_shape: &[usize], 
 }
 
 /// Copies `arg` broadcast (numpy rules, right-aligned) to `out_shape`.
-pub fn broadcast(arg: &Operand<'_>, out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError> {
+pub fn broadcast(arg: &Operand<'_>, out: &mut [f32], out_shape: &[usize]) -> Result<(), EngineError> {
     let Arg::F32(data) = arg.data else {
         return Err(invalid(Name::Step("broadcast"), "operand is not f32".into()));
     };
@@ -150,7 +151,7 @@ type F32Arg<'a> = (&'a [f32], &'a [usize]);
 /// An i32 operand: (data, shape).
 type I32Arg<'a> = (&'a [i32], &'a [usize]);
 
-fn f32_arg<'a>(name: Name<'_>, args: &[Operand<'a>], i: usize) -> Result<F32Arg<'a>, KernelError> {
+fn f32_arg<'a>(name: Name<'_>, args: &[Operand<'a>], i: usize) -> Result<F32Arg<'a>, EngineError> {
     match args.get(i) {
         Some(Operand { data: Arg::F32(d), shape }) => Ok((d, shape)),
         Some(_) => Err(invalid(name, format!("operand {i} is not f32"))),
@@ -158,7 +159,7 @@ fn f32_arg<'a>(name: Name<'_>, args: &[Operand<'a>], i: usize) -> Result<F32Arg<
     }
 }
 
-fn i32_arg<'a>(name: Name<'_>, args: &[Operand<'a>], i: usize) -> Result<I32Arg<'a>, KernelError> {
+fn i32_arg<'a>(name: Name<'_>, args: &[Operand<'a>], i: usize) -> Result<I32Arg<'a>, EngineError> {
     match args.get(i) {
         Some(Operand { data: Arg::I32(d), shape }) => Ok((d, shape)),
         Some(_) => Err(invalid(name, format!("operand {i} is not i32"))),
@@ -183,12 +184,12 @@ impl std::fmt::Display for Name<'_> {
     }
 }
 
-fn invalid(name: Name<'_>, what: String) -> KernelError {
-    KernelError::Invalid(format!("{name}: {what}"))
+fn invalid(name: Name<'_>, what: String) -> EngineError {
+    EngineError::Bug(format!("{name}: {what}"))
 }
 
 /// Fails unless the output shape is `want`.
-fn expect_shape(name: Name<'_>, out_shape: &[usize], want: &[usize]) -> Result<(), KernelError> {
+fn expect_shape(name: Name<'_>, out_shape: &[usize], want: &[usize]) -> Result<(), EngineError> {
     if out_shape == want {
         Ok(())
     } else {

@@ -1,5 +1,6 @@
 //! The GPU executor: runs a kernel [`Program`] on one GPU, step after step,
-//! with the public interface of the CPU executor (`crate::exec::Executor`).
+//! with the public interface of the CPU executor (`backend::cpu::exec`); both
+//! are [`Engine`]s.
 //!
 //! Input: a program, the GPU's ordinal, the number of buffer sets (one per
 //! microbatch in flight) and an optional memory limit. Output: the loss of
@@ -7,9 +8,10 @@
 //! by the program's assignments at the end of the step.
 //!
 //! Memory: one device allocation per storage buffer (reshapes share their
-//! operand's), made when the executor is built; forward and backward
-//! buffers and inputs get one copy per buffer set, as on the CPU. The whole
-//! allocation is checked against the memory limit before any of it is made.
+//! operand's), made when the executor is built; the buffers
+//! [`Program::banked`] names (inputs, what forward and backward steps write)
+//! get one copy per buffer set, as on the CPU. The whole allocation is
+//! checked against the memory limit before any of it is made.
 //!
 //! Work: every step is lowered by `codegen` once, at build time; generated
 //! kernels are compiled with NVRTC for this GPU's architecture and loaded.
@@ -22,12 +24,16 @@
 //!
 //! Ids and labels are checked on the host when they are set, against the
 //! table or the classes of the ops that read them, with the CPU kernels'
-//! error (`KernelError::Index`): the GPU kernels can then trust them.
+//! error ([`EngineError::BadData`]): the GPU kernels can then trust them.
+//!
+//! Errors: a failure of the driver, cuBLAS, NCCL or device memory (a memory
+//! limit too small included) is an [`EngineError::Device`] naming the GPU;
+//! a kernel NVRTC cannot compile is an [`EngineError::Codegen`]; a program
+//! or a launch that does not fit together is an [`EngineError::Bug`].
 
 use super::nccl::Nccl;
 use super::{codegen, driver, Gemm, Launch};
-use crate::backend::cpu::KernelError;
-use crate::exec::{Comm, Data, Engine};
+use crate::engine::{Alone, Comm, Data, Engine, EngineError};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use shardplan_compiler::graph::{Hyper, Op, Role, Target};
@@ -58,15 +64,6 @@ enum Ready {
     Comm,
 }
 
-/// The executor's stand-in when no other device exists.
-struct Alone;
-
-impl Comm for Alone {
-    fn run(&mut self, op: &Op, _: Option<(&[f32], &[usize])>, _: &mut [f32], _: &[usize]) -> Result<(), KernelError> {
-        Err(KernelError::Invalid(format!("{} needs other devices", op.name())))
-    }
-}
-
 pub struct GpuExecutor {
     program: Program,
     ordinal: usize,
@@ -91,8 +88,14 @@ pub struct GpuExecutor {
     profile: Option<Vec<f64>>,
 }
 
-fn err(m: impl Into<String>) -> KernelError {
-    KernelError::Invalid(m.into())
+/// A failure of the GPU, its driver or its libraries.
+fn device(m: impl Into<String>) -> EngineError {
+    EngineError::Device(m.into())
+}
+
+/// A program or launch that does not fit together: a bug in shardplan.
+fn bug(m: impl Into<String>) -> EngineError {
+    EngineError::Bug(m.into())
 }
 
 /// Everything a GPU run needs: the driver with at least one GPU, NVRTC and
@@ -106,20 +109,20 @@ pub fn ready() -> Result<Vec<driver::Gpu>, String> {
 
 impl GpuExecutor {
     /// Allocates every buffer on GPU `ordinal` and compiles every kernel.
-    pub fn new(program: Program, ordinal: usize) -> Result<GpuExecutor, KernelError> {
+    pub fn new(program: Program, ordinal: usize) -> Result<GpuExecutor, EngineError> {
         GpuExecutor::with_slots(program, ordinal, 1, None)
     }
 
     /// As [`GpuExecutor::new`], with `slots` sets of forward/backward
     /// buffers, one per microbatch in flight, and at most `limit` bytes of
     /// buffers.
-    pub fn with_slots(program: Program, ordinal: usize, slots: usize, limit: Option<u64>) -> Result<GpuExecutor, KernelError> {
-        driver::available().map_err(err)?;
-        super::nvrtc::available().map_err(err)?;
-        driver::cublas_available().map_err(err)?;
-        program.validate().map_err(|e| err(format!("the program is malformed: {e}")))?;
+    pub fn with_slots(program: Program, ordinal: usize, slots: usize, limit: Option<u64>) -> Result<GpuExecutor, EngineError> {
+        driver::available().map_err(device)?;
+        super::nvrtc::available().map_err(device)?;
+        driver::cublas_available().map_err(device)?;
+        program.validate().map_err(|e| bug(format!("the program is malformed: {e}")))?;
         let gpu = format!("GPU {ordinal}");
-        let cuda = |what: &str, e: cudarc::driver::DriverError| err(format!("{gpu}: {what} failed ({e:?})"));
+        let cuda = |what: &str, e: cudarc::driver::DriverError| device(format!("{gpu}: {what} failed ({e:?})"));
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda("opening the device", e))?;
         // SAFETY: every slice of this executor is used on its own stream
         // only, and freed after the stream has finished with it (the
@@ -127,27 +130,20 @@ impl GpuExecutor {
         // to order streams.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| cuda("creating a stream", e))?;
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| err(format!("{gpu}: creating a cuBLAS handle failed ({e:?})")))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| device(format!("{gpu}: creating a cuBLAS handle failed ({e:?})")))?;
         let capability = ctx.compute_capability().map_err(|e| cuda("reading the compute capability", e))?;
         let arch = driver::arch(capability);
 
-        // Which buffers have a copy per buffer set: as on the CPU, inputs and
-        // what forward and backward steps write.
+        // Which buffers have a copy per buffer set: the same rule as on the CPU.
         let n = program.buffers.len();
-        let mut banked: Vec<bool> = program.buffers.iter().map(|b| matches!(b.kind, BufKind::Input(_))).collect();
-        for st in &program.steps {
-            let o = program.storage(st.output).0 as usize;
-            if st.role != Role::Update && program.buffers[o].kind == BufKind::Temp {
-                banked[o] = true;
-            }
-        }
+        let banked = program.banked();
         let owned = |i: usize| !matches!(program.buffers[i].kind, BufKind::Alias(_));
         let size = |i: usize| 4 * program.buffers[i].len().max(1) as u64;
         let slots = slots.max(1);
         let total: u64 = (0..n).filter(|&i| owned(i)).map(|i| size(i) * if banked[i] { slots as u64 } else { 1 }).sum();
         if let Some(limit) = limit {
             if total > limit {
-                return Err(err(format!(
+                return Err(device(format!(
                     "{gpu}: the program needs {} of device buffers ({} buffer set(s)), more than the device's memory limit of {}",
                     mib(total),
                     slots,
@@ -155,13 +151,13 @@ impl GpuExecutor {
                 )));
             }
         }
-        let alloc = |i: usize| -> Result<Option<Mem>, KernelError> {
+        let alloc = |i: usize| -> Result<Option<Mem>, EngineError> {
             if !owned(i) {
                 return Ok(None);
             }
             let b = &program.buffers[i];
             let len = b.len().max(1);
-            let failed = |e: cudarc::driver::DriverError| err(format!("{gpu}: allocating {} for buffer {i} {:?} failed ({e:?})", mib(size(i)), b.shape));
+            let failed = |e: cudarc::driver::DriverError| device(format!("{gpu}: allocating {} for buffer {i} {:?} failed ({e:?})", mib(size(i)), b.shape));
             Ok(Some(match (&b.kind, b.elem) {
                 (BufKind::Const(c), Elem::F32) => Mem::F32(stream.clone_htod(&vec![*c as f32; len]).map_err(failed)?),
                 (BufKind::Const(c), Elem::I32) => Mem::I32(stream.clone_htod(&vec![*c as i32; len]).map_err(failed)?),
@@ -179,13 +175,13 @@ impl GpuExecutor {
         let mut launches = Vec::with_capacity(program.steps.len());
         for (si, step) in program.steps.iter().enumerate() {
             let what = describe(&step.kind);
-            let lowered = codegen::lower(step, &program).map_err(|e| KernelError::Codegen(format!("step {si} ({what}): {e}")))?;
+            let lowered = codegen::lower(step, &program).map_err(|e| EngineError::Codegen(format!("step {si} ({what}): {e}")))?;
             let mut ready = Vec::with_capacity(lowered.len());
             for l in lowered {
                 ready.push(match l {
                     Launch::Kernel(k) => {
                         let func = load(&ctx, &k.source, &k.name, &arch, &gpu).map_err(|e| match e {
-                            KernelError::Codegen(m) => KernelError::Codegen(format!("step {si} ({what}): {m}")),
+                            EngineError::Codegen(m) => EngineError::Codegen(format!("step {si} ({what}): {m}")),
                             other => other,
                         })?;
                         if k.shared_bytes > 48 * 1024 {
@@ -197,15 +193,15 @@ impl GpuExecutor {
                                     k.shared_bytes as i32,
                                 )
                             }
-                            .map_err(|e| err(format!("{gpu}: step {si}: kernel {} asks for {} bytes of shared memory ({e:?})", k.name, k.shared_bytes)))?;
+                            .map_err(|e| device(format!("{gpu}: step {si}: kernel {} asks for {} bytes of shared memory ({e:?})", k.name, k.shared_bytes)))?;
                         }
                         if let Some(b) = k.args.iter().find(|b| b.0 as usize >= n) {
-                            return Err(err(format!("step {si}: kernel {} reads buffer {}, but the program has {n}", k.name, b.0)));
+                            return Err(bug(format!("step {si}: kernel {} reads buffer {}, but the program has {n}", k.name, b.0)));
                         }
                         Ready::Kernel { name: k.name, func, grid: k.grid, block: k.block, shared_bytes: k.shared_bytes, args: k.args }
                     }
                     Launch::Gemm(g) => {
-                        check_gemm(&g, &program).map_err(|m| err(format!("step {si} ({what}): {m}")))?;
+                        check_gemm(&g, &program).map_err(|m| bug(format!("step {si} ({what}): {m}")))?;
                         Ready::Gemm(g)
                     }
                     Launch::Comm => Ready::Comm,
@@ -247,30 +243,30 @@ impl GpuExecutor {
         (if slot == 0 || !self.banked[i] { 0 } else { slot }, i)
     }
 
-    fn mem(&self, (bank, i): (usize, usize)) -> Result<&Mem, KernelError> {
+    fn mem(&self, (bank, i): (usize, usize)) -> Result<&Mem, EngineError> {
         let m = if bank == 0 { self.storage.get(i) } else { self.banks.get(bank - 1).and_then(|b| b.get(i)) };
-        m.and_then(Option::as_ref).ok_or_else(|| err(format!("buffer {i} has no memory in buffer set {bank}")))
+        m.and_then(Option::as_ref).ok_or_else(|| bug(format!("buffer {i} has no memory in buffer set {bank}")))
     }
 
-    fn mem_mut(&mut self, (bank, i): (usize, usize)) -> Result<&mut Mem, KernelError> {
+    fn mem_mut(&mut self, (bank, i): (usize, usize)) -> Result<&mut Mem, EngineError> {
         let m = if bank == 0 { self.storage.get_mut(i) } else { self.banks.get_mut(bank - 1).and_then(|b| b.get_mut(i)) };
-        m.and_then(Option::as_mut).ok_or_else(|| err(format!("buffer {i} has no memory in buffer set {bank}")))
+        m.and_then(Option::as_mut).ok_or_else(|| bug(format!("buffer {i} has no memory in buffer set {bank}")))
     }
 
-    fn ptr(&self, b: BufId, slot: usize) -> Result<u64, KernelError> {
+    fn ptr(&self, b: BufId, slot: usize) -> Result<u64, EngineError> {
         Ok(self.mem(self.loc(b, slot))?.ptr(&self.stream))
     }
 
-    fn driver(&self, what: &str, e: cudarc::driver::DriverError) -> KernelError {
-        err(format!("GPU {}: {what} failed ({e:?})", self.ordinal))
+    fn driver(&self, what: &str, e: cudarc::driver::DriverError) -> EngineError {
+        device(format!("GPU {}: {what} failed ({e:?})", self.ordinal))
     }
 
     /// Waits for every launch so far; an asynchronous failure of an
     /// earlier kernel surfaces here.
-    fn sync(&self, before: &str) -> Result<(), KernelError> {
+    fn sync(&self, before: &str) -> Result<(), EngineError> {
         self.stream.synchronize().map_err(|e| {
             let hint = if self.sync_each { "" } else { "; run with SHARDPLAN_CUDA_SYNC=1 to find the kernel" };
-            err(format!("GPU {}: a launch failed before {before} ({e:?}){hint}", self.ordinal))
+            device(format!("GPU {}: a launch failed before {before} ({e:?}){hint}", self.ordinal))
         })
     }
 
@@ -279,17 +275,17 @@ impl GpuExecutor {
     }
 
     /// Checks ids or labels bound for storage buffer `i`.
-    fn check_bounds(&self, i: usize, v: &[i32]) -> Result<(), KernelError> {
+    fn check_bounds(&self, i: usize, v: &[i32]) -> Result<(), EngineError> {
         if let Some((bound, what)) = self.bounds[i] {
             if let Some((p, id)) = v.iter().enumerate().find(|(_, &id)| usize::try_from(id).map_or(true, |r| r >= bound)) {
-                return Err(KernelError::Index(format!("{what} {id} at position {p} is outside 0..{bound}")));
+                return Err(EngineError::BadData(format!("{what} {id} at position {p} is outside 0..{bound}")));
             }
         }
         Ok(())
     }
 
     /// Copies `data` into the memory at `l` (buffer `kind`, for messages).
-    fn upload(&mut self, l: (usize, usize), kind: &BufKind, data: Data<'_>) -> Result<(), KernelError> {
+    fn upload(&mut self, l: (usize, usize), kind: &BufKind, data: Data<'_>) -> Result<(), EngineError> {
         if let Data::I32(v) = data {
             self.check_bounds(l.1, v)?;
         }
@@ -308,28 +304,28 @@ impl GpuExecutor {
                     Data::F32(v) => format!("f32 × {}", v.len()),
                     Data::I32(v) => format!("i32 × {}", v.len()),
                 };
-                return Err(err(format!("{kind:?} holds {have}, was given {got}")));
+                return Err(bug(format!("{kind:?} holds {have}, was given {got}")));
             }
         };
         r.map_err(|e| self.driver(&format!("copying {kind:?} to the device"), e))
     }
 
     /// Sets a parameter, state or input. Values of the wrong length are refused.
-    pub fn set(&mut self, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError> {
+    pub fn set(&mut self, kind: &BufKind, data: Data<'_>) -> Result<(), EngineError> {
         let Some(i) = self.find(kind) else { return Ok(()) };
         let l = (0, self.program.storage(BufId(i as u32)).0 as usize);
         self.upload(l, kind, data)
     }
 
     /// Sets an input (or any buffer of `kind`) in buffer set `slot`.
-    pub fn set_in(&mut self, slot: usize, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError> {
+    pub fn set_in(&mut self, slot: usize, kind: &BufKind, data: Data<'_>) -> Result<(), EngineError> {
         let Some(i) = self.find(kind) else { return Ok(()) };
         let l = self.loc(BufId(i as u32), slot);
         self.upload(l, kind, data)
     }
 
     /// Reads the f32 memory at `l` (`len` values from the start).
-    fn download(&self, l: (usize, usize), len: usize) -> Result<Option<Vec<f32>>, KernelError> {
+    fn download(&self, l: (usize, usize), len: usize) -> Result<Option<Vec<f32>>, EngineError> {
         let Mem::F32(src) = self.mem(l)? else { return Ok(None) };
         let mut out = vec![0.0f32; len.min(src.len())];
         self.stream.memcpy_dtoh(&src.slice(0..out.len()), &mut out).map_err(|e| self.driver("copying a buffer to the host", e))?;
@@ -338,26 +334,26 @@ impl GpuExecutor {
     }
 
     /// The f32 data of the buffer holding `kind` (a parameter, a state).
-    pub fn get(&self, kind: &BufKind) -> Result<Option<Vec<f32>>, KernelError> {
+    pub fn get(&self, kind: &BufKind) -> Result<Option<Vec<f32>>, EngineError> {
         let Some(i) = self.find(kind) else { return Ok(None) };
         let s = self.program.storage(BufId(i as u32)).0 as usize;
         self.download((0, s), self.program.buffers[s].len())
     }
 
     /// The f32 data of buffer `b` (buffer set 0).
-    pub fn buffer(&self, b: BufId) -> Result<Vec<f32>, KernelError> {
+    pub fn buffer(&self, b: BufId) -> Result<Vec<f32>, EngineError> {
         let s = self.program.storage(b).0 as usize;
         Ok(self.download((0, s), self.program.buffers[b.0 as usize].len())?.unwrap_or_default())
     }
 
     /// The loss as computed in buffer set `slot`.
-    pub fn loss_in(&self, slot: usize) -> Result<f32, KernelError> {
+    pub fn loss_in(&self, slot: usize) -> Result<f32, EngineError> {
         let l = self.loc(self.program.loss, slot);
         Ok(self.download(l, 1)?.and_then(|v| v.first().copied()).unwrap_or(f32::NAN))
     }
 
     /// Starts a step: fills the hypers and zeroes the gradient accumulators.
-    pub fn begin_step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<(), KernelError> {
+    pub fn begin_step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<(), EngineError> {
         let stream = self.stream.clone();
         for i in 0..self.program.buffers.len() {
             let (kind, len) = (self.program.buffers[i].kind.clone(), self.program.buffers[i].len());
@@ -372,7 +368,7 @@ impl GpuExecutor {
     }
 
     /// Runs the steps of one pass (`role`) in buffer set `slot`.
-    pub fn run_phase(&mut self, role: Role, slot: usize, comm: &mut dyn Comm) -> Result<(), KernelError> {
+    pub fn run_phase(&mut self, role: Role, slot: usize, comm: &mut dyn Comm) -> Result<(), EngineError> {
         for si in 0..self.program.steps.len() {
             if self.program.steps[si].role == role {
                 self.timed_step(si, slot, comm)?;
@@ -381,7 +377,7 @@ impl GpuExecutor {
         Ok(())
     }
 
-    fn timed_step(&mut self, si: usize, slot: usize, comm: &mut dyn Comm) -> Result<(), KernelError> {
+    fn timed_step(&mut self, si: usize, slot: usize, comm: &mut dyn Comm) -> Result<(), EngineError> {
         if self.profile.is_none() {
             return self.run_step(si, slot, comm);
         }
@@ -395,7 +391,7 @@ impl GpuExecutor {
     }
 
     /// Runs one step: every kernel, then the assignments. Returns the loss.
-    pub fn step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<f32, KernelError> {
+    pub fn step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<f32, EngineError> {
         self.begin_step(hyper)?;
         for si in 0..self.program.steps.len() {
             self.timed_step(si, 0, &mut Alone)?;
@@ -408,7 +404,7 @@ impl GpuExecutor {
     /// temporary's memory is traded with it (its device pointer; the
     /// temporary is rewritten from scratch next step), other values are
     /// copied on the device.
-    pub fn finish_step(&mut self) -> Result<(), KernelError> {
+    pub fn finish_step(&mut self) -> Result<(), EngineError> {
         let mut traded: Vec<usize> = Vec::new();
         for (t, src) in self.program.assigns.clone() {
             let kind = match t {
@@ -444,7 +440,7 @@ impl GpuExecutor {
         Ok(())
     }
 
-    fn run_step(&mut self, si: usize, slot: usize, comm: &mut dyn Comm) -> Result<(), KernelError> {
+    fn run_step(&mut self, si: usize, slot: usize, comm: &mut dyn Comm) -> Result<(), EngineError> {
         let what = describe(&self.program.steps[si].kind);
         for li in 0..self.launches[si].len() {
             if matches!(self.launches[si][li], Ready::Comm) {
@@ -463,13 +459,13 @@ impl GpuExecutor {
                     // order, each to a live allocation of its buffer's size
                     // (codegen's contract); the pointers outlive the call.
                     unsafe { launch.launch(cfg) }
-                        .map_err(|e| err(format!("GPU {}: step {si} ({what}): launching kernel {name} failed ({e:?})", self.ordinal)))?;
+                        .map_err(|e| device(format!("GPU {}: step {si} ({what}): launching kernel {name} failed ({e:?})", self.ordinal)))?;
                     if self.sync_each {
                         self.sync(&format!("the end of step {si} ({what}), kernel {name}"))?;
                     }
                 }
                 Ready::Gemm(g) => {
-                    self.gemm(g, slot).map_err(|m| err(format!("GPU {}: step {si} ({what}): {m}", self.ordinal)))?;
+                    self.gemm(g, slot).map_err(|m| device(format!("GPU {}: step {si} ({what}): {m}", self.ordinal)))?;
                     if self.sync_each {
                         self.sync(&format!("the end of step {si} ({what}), cuBLAS"))?;
                     }
@@ -553,9 +549,9 @@ impl GpuExecutor {
 
     /// A transfer or collective: through NCCL when the `Comm` routes it
     /// there (devices on distinct physical GPUs), else staged through host memory.
-    fn comm(&mut self, si: usize, slot: usize, comm: &mut dyn Comm) -> Result<(), KernelError> {
+    fn comm(&mut self, si: usize, slot: usize, comm: &mut dyn Comm) -> Result<(), EngineError> {
         let step = &self.program.steps[si];
-        let StepKind::Op(op) = &step.kind else { return Err(err(format!("step {si} is not a transfer"))) };
+        let StepKind::Op(op) = &step.kind else { return Err(bug(format!("step {si} is not a transfer"))) };
         let op = op.clone();
         if let Some(r) = comm.on_gpus(&op, &mut |n| self.comm_nccl(si, slot, &op, n)) {
             return r;
@@ -581,18 +577,18 @@ impl GpuExecutor {
         match self.mem_mut(l)? {
             Mem::F32(dst) if dst.len() >= out.len() => stream
                 .memcpy_htod(&out, dst)
-                .map_err(|e| err(format!("GPU {ordinal}: step {si}: copying the result of {} to the device failed ({e:?})", op.name()))),
-            _ => Err(err(format!("step {si}: {} writes a buffer that is not f32 of {} values", op.name(), out.len()))),
+                .map_err(|e| device(format!("GPU {ordinal}: step {si}: copying the result of {} to the device failed ({e:?})", op.name()))),
+            _ => Err(bug(format!("step {si}: {} writes a buffer that is not f32 of {} values", op.name(), out.len()))),
         }
     }
 
     /// A transfer or collective through NCCL, from and into device memory.
-    fn comm_nccl(&mut self, si: usize, slot: usize, op: &Op, nccl: &mut Nccl) -> Result<(), KernelError> {
+    fn comm_nccl(&mut self, si: usize, slot: usize, op: &Op, nccl: &mut Nccl) -> Result<(), EngineError> {
         let step = &self.program.steps[si];
-        let f32_at = |b: BufId| -> Result<(u64, Vec<usize>), KernelError> {
+        let f32_at = |b: BufId| -> Result<(u64, Vec<usize>), EngineError> {
             match self.mem(self.loc(b, slot))? {
                 m @ Mem::F32(_) => Ok((m.ptr(&self.stream), self.program.buffers[b.0 as usize].shape.clone())),
-                Mem::I32(_) => Err(err(format!("step {si}: {} moves buffer {} that is not f32", op.name(), b.0))),
+                Mem::I32(_) => Err(bug(format!("step {si}: {} moves buffer {} that is not f32", op.name(), b.0))),
             }
         };
         let input = match step.inputs.first() {
@@ -601,8 +597,15 @@ impl GpuExecutor {
         };
         // A send writes nothing: its output buffer is not touched.
         let out = if matches!(op, Op::Send { .. }) { (0, self.program.buffers[step.output.0 as usize].shape.clone()) } else { f32_at(step.output)? };
-        nccl.run(&self.stream, op, input.as_ref().map(|(p, s)| (*p, s.as_slice())), (out.0, &out.1))
-            .map_err(|m| err(format!("GPU {}: step {si}: {m}", self.ordinal)))?;
+        nccl.run(&self.stream, op, input.as_ref().map(|(p, s)| (*p, s.as_slice())), (out.0, &out.1)).map_err(|m| {
+            // Stopped because another device failed: a failed transfer, not this GPU's failure.
+            let m = format!("GPU {}: step {si}: {m}", self.ordinal);
+            if nccl.peer_failure().is_some() {
+                EngineError::Transfer(m)
+            } else {
+                device(m)
+            }
+        })?;
         if self.sync_each {
             self.sync(&format!("the end of step {si} ({})", op.name()))?;
         }
@@ -623,16 +626,17 @@ impl Drop for GpuExecutor {
 }
 
 /// Loads kernel `name` compiled from `source` for `arch`.
-fn load(ctx: &Arc<CudaContext>, source: &str, name: &str, arch: &str, gpu: &str) -> Result<CudaFunction, KernelError> {
-    let ptx = super::nvrtc::compile(source, arch).map_err(|e| KernelError::Codegen(format!("compiling kernel {name} for {arch}: {e}")))?;
+fn load(ctx: &Arc<CudaContext>, source: &str, name: &str, arch: &str, gpu: &str) -> Result<CudaFunction, EngineError> {
+    let ptx = super::nvrtc::compile(source, arch).map_err(|e| EngineError::Codegen(format!("compiling kernel {name} for {arch}: {e}")))?;
     if ptx.contains('\0') {
-        return Err(KernelError::Codegen(format!("the PTX of kernel {name} contains a NUL byte")));
+        return Err(EngineError::Codegen(format!("the PTX of kernel {name} contains a NUL byte")));
     }
-    let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| err(format!("{gpu}: loading the module of kernel {name} failed ({e:?})")))?;
+    let module =
+        ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| device(format!("{gpu}: loading the module of kernel {name} failed ({e:?})")))?;
     if name.contains('\0') {
-        return Err(KernelError::Codegen(format!("kernel name {name:?} contains a NUL byte")));
+        return Err(EngineError::Codegen(format!("kernel name {name:?} contains a NUL byte")));
     }
-    module.load_function(name).map_err(|e| err(format!("{gpu}: the module has no kernel {name} ({e:?})")))
+    module.load_function(name).map_err(|e| device(format!("{gpu}: the module has no kernel {name} ({e:?})")))
 }
 
 /// Checks that every product of `g` stays inside its buffers.
@@ -673,31 +677,31 @@ impl Engine for GpuExecutor {
     fn program(&self) -> &Program {
         &self.program
     }
-    fn set(&mut self, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError> {
+    fn set(&mut self, kind: &BufKind, data: Data<'_>) -> Result<(), EngineError> {
         GpuExecutor::set(self, kind, data)
     }
-    fn set_in(&mut self, slot: usize, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError> {
+    fn set_in(&mut self, slot: usize, kind: &BufKind, data: Data<'_>) -> Result<(), EngineError> {
         GpuExecutor::set_in(self, slot, kind, data)
     }
-    fn get(&self, kind: &BufKind) -> Result<Option<Vec<f32>>, KernelError> {
+    fn get(&self, kind: &BufKind) -> Result<Option<Vec<f32>>, EngineError> {
         GpuExecutor::get(self, kind)
     }
-    fn buffer(&self, b: BufId) -> Result<Vec<f32>, KernelError> {
+    fn buffer(&self, b: BufId) -> Result<Vec<f32>, EngineError> {
         GpuExecutor::buffer(self, b)
     }
-    fn begin_step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<(), KernelError> {
+    fn begin_step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<(), EngineError> {
         GpuExecutor::begin_step(self, hyper)
     }
-    fn run_phase(&mut self, role: Role, slot: usize, comm: &mut dyn Comm) -> Result<(), KernelError> {
+    fn run_phase(&mut self, role: Role, slot: usize, comm: &mut dyn Comm) -> Result<(), EngineError> {
         GpuExecutor::run_phase(self, role, slot, comm)
     }
-    fn finish_step(&mut self) -> Result<(), KernelError> {
+    fn finish_step(&mut self) -> Result<(), EngineError> {
         GpuExecutor::finish_step(self)
     }
-    fn loss_in(&self, slot: usize) -> Result<f32, KernelError> {
+    fn loss_in(&self, slot: usize) -> Result<f32, EngineError> {
         GpuExecutor::loss_in(self, slot)
     }
-    fn step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<f32, KernelError> {
+    fn step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<f32, EngineError> {
         GpuExecutor::step(self, hyper)
     }
     fn bytes(&self) -> u64 {

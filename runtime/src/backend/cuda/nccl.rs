@@ -1,6 +1,13 @@
 //! Collectives and transfers between GPU devices on distinct physical GPUs,
 //! through NCCL.
 //!
+//! Input: the transfer ops of a plan and each device's physical GPU; at run
+//! time, one op with the device addresses of its operand and result, on the
+//! executor's stream. Output: the result in device memory, or an error that
+//! names the device that failed. Parts of all-gathers and reduce-scatters are
+//! laid out by the partitioner's `chunk_range`, as on the host path. This
+//! module knows no executor: it imports only the driver checks.
+//!
 //! Which ops go through NCCL ([`route`]): an all-reduce (sum), all-gather or
 //! reduce-scatter whose group members all sit on distinct physical GPUs, and
 //! a send/recv between two devices on distinct GPUs. Everything else keeps
@@ -29,10 +36,10 @@
 //! wait longer than the timeout aborts likewise.
 
 use super::driver;
-use crate::collectives::chunk_range;
 use cudarc::driver::{sys as dsys, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nccl::{result as nres, sys as nsys};
 use shardplan_compiler::graph::Op;
+use shardplan_compiler::partition::chunk_range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};

@@ -19,7 +19,7 @@
 //! emitted for every vector of the group before the next, which gives the
 //! CPU independent chains to overlap.
 
-use super::super::KernelError;
+use crate::engine::EngineError;
 use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, AbiParam, Block, Function, InstBuilder, MemFlagsData, Signature, Type, Value};
@@ -101,7 +101,7 @@ fn flags() -> MemFlagsData {
 }
 
 /// Builds `k` into `func`, whose signature must be [`signature`].
-pub(super) fn build(k: &Fused, func: &mut Function, fctx: &mut FunctionBuilderContext, t: Target) -> Result<(), KernelError> {
+pub(super) fn build(k: &Fused, func: &mut Function, fctx: &mut FunctionBuilderContext, t: Target) -> Result<(), EngineError> {
     let ptr = t.frontend.pointer_type();
     let live = live(&k.body);
     let n_in = k.row_strides.len();
@@ -119,7 +119,7 @@ pub(super) fn build(k: &Fused, func: &mut Function, fctx: &mut FunctionBuilderCo
     b.append_block_params_for_function_params(entry);
     b.switch_to_block(entry);
     let &[inputs, out, row_begin, row_end] = b.block_params(entry) else {
-        return Err(KernelError::Codegen("kernel signature must have four parameters".into()));
+        return Err(EngineError::Codegen("kernel signature must have four parameters".into()));
     };
     let mut e = Emit { b, t, entry, consts: HashMap::new(), n: 1 };
 
@@ -129,7 +129,7 @@ pub(super) fn build(k: &Fused, func: &mut Function, fctx: &mut FunctionBuilderCo
     let mut scalar = vec![None; n_in];
     let strides: Vec<(usize, usize)> = k.row_strides.iter().copied().zip(k.col_strides.iter().copied()).collect();
     for (j, &(rs, cs)) in strides.iter().enumerate().filter(|&(j, _)| used[j]) {
-        let off = i32::try_from(j as i64 * ptr_bytes).map_err(|_| KernelError::Invalid(format!("too many inputs ({n_in})")))?;
+        let off = i32::try_from(j as i64 * ptr_bytes).map_err(|_| EngineError::Bug(format!("too many inputs ({n_in})")))?;
         let p = e.b.ins().load(ptr, MemFlagsData::trusted(), inputs, off);
         base[j] = Some(p);
         if rs == 0 && cs == 0 {
@@ -235,7 +235,7 @@ fn live(body: &[Inst]) -> Vec<bool> {
 impl Emit<'_> {
     /// Evaluates the body on one group of elements of the row, `at` bytes
     /// from its start, and stores the result to `out + at`.
-    fn group(&mut self, k: &Fused, live: &[bool], srcs: &[Src], out: Value, at: Value, acc: Access) -> Result<(), KernelError> {
+    fn group(&mut self, k: &Fused, live: &[bool], srcs: &[Src], out: Value, at: Value, acc: Access) -> Result<(), EngineError> {
         self.n = match acc {
             Access::Vectors(n) => n,
             Access::Lanes(_) => 1,
@@ -248,9 +248,7 @@ impl Emit<'_> {
                 continue;
             }
             let reg = |a: usize| {
-                regs.get(a)
-                    .and_then(Option::as_ref)
-                    .ok_or_else(|| KernelError::Invalid(format!("instruction v{i} reads v{a}, which is not computed before it")))
+                regs.get(a).and_then(Option::as_ref).ok_or_else(|| EngineError::Bug(format!("instruction v{i} reads v{a}, which is not computed before it")))
             };
             let v = match *inst {
                 Inst::Load(j) => match (loaded.get(j).cloned().flatten(), srcs.get(j).copied()) {
@@ -262,7 +260,7 @@ impl Emit<'_> {
                         g
                     }
                     (None, Some(Src::Splat(s))) => vec![s; self.n],
-                    (None, _) => return Err(KernelError::Invalid(format!("instruction v{i} loads missing input {j}"))),
+                    (None, _) => return Err(EngineError::Bug(format!("instruction v{i} loads missing input {j}"))),
                 },
                 Inst::Const(c) => self.k(c as f32),
                 Inst::Unary(u, a) => {
@@ -276,7 +274,7 @@ impl Emit<'_> {
             };
             regs.push(Some(v));
         }
-        let result = regs.pop().flatten().ok_or_else(|| KernelError::Invalid("kernel body is empty".into()))?;
+        let result = regs.pop().flatten().ok_or_else(|| EngineError::Bug("kernel body is empty".into()))?;
         let addr = self.b.ins().iadd(out, at);
         self.store(addr, &result, acc);
         Ok(())

@@ -584,7 +584,7 @@ fn bad_calls_are_errors() {
     let x = vec![1.0f32; 40];
     let bias = vec![1.0f32; 10];
     let mut out = vec![0.0f32; 40];
-    let invalid = |r: Result<(), KernelError>| matches!(r, Err(KernelError::Invalid(_)));
+    let invalid = |r: Result<(), EngineError>| matches!(r, Err(EngineError::Bug(_)));
     assert!(invalid(kernel.run(&[&x[..39], &bias], &mut out)), "input too short");
     assert!(invalid(kernel.run(&[&x, &bias[..9]], &mut out)), "bias too short");
     assert!(invalid(kernel.run(&[&x], &mut out)), "too few inputs");
@@ -608,12 +608,12 @@ fn bad_calls_are_errors() {
         fused(3, 4, &[(usize::MAX / 2, 1)], vec![I::Load(0)]),             // stride overflows
     ];
     for k in bad_kernels {
-        assert!(matches!(jit.compile(&k), Err(KernelError::Invalid(_))), "{}", k.display());
-        assert!(matches!(clif(&k), Err(KernelError::Invalid(_))));
+        assert!(matches!(jit.compile(&k), Err(EngineError::Bug(_))), "{}", k.display());
+        assert!(matches!(clif(&k), Err(EngineError::Bug(_))));
     }
     let mut k = sample_kernel(2, 2);
     k.col_strides.pop();
-    assert!(matches!(jit.compile(&k), Err(KernelError::Invalid(_))), "stride lists of different lengths");
+    assert!(matches!(jit.compile(&k), Err(EngineError::Bug(_))), "stride lists of different lengths");
 }
 
 #[test]
@@ -793,5 +793,5 @@ fn in_place_epilogue_matches_out_of_place() {
     let k = fused(3, 4, &[(1, 0)], vec![I::Load(0), I::Unary(U::Neg, 0)]);
     let c = jit.compile(&k).expect("compiles");
     let mut io = vec![1.0; 12];
-    assert!(matches!(c.run_in_place(&[], &mut io), Err(KernelError::Invalid(_))));
+    assert!(matches!(c.run_in_place(&[], &mut io), Err(EngineError::Bug(_))));
 }

@@ -1,13 +1,13 @@
 //! Embedding lookup (a row gather) and its gradient (a row scatter-add).
 //! Ids come from data, so they are checked before any row is touched and
-//! one out of range is a [`KernelError::Index`] naming it.
+//! one out of range is a [`EngineError::BadData`] naming it.
 
-use super::{expect_shape, invalid, par_rows, F32Arg, I32Arg, KernelError, Name};
+use super::{expect_shape, invalid, par_rows, EngineError, F32Arg, I32Arg, Name};
 
 /// Fails with the first id that is not a row of a `rows`-row table.
-fn check_ids(ids: &[i32], rows: usize, what: &str) -> Result<(), KernelError> {
+fn check_ids(ids: &[i32], rows: usize, what: &str) -> Result<(), EngineError> {
     match ids.iter().enumerate().find(|(_, &id)| usize::try_from(id).map_or(true, |r| r >= rows)) {
-        Some((p, id)) => Err(KernelError::Index(format!("{what} {id} at position {p} is outside 0..{rows}"))),
+        Some((p, id)) => Err(EngineError::BadData(format!("{what} {id} at position {p} is outside 0..{rows}"))),
         None => Ok(()),
     }
 }
@@ -20,7 +20,7 @@ pub(super) fn embedding(
     out: &mut [f32],
     out_shape: &[usize],
     threads: usize,
-) -> Result<(), KernelError> {
+) -> Result<(), EngineError> {
     let &[v, d] = ts else {
         return Err(invalid(name, format!("table must be [vocab, dim], got {ts:?}")));
     };
@@ -56,7 +56,7 @@ pub(super) fn embedding_grad(
     out: &mut [f32],
     out_shape: &[usize],
     threads: usize,
-) -> Result<(), KernelError> {
+) -> Result<(), EngineError> {
     let &[v, d] = out_shape else {
         return Err(invalid(name, format!("output must be [vocab, dim], got {out_shape:?}")));
     };

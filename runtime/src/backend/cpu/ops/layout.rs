@@ -5,7 +5,7 @@
 //! that move together merged. Most real cases then reduce to a handful of
 //! contiguous runs, copied with `copy_from_slice`.
 
-use super::{expect_shape, invalid, par_each, F32Arg, KernelError, Name, BLOCKS_PER_THREAD, PARALLEL_MIN};
+use super::{expect_shape, invalid, par_each, EngineError, F32Arg, Name, BLOCKS_PER_THREAD, PARALLEL_MIN};
 
 /// Calls `f(offset_a, offset_b)` for every multi-index of `dims` in
 /// row-major order; each dim is (size, stride in a, stride in b).
@@ -85,7 +85,7 @@ impl Pairing {
 }
 
 /// Copies `x` transposed by `perm` into `out`.
-pub(super) fn transpose(name: Name<'_>, (x, xs): F32Arg<'_>, perm: &[usize], out: &mut [f32], out_shape: &[usize], threads: usize) -> Result<(), KernelError> {
+pub(super) fn transpose(name: Name<'_>, (x, xs): F32Arg<'_>, perm: &[usize], out: &mut [f32], out_shape: &[usize], threads: usize) -> Result<(), EngineError> {
     let rank = xs.len();
     let mut seen = vec![false; rank];
     for &p in perm {
@@ -304,7 +304,7 @@ fn tile_avx(x: &[f32], s: usize, sq: usize, out: &mut [f32], o: usize, op: usize
 }
 
 /// Copies `x` broadcast (numpy rules, right-aligned) to `out_shape`.
-pub(super) fn broadcast(x: &[f32], xs: &[usize], out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError> {
+pub(super) fn broadcast(x: &[f32], xs: &[usize], out: &mut [f32], out_shape: &[usize]) -> Result<(), EngineError> {
     // Leading size-1 dims beyond the output's rank are harmless.
     let lead = xs.len().saturating_sub(out_shape.len());
     if xs[..lead].iter().any(|&d| d != 1) {
@@ -321,7 +321,7 @@ pub(super) fn broadcast(x: &[f32], xs: &[usize], out: &mut [f32], out_shape: &[u
 }
 
 /// Broadcasts a reduction result over `axes` back to the output's shape.
-pub(super) fn expand(name: Name<'_>, (y, _): F32Arg<'_>, axes: &[usize], out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError> {
+pub(super) fn expand(name: Name<'_>, (y, _): F32Arg<'_>, axes: &[usize], out: &mut [f32], out_shape: &[usize]) -> Result<(), EngineError> {
     if let Some(a) = axes.iter().find(|&&a| a >= out_shape.len()) {
         return Err(invalid(name, format!("axis {a} is out of range for {out_shape:?}")));
     }
@@ -349,7 +349,7 @@ fn spread(y: &[f32], pairing: &Pairing, out: &mut [f32]) {
 }
 
 /// Entries with key index (last axis) > query index (second to last) become `fill`.
-pub(super) fn causal_mask(name: Name<'_>, (x, xs): F32Arg<'_>, fill: f32, out: &mut [f32], out_shape: &[usize], threads: usize) -> Result<(), KernelError> {
+pub(super) fn causal_mask(name: Name<'_>, (x, xs): F32Arg<'_>, fill: f32, out: &mut [f32], out_shape: &[usize], threads: usize) -> Result<(), EngineError> {
     expect_shape(name, out_shape, xs)?;
     let &[.., sq, sk] = xs else {
         return Err(invalid(name, format!("needs rank ≥ 2, got {xs:?}")));
@@ -378,7 +378,7 @@ pub(super) fn causal_mask(name: Name<'_>, (x, xs): F32Arg<'_>, fill: f32, out: &
 }
 
 /// The part of `x` starting at `start` along `dim`, of shape `out_shape`.
-pub(crate) fn slice(name: Name<'_>, (x, shape): (&[f32], &[usize]), dim: usize, start: usize, out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError> {
+pub(crate) fn slice(name: Name<'_>, (x, shape): (&[f32], &[usize]), dim: usize, start: usize, out: &mut [f32], out_shape: &[usize]) -> Result<(), EngineError> {
     if dim >= shape.len() || shape.len() != out_shape.len() || start + out_shape[dim] > shape[dim] {
         return Err(invalid(name, format!("cannot take {out_shape:?} at {start} along dim {dim} of {shape:?}")));
     }

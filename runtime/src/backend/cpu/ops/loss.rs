@@ -1,12 +1,12 @@
 //! Losses: mean cross-entropy over rows of logits with integer labels, mean
 //! squared error, and their gradients. Labels come from data and are checked
-//! first; one out of range is a [`KernelError::Index`] naming it.
+//! first; one out of range is a [`EngineError::BadData`] naming it.
 //!
 //! The scalar losses sum fixed pieces (per row, or per block of
 //! [`BLOCK`] elements) in f64 and add the pieces in order, so the result does
 //! not depend on how many threads computed them.
 
-use super::{expect_shape, invalid, lanes, par_rows, F32Arg, I32Arg, KernelError, Name};
+use super::{expect_shape, invalid, lanes, par_rows, EngineError, F32Arg, I32Arg, Name};
 
 /// Elements per partial sum of [`mse`].
 const BLOCK: usize = 1 << 14;
@@ -21,14 +21,14 @@ pub(super) fn cross_entropy(
     out: &mut [f32],
     out_shape: &[usize],
     threads: usize,
-) -> Result<(), KernelError> {
+) -> Result<(), EngineError> {
     let c = xs.last().copied().unwrap_or(1);
     let r = x.len().checked_div(c).unwrap_or(0);
     if labels.len() != r {
         return Err(invalid(name, format!("{} labels for {r} rows of logits", labels.len())));
     }
     if let Some((p, l)) = labels.iter().enumerate().find(|(_, &l)| usize::try_from(l).map_or(true, |l| l >= c)) {
-        return Err(KernelError::Index(format!("label {l} at position {p} is outside 0..{c}")));
+        return Err(EngineError::BadData(format!("label {l} at position {p} is outside 0..{c}")));
     }
     let n = r.max(1) as f64;
     let Some((dl, _)) = dloss else {
@@ -88,7 +88,7 @@ pub(super) fn cross_entropy(
     Ok(())
 }
 
-fn same_len(name: Name<'_>, pred: &[f32], target: &[f32]) -> Result<(), KernelError> {
+fn same_len(name: Name<'_>, pred: &[f32], target: &[f32]) -> Result<(), EngineError> {
     if pred.len() == target.len() {
         Ok(())
     } else {
@@ -97,7 +97,7 @@ fn same_len(name: Name<'_>, pred: &[f32], target: &[f32]) -> Result<(), KernelEr
 }
 
 /// (pred, target) → mean of squared differences.
-pub(super) fn mse(name: Name<'_>, (p, _): F32Arg<'_>, (t, _): F32Arg<'_>, out: &mut [f32], out_shape: &[usize], threads: usize) -> Result<(), KernelError> {
+pub(super) fn mse(name: Name<'_>, (p, _): F32Arg<'_>, (t, _): F32Arg<'_>, out: &mut [f32], out_shape: &[usize], threads: usize) -> Result<(), EngineError> {
     same_len(name, p, t)?;
     if out.len() != 1 {
         return Err(invalid(name, format!("output shape {out_shape:?} is not a scalar")));
@@ -155,7 +155,7 @@ pub(super) fn mse_grad(
     out: &mut [f32],
     out_shape: &[usize],
     threads: usize,
-) -> Result<(), KernelError> {
+) -> Result<(), EngineError> {
     same_len(name, p, t)?;
     expect_shape(name, out_shape, ps)?;
     let &[dl] = dl else {

@@ -10,7 +10,7 @@
 //! per kernel thread; a batch of products (attention heads) is split across
 //! threads by batch, each product on one thread, when that balances.
 
-use super::{expect_shape, invalid, layout::odometer, par_each, Arg, KernelError, Name, Operand};
+use super::{expect_shape, invalid, layout::odometer, par_each, Arg, EngineError, Name, Operand};
 use gemm::Parallelism;
 
 /// m·n·k above which one product is worth splitting over threads (gemm's own cut-off).
@@ -30,7 +30,7 @@ struct Mat<'a> {
 /// out = a @ b, batched. `trans_a` says that `a`'s data holds the logical
 /// operand with its last two dims swapped (stored `[..., k, m]`), likewise
 /// `trans_b` (stored `[..., n, k]`); shapes are the stored ones.
-pub fn matmul(a: &Operand<'_>, trans_a: bool, b: &Operand<'_>, trans_b: bool, out: &mut [f32], out_shape: &[usize], threads: usize) -> Result<(), KernelError> {
+pub fn matmul(a: &Operand<'_>, trans_a: bool, b: &Operand<'_>, trans_b: bool, out: &mut [f32], out_shape: &[usize], threads: usize) -> Result<(), EngineError> {
     const NAME: Name<'_> = Name::Step("mat_mul");
     let (Arg::F32(ad), Arg::F32(bd)) = (a.data, b.data) else {
         return Err(invalid(NAME, "operands must be f32".into()));

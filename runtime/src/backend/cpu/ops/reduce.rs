@@ -10,7 +10,7 @@
 //! per-element order.
 
 use super::layout::{odometer, Pairing};
-use super::{expect_shape, invalid, lanes, par_each, par_rows, F32Arg, KernelError, Name, BLOCKS_PER_THREAD, PARALLEL_MIN};
+use super::{expect_shape, invalid, lanes, par_each, par_rows, EngineError, F32Arg, Name, BLOCKS_PER_THREAD, PARALLEL_MIN};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) enum Kind {
@@ -30,7 +30,7 @@ pub(super) fn reduce(
     out: &mut [f32],
     out_shape: &[usize],
     threads: usize,
-) -> Result<(), KernelError> {
+) -> Result<(), EngineError> {
     if let Some(a) = axes.iter().find(|&&a| a >= xs.len()) {
         return Err(invalid(name, format!("axis {a} is out of range for {xs:?}")));
     }
@@ -47,7 +47,7 @@ pub(super) fn reduce(
 }
 
 /// Sums `x` over the dims that broadcasting added, down to `out_shape`.
-pub(super) fn sum_to(name: Name<'_>, (x, xs): F32Arg<'_>, out: &mut [f32], out_shape: &[usize], threads: usize) -> Result<(), KernelError> {
+pub(super) fn sum_to(name: Name<'_>, (x, xs): F32Arg<'_>, out: &mut [f32], out_shape: &[usize], threads: usize) -> Result<(), EngineError> {
     let lead = out_shape.len().saturating_sub(xs.len());
     let os = &out_shape[lead..];
     let pad = xs.len() - os.len();
@@ -183,7 +183,7 @@ pub(super) fn max_grad(
     axes: &[usize],
     out: &mut [f32],
     out_shape: &[usize],
-) -> Result<(), KernelError> {
+) -> Result<(), EngineError> {
     expect_shape(name, out_shape, xs)?;
     if let Some(a) = axes.iter().find(|&&a| a >= xs.len()) {
         return Err(invalid(name, format!("axis {a} is out of range for {xs:?}")));

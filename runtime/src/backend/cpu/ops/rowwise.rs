@@ -7,7 +7,7 @@
 //! transposes (rare in real models, so the copies are acceptable).
 
 use super::lanes::BLOCK;
-use super::{expect_shape, invalid, lanes, layout, par_rows, F32Arg, KernelError, Name};
+use super::{expect_shape, invalid, lanes, layout, par_rows, EngineError, F32Arg, Name};
 
 /// Softmax or log-softmax along `axis`.
 pub(super) fn softmax(
@@ -18,7 +18,7 @@ pub(super) fn softmax(
     out: &mut [f32],
     out_shape: &[usize],
     threads: usize,
-) -> Result<(), KernelError> {
+) -> Result<(), EngineError> {
     expect_shape(name, out_shape, xs)?;
     along_last(name, &[x], xs, axis, out, threads, |ins, d, out| {
         let x = ins[0];
@@ -73,7 +73,7 @@ pub(super) fn softmax_grad(
     out: &mut [f32],
     out_shape: &[usize],
     threads: usize,
-) -> Result<(), KernelError> {
+) -> Result<(), EngineError> {
     expect_shape(name, out_shape, ys)?;
     if dys != ys {
         return Err(invalid(name, format!("dy has shape {dys:?}, y has {ys:?}")));
@@ -117,7 +117,7 @@ fn along_last(
     out: &mut [f32],
     threads: usize,
     rows: impl Fn(&[&[f32]], usize, &mut [f32]),
-) -> Result<(), KernelError> {
+) -> Result<(), EngineError> {
     let rank = shape.len();
     if axis >= rank {
         return Err(invalid(name, format!("axis {axis} is out of range for {shape:?}")));
@@ -163,7 +163,7 @@ fn last_dim(shape: &[usize], len: usize) -> (usize, usize) {
     (d, len.checked_div(d).unwrap_or(0))
 }
 
-fn expect_len(name: Name<'_>, what: &str, got: usize, want: usize) -> Result<(), KernelError> {
+fn expect_len(name: Name<'_>, what: &str, got: usize, want: usize) -> Result<(), EngineError> {
     if got == want {
         Ok(())
     } else {
@@ -182,7 +182,7 @@ pub(super) fn layer_norm(
     out: &mut [f32],
     out_shape: &[usize],
     threads: usize,
-) -> Result<(), KernelError> {
+) -> Result<(), EngineError> {
     expect_shape(name, out_shape, xs)?;
     let (d, _) = last_dim(xs, x.len());
     expect_len(name, "gamma", gamma.len(), d)?;
@@ -221,7 +221,7 @@ pub(super) fn layer_norm_grad_x(
     out: &mut [f32],
     out_shape: &[usize],
     threads: usize,
-) -> Result<(), KernelError> {
+) -> Result<(), EngineError> {
     expect_shape(name, out_shape, xs)?;
     let (d, _) = last_dim(xs, x.len());
     expect_len(name, "gamma", gamma.len(), d)?;
@@ -285,7 +285,7 @@ pub(super) fn layer_norm_grad_gamma(
     out: &mut [f32],
     out_shape: &[usize],
     threads: usize,
-) -> Result<(), KernelError> {
+) -> Result<(), EngineError> {
     let (d, r) = last_dim(xs, x.len());
     expect_shape(name, out_shape, &[d])?;
     expect_len(name, "dy", dy.len(), x.len())?;

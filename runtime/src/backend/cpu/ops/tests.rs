@@ -71,7 +71,7 @@ fn reference(op: &Op, ins: &[In], out_shape: &[usize]) -> Result<Tensor, String>
     interp::apply(op, &refs, out_shape, &env)
 }
 
-fn ours(op: &Op, ins: &[In], out_shape: &[usize], threads: usize) -> Result<Vec<f32>, KernelError> {
+fn ours(op: &Op, ins: &[In], out_shape: &[usize], threads: usize) -> Result<Vec<f32>, EngineError> {
     // NaN-filled, so a kernel that skips an element shows.
     let mut out = vec![f32::NAN; out_shape.iter().product()];
     run(op, &operands(ins), &mut out, out_shape, threads)?;
@@ -340,7 +340,7 @@ fn expand_and_broadcast_match_reference() {
         assert_close(&format!("broadcast {s:?} → {to:?}"), &out, &want.data, 0.0);
     }
     let mut out = vec![0.0; 6];
-    assert!(matches!(broadcast(&Operand::f32(&[1.0, 2.0], &[2]), &mut out, &[2, 3]), Err(KernelError::Invalid(_))));
+    assert!(matches!(broadcast(&Operand::f32(&[1.0, 2.0], &[2]), &mut out, &[2, 3]), Err(EngineError::Bug(_))));
 }
 
 /// x with entries above the diagonal of its last two axes set to −∞.
@@ -440,11 +440,11 @@ fn embedding_ids_out_of_range_are_index_errors() {
         let ids = [0, bad, 1];
         let err = ours(&Op::Embedding, &[f(table.clone(), &[4, 3]), i(ids.to_vec(), &[3])], &[3, 3], 1);
         match err {
-            Err(KernelError::Index(m)) => assert!(m.contains(&bad.to_string()) && m.contains("embedding id"), "{m}"),
+            Err(EngineError::BadData(m)) => assert!(m.contains(&bad.to_string()) && m.contains("embedding id"), "{m}"),
             other => panic!("expected an index error, got {other:?}"),
         }
         let err = ours(&Op::EmbeddingGrad, &[i(ids.to_vec(), &[3]), f(vec![0.0; 9], &[3, 3])], &[4, 3], 2);
-        assert!(matches!(err, Err(KernelError::Index(_))), "{err:?}");
+        assert!(matches!(err, Err(EngineError::BadData(_))), "{err:?}");
     }
 }
 
@@ -469,11 +469,11 @@ fn labels_out_of_range_are_index_errors() {
         let labels = vec![1, bad];
         let err = ours(&Op::CrossEntropy, &[f(x.clone(), &[2, 5]), i(labels.clone(), &[2])], &[], 1);
         match err {
-            Err(KernelError::Index(m)) => assert!(m.contains("label") && m.contains(&bad.to_string()), "{m}"),
+            Err(EngineError::BadData(m)) => assert!(m.contains("label") && m.contains(&bad.to_string()), "{m}"),
             other => panic!("expected an index error, got {other:?}"),
         }
         let err = ours(&Op::CrossEntropyGrad, &[f(x.clone(), &[2, 5]), i(labels, &[2]), f(vec![1.0], &[])], &[2, 5], 1);
-        assert!(matches!(err, Err(KernelError::Index(_))), "{err:?}");
+        assert!(matches!(err, Err(EngineError::BadData(_))), "{err:?}");
     }
 }
 
@@ -490,7 +490,7 @@ fn mse_and_grad_match_reference() {
 #[test]
 fn malformed_calls_are_invalid() {
     let x = vec![0.0f32; 6];
-    let invalid = |r: Result<Vec<f32>, KernelError>| matches!(r, Err(KernelError::Invalid(_)));
+    let invalid = |r: Result<Vec<f32>, EngineError>| matches!(r, Err(EngineError::Bug(_)));
     // Not a library op.
     assert!(invalid(ours(&Op::Add, &[f(x.clone(), &[6]), f(x.clone(), &[6])], &[6], 1)));
     assert!(invalid(ours(&Op::Reshape, &[f(x.clone(), &[6])], &[2, 3], 1)));
@@ -515,7 +515,7 @@ fn malformed_calls_are_invalid() {
     assert!(invalid(ours(&Op::Mse, &[f(x.clone(), &[6]), f(vec![0.0; 5], &[5])], &[], 1)));
     // An output buffer of the wrong size.
     let mut out = vec![0.0; 5];
-    assert!(matches!(run(&Op::Softmax { axis: 0 }, &operands(&[f(x, &[6])]), &mut out, &[6], 1), Err(KernelError::Invalid(_))));
+    assert!(matches!(run(&Op::Softmax { axis: 0 }, &operands(&[f(x, &[6])]), &mut out, &[6], 1), Err(EngineError::Bug(_))));
 }
 
 #[test]

@@ -1,146 +1,24 @@
-//! The executor: runs a kernel [`Program`] on the CPU backend, step after step.
-//! [`Engine`] is what the runners (one device, a cluster) drive: this CPU
-//! executor or the CUDA backend's GPU executor, chosen per device by [`engine`].
+//! The CPU executor: runs a kernel [`Program`] on the CPU backend, step after
+//! step. It is one of the two [`Engine`]s (the other is the CUDA backend's
+//! GPU executor); `backend::engine` chooses one per device.
 //!
-//! Input: a program and the values of its sources. Output: the loss (and any
-//! kept buffers) of each step, with parameters and optimizer states updated
-//! in place by the program's assignments at the end of the step.
+//! Input: a program, the number of kernel threads and of buffer sets (one
+//! per microbatch in flight), then the values of its sources. Output: the
+//! loss (and any kept buffers) of each step, with parameters and optimizer
+//! states updated in place by the program's assignments at the end of the
+//! step; every failure is an [`EngineError`].
 //!
 //! Memory: every buffer is allocated once, when the executor is built, and
-//! reused by every step; reshapes share their operand's memory. Fused kernels
-//! are compiled once, at build time. Work is split over threads in fixed
+//! reused by every step; reshapes share their operand's memory; the buffers
+//! [`Program::banked`] names get one copy per buffer set. Fused kernels are
+//! compiled once, at build time. Work is split over threads in fixed
 //! contiguous blocks, so results do not depend on timing.
 
-use crate::backend::cpu::jit::{CompiledKernel, Jit};
-use crate::backend::cpu::{ops, Arg, KernelError, Operand};
-use crate::backend::cuda::nccl::Nccl;
+use super::jit::{CompiledKernel, Jit};
+use super::{ops, Arg, Operand};
+use crate::engine::{Alone, Comm, Data, Engine, EngineError};
 use shardplan_compiler::graph::{Hyper, Op, Role};
 use shardplan_compiler::kernel::{BufId, BufKind, Elem, Program, StepKind};
-
-/// Where a device's program runs.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Backend {
-    /// The CPU executor, with the kernel threads the runner gives it.
-    Cpu,
-    /// A logical device on GPU `ordinal`: its own stream and buffers, and at
-    /// most `memory` bytes of them when a limit is given. Several logical
-    /// devices may share one GPU.
-    Cuda { ordinal: usize, memory: Option<u64> },
-}
-
-impl Backend {
-    pub fn is_cuda(&self) -> bool {
-        matches!(self, Backend::Cuda { .. })
-    }
-}
-
-/// Builds the engine that runs `program` on `backend`, with `slots` buffer
-/// sets (one per microbatch in flight) and, on CPUs, `threads` kernel threads.
-pub fn engine(backend: &Backend, program: Program, threads: usize, slots: usize) -> Result<Box<dyn Engine>, KernelError> {
-    Ok(match backend {
-        Backend::Cpu => Box::new(Executor::with_slots(program, threads, slots)?),
-        Backend::Cuda { ordinal, memory } => Box::new(crate::backend::cuda::exec::GpuExecutor::with_slots(program, *ordinal, slots, *memory)?),
-    })
-}
-
-/// What runs one device's program: the CPU [`Executor`] or a GPU executor.
-/// The methods are those of [`Executor`]; values come back owned (a GPU's
-/// live in device memory) and every device operation may fail.
-pub trait Engine {
-    fn program(&self) -> &Program;
-    /// Sets a parameter, state or input. Values of the wrong length are refused.
-    fn set(&mut self, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError>;
-    /// Sets an input (or any buffer of `kind`) in buffer set `slot`.
-    fn set_in(&mut self, slot: usize, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError>;
-    /// The f32 data of the buffer holding `kind` (a parameter, a state), if the program has one.
-    fn get(&self, kind: &BufKind) -> Result<Option<Vec<f32>>, KernelError>;
-    /// The f32 data of buffer `b` in buffer set 0.
-    fn buffer(&self, b: BufId) -> Result<Vec<f32>, KernelError>;
-    /// Starts a step: fills the hypers and zeroes the gradient accumulators.
-    fn begin_step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<(), KernelError>;
-    /// Runs the steps of one pass (`role`) in buffer set `slot`.
-    fn run_phase(&mut self, role: Role, slot: usize, comm: &mut dyn Comm) -> Result<(), KernelError>;
-    /// Ends a step: every parameter and state takes its new value.
-    fn finish_step(&mut self) -> Result<(), KernelError>;
-    /// The loss as computed in buffer set `slot`.
-    fn loss_in(&self, slot: usize) -> Result<f32, KernelError>;
-    /// Runs one step: every kernel, then the assignments. Returns the loss.
-    fn step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<f32, KernelError>;
-    /// Bytes of every buffer this engine holds, buffer sets included.
-    fn bytes(&self) -> u64;
-    /// Starts timing every step.
-    fn enable_profile(&mut self);
-    /// Seconds spent in each step so far (empty unless profiling).
-    fn profile(&self) -> &[f64];
-}
-
-impl Engine for Executor {
-    fn program(&self) -> &Program {
-        &self.program
-    }
-    fn set(&mut self, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError> {
-        Executor::set(self, kind, data)
-    }
-    fn set_in(&mut self, slot: usize, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError> {
-        Executor::set_in(self, slot, kind, data)
-    }
-    fn get(&self, kind: &BufKind) -> Result<Option<Vec<f32>>, KernelError> {
-        Ok(Executor::get(self, kind).map(<[f32]>::to_vec))
-    }
-    fn buffer(&self, b: BufId) -> Result<Vec<f32>, KernelError> {
-        Ok(Executor::buffer(self, b).to_vec())
-    }
-    fn begin_step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<(), KernelError> {
-        Executor::begin_step(self, hyper);
-        Ok(())
-    }
-    fn run_phase(&mut self, role: Role, slot: usize, comm: &mut dyn Comm) -> Result<(), KernelError> {
-        Executor::run_phase(self, role, slot, comm)
-    }
-    fn finish_step(&mut self) -> Result<(), KernelError> {
-        Executor::finish_step(self);
-        Ok(())
-    }
-    fn loss_in(&self, slot: usize) -> Result<f32, KernelError> {
-        Ok(Executor::loss_in(self, slot))
-    }
-    fn step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<f32, KernelError> {
-        Executor::step(self, hyper)
-    }
-    fn bytes(&self) -> u64 {
-        Executor::bytes(self)
-    }
-    fn enable_profile(&mut self) {
-        Executor::enable_profile(self)
-    }
-    fn profile(&self) -> &[f64] {
-        Executor::profile(self)
-    }
-}
-
-/// Transfers and collectives of a device program, done for the executor by
-/// whoever connects the device to the others.
-pub trait Comm {
-    /// Runs communication op `op` with operand `input` (none for a receive),
-    /// writing its result to `out` (of shape `out_shape`).
-    fn run(&mut self, op: &Op, input: Option<(&[f32], &[usize])>, out: &mut [f32], out_shape: &[usize]) -> Result<(), KernelError>;
-
-    /// Runs `op` through `f` on this device's NCCL communicators when it
-    /// goes between GPU devices on distinct physical GPUs; None when it takes
-    /// the host path ([`Comm::run`]).
-    fn on_gpus(&mut self, _op: &Op, _f: &mut dyn FnMut(&mut Nccl) -> Result<(), KernelError>) -> Option<Result<(), KernelError>> {
-        None
-    }
-}
-
-/// The executor's stand-in when no other device exists.
-struct Alone;
-
-impl Comm for Alone {
-    fn run(&mut self, op: &Op, _: Option<(&[f32], &[usize])>, _: &mut [f32], _: &[usize]) -> Result<(), KernelError> {
-        Err(KernelError::Invalid(format!("{} needs other devices", op.name())))
-    }
-}
 
 /// The memory of one buffer.
 #[derive(Clone, Debug)]
@@ -158,7 +36,7 @@ pub struct Executor {
     storage: Vec<Storage>,
     /// Buffer sets of microbatches 1.. in flight (only banked buffers are used).
     banks: Vec<Vec<Storage>>,
-    /// Per buffer: one copy per microbatch in flight (forward and backward values).
+    /// Per buffer: one copy per microbatch in flight ([`Program::banked`]).
     banked: Vec<bool>,
     kernels: Vec<Option<CompiledKernel>>,
     threads: usize,
@@ -171,13 +49,13 @@ const PARALLEL_MIN: usize = 1 << 16;
 
 impl Executor {
     /// Allocates every buffer and compiles every fused kernel.
-    pub fn new(program: Program, threads: usize) -> Result<Executor, KernelError> {
+    pub fn new(program: Program, threads: usize) -> Result<Executor, EngineError> {
         Executor::with_slots(program, threads, 1)
     }
 
     /// As [`Executor::new`], with `slots` sets of forward/backward buffers,
     /// one per microbatch in flight.
-    pub fn with_slots(program: Program, threads: usize, slots: usize) -> Result<Executor, KernelError> {
+    pub fn with_slots(program: Program, threads: usize, slots: usize) -> Result<Executor, EngineError> {
         let mut jit = Jit::new()?;
         let storage: Vec<Storage> = program
             .buffers
@@ -197,17 +75,7 @@ impl Executor {
                 _ => None,
             });
         }
-        // A buffer is banked when a forward or backward step writes it, or it is an input.
-        let mut banked = vec![false; program.buffers.len()];
-        for (i, b) in program.buffers.iter().enumerate() {
-            banked[i] = matches!(b.kind, BufKind::Input(_));
-        }
-        for st in &program.steps {
-            let o = program.storage(st.output).0 as usize;
-            if st.role != Role::Update && program.buffers[o].kind == BufKind::Temp {
-                banked[o] = true;
-            }
-        }
+        let banked = program.banked();
         let banks = (1..slots.max(1)).map(|_| storage.iter().enumerate().map(|(i, s)| if banked[i] { s.clone() } else { Storage::Alias }).collect()).collect();
         Ok(Executor { profile: None, program, storage, banks, banked, kernels, threads: threads.max(1), _jit: jit })
     }
@@ -231,13 +99,13 @@ impl Executor {
     }
 
     /// Sets an input (or any buffer of `kind`) in buffer set `slot`.
-    pub fn set_in(&mut self, slot: usize, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError> {
+    pub fn set_in(&mut self, slot: usize, kind: &BufKind, data: Data<'_>) -> Result<(), EngineError> {
         let Some(i) = self.find(kind) else { return Ok(()) };
         let l = self.loc(BufId(i as u32), slot);
         match (self.at_mut(l), data) {
             (Storage::F32(dst), Data::F32(src)) if dst.len() == src.len() => dst.copy_from_slice(src),
             (Storage::I32(dst), Data::I32(src)) if dst.len() == src.len() => dst.copy_from_slice(src),
-            _ => return Err(KernelError::Invalid(format!("{kind:?} in buffer set {slot} does not match the data given"))),
+            _ => return Err(EngineError::Bug(format!("{kind:?} in buffer set {slot} does not match the data given"))),
         }
         Ok(())
     }
@@ -262,7 +130,7 @@ impl Executor {
     }
 
     /// Runs the steps of one pass (`role`) in buffer set `slot`.
-    pub fn run_phase(&mut self, role: Role, slot: usize, comm: &mut dyn Comm) -> Result<(), KernelError> {
+    pub fn run_phase(&mut self, role: Role, slot: usize, comm: &mut dyn Comm) -> Result<(), EngineError> {
         for si in 0..self.program.steps.len() {
             if self.program.steps[si].role != role {
                 continue;
@@ -314,7 +182,7 @@ impl Executor {
     }
 
     /// Sets a parameter, state or input. Values of the wrong length are refused.
-    pub fn set(&mut self, kind: &BufKind, data: Data<'_>) -> Result<(), KernelError> {
+    pub fn set(&mut self, kind: &BufKind, data: Data<'_>) -> Result<(), EngineError> {
         let Some(i) = self.find(kind) else {
             // The graph does not read it (a parameter the loss ignores): nothing to set.
             return Ok(());
@@ -333,7 +201,7 @@ impl Executor {
                     Data::F32(v) => format!("f32 × {}", v.len()),
                     Data::I32(v) => format!("i32 × {}", v.len()),
                 };
-                return Err(KernelError::Invalid(format!("{kind:?} holds {have}, was given {got}")));
+                return Err(EngineError::Bug(format!("{kind:?} holds {have}, was given {got}")));
             }
         }
         Ok(())
@@ -348,7 +216,7 @@ impl Executor {
     }
 
     /// Runs one step: every kernel, then the assignments. Returns the loss.
-    pub fn step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<f32, KernelError> {
+    pub fn step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<f32, EngineError> {
         self.begin_step(hyper);
         for si in 0..self.program.steps.len() {
             let t = self.profile.is_some().then(std::time::Instant::now);
@@ -390,7 +258,7 @@ impl Executor {
         }
     }
 
-    fn run_step_in(&mut self, si: usize, slot: usize, comm: &mut dyn Comm) -> Result<(), KernelError> {
+    fn run_step_in(&mut self, si: usize, slot: usize, comm: &mut dyn Comm) -> Result<(), EngineError> {
         let step = &self.program.steps[si];
         if let StepKind::Op(Op::Accumulate(k)) = &step.kind {
             let k = *k;
@@ -401,7 +269,7 @@ impl Executor {
                 Storage::F32(v) => v,
                 other => {
                     *self.at_mut(acc_l) = other;
-                    return Err(KernelError::Invalid(format!("accumulator {k} is not f32")));
+                    return Err(EngineError::Bug(format!("accumulator {k} is not f32")));
                 }
             };
             let r = match self.at(src_l) {
@@ -411,7 +279,7 @@ impl Executor {
                     }
                     Ok(())
                 }
-                _ => Err(KernelError::Invalid(format!("accumulator {k} does not match its gradient"))),
+                _ => Err(EngineError::Bug(format!("accumulator {k} does not match its gradient"))),
             };
             *self.at_mut(acc_l) = Storage::F32(dst);
             return r;
@@ -421,7 +289,7 @@ impl Executor {
             Storage::F32(v) => v,
             other => {
                 *slot_mut(&mut self.storage, &mut self.banks, out_l) = other;
-                return Err(KernelError::Invalid(format!("step {si} writes a buffer that is not f32")));
+                return Err(EngineError::Bug(format!("step {si} writes a buffer that is not f32")));
             }
         };
         let out_shape = self.program.buffers[step.output.0 as usize].shape.clone();
@@ -453,16 +321,16 @@ impl Executor {
                     let rest: Vec<&[f32]> = args[n..].iter().map(|a| if let Arg::F32(v) = a.data { v } else { &[][..] }).collect();
                     ops::run(op, &args[..n], &mut out, &out_shape, self.threads).and_then(|()| k.run_in_place(&rest, &mut out))
                 }
-                (StepKind::Reduce { .. }, None) => Err(KernelError::Invalid(format!("step {si} was not compiled"))),
+                (StepKind::Reduce { .. }, None) => Err(EngineError::Bug(format!("step {si} was not compiled"))),
                 (StepKind::MatMul { trans_a, trans_b }, _) => match args.as_slice() {
                     [a, b] => ops::matmul(a, *trans_a, b, *trans_b, &mut out, &out_shape, self.threads),
-                    _ => Err(KernelError::Invalid("matmul without two operands".into())),
+                    _ => Err(EngineError::Bug("matmul without two operands".into())),
                 },
                 (StepKind::Broadcast, _) => match args.first() {
                     Some(a) => ops::broadcast(a, &mut out, &out_shape),
-                    None => Err(KernelError::Invalid("broadcast without an operand".into())),
+                    None => Err(EngineError::Bug("broadcast without an operand".into())),
                 },
-                (StepKind::Fused(_), None) => Err(KernelError::Invalid(format!("step {si} was not compiled"))),
+                (StepKind::Fused(_), None) => Err(EngineError::Bug(format!("step {si} was not compiled"))),
             }
         };
         *self.at_mut(out_l) = Storage::F32(out);
@@ -480,11 +348,11 @@ fn slot_mut<'s>(storage: &'s mut [Storage], banks: &'s mut [Vec<Storage>], (bank
 
 /// A fused kernel over all rows, split in blocks of whole rows over the
 /// kernel worker threads (each row is computed the same way whatever the split).
-fn run_fused(k: &CompiledKernel, ins: &[&[f32]], out: &mut [f32], rows: usize, cols: usize, threads: usize) -> Result<(), KernelError> {
+fn run_fused(k: &CompiledKernel, ins: &[&[f32]], out: &mut [f32], rows: usize, cols: usize, threads: usize) -> Result<(), EngineError> {
     if threads <= 1 || rows < 2 || rows * cols < PARALLEL_MIN {
         return k.run(ins, out);
     }
-    let failure: std::sync::Mutex<Option<KernelError>> = std::sync::Mutex::new(None);
+    let failure: std::sync::Mutex<Option<EngineError>> = std::sync::Mutex::new(None);
     ops::par_rows(out, cols, threads, rows * cols, |first, block| {
         let n = block.len() / cols.max(1);
         if let Err(e) = k.run_block(ins, block, first, first + n) {
@@ -499,9 +367,46 @@ fn run_fused(k: &CompiledKernel, ins: &[&[f32]], out: &mut [f32], rows: usize, c
     }
 }
 
-/// Source data handed to [`Executor::set`].
-#[derive(Clone, Copy, Debug)]
-pub enum Data<'a> {
-    F32(&'a [f32]),
-    I32(&'a [i32]),
+impl Engine for Executor {
+    fn program(&self) -> &Program {
+        &self.program
+    }
+    fn set(&mut self, kind: &BufKind, data: Data<'_>) -> Result<(), EngineError> {
+        Executor::set(self, kind, data)
+    }
+    fn set_in(&mut self, slot: usize, kind: &BufKind, data: Data<'_>) -> Result<(), EngineError> {
+        Executor::set_in(self, slot, kind, data)
+    }
+    fn get(&self, kind: &BufKind) -> Result<Option<Vec<f32>>, EngineError> {
+        Ok(Executor::get(self, kind).map(<[f32]>::to_vec))
+    }
+    fn buffer(&self, b: BufId) -> Result<Vec<f32>, EngineError> {
+        Ok(Executor::buffer(self, b).to_vec())
+    }
+    fn begin_step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<(), EngineError> {
+        Executor::begin_step(self, hyper);
+        Ok(())
+    }
+    fn run_phase(&mut self, role: Role, slot: usize, comm: &mut dyn Comm) -> Result<(), EngineError> {
+        Executor::run_phase(self, role, slot, comm)
+    }
+    fn finish_step(&mut self) -> Result<(), EngineError> {
+        Executor::finish_step(self);
+        Ok(())
+    }
+    fn loss_in(&self, slot: usize) -> Result<f32, EngineError> {
+        Ok(Executor::loss_in(self, slot))
+    }
+    fn step(&mut self, hyper: &dyn Fn(Hyper) -> f64) -> Result<f32, EngineError> {
+        Executor::step(self, hyper)
+    }
+    fn bytes(&self) -> u64 {
+        Executor::bytes(self)
+    }
+    fn enable_profile(&mut self) {
+        Executor::enable_profile(self)
+    }
+    fn profile(&self) -> &[f64] {
+        Executor::profile(self)
+    }
 }
