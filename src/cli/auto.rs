@@ -2,7 +2,7 @@
 //! and its explanation.
 
 use shardplan_compiler::graph::Graph;
-use shardplan_compiler::partition::auto::{self, Candidate, Profile, Search};
+use shardplan_compiler::planner::{self as auto, Candidate, KernelClass, Profile, Search};
 use shardplan_compiler::Checked;
 use std::path::Path;
 
@@ -16,22 +16,7 @@ pub fn profile(path: Option<&Path>) -> Result<Profile, String> {
         None => return Ok(Profile::default()),
     };
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the device profile `{}`: {e}", path.display()))?;
-    let p: Profile =
-        serde_json::from_str(&text).map_err(|e| format!("`{}` is not a device profile (line {}, column {}): {e}", path.display(), e.line(), e.column()))?;
-    let positive = |x: f64| x.is_finite() && x > 0.0;
-    let at_least_zero = |x: f64| x.is_finite() && x >= 0.0;
-    let rates = [p.matmul_flops, p.elementwise_bytes, p.link_bytes, p.efficiency]
-        .into_iter()
-        .chain(p.matmul_by_size.iter().chain(&p.elementwise_by_size).map(|x| x.1))
-        .chain([p.bytes_efficiency, p.kernel_efficiency, p.thread_speedup, p.bytes_speedup, p.devices_speedup].into_iter().flatten());
-    let costs = [p.link_latency, p.op_overhead].into_iter().chain([p.matmul_overhead, p.kernel_overhead, p.split_cost, p.crowding].into_iter().flatten());
-    if p.cores == 0 || !rates.into_iter().all(positive) || !costs.into_iter().all(at_least_zero) {
-        return Err(format!(
-            "`{}` holds figures that are not finite: rates, efficiencies and speedups must be positive, costs and latencies zero or more",
-            path.display()
-        ));
-    }
-    Ok(p)
+    Profile::from_json(&text).map_err(|e| format!("`{}` {e}", path.display()))
 }
 
 /// Searches, timing the search.
@@ -466,7 +451,7 @@ fn fit(base: &Profile) -> Result<Profile, String> {
 
 /// The kind of each step of `program`, as in [`Reference::model`].
 fn kernel_kinds(program: &shardplan_compiler::kernel::Program) -> Vec<usize> {
-    program.steps.iter().map(auto::kernel_kind).collect()
+    program.steps.iter().map(|s| KernelClass::of(s).index()).collect()
 }
 
 const NAMES: [&str; 3] = ["compute-bound MLP", "tiny MLP", "small transformer"];

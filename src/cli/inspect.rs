@@ -4,7 +4,7 @@ use super::check;
 use super::{Format, GraphFormat, KernelFormat};
 use shardplan_compiler::graph::Graph;
 use shardplan_compiler::kernel::{lower, StepKind};
-use shardplan_compiler::partition::auto::Profile;
+use shardplan_compiler::planner::{self, Profile};
 use shardplan_compiler::{autodiff, graph, Checked};
 use shardplan_runtime::backend::cpu::jit;
 use shardplan_runtime::backend::cuda;
@@ -83,7 +83,7 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
         print!("{}", super::auto::explain(&name, &found, secs));
         if let (false, Some(i)) = (auto.explain, found.chosen) {
             let mut placed = c.clone();
-            placed.placement = shardplan_compiler::check::Placement::Explicit(shardplan_compiler::partition::auto::explicit(&c, &found.candidates[i]));
+            placed.placement = shardplan_compiler::check::Placement::Explicit(planner::explicit(&c, &found.candidates[i]));
             if let Ok(plan) = shardplan_compiler::partition::partition(&placed, &g) {
                 println!();
                 super::devices::print(&name, &placed, &plan);
@@ -124,7 +124,7 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
 /// prediction for its placement, with each device's exact memory plan.
 fn explain_placed(file: &Path, c: &Checked, g: &Graph, prof: &Profile, format: Format) -> ExitCode {
     use shardplan_compiler::partition::{self, memory};
-    let Some(mut pred) = partition::auto::predict(c, g, prof) else {
+    let Some(mut pred) = planner::predict(c, g, prof) else {
         eprintln!("error: internal: no prediction for this placement; please report this with the plan file");
         return ExitCode::from(1);
     };

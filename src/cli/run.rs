@@ -17,6 +17,7 @@ use shardplan_compiler::check::{Init, Length, LrSchedule, Optimizer, Prim};
 use shardplan_compiler::graph::{Hyper, NodeId, Op};
 use shardplan_compiler::kernel::{lower, lower_keeping, BufKind};
 use shardplan_compiler::partition;
+use shardplan_compiler::planner;
 use shardplan_compiler::{autodiff, graph, Checked, Diagnostic, SourceId, Span};
 use shardplan_runtime::checkpoint::{self, Tensor};
 use shardplan_runtime::cluster::{Cluster, Hypers};
@@ -346,7 +347,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
         let on = backends.all(plan.devices.len());
         Cluster::start_on(plan, threads, std::time::Duration::from_secs(60), on)
     };
-    let mut auto_choice: Option<partition::auto::Candidate> = None;
+    let mut auto_choice: Option<planner::Candidate> = None;
     let mut trainer = match (plan, &c.placement) {
         // A compiled plan without a mesh (no placement) is one device's step.
         (Some(plan), _) if !args.single_device && plan.mesh.axes.is_empty() => match plan.devices.into_iter().next() {
@@ -372,7 +373,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
                 .into());
             };
             let mut placed = c.clone();
-            placed.placement = Placement::Explicit(partition::auto::explicit(c, &best));
+            placed.placement = Placement::Explicit(planner::explicit(c, &best));
             let plan = partition::partition(&placed, &g)
                 .map_err(|e| fail("run::placement", format!("cannot partition the chosen plan: {e}"), "this is a bug in shardplan"))?;
             partition::verify::verify(&plan)
@@ -632,7 +633,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
             });
             // The cost model knows CPU devices only.
             let on_gpu = backends.of(0).is_cuda() || matches!(&trainer, Trainer::Multi(cl) if (0..cl.plan().devices.len()).any(|d| backends.of(d).is_cuda()));
-            match partition::auto::predict(&placed, &g, &prof) {
+            match planner::predict(&placed, &g, &prof) {
                 Some(p) if !on_gpu => println!("  step time: predicted {}, measured {}", ms(p.step_s()), ms(measured)),
                 _ if on_gpu => println!("  step time: measured {}", ms(measured)),
                 _ => {}
@@ -1040,7 +1041,7 @@ fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Res
                 )
             })?;
             let mut placed = c.clone();
-            placed.placement = Placement::Explicit(partition::auto::explicit(c, &best));
+            placed.placement = Placement::Explicit(planner::explicit(c, &best));
             chosen = placed;
             &chosen
         }
