@@ -32,7 +32,8 @@ pub mod graph;
 pub mod autodiff;
 
 /// 5. Training graph and `placement auto` → an explicit placement (the
-///    planner: the search over placements by the cost model).
+///    planner: the search over placements by the cost model, and its
+///    explanation).
 pub mod planner;
 
 /// 6. Training graph and placement → device programs (with the verifiers

@@ -109,7 +109,7 @@ pub fn run(file: &Path, out: &Path, color: bool) -> ExitCode {
                 Ok(p) => p,
                 Err(e) => return fail(problem("run::device_profile", e, "write one with `shardplan calibrate -o FILE`")),
             };
-            let (found, _) = super::auto::search(&c, &g, &prof);
+            let found = planner::search(&c, &g, &prof);
             let Some(i) = found.chosen else {
                 return fail(problem(
                     "placement::no_fit",

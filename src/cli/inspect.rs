@@ -74,13 +74,15 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
         if !matches!(c.placement, shardplan_compiler::check::Placement::Auto { .. }) {
             return explain_placed(file, &c, &g, &prof, format);
         }
-        let (found, secs) = super::auto::search(&c, &g, &prof);
+        let t = std::time::Instant::now();
+        let found = planner::search(&c, &g, &prof);
+        let secs = t.elapsed().as_secs_f64();
         let name = file.display().to_string();
         if format == Format::Json {
             println!("{}", serde_json::to_string_pretty(&serde_json::json!({"file": name, "search": found, "search_s": secs})).unwrap_or_default());
             return ExitCode::SUCCESS;
         }
-        print!("{}", super::auto::explain(&name, &found, secs));
+        print!("{}", planner::explain(&name, &found, secs));
         if let (false, Some(i)) = (auto.explain, found.chosen) {
             let mut placed = c.clone();
             placed.placement = shardplan_compiler::check::Placement::Explicit(planner::explicit(&c, &found.candidates[i]));
@@ -139,7 +141,7 @@ fn explain_placed(file: &Path, c: &Checked, g: &Graph, prof: &Profile, format: F
     let name = file.display().to_string();
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({"file": name, "predicted": pred})).unwrap_or_default()),
-        Format::Human => print!("{}", super::auto::explain_placed(&name, &pred)),
+        Format::Human => print!("{}", planner::explain_placed(&name, &pred)),
     }
     ExitCode::SUCCESS
 }

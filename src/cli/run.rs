@@ -8,7 +8,6 @@
 //! `shardplan run OUT.json` runs a plan compiled by `shardplan compile`: its
 //! device programs as compiled, once read back and checked (`compile::load`).
 
-use super::auto::ms;
 use super::render::{self, Sources};
 use super::{check, compile};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -17,7 +16,7 @@ use shardplan_compiler::check::{Init, Length, LrSchedule, Optimizer, Prim};
 use shardplan_compiler::graph::{Hyper, NodeId, Op};
 use shardplan_compiler::kernel::{lower, lower_keeping, BufKind};
 use shardplan_compiler::partition;
-use shardplan_compiler::planner;
+use shardplan_compiler::planner::{self, ms};
 use shardplan_compiler::{autodiff, graph, Checked, Diagnostic, SourceId, Span};
 use shardplan_runtime::checkpoint::{self, Tensor};
 use shardplan_runtime::cluster::{Cluster, Hypers};
@@ -363,7 +362,7 @@ fn train(args: &RunArgs, c: &Checked, plan_text: &[u8], base: &Path, plan: Optio
         (None, Placement::Auto { .. }) if !args.single_device => {
             let prof = super::auto::profile(args.device_profile.as_deref())
                 .map_err(|e| fail("run::device_profile", e, "write one with `shardplan calibrate -o FILE`"))?;
-            let (found, _) = super::auto::search(c, &g, &prof);
+            let found = planner::search(c, &g, &prof);
             let Some(best) = found.chosen.map(|i| found.candidates[i].clone()) else {
                 return Err(fail(
                     "placement::no_fit",
@@ -1032,7 +1031,7 @@ fn compare(args: &VerifyArgs, c: &Checked, plan_text: &[u8], base: &Path) -> Res
     let c = match &c.placement {
         Placement::Auto { .. } => {
             let prof = super::auto::profile(None).map_err(|e| fail("run::device_profile", e, "write one with `shardplan calibrate -o FILE`"))?;
-            let (found, _) = super::auto::search(c, &g, &prof);
+            let found = planner::search(c, &g, &prof);
             let best = found.chosen.map(|i| found.candidates[i].clone()).ok_or_else(|| {
                 fail(
                     "placement::no_fit",

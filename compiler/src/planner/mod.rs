@@ -14,7 +14,8 @@
 //! analytic cost model (`cost`); the candidates are enumerated and ranked
 //! (`search`); the best are then partitioned for real and their exact
 //! memory plan checked. [`predict`] applies the same model to a placement
-//! written out.
+//! written out; `explain` turns a search or a prediction into the text
+//! `inspect --explain` prints.
 //!
 //! Invariants: the chosen candidate fits the memory budget by the exact
 //! memory plan of its device programs, not only by the estimate; candidates
@@ -29,10 +30,12 @@
 //! [`NEAR_TIE`]: crate::planner::NEAR_TIE
 
 mod cost;
+mod explain;
 mod profile;
 mod search;
 
 pub use cost::{predict, KernelClass};
+pub use explain::{explain, explain_placed, ms};
 pub use profile::{Profile, ProfileError};
 
 use crate::check::{Checked, Explicit, Objective, Pipeline, Placement, Schedule, Shard, Unit};
