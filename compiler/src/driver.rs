@@ -24,9 +24,9 @@
 use crate::check::{Checked, Placement};
 use crate::graph::{Graph, NodeId, Op};
 use crate::kernel::{BufId, Program};
-use crate::partition::auto::{Profile, Search};
 use crate::partition::{self, Plan};
-use crate::{autodiff, graph, kernel, Diagnostic, Diagnostics};
+use crate::planner::{Profile, Search};
+use crate::{autodiff, graph, kernel, planner, Diagnostic, Diagnostics};
 
 /// How to compile.
 #[derive(Clone, Debug, Default)]
@@ -115,12 +115,12 @@ pub fn compile(c: &Checked, o: &Options) -> Result<Compiled, Diagnostics> {
     if let Placement::Auto { .. } = &checked.placement {
         let profile = o.profile.clone().unwrap_or_default();
         let t = std::time::Instant::now();
-        let found = partition::auto::search(&checked, &g, &profile);
+        let found = planner::search(&checked, &g, &profile);
         search_s = t.elapsed().as_secs_f64();
         let Some(best) = found.chosen.map(|i| found.candidates[i].clone()) else {
             return Err(no_fit());
         };
-        checked.placement = Placement::Explicit(partition::auto::explicit(c, &best));
+        checked.placement = Placement::Explicit(planner::explicit(c, &best));
         search = Some(found);
     }
 

@@ -3,7 +3,7 @@
 //! ```text
 //! bytes ─► syntax::parse ─► check::check          (check_source: a Checked plan or diagnostics)
 //!       ─► graph::build ─► autodiff::differentiate (the training graph)
-//!       ─► partition::auto::search                (placement auto only)
+//!       ─► planner::search                        (placement auto only)
 //!       ─► partition::partition | kernel::lower    (device programs, or one program)
 //!       ─► partition::verify, partition::memory    (the plan fits together and fits its devices)
 //! ```
@@ -31,15 +31,20 @@ pub mod graph;
 /// 4. Forward graph → training graph (backward pass and optimizer update).
 pub mod autodiff;
 
-/// 5. Training graph and placement → device programs (with the planner for
-///    `placement auto`, the verifiers and the memory plan).
+/// 5. Training graph and `placement auto` → an explicit placement (the
+///    planner: the search over placements by the cost model, and its
+///    explanation).
+pub mod planner;
+
+/// 6. Training graph and placement → device programs (with the verifiers
+///    and the memory plan).
 pub mod partition;
 
-/// 6. A graph → a kernel program (fused element-wise kernels, reductions,
+/// 7. A graph → a kernel program (fused element-wise kernels, reductions,
 ///    matmuls), backend-neutral.
 pub mod kernel;
 
-/// The driver: stages 3 to 6 in order, with the verifiers between them.
+/// The driver: stages 3 to 7 in order, with the verifiers between them.
 pub mod driver;
 
 /// The reference interpreter every backend's kernels are tested against.

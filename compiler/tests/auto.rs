@@ -4,7 +4,7 @@
 
 mod common;
 
-use shardplan_compiler::partition::auto::{self, search, Profile};
+use shardplan_compiler::planner::{self, search, Profile};
 use shardplan_compiler::{autodiff, graph};
 
 fn plan(budget: &str) -> String {
@@ -56,7 +56,7 @@ fn nothing_fits_a_tiny_budget() {
 
 /// The tiny GPT with a 16384-entry token table (4 MiB, 20 MiB with its
 /// gradient and Adam's moments): only tensor parallelism divides it.
-fn big_vocab(budget: &str) -> shardplan_compiler::partition::auto::Search {
+fn big_vocab(budget: &str) -> planner::Search {
     let src = plan(budget).replace("Embedding(256, 64)", "Embedding(16384, 64)");
     let c = common::checked(&src);
     let g = autodiff::differentiate(graph::build(&c), &c);
@@ -81,8 +81,8 @@ fn pipelines_weigh_gpipe_against_1f1b() {
     let g = autodiff::differentiate(graph::build(&c), &c);
     // With instant transfers the two schedules differ in memory only.
     let instant = Profile { link_latency: 0.0, link_bytes: 1e30, ..profile() };
-    let twins = |s: &auto::Search| {
-        let piped: Vec<auto::Candidate> = s.candidates.iter().filter(|c| c.pipe > 1).cloned().collect();
+    let twins = |s: &planner::Search| {
+        let piped: Vec<planner::Candidate> = s.candidates.iter().filter(|c| c.pipe > 1).cloned().collect();
         assert!(!piped.is_empty());
         piped
             .iter()
@@ -110,7 +110,7 @@ fn pipelines_weigh_gpipe_against_1f1b() {
         }
     }
     // At equal time, the one that needs less memory ranks first.
-    let first = |s: &auto::Search, sched: &str| s.candidates.iter().position(|c| c.pipe > 1 && c.schedule == sched);
+    let first = |s: &planner::Search, sched: &str| s.candidates.iter().position(|c| c.pipe > 1 && c.schedule == sched);
     assert!(first(&s, "1f1b") < first(&s, "gpipe"));
     // With a latency per message, GPipe's forwards run ahead and hide their
     // transfers, while each 1F1B backward waits for its gradient's round trip.
@@ -134,8 +134,8 @@ fn near_ties_go_to_the_simpler_plan() {
         let i = s.chosen.unwrap_or_else(|| panic!("nothing fits {budget}"));
         let choice = &s.candidates[i];
         let fastest = s.candidates.iter().filter(|c| c.fits).map(|c| c.step_s()).fold(f64::INFINITY, f64::min);
-        assert!(choice.step_s() <= fastest * (1.0 + auto::NEAR_TIE) + 1e-12, "{budget}: {} against {fastest}", choice.step_s());
-        for other in s.candidates.iter().filter(|c| c.fits && c.exact_memory.is_some() && c.step_s() <= fastest * (1.0 + auto::NEAR_TIE)) {
+        assert!(choice.step_s() <= fastest * (1.0 + planner::NEAR_TIE) + 1e-12, "{budget}: {} against {fastest}", choice.step_s());
+        for other in s.candidates.iter().filter(|c| c.fits && c.exact_memory.is_some() && c.step_s() <= fastest * (1.0 + planner::NEAR_TIE)) {
             assert!(choice.complexity() <= other.complexity(), "{budget}: chose {} over the simpler {}", choice.name(), other.name());
         }
     }

@@ -23,6 +23,7 @@ use shardplan_compiler::check::Placement;
 use shardplan_compiler::graph::Op;
 use shardplan_compiler::kernel::{lower, BufKind, Elem, Fused, Inst, StepKind, Unary};
 use shardplan_compiler::partition::{self, Plan};
+use shardplan_compiler::planner;
 use shardplan_compiler::{autodiff, graph, Checked, Diagnostic, SourceId, Span};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -108,7 +109,7 @@ pub fn run(file: &Path, out: &Path, color: bool) -> ExitCode {
                 Ok(p) => p,
                 Err(e) => return fail(problem("run::device_profile", e, "write one with `shardplan calibrate -o FILE`")),
             };
-            let (found, _) = super::auto::search(&c, &g, &prof);
+            let found = planner::search(&c, &g, &prof);
             let Some(i) = found.chosen else {
                 return fail(problem(
                     "placement::no_fit",
@@ -117,7 +118,7 @@ pub fn run(file: &Path, out: &Path, color: bool) -> ExitCode {
                 ));
             };
             let mut placed = c.clone();
-            placed.placement = Placement::Explicit(partition::auto::explicit(&c, &found.candidates[i]));
+            placed.placement = Placement::Explicit(planner::explicit(&c, &found.candidates[i]));
             placed
         }
         _ => c.clone(),

@@ -4,7 +4,7 @@ use super::check;
 use super::{Format, GraphFormat, KernelFormat};
 use shardplan_compiler::graph::Graph;
 use shardplan_compiler::kernel::{lower, StepKind};
-use shardplan_compiler::partition::auto::Profile;
+use shardplan_compiler::planner::{self, Profile};
 use shardplan_compiler::{autodiff, graph, Checked};
 use shardplan_runtime::backend::cpu::jit;
 use shardplan_runtime::backend::cuda;
@@ -74,16 +74,18 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
         if !matches!(c.placement, shardplan_compiler::check::Placement::Auto { .. }) {
             return explain_placed(file, &c, &g, &prof, format);
         }
-        let (found, secs) = super::auto::search(&c, &g, &prof);
+        let t = std::time::Instant::now();
+        let found = planner::search(&c, &g, &prof);
+        let secs = t.elapsed().as_secs_f64();
         let name = file.display().to_string();
         if format == Format::Json {
             println!("{}", serde_json::to_string_pretty(&serde_json::json!({"file": name, "search": found, "search_s": secs})).unwrap_or_default());
             return ExitCode::SUCCESS;
         }
-        print!("{}", super::auto::explain(&name, &found, secs));
+        print!("{}", planner::explain(&name, &found, secs));
         if let (false, Some(i)) = (auto.explain, found.chosen) {
             let mut placed = c.clone();
-            placed.placement = shardplan_compiler::check::Placement::Explicit(shardplan_compiler::partition::auto::explicit(&c, &found.candidates[i]));
+            placed.placement = shardplan_compiler::check::Placement::Explicit(planner::explicit(&c, &found.candidates[i]));
             if let Ok(plan) = shardplan_compiler::partition::partition(&placed, &g) {
                 println!();
                 super::devices::print(&name, &placed, &plan);
@@ -124,7 +126,7 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
 /// prediction for its placement, with each device's exact memory plan.
 fn explain_placed(file: &Path, c: &Checked, g: &Graph, prof: &Profile, format: Format) -> ExitCode {
     use shardplan_compiler::partition::{self, memory};
-    let Some(mut pred) = partition::auto::predict(c, g, prof) else {
+    let Some(mut pred) = planner::predict(c, g, prof) else {
         eprintln!("error: internal: no prediction for this placement; please report this with the plan file");
         return ExitCode::from(1);
     };
@@ -139,7 +141,7 @@ fn explain_placed(file: &Path, c: &Checked, g: &Graph, prof: &Profile, format: F
     let name = file.display().to_string();
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({"file": name, "predicted": pred})).unwrap_or_default()),
-        Format::Human => print!("{}", super::auto::explain_placed(&name, &pred)),
+        Format::Human => print!("{}", planner::explain_placed(&name, &pred)),
     }
     ExitCode::SUCCESS
 }

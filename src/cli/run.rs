@@ -7,12 +7,12 @@
 //! cost model predicted. `verify` runs the placed plan and one CPU device
 //! side by side and compares their losses and parameters.
 
-use super::auto::ms;
 use super::render::{self, Sources};
 use super::{check, compile};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shardplan_compiler::check::{Length, Placement};
 use shardplan_compiler::kernel::StepKind;
+use shardplan_compiler::planner::ms;
 use shardplan_compiler::{Checked, Compiled, Diagnostic, Diagnostics, Options, SourceId, Span};
 use shardplan_runtime::data::DataError;
 use shardplan_runtime::engine::Backend;
@@ -347,7 +347,7 @@ fn train(args: &RunArgs, c: &Checked, text: &[u8], base: &Path, plan: Option<sha
             });
             // The cost model knows CPU devices only.
             let on_gpu = (0..session.runner().devices()).any(|d| session.backend(d).is_cuda());
-            match shardplan_compiler::partition::auto::predict(session.checked(), session.graph(), &prof) {
+            match shardplan_compiler::planner::predict(session.checked(), session.graph(), &prof) {
                 Some(p) if !on_gpu => println!("  step time: predicted {}, measured {}", ms(p.step_s()), ms(measured)),
                 _ if on_gpu => println!("  step time: measured {}", ms(measured)),
                 _ => {}

@@ -30,7 +30,6 @@
 //! its global shape and layout; every send has its receive, in the same
 //! order; the members of a collective meet it in the same order.
 
-pub mod auto;
 mod local;
 pub mod memory;
 mod rules;
@@ -238,7 +237,7 @@ pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Resul
             e.pipeline.clone(),
             e.parameter_server,
         ),
-        Placement::Auto { .. } => return err("`placement auto` is partitioned as the placement `partition::auto::search` chooses".into()),
+        Placement::Auto { .. } => return err("`placement auto` is partitioned as the placement `planner::search` chooses".into()),
     };
     let n_dev = c.devices.len().max(1);
     if mesh.size() > n_dev {

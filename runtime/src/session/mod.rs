@@ -430,7 +430,7 @@ pub struct KernelProfile<'a> {
 pub struct Session {
     checked: Checked,
     graph: Graph,
-    search: Option<shardplan_compiler::partition::auto::Search>,
+    search: Option<shardplan_compiler::planner::Search>,
     source: Vec<u8>,
     threads: usize,
     backends: Backends,
@@ -633,7 +633,7 @@ impl Session {
     }
 
     /// The planner's search, for `placement auto`.
-    pub fn search(&self) -> Option<&shardplan_compiler::partition::auto::Search> {
+    pub fn search(&self) -> Option<&shardplan_compiler::planner::Search> {
         self.search.as_ref()
     }
 
@@ -895,7 +895,7 @@ pub fn side_by_side(
     steps: u64,
     threads: usize,
     backends: Backends,
-    profile: Option<shardplan_compiler::partition::auto::Profile>,
+    profile: Option<shardplan_compiler::planner::Profile>,
 ) -> Result<(Session, Session), SessionError> {
     let placed = shardplan_compiler::compile(c, &shardplan_compiler::Options { profile, ..Default::default() }).map_err(SessionError::Plan)?;
     let reference = shardplan_compiler::compile(c, &shardplan_compiler::Options { single_device: true, ..Default::default() }).map_err(SessionError::Plan)?;

@@ -2,10 +2,11 @@
 //! cost model: the matmul rate of one core, the element-wise bandwidth of one
 //! core, and the bandwidth and latency of a transfer between two devices.
 //!
-//! Input: nothing but the machine. Output: [`Measured`], or the first error
-//! of a kernel or transfer as text. Invariant: every figure is measured with
-//! the kernels, the CPU executor and the transport that a run uses, on one
-//! kernel thread, taking the best of a few runs.
+//! Input: nothing but the machine. Output: the raw rates ([`Measured`]),
+//! before any fit. Invariants: each figure is the best (or, for latency,
+//! the mean) of several timed runs of fixed work, so a slow run does not
+//! count against the machine; the rates are per second, the costs in
+//! seconds.
 
 use crate::backend::cpu::jit::Jit;
 use crate::backend::cpu::{ops, Arg, Operand};

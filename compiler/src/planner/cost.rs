@@ -1,306 +1,41 @@
-//! `placement auto`: searches data × tensor × pipeline degrees, Megatron
-//! shardings, balanced stage cuts and microbatch counts for the lowest
-//! predicted step time that fits the memory budget, and says why.
+//! The cost model: a training step's time and memory under a placement,
+//! predicted analytically.
 //!
-//! The search is analytic: the training graph is summarised once per layer
-//! (unit): matmul FLOPs, other bytes moved, activation bytes, parameter bytes,
-//! and whether the layer has Megatron pairs (attention and MLP). A candidate's
-//! step time is then compute (FLOPs over the calibrated matmul rate, bytes over
-//! the element-wise bandwidth, devices sharing the cores), communication (ring
-//! formulas over the calibrated link bandwidth and latency) and the pipeline
-//! bubble ((p − 1) passes of the slowest stage). The best candidates are then
-//! partitioned for real and their exact memory plan checked, so the chosen
-//! plan always fits.
+//! Input: a checked plan, its training graph, a device [`Profile`] and a
+//! candidate's shape (data, tensor and pipeline degrees, stage cuts,
+//! microbatches, schedule, shards). Output: a [`Candidate`] with its
+//! predicted compute, communication and pipeline bubble, and the memory of
+//! its fullest device.
+//!
+//! How: the training graph is summarised once per layer (unit): matmul
+//! time, other bytes moved (after fusion, from the kernels the step runs,
+//! each weighted by its [`KernelClass`]'s efficiency), kernel calls,
+//! activation and parameter bytes, and whether the layer has Megatron pairs
+//! (attention and MLP). A candidate's step time is then compute (matmul
+//! time at the calibrated rates, bytes over the element-wise bandwidth,
+//! devices sharing the cores), communication (ring formulas over the
+//! calibrated link bandwidth and latency) and the pipeline bubble ((p − 1)
+//! passes of the slowest stage).
+//!
+//! Invariants: every figure is finite and zero or more for a validated
+//! profile; the model is deterministic (the same inputs give the same
+//! figures, bit for bit); the memory is an estimate, which the search
+//! checks against the exact memory plan before it chooses.
 
-use super::{memory, partition_devices};
-use crate::check::{Checked, Explicit, Objective, Optimizer, Pipeline, Placement, Schedule, Shard, Unit};
+use super::{Candidate, Profile};
+use crate::check::{Checked, Explicit, Optimizer, Placement, Schedule, Shard, Unit};
 use crate::graph::{Graph, NodeId, Op, Role};
 use crate::kernel::StepKind;
-use serde::{Deserialize, Serialize};
-
-/// What the devices can do, from `shardplan calibrate` (defaults: measured on
-/// a 2-core AVX-512 machine).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Profile {
-    /// Matmul FLOP/s of one core.
-    pub matmul_flops: f64,
-    /// Bytes/s of element-wise kernels on one core (large ones, from memory).
-    pub elementwise_bytes: f64,
-    /// Bytes/s of one core's element-wise kernels by the working set of the
-    /// device (a small one stays in the caches), ascending.
-    #[serde(default)]
-    pub elementwise_by_size: Vec<(usize, f64)>,
-    /// Bytes/s between two devices.
-    pub link_bytes: f64,
-    /// Seconds per message between two devices.
-    pub link_latency: f64,
-    /// Cores the devices share.
-    pub cores: usize,
-    /// Seconds of fixed cost per kernel (dispatch, buffer lookup).
-    #[serde(default = "default_overhead")]
-    pub op_overhead: f64,
-    /// The same for a matmul (packing its operands), then for the library's
-    /// other kernels, fitted by `calibrate` (None: `op_overhead`).
-    #[serde(default)]
-    pub matmul_overhead: Option<f64>,
-    #[serde(default)]
-    pub kernel_overhead: Option<f64>,
-    /// Matmul FLOP/s of one core by the smallest of the product's dims
-    /// (small products run far below the peak), ascending.
-    #[serde(default)]
-    pub matmul_by_size: Vec<(usize, f64)>,
-    /// Measured matmul time over the model's, fitted by `calibrate` on
-    /// reference steps (the products' shapes, transposes and batches cost
-    /// more, or less, than the square products measured above).
-    #[serde(default = "one")]
-    pub efficiency: f64,
-    /// The same for fused element-wise kernels and the optimizer's update
-    /// (None: as `efficiency`).
-    #[serde(default)]
-    pub bytes_efficiency: Option<f64>,
-    /// The same for the library's other memory-bound kernels: reductions,
-    /// softmax, norms, losses, gathers, transposes (None: as
-    /// `bytes_efficiency`).
-    #[serde(default)]
-    pub kernel_efficiency: Option<f64>,
-    /// How much faster a device with all `cores` threads runs the kernels
-    /// large enough to split than one thread does, before `split_cost`,
-    /// fitted by `calibrate` (None: as many times as there are cores).
-    #[serde(default)]
-    pub thread_speedup: Option<f64>,
-    /// The same for memory-bound kernels alone (None: as `thread_speedup`,
-    /// which is what `calibrate` writes).
-    #[serde(default)]
-    pub bytes_speedup: Option<f64>,
-    /// The work of how many lone cores the machine does when `cores`
-    /// single-threaded devices run at once, as `calibrate` measures it
-    /// (None: as `thread_speedup`).
-    #[serde(default)]
-    pub devices_speedup: Option<f64>,
-    /// When devices outnumber the cores they take turns, and the turns cost
-    /// (a thread switch at every message, caches warmed by another device):
-    /// the machine then does `1 / (1 + crowding)` of the work of as many
-    /// devices as cores, fitted by `calibrate` on a reference plan run over
-    /// 2 and 4 devices per core.
-    #[serde(default)]
-    pub crowding: Option<f64>,
-    /// Seconds a kernel split over a device's threads costs beyond its
-    /// share of the work (waking the helpers, waiting for the last one),
-    /// fitted by `calibrate`.
-    #[serde(default)]
-    pub split_cost: Option<f64>,
-}
-
-fn one() -> f64 {
-    1.0
-}
-
-impl Profile {
-    /// How many times faster than one core a device runs its matmuls (and,
-    /// second, its memory-bound kernels) while it computes, when `n` devices
-    /// share the machine: with every core busy the machine does the work of
-    /// `throughput()` cores, split evenly between the devices that run at
-    /// once (at most one per core; devices beyond the cores take turns, which
-    /// the bound on total work accounts for).
-    pub fn device_speed(&self, n: usize) -> (f64, f64) {
-        let (mm, bytes) = self.throughput_for(n);
-        let running = n.clamp(1, self.cores.max(1)) as f64;
-        (mm / running, bytes / running)
-    }
-
-    /// [`Profile::throughput`] for `n` devices: memory-bound kernels split
-    /// over one device's threads gain less than the cores' throughput (the
-    /// threads meet after every kernel), devices of their own do not.
-    pub fn throughput_for(&self, n: usize) -> (f64, f64) {
-        let (mm, bytes) = self.throughput();
-        let cores = self.cores.max(1);
-        if n >= cores {
-            let all = self.devices_speedup.unwrap_or(mm).clamp(1.0, cores as f64);
-            let crowded = 1.0 + if n > cores { self.crowding.unwrap_or(0.0).max(0.0) } else { 0.0 };
-            (all / crowded, all / crowded)
-        } else {
-            (mm, bytes)
-        }
-    }
-
-    /// The work of how many lone cores the machine does with every core busy
-    /// (below the core count where cores share caches, memory bandwidth or a
-    /// physical core), as `calibrate` measures it; else the core count. For
-    /// matmuls, then for memory-bound kernels.
-    pub fn throughput(&self) -> (f64, f64) {
-        let cores = self.cores.max(1) as f64;
-        let mm = self.thread_speedup.unwrap_or(cores).clamp(1.0, cores);
-        // Below 1 where splitting small kernels over threads costs more than it gains.
-        (mm, self.bytes_speedup.unwrap_or(mm).clamp(0.5, cores))
-    }
-
-    /// Seconds of fixed cost per call of a matmul, a fused element-wise
-    /// kernel (or the update), and the other kernels (see [`kernel_kind`]).
-    pub fn call_costs(&self) -> [f64; 3] {
-        let o = self.op_overhead.max(0.0);
-        [self.matmul_overhead.unwrap_or(o).max(0.0), o, self.kernel_overhead.unwrap_or(o).max(0.0)]
-    }
-
-    /// Bytes/s of one core for a device whose working set is `bytes`.
-    /// Between measured sizes the rate is interpolated in log(size);
-    /// beyond them it is the nearest one's.
-    pub fn elementwise_rate(&self, bytes: f64) -> f64 {
-        let pts = &self.elementwise_by_size;
-        let rate = match pts.iter().position(|&(size, _)| size as f64 >= bytes) {
-            None => pts.last().map(|x| x.1).unwrap_or(self.elementwise_bytes),
-            Some(0) => pts[0].1,
-            Some(i) => {
-                let ((s0, r0), (s1, r1)) = (pts[i - 1], pts[i]);
-                let f = (bytes.max(1.0).ln() - (s0.max(1) as f64).ln()) / ((s1.max(1) as f64).ln() - (s0.max(1) as f64).ln()).max(1e-9);
-                r0 + (r1 - r0) * f.clamp(0.0, 1.0)
-            }
-        };
-        if rate.is_finite() {
-            rate.max(1.0)
-        } else {
-            self.elementwise_bytes
-        }
-    }
-
-    /// Measured over modelled time of matmuls, of fused element-wise
-    /// kernels, and of the other memory-bound kernels.
-    pub fn efficiencies(&self) -> (f64, f64, f64) {
-        let bytes = self.bytes_efficiency.unwrap_or(self.efficiency);
-        (self.efficiency, bytes, self.kernel_efficiency.unwrap_or(bytes))
-    }
-
-    /// FLOP/s of one core for a product whose smallest dim is `k`.
-    pub fn matmul_rate(&self, k: usize) -> f64 {
-        let mut rate = self.matmul_by_size.first().map(|x| x.1).unwrap_or(self.matmul_flops);
-        for &(size, r) in &self.matmul_by_size {
-            if size <= k {
-                rate = r;
-            }
-        }
-        rate.max(1.0)
-    }
-}
-
-fn default_overhead() -> f64 {
-    0.5e-6
-}
-
-impl Default for Profile {
-    fn default() -> Profile {
-        Profile {
-            matmul_flops: 200e9,
-            elementwise_bytes: 25e9,
-            elementwise_by_size: Vec::new(),
-            link_bytes: 10e9,
-            link_latency: 30e-6,
-            cores: 2,
-            op_overhead: default_overhead(),
-            matmul_overhead: None,
-            kernel_overhead: None,
-            matmul_by_size: Vec::new(),
-            efficiency: 1.0,
-            bytes_efficiency: None,
-            kernel_efficiency: None,
-            thread_speedup: None,
-            bytes_speedup: None,
-            devices_speedup: None,
-            crowding: None,
-            split_cost: None,
-        }
-    }
-}
-
-/// One placement the search considered.
-#[derive(Clone, Debug, Serialize)]
-pub struct Candidate {
-    pub data: usize,
-    pub model: usize,
-    pub pipe: usize,
-    pub microbatches: usize,
-    /// The pipeline schedule (GPipe or 1F1B; only meaningful when `pipe` > 1).
-    pub schedule: String,
-    /// Embedding tables split along their width over the tensor axis.
-    pub sharded_embeddings: bool,
-    /// Units (layer names) per stage.
-    pub stages: Vec<Vec<String>>,
-    pub compute_s: f64,
-    /// Communication on the critical path.
-    pub comm_s: f64,
-    /// Of `comm_s`, the tensor-parallel collectives inside the passes.
-    pub tensor_comm_s: f64,
-    /// Communication hidden behind compute (pipeline transfers in the steady state).
-    pub overlapped_s: f64,
-    pub bubble_s: f64,
-    /// Predicted bytes of the fullest device.
-    pub memory: u64,
-    /// Exact bytes of the fullest device, for candidates partitioned for real.
-    pub exact_memory: Option<u64>,
-    pub fits: bool,
-    /// The candidate as placement text.
-    pub placement: String,
-    #[serde(skip)]
-    stage_units: Vec<Vec<Unit>>,
-    #[serde(skip)]
-    shards: Vec<Shard>,
-    #[serde(skip)]
-    schedule_kind: Schedule,
-}
-
-/// Predicted step times within this fraction of each other count as even.
-pub const NEAR_TIE: f64 = 0.03;
-
-impl Candidate {
-    pub fn step_s(&self) -> f64 {
-        self.compute_s + self.comm_s + self.bubble_s
-    }
-
-    /// What makes a plan harder to run well, most weighty first: pipeline
-    /// stages, the tensor degree, microbatches, split tables.
-    pub fn complexity(&self) -> (usize, usize, usize, bool) {
-        (self.pipe, self.model, self.microbatches, self.sharded_embeddings)
-    }
-
-    pub fn name(&self) -> String {
-        let mut parts = Vec::new();
-        if self.data > 1 {
-            parts.push(format!("data {}", self.data));
-        }
-        if self.model > 1 {
-            parts.push(format!("tensor {}{}", self.model, if self.sharded_embeddings { " with sharded embeddings" } else { "" }));
-        }
-        if self.pipe > 1 {
-            parts.push(format!("pipeline {} × {} microbatches ({})", self.pipe, self.microbatches, self.schedule));
-        }
-        if parts.is_empty() {
-            "one device".into()
-        } else {
-            parts.join(", ")
-        }
-    }
-}
-
-/// The outcome of a search.
-#[derive(Clone, Debug, Serialize)]
-pub struct Search {
-    pub devices: usize,
-    pub budget: Option<u64>,
-    /// Best first: fitting candidates by predicted time, then the others.
-    pub candidates: Vec<Candidate>,
-    /// Index of the chosen candidate (the first that fits when partitioned).
-    pub chosen: Option<usize>,
-    pub considered: usize,
-    /// The chosen candidate as placement text (empty when none fits).
-    pub placement: String,
-}
+use crate::partition::partition_devices;
 
 /// Per-unit figures of one training step at the full batch.
 #[derive(Clone, Debug, Default)]
-struct UnitCost {
+pub(super) struct UnitCost {
     /// Seconds of matmul on one core.
-    flops: f64,
+    pub(super) flops: f64,
     /// Bytes moved by the other forward and backward kernels, each weighted
-    /// by its kind's efficiency.
-    bytes: f64,
+    /// by its class's efficiency.
+    pub(super) bytes: f64,
     act: f64,
     params: f64,
     /// Bytes of the parameters Megatron pairs split.
@@ -309,7 +44,7 @@ struct UnitCost {
     pairs: usize,
     /// Bytes of the activation each pair all-reduces.
     pair_bytes: f64,
-    /// Kernels per step by kind (see [`kernel_kind`]; each costs a fixed overhead).
+    /// Kernels per step by class (by [`KernelClass::index`]; each costs a fixed overhead).
     ops: [f64; 3],
     /// Bytes the optimizer update moves, weighted likewise (every
     /// data-parallel replica repeats it).
@@ -342,7 +77,7 @@ fn numel(g: &Graph, n: NodeId) -> f64 {
     g.node(n).ty.shape.iter().map(|d| d.size.max(0) as f64).product()
 }
 
-fn unit_prefix(c: &Checked, u: Unit) -> String {
+pub(super) fn unit_prefix(c: &Checked, u: Unit) -> String {
     match u {
         Unit::Layer(i) => c.model.top[i].name.clone(),
         Unit::Elem(i, j) => format!("{}.{j}", c.model.top[i].name),
@@ -350,7 +85,7 @@ fn unit_prefix(c: &Checked, u: Unit) -> String {
 }
 
 /// Megatron shards of the instances under `prefix` that `t` divides.
-fn megatron(c: &Checked, prefix: &str, t: usize) -> (Vec<Shard>, usize) {
+pub(super) fn megatron(c: &Checked, prefix: &str, t: usize) -> (Vec<Shard>, usize) {
     let mut shards = Vec::new();
     let mut pairs = 0;
     for inst in &c.model.instances {
@@ -394,7 +129,7 @@ fn megatron(c: &Checked, prefix: &str, t: usize) -> (Vec<Shard>, usize) {
 
 /// Width-split shards of the embedding tables (token and position) under
 /// `prefix` whose width `t` divides.
-fn table_shards(c: &Checked, prefix: &str, t: usize) -> Vec<Shard> {
+pub(super) fn table_shards(c: &Checked, prefix: &str, t: usize) -> Vec<Shard> {
     let mut shards = Vec::new();
     for inst in &c.model.instances {
         if !(inst.path == prefix || inst.path.starts_with(&format!("{prefix}."))) || !matches!(inst.template.as_str(), "Embedding" | "PositionalEmbedding") {
@@ -416,15 +151,38 @@ const GEMM_THREADS_MIN: f64 = 48.0 * 48.0 * 256.0;
 const BUCKETS: usize = 48;
 const BUCKET0: i32 = 24;
 
-/// The kind of a step for the cost model: 0 matmuls, 1 fused element-wise
-/// kernels and the optimizer update, 2 the library's other kernels
-/// (reductions, softmax, norms, losses, gathers, layout changes).
-pub fn kernel_kind(step: &crate::kernel::Step) -> usize {
-    match &step.kind {
-        StepKind::MatMul { .. } | StepKind::Op(Op::MatMul) => 0,
-        StepKind::Fused(_) => 1,
-        _ if step.role == Role::Update => 1,
-        _ => 2,
+/// The class of a kernel for the cost model: each has its own efficiency
+/// and fixed cost per call in the [`Profile`], and `calibrate` fits them
+/// one class at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelClass {
+    /// Matmuls (with their transposes read in place).
+    MatMul,
+    /// Fused element-wise kernels, and the optimizer's update.
+    Fused,
+    /// The library's other kernels: reductions, softmax, norms, losses,
+    /// gathers, layout changes.
+    Library,
+}
+
+impl KernelClass {
+    /// Every class, in the order of [`KernelClass::index`].
+    pub const ALL: [KernelClass; 3] = [KernelClass::MatMul, KernelClass::Fused, KernelClass::Library];
+
+    /// The class of a step of a kernel program.
+    pub fn of(step: &crate::kernel::Step) -> KernelClass {
+        match &step.kind {
+            StepKind::MatMul { .. } | StepKind::Op(Op::MatMul) => KernelClass::MatMul,
+            StepKind::Fused(_) => KernelClass::Fused,
+            _ if step.role == Role::Update => KernelClass::Fused,
+            _ => KernelClass::Library,
+        }
+    }
+
+    /// The class's position in per-class arrays (such as
+    /// [`Profile::call_costs`]): 0, 1, 2 in the order of [`KernelClass::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -433,7 +191,7 @@ fn size_bucket(size: f64, threshold: f64) -> usize {
 }
 
 /// Summarises the training graph per unit (in forward order).
-fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitCost> {
+pub(super) fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitCost> {
     let prefixes: Vec<String> = units.iter().map(|u| unit_prefix(c, *u)).collect();
     let unit_of_param: Vec<Option<usize>> =
         c.model.params.iter().map(|p| prefixes.iter().position(|pre| p.path == *pre || p.path.starts_with(&format!("{pre}.")))).collect();
@@ -469,7 +227,7 @@ fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitC
     let len = |b: &crate::kernel::BufId| program.buffers[b.0 as usize].len() as f64;
     for step in &program.steps {
         let Some(u) = unit[program.buffers[step.output.0 as usize].node.0 as usize] else { continue };
-        out[u].ops[kernel_kind(step)] += 1.0;
+        out[u].ops[KernelClass::of(step).index()] += 1.0;
         let n = len(&step.output);
         match (&step.kind, step.inputs.as_slice()) {
             (StepKind::MatMul { .. } | StepKind::Op(Op::MatMul), [a, ..]) => {
@@ -516,44 +274,6 @@ fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -> Vec<UnitC
     out
 }
 
-/// Contiguous cuts of `costs` into `p` stages minimising the largest stage.
-fn balanced_cuts(costs: &[f64], p: usize) -> Option<Vec<std::ops::Range<usize>>> {
-    let n = costs.len();
-    if p == 0 || p > n {
-        return None;
-    }
-    let prefix: Vec<f64> = std::iter::once(0.0)
-        .chain(costs.iter().scan(0.0, |s, c| {
-            *s += c;
-            Some(*s)
-        }))
-        .collect();
-    // best[k][i]: the largest stage when the first i units form k stages.
-    let mut best = vec![vec![f64::INFINITY; n + 1]; p + 1];
-    let mut from = vec![vec![0usize; n + 1]; p + 1];
-    best[0][0] = 0.0;
-    for k in 1..=p {
-        for i in k..=n {
-            for j in (k - 1)..i {
-                let v = best[k - 1][j].max(prefix[i] - prefix[j]);
-                if v < best[k][i] {
-                    best[k][i] = v;
-                    from[k][i] = j;
-                }
-            }
-        }
-    }
-    let mut cuts = Vec::new();
-    let mut i = n;
-    for k in (1..=p).rev() {
-        let j = from[k][i];
-        cuts.push(j..i);
-        i = j;
-    }
-    cuts.reverse();
-    Some(cuts)
-}
-
 fn ring(bytes: f64, k: usize, factor: f64, pr: &Profile) -> f64 {
     if k <= 1 {
         return 0.0;
@@ -562,124 +282,12 @@ fn ring(bytes: f64, k: usize, factor: f64, pr: &Profile) -> f64 {
     factor * (k - 1.0) / k * bytes / pr.link_bytes + factor * (k - 1.0) * pr.link_latency
 }
 
-/// Searches placements of `c` (whose placement is `auto`) over its devices.
-pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
-    let n = c.devices.len().max(1);
-    let (budget, objective) = match &c.placement {
-        Placement::Auto { memory_per_device, objective } => (*memory_per_device, *objective),
-        _ => (None, Objective::StepTime),
-    };
-    let budget = budget.or_else(|| c.devices.iter().filter_map(|d| d.memory).min());
-    let units: Vec<Unit> = c.model.forward_order.clone();
-    let costs = unit_costs(c, g, &units, pr);
-    let batch = c.train.batch.max(1) as usize;
-    let states = match c.train.optimizer {
+/// Tensors of optimizer state per parameter (momentum, Adam's moments).
+pub(super) fn optimizer_states(c: &Checked) -> f64 {
+    (match c.train.optimizer {
         Optimizer::Sgd { momentum, .. } => usize::from(momentum != 0.0),
         Optimizer::Adam { .. } => 2,
-    } as f64;
-    let mut cands = Vec::new();
-    let mut considered = 0;
-    for d in (1..=n).filter(|d| n.is_multiple_of(*d)) {
-        for t in (1..=n / d).filter(|t| (n / d).is_multiple_of(*t)) {
-            let p = n / d / t;
-            if d > batch || p > units.len() {
-                continue;
-            }
-            let cuts = if p == 1 {
-                Some(std::iter::once(0..units.len()).collect())
-            } else {
-                balanced_cuts(&costs.iter().map(|u| u.flops + u.bytes / pr.elementwise_bytes).collect::<Vec<_>>(), p)
-            };
-            let Some(cuts) = cuts else { continue };
-            // Megatron shards for every unit; a unit with none stays replicated.
-            let mut shards = Vec::new();
-            let mut pairs = vec![0usize; units.len()];
-            if t > 1 {
-                for (i, u) in units.iter().enumerate() {
-                    let (s, k) = megatron(c, &unit_prefix(c, *u), t);
-                    shards.extend(s);
-                    pairs[i] = k;
-                }
-                if shards.is_empty() {
-                    continue;
-                }
-            }
-            let rows = batch.div_ceil(d);
-            let mbs: Vec<usize> = if p == 1 { vec![1] } else { [1, 2, 4, 8, 16, 32].into_iter().filter(|m| *m >= p && rows.is_multiple_of(*m)).collect() };
-            // Embedding tables replicated, or split along their width over the tensor axis.
-            let tables: Vec<Shard> = if t > 1 { units.iter().flat_map(|u| table_shards(c, &unit_prefix(c, *u), t)).collect() } else { Vec::new() };
-            let table_choices: &[bool] = if tables.is_empty() { &[false] } else { &[false, true] };
-            let schedules: &[Schedule] = if p == 1 { &[Schedule::OneFOneB] } else { &[Schedule::OneFOneB, Schedule::GPipe] };
-            for m in mbs {
-                for &split_tables in table_choices {
-                    for &schedule in schedules {
-                        considered += 1;
-                        let shape = Shape { d, t, p, m, n, split_tables, schedule, server: false };
-                        let mut all = shards.clone();
-                        if split_tables {
-                            all.extend(tables.iter().cloned());
-                        }
-                        cands.push(evaluate(c, &costs, &units, &cuts, &pairs, all, shape, states, budget, pr));
-                    }
-                }
-            }
-        }
-    }
-    let key = |c: &Candidate| match objective {
-        Objective::StepTime => c.step_s(),
-        Objective::Memory => c.memory as f64,
-    };
-    // Fitting candidates by the objective, then by memory (1F1B before GPipe
-    // at the same time); the others by how close they come to fitting.
-    cands.sort_by(|a, b| {
-        let k = |c: &Candidate| if c.fits { key(c) } else { c.memory as f64 };
-        b.fits.cmp(&a.fits).then(k(a).total_cmp(&k(b))).then(a.memory.cmp(&b.memory)).then(
-            (a.data, a.model, a.pipe, a.microbatches, a.sharded_embeddings, &a.schedule).cmp(&(
-                b.data,
-                b.model,
-                b.pipe,
-                b.microbatches,
-                b.sharded_embeddings,
-                &b.schedule,
-            )),
-        )
-    });
-    // Predictions this close are within the model's error: among fitting
-    // candidates within `NEAR_TIE` of the fastest, the simplest goes first
-    // (fewer pipeline stages, then a lower tensor degree, then fewer
-    // microbatches), as an expert would pick at an even estimate.
-    if objective == Objective::StepTime {
-        let best = cands.first().filter(|c| c.fits).map(Candidate::step_s);
-        if let Some(best) = best {
-            let near = cands.iter().take_while(|c| c.fits && c.step_s() <= best * (1.0 + NEAR_TIE)).count();
-            cands[..near].sort_by(|a, b| a.complexity().cmp(&b.complexity()).then(a.step_s().total_cmp(&b.step_s())).then(a.memory.cmp(&b.memory)));
-        }
-    }
-    // Partition the best for real: the chosen plan must fit exactly.
-    let mut chosen = None;
-    for i in 0..cands.len().min(6) {
-        if !cands[i].fits {
-            break;
-        }
-        let mut placed = c.clone();
-        placed.placement = Placement::Explicit(explicit(c, &cands[i]));
-        if let Ok(plan) = partition_devices(&placed, g, true) {
-            let exact = memory::plan(&plan).iter().map(memory::Memory::total).max().unwrap_or(0);
-            cands[i].exact_memory = Some(exact);
-            if budget.is_none_or(|b| exact <= b) {
-                chosen = Some(i);
-                break;
-            }
-            cands[i].fits = false;
-        } else {
-            cands[i].fits = false;
-        }
-    }
-    for cand in &mut cands {
-        cand.placement = placement_text(c, cand);
-    }
-    let placement = chosen.map(|i| cands[i].placement.clone()).unwrap_or_default();
-    Search { devices: n, budget, candidates: cands, chosen, considered, placement }
+    }) as f64
 }
 
 /// Temporaries of the largest tensor's update (Adam's moments, the
@@ -688,21 +296,21 @@ const UPDATE_TEMPS: f64 = 6.0;
 
 /// The degrees of a candidate and the devices it runs on.
 #[derive(Clone, Copy)]
-struct Shape {
-    d: usize,
-    t: usize,
-    p: usize,
-    m: usize,
-    n: usize,
-    split_tables: bool,
-    schedule: Schedule,
+pub(super) struct Shape {
+    pub(super) d: usize,
+    pub(super) t: usize,
+    pub(super) p: usize,
+    pub(super) m: usize,
+    pub(super) n: usize,
+    pub(super) split_tables: bool,
+    pub(super) schedule: Schedule,
     /// A parameter server sums the gradients and updates (explicit placements only).
-    server: bool,
+    pub(super) server: bool,
 }
 
 /// Predicted time and memory of one candidate.
 #[allow(clippy::too_many_arguments)]
-fn evaluate(
+pub(super) fn evaluate(
     c: &Checked,
     costs: &[UnitCost],
     units: &[Unit],
@@ -903,10 +511,7 @@ pub fn predict(c: &Checked, g: &Graph, pr: &Profile) -> Option<Candidate> {
         }
     };
     let pairs: Vec<usize> = units.iter().map(|u| if t > 1 && !e.shards.is_empty() { megatron(c, &unit_prefix(c, *u), t).1 } else { 0 }).collect();
-    let states = match c.train.optimizer {
-        Optimizer::Sgd { momentum, .. } => usize::from(momentum != 0.0),
-        Optimizer::Adam { .. } => 2,
-    } as f64;
+    let states = optimizer_states(c);
     let tables: Vec<usize> = units.iter().flat_map(|u| table_shards(c, &unit_prefix(c, *u), t)).map(|s| s.param).collect();
     let split_tables = t > 1 && e.shards.iter().any(|s| tables.contains(&s.param));
     let schedule = e.pipeline.as_ref().map(|x| x.schedule).unwrap_or(Schedule::OneFOneB);
@@ -958,89 +563,4 @@ fn tensor_comm(program: &crate::kernel::Program, data_axis: Option<&str>, pr: &P
             }
         })
         .sum()
-}
-
-/// The explicit placement a candidate stands for.
-pub fn explicit(c: &Checked, cand: &Candidate) -> Explicit {
-    let mut mesh = Vec::new();
-    let axis = |name: &str, k: usize, mesh: &mut Vec<(String, i64)>| {
-        if k > 1 {
-            mesh.push((name.to_string(), k as i64));
-            Some(mesh.len() - 1)
-        } else {
-            None
-        }
-    };
-    let data_axis = axis("data", cand.data, &mut mesh);
-    let model_axis = axis("model", cand.model, &mut mesh);
-    let pipe_axis = axis("pipe", cand.pipe, &mut mesh);
-    if mesh.is_empty() {
-        mesh.push(("data".into(), 1));
-    }
-    let shards = match model_axis {
-        Some(m) => cand.shards.iter().map(|s| Shard { param: s.param, spec: s.spec.iter().map(|x| x.map(|_| m)).collect() }).collect(),
-        None => Vec::new(),
-    };
-    let pipeline =
-        pipe_axis.map(|a| Pipeline { axis: a, stages: cand.stage_units.clone(), microbatches: cand.microbatches as i64, schedule: cand.schedule_kind });
-    let span = match &c.placement {
-        Placement::Explicit(e) => e.span,
-        _ => crate::Span::new(crate::SourceId::USER, 0, 0),
-    };
-    Explicit { mesh, data_axis, shards, pipeline, parameter_server: None, span }
-}
-
-/// A parameter's path as a plan writes it: `blocks.0.attn.wq` → `blocks[0].attn.wq`.
-fn plan_path(path: &str) -> String {
-    let mut out = String::new();
-    for part in path.split('.') {
-        if !out.is_empty() && part.chars().all(|c| c.is_ascii_digit()) {
-            out += &format!("[{part}]");
-        } else {
-            if !out.is_empty() {
-                out.push('.');
-            }
-            out += part;
-        }
-    }
-    out
-}
-
-/// A candidate as placement text, to paste into a plan in place of `placement auto`.
-pub fn placement_text(c: &Checked, cand: &Candidate) -> String {
-    let e = explicit(c, cand);
-    let mut out = String::from("placement {\n");
-    out += &format!("  mesh ({})\n", e.mesh.iter().map(|(n, k)| format!("{n}: {k}")).collect::<Vec<_>>().join(", "));
-    if let Some(a) = e.data_axis {
-        out += &format!("  data_parallel over {}\n", e.mesh[a].0);
-    }
-    for s in &e.shards {
-        let spec: Vec<&str> = s.spec.iter().map(|x| x.map(|a| e.mesh[a].0.as_str()).unwrap_or("_")).collect();
-        out += &format!("  shard {} ({})\n", plan_path(&c.model.params[s.param].path), spec.join(", "));
-    }
-    if let Some(pl) = &e.pipeline {
-        out += &format!("  pipeline over {} {{\n", e.mesh[pl.axis].0);
-        for st in &pl.stages {
-            out += &format!("    stage {}\n", st.iter().map(|u| c.model.unit_name(*u)).collect::<Vec<_>>().join(", "));
-        }
-        out += &format!("    microbatches {}\n    schedule {}\n  }}\n", pl.microbatches, pl.schedule.name());
-    }
-    out + "}\n"
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cuts_balance_the_largest_stage() {
-        let costs = [1.0, 1.0, 1.0, 1.0, 4.0, 1.0];
-        let c = balanced_cuts(&costs, 3).expect("cuts");
-        assert_eq!(c.len(), 3);
-        let largest = c.iter().map(|r| costs[r.clone()].iter().sum::<f64>()).fold(0.0, f64::max);
-        assert_eq!(largest, 4.0);
-        assert_eq!(c.first().map(|r| r.start), Some(0));
-        assert_eq!(c.last().map(|r| r.end), Some(6));
-        assert!(balanced_cuts(&[1.0], 2).is_none());
-    }
 }
