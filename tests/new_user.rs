@@ -99,3 +99,14 @@ fn reduced_precision_dtypes_are_refused_at_check() {
         assert!(t.contains("dtype::unsupported") && t.contains(&format!("dtype `{dtype}` is not implemented")), "{dtype}: {t}");
     }
 }
+
+#[test]
+fn profile_covers_every_device_of_a_placed_plan() {
+    let o = shardplan(&["run", "--quiet", "--steps", "2", "--profile", "examples/data_parallel.plan"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    for d in 0..2 {
+        assert!(t.contains(&format!("profile on device {d}: ")), "device {d}: {t}");
+    }
+    assert!(t.contains("all-reduce(data)"), "{t}");
+}

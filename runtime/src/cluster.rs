@@ -175,15 +175,28 @@ impl Hypers {
 }
 
 enum Cmd {
-    Load { params: Vec<(usize, Vec<f32>)>, states: Vec<(usize, Vec<f32>)> },
-    Step { step: u64, hyper: Hypers, batches: Vec<Batch>, fault: bool },
+    Load {
+        params: Vec<(usize, Vec<f32>)>,
+        states: Vec<(usize, Vec<f32>)>,
+    },
+    Step {
+        step: u64,
+        hyper: Hypers,
+        batches: Vec<Batch>,
+        fault: bool,
+    },
     Read,
+    /// Start timing every kernel.
+    EnableProfile,
+    /// The seconds spent in each kernel so far.
+    Profile,
 }
 
 enum Reply {
     Done,
     Loss(Option<f64>, DeviceStats),
     Tensors { params: Vec<(usize, Vec<f32>)>, states: Vec<(usize, Vec<f32>)> },
+    Profile(Vec<f64>),
     Failed(ClusterError),
 }
 
@@ -394,6 +407,18 @@ impl Cluster {
             }
         }
         Ok(if any { loss } else { f64::NAN })
+    }
+
+    /// Makes every device time each of its kernels.
+    pub fn enable_profile(&mut self) -> Result<(), ClusterError> {
+        self.all(|_| Cmd::EnableProfile).map(|_| ())
+    }
+
+    /// Per device, the seconds spent in each kernel of its program so far
+    /// (empty unless profiling).
+    pub fn profiles(&mut self) -> Result<Vec<Vec<f64>>, ClusterError> {
+        let replies = self.all(|_| Cmd::Profile)?;
+        Ok(replies.into_iter().map(|r| if let Reply::Profile(p) = r { p } else { Vec::new() }).collect())
     }
 
     /// The global parameters and optimizer states, assembled from the devices' pieces.
@@ -743,7 +768,7 @@ fn device_main(dp: DeviceProgram, ep: Endpoint, net: Net, plan: u64, threads: us
         let during = match &cmd {
             Cmd::Step { step, .. } => During::Step(step + 1),
             Cmd::Load { .. } => During::Load,
-            Cmd::Read => During::Read,
+            Cmd::Read | Cmd::EnableProfile | Cmd::Profile => During::Read,
         };
         let reply = std::panic::catch_unwind(AssertUnwindSafe(|| run_cmd(&dp, &ep, nccl.as_mut(), plan, exec.as_mut(), cmd))).unwrap_or_else(|p| {
             let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
@@ -777,6 +802,11 @@ fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, mut nccl: Option<&mut Nccl>, plan:
             }
             Ok(Reply::Done)
         }
+        Cmd::EnableProfile => {
+            exec.enable_profile();
+            Ok(Reply::Done)
+        }
+        Cmd::Profile => Ok(Reply::Profile(exec.profile().to_vec())),
         Cmd::Read => {
             let mut params = Vec::with_capacity(dp.params.len());
             for p in &dp.params {

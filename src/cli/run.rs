@@ -333,8 +333,9 @@ fn train(args: &RunArgs, c: &Checked, text: &[u8], base: &Path, plan: Option<sha
     if let Some(p) = &args.save {
         println!("  saved {}", p.display());
     }
-    for p in session.profiles() {
-        print_profile(&p, trained, session.runner().devices() > 1);
+    let several = session.runner().devices() > 1;
+    for p in session.profiles()? {
+        print_profile(&p, trained, several);
     }
     let measured = summary.median_step_s;
     let chosen = session.search().and_then(|s| s.chosen.map(|i| &s.candidates[i]));
@@ -380,13 +381,13 @@ fn train(args: &RunArgs, c: &Checked, text: &[u8], base: &Path, plan: Option<sha
 }
 
 /// The kernels that take the most time per step, on one device.
-fn print_profile(k: &KernelProfile<'_>, steps: u64, several: bool) {
-    let p = k.program;
+fn print_profile(k: &KernelProfile, steps: u64, several: bool) {
+    let p = &k.program;
     let total: f64 = k.seconds.iter().sum();
     let mut rows: Vec<(f64, String)> = p
         .steps
         .iter()
-        .zip(k.seconds)
+        .zip(&k.seconds)
         .map(|(s, t)| {
             let what = match &s.kind {
                 StepKind::Fused(f) => format!("fused {} ops [{} × {}]", f.body.len(), f.rows, f.cols),

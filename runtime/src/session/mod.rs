@@ -256,7 +256,11 @@ impl Runner {
             }
             Target::Placed(plan) => {
                 let on = backends.all(plan.devices.len());
-                Ok(Runner::Cluster(Box::new(Cluster::start_on(plan, threads, timeout, on))))
+                let mut cl = Cluster::start_on(plan, threads, timeout, on);
+                if profile {
+                    cl.enable_profile().map_err(device_error)?;
+                }
+                Ok(Runner::Cluster(Box::new(cl)))
             }
         }
     }
@@ -420,10 +424,10 @@ pub struct Evaluation {
 }
 
 /// Per device, the kernels it ran and the seconds each took (with [`Config::profile`]).
-pub struct KernelProfile<'a> {
+pub struct KernelProfile {
     pub device: usize,
-    pub program: &'a Program,
-    pub seconds: &'a [f64],
+    pub program: Program,
+    pub seconds: Vec<f64>,
 }
 
 /// A run of a compiled plan.
@@ -804,11 +808,21 @@ impl Session {
     }
 
     /// Per device, its kernels and the seconds each took (with [`Config::profile`]).
-    pub fn profiles(&self) -> Vec<KernelProfile<'_>> {
-        match &self.runner {
-            Runner::One(e) if !e.profile().is_empty() => vec![KernelProfile { device: 0, program: e.program(), seconds: e.profile() }],
-            _ => Vec::new(),
-        }
+    pub fn profiles(&mut self) -> Result<Vec<KernelProfile>, SessionError> {
+        Ok(match &mut self.runner {
+            Runner::One(e) if !e.profile().is_empty() => vec![KernelProfile { device: 0, program: e.program().clone(), seconds: e.profile().to_vec() }],
+            Runner::One(_) => Vec::new(),
+            Runner::Cluster(cl) => {
+                let times = cl.profiles().map_err(device_error)?;
+                cl.plan()
+                    .devices
+                    .iter()
+                    .zip(times)
+                    .filter(|(_, t)| !t.is_empty())
+                    .map(|(d, seconds)| KernelProfile { device: d.device, program: d.program.clone(), seconds })
+                    .collect()
+            }
+        })
     }
 }
 
