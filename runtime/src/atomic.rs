@@ -12,15 +12,28 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A temporary name beside `path`, unique within this process and across
+/// A new, empty file beside `path` (the same directory, so the rename stays
+/// on one filesystem), under a name unique within this process and across
 /// processes.
-fn temporary(path: &Path) -> std::io::Result<PathBuf> {
+fn temporary(path: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let Some(name) = path.file_name() else {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("`{}` names no file", path.display())));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file"));
     };
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    Ok(path.with_file_name(format!(".{}.{}.{n}.tmp", name.to_string_lossy(), std::process::id())))
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let mut last = None;
+    // A few attempts only guard against a stale file from a crashed writer
+    // that happened to pick the same name.
+    for _ in 0..8 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_file_name(format!(".{}.{}.{nanos}.{n}.tmp", name.to_string_lossy(), std::process::id()));
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("cannot create a temporary file")))
 }
 
 /// Makes the rename into `path` durable where directories can be synced.
@@ -48,8 +61,8 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     pub fn create(path: &Path) -> std::io::Result<AtomicFile> {
-        let tmp = temporary(path)?;
-        let out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        let (tmp, file) = temporary(path)?;
+        let out = std::io::BufWriter::with_capacity(1 << 20, file);
         Ok(AtomicFile { tmp, path: path.to_path_buf(), out: Some(out) })
     }
 

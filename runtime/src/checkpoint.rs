@@ -17,13 +17,13 @@
 //!   against its shape before data is copied.
 //! - Only F32 tensors are accepted; any other dtype is an error, not a cast.
 
+use crate::atomic::AtomicFile;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
@@ -157,16 +157,10 @@ fn f32_byte_len(shape: &[usize]) -> Option<usize> {
 pub fn save(path: &Path, tensors: &[Tensor], metadata: &BTreeMap<String, String>) -> Result<(), CheckpointError> {
     let header = build_header(path, tensors, metadata)?;
 
-    let (tmp_path, file) = create_temp_sibling(path)?;
-    let written = write_body(path, file, &header, tensors);
-    let renamed = written.and_then(|()| std::fs::rename(&tmp_path, path).map_err(|e| io_err(path, e)));
-    if let Err(err) = renamed {
-        // Best effort: the original error is the one worth reporting.
-        let _ = std::fs::remove_file(&tmp_path);
-        return Err(err);
-    }
-    sync_parent_dir(path);
-    Ok(())
+    // A failed write drops the file, which removes its temporary name.
+    let mut file = AtomicFile::create(path).map_err(|e| io_err(path, e))?;
+    write_body(path, &mut file, &header, tensors)?;
+    file.commit().map_err(|e| io_err(path, e))
 }
 
 /// Builds the JSON header with safetensors' own metadata type, so the layout
@@ -205,40 +199,10 @@ fn build_header(path: &Path, tensors: &[Tensor], metadata: &BTreeMap<String, Str
     Ok(header)
 }
 
-/// Creates a uniquely named, empty file next to `path`. The same directory is
-/// required so the final rename stays on one filesystem and is atomic.
-fn create_temp_sibling(path: &Path) -> Result<(PathBuf, File), CheckpointError> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-    let file_name = path.file_name().ok_or_else(|| io_err(path, io::Error::new(io::ErrorKind::InvalidInput, "path has no file name")))?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let mut last_err = None;
-    // A few attempts only guard against a stale file from a crashed writer
-    // that happened to pick the same name.
-    for _ in 0..8 {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let mut name = std::ffi::OsString::from(".");
-        name.push(file_name);
-        name.push(format!(".{}.{nanos}.{n}.tmp", std::process::id()));
-        let tmp = dir.join(name);
-        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
-            Ok(f) => return Ok((tmp, f)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_err = Some(e),
-            Err(e) => return Err(io_err(path, e)),
-        }
-    }
-    Err(io_err(path, last_err.unwrap_or_else(|| io::Error::other("cannot create a temporary file"))))
-}
-
 /// Errors name the final `path`: the temporary file is an implementation
 /// detail that is gone by the time the user reads the message.
-fn write_body(path: &Path, file: File, header: &[u8], tensors: &[Tensor]) -> Result<(), CheckpointError> {
+fn write_body(path: &Path, w: &mut impl Write, header: &[u8], tensors: &[Tensor]) -> Result<(), CheckpointError> {
     let err = |e| io_err(path, e);
-    let mut w = io::BufWriter::with_capacity(1 << 20, file);
     w.write_all(&(header.len() as u64).to_le_bytes()).map_err(err)?;
     w.write_all(header).map_err(err)?;
     let mut buf = Vec::with_capacity(WRITE_CHUNK * size_of::<f32>());
@@ -250,27 +214,7 @@ fn write_body(path: &Path, file: File, header: &[u8], tensors: &[Tensor]) -> Res
             w.write_all(&buf).map_err(err)?;
         }
     }
-    let file = w.into_inner().map_err(|e| err(e.into_error()))?;
-    // The data must be durable before the rename makes it visible as `path`.
-    file.sync_all().map_err(err)
-}
-
-/// Makes the rename itself durable. Failures are ignored because some
-/// filesystems cannot fsync a directory, and the checkpoint is already
-/// complete and in place.
-fn sync_parent_dir(path: &Path) {
-    #[cfg(unix)]
-    {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = path;
+    Ok(())
 }
 
 /// Reads every tensor and the metadata. Tensors come back sorted by name.
@@ -403,6 +347,7 @@ where
 mod tests {
     use super::*;
     use safetensors::tensor::TensorView;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     /// A fresh directory per test, so tests run in parallel without sharing files.
     struct TempDir(PathBuf);

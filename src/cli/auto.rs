@@ -20,7 +20,6 @@ pub fn profile(path: Option<&Path>) -> Result<Profile, String> {
 /// `shardplan calibrate -o FILE`: measures this machine's CPU devices and
 /// writes the device profile later compiles read.
 pub fn calibrate(out: &Path) -> std::process::ExitCode {
-    use std::io::Write;
     let (p, report) = match shardplan_runtime::calibrate::calibrate(&mut |line| println!("{line}")) {
         Ok(x) => x,
         Err(e) => {
@@ -57,15 +56,7 @@ pub fn calibrate(out: &Path) -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    // Atomically: a temporary file beside the target, then a rename.
-    let tmp = out.with_extension("json.tmp");
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(text.as_bytes())?;
-        f.write_all(b"\n")?;
-        f.sync_all()
-    });
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, out)) {
-        let _ = std::fs::remove_file(&tmp);
+    if let Err(e) = shardplan_runtime::atomic::write(out, format!("{text}\n").as_bytes()) {
         eprintln!("error[calibrate::write]: cannot write `{}`: {e}", out.display());
         return std::process::ExitCode::from(1);
     }
