@@ -2,6 +2,10 @@
 //!
 //! Labels that point into another source than the primary label's (the
 //! prelude, say) are shown as a related note with that source's snippet.
+//!
+//! Input: diagnostics and the sources they point into. Output: the text or
+//! JSON printed. Invariant: rendering never fails: a span outside its source
+//! is clamped.
 
 use miette::{GraphicalReportHandler, GraphicalTheme, LabeledSpan, NamedSource, SourceSpan};
 use serde::Serialize;

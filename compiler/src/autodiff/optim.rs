@@ -7,6 +7,13 @@
 //! p −= lr·bc1·m / (√v·bc2 + ε)` with `bc1 = 1/(1−β1^t)` and
 //! `bc2 = 1/√(1−β2^t)` supplied per step as hypers. AdamW decays
 //! `p *= 1 − lr·wd` first instead of adding `wd·p` to the gradient.
+//!
+//! Input: the training graph after the backward pass, with each parameter's
+//! gradient. Output: the same graph with update nodes assigning each
+//! parameter (and optimizer state) its next value. Invariant: the update of a
+//! parameter reads only that parameter, its gradient, its states and the
+//! step's hypers (and, when clipping, the global norm), so the partitioner
+//! can place it with the parameter.
 
 use crate::check::{Checked, Optimizer, Ty};
 use crate::graph::{Graph, Hyper, NodeId, Op, Role, StateVar, Target};

@@ -1,5 +1,10 @@
 //! The checker's types: dtypes, dims (possibly named by a symbolic dim),
 //! tensor types, and the values an expression can evaluate to.
+//!
+//! Input: none (definitions). Output: [`DType`], [`Dim`], [`Ty`] and the
+//! checker's values. Invariants: every dim of a [`Ty`] is at least 1; a dim
+//! bound from a symbolic name keeps that name, so diagnostics can say where a
+//! size came from.
 
 use crate::diag::Span;
 use serde::Serialize;

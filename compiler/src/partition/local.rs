@@ -1,5 +1,12 @@
 //! One device's program: its part of the global graph at local shapes, with
 //! the conversions, transfers and gradient exchange it takes part in.
+//!
+//! Input: the global training graph, every value's layout per mesh axis and
+//! one device's coordinates and stage. Output: that device's
+//! [`DeviceProgram`](super::DeviceProgram): a kernel program at local shapes,
+//! its parameter and state pieces, and its schedule. Invariants: every local
+//! shape follows from the global shape and the layout; every conversion is a
+//! collective every member of its group reaches in the same order.
 
 use super::rules::Scale;
 use super::schedule::passes;

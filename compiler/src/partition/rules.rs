@@ -5,6 +5,11 @@
 //! layouts it needs (the partitioner converts any operand that differs) and
 //! the layout it produces. Rules never fail: when no split layout works, they
 //! ask for replicated operands, which every op accepts.
+//!
+//! Input: one op, its operands' layouts and shapes along one mesh axis.
+//! Output: the layouts it needs and the layout it produces. Invariant: the
+//! answer is a function of its inputs only, so every device derives the same
+//! layouts.
 
 use super::{chunk_range, Layout};
 use crate::graph::{Graph, NodeId, Op};

@@ -5,6 +5,11 @@
 //! `p − s − 1` warm-up forwards, then alternates one forward and one
 //! backward, then drains the remaining backwards, so it keeps at most
 //! `p − s` microbatches' activations instead of all of them.
+//!
+//! Input: the number of stages, a stage and the microbatch count. Output:
+//! the device's list of passes ([`Instr`]). Invariant: a stage's k-th forward
+//! and backward of a microbatch meet its neighbours' in the same order, so
+//! sends and receives pair up.
 
 use crate::check::Schedule;
 use serde::{Deserialize, Serialize};

@@ -2,6 +2,9 @@
 //!
 //! The tree is exactly what was written: names are not resolved, layers are
 //! not instantiated and nothing is evaluated. That is the checker's job.
+//!
+//! Input: none (definitions). Output: the node types the parser builds.
+//! Invariant: every span points into the source the tree was parsed from.
 
 use crate::diag::Span;
 

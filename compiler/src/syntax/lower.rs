@@ -3,6 +3,10 @@
 //! The grammar fixes the shape of every pair, so a pair of an unexpected kind
 //! is a bug in this file; it is reported as `syntax::internal` with its
 //! location rather than a panic.
+//!
+//! Input: pest's pairs for one file. Output: the [`File`](super::ast::File)
+//! AST, or diagnostics. Invariant: spans are byte offsets into the source
+//! text given to the parser.
 
 use super::ast::*;
 use super::Rule;

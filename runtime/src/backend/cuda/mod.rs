@@ -8,6 +8,9 @@
 //! Everything that touches the driver checks that the library is present
 //! first (cudarc's loader panics otherwise).
 //!
+//! Input: a kernel program. Output: its launches, and (in `exec`) an
+//! engine that runs them on one GPU.
+//!
 //! [`Program`]: shardplan_compiler::kernel::Program
 
 use shardplan_compiler::kernel::BufId;

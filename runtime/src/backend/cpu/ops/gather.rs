@@ -1,6 +1,10 @@
 //! Embedding lookup (a row gather) and its gradient (a row scatter-add).
 //! Ids come from data, so they are checked before any row is touched and
 //! one out of range is a [`EngineError::BadData`] naming it.
+//!
+//! Input: a table, ids and their shapes. Output: the gathered rows (or the
+//! scattered gradient). Invariant: the scatter-add visits ids in order, so
+//! repeated ids add up the same way on every run.
 
 use super::{expect_shape, invalid, par_rows, EngineError, F32Arg, I32Arg, Name};
 

@@ -8,6 +8,9 @@
 //!
 //! Results do not depend on the level: Rust neither reassociates nor fuses
 //! float operations, and the kernels fix their lane structure in source.
+//!
+//! Input: a closure. Output: its result, computed with the widest vector
+//! instructions available. Invariant: the level is chosen once per process.
 
 /// Calls `f(arg)`, compiled for the best instruction set available.
 #[inline(always)]

@@ -3,6 +3,9 @@
 //! the end. The result depends only on the data, never on alignment or on
 //! how rows were split across threads. All are `#[inline(always)]` so they
 //! take the instruction set of the kernel that calls them (see `isa`).
+//!
+//! Input: rows of f32. Output: sums, maxima and element-wise results.
+//! Invariant: as above, bit-identical whatever the alignment and split.
 
 /// Lanes per chunk: one AVX-512 register of f32.
 pub const L: usize = 16;

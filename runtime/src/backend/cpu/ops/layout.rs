@@ -4,6 +4,9 @@
 //! Shapes are first simplified: size-1 dims dropped and neighbouring dims
 //! that move together merged. Most real cases then reduce to a handful of
 //! contiguous runs, copied with `copy_from_slice`.
+//!
+//! Input: a tensor, its shape and a permutation or target shape. Output:
+//! the moved data. Invariant: pure copies, no arithmetic.
 
 use super::{expect_shape, invalid, par_each, EngineError, F32Arg, Name, BLOCKS_PER_THREAD, PARALLEL_MIN};
 

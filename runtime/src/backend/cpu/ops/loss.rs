@@ -5,6 +5,9 @@
 //! The scalar losses sum fixed pieces (per row, or per block of
 //! [`BLOCK`] elements) in f64 and add the pieces in order, so the result does
 //! not depend on how many threads computed them.
+//!
+//! Input: logits or predictions and labels or targets. Output: the mean
+//! loss, or its gradient.
 
 use super::{expect_shape, invalid, lanes, par_rows, EngineError, F32Arg, I32Arg, Name};
 

@@ -9,6 +9,10 @@
 //! Threads: one large product is split into blocks of rows or columns, one
 //! per kernel thread; a batch of products (attention heads) is split across
 //! threads by batch, each product on one thread, when that balances.
+//!
+//! Input: two operands with shapes and transposition flags. Output: their
+//! product. Invariant: each output element is computed by one thread in a
+//! fixed order, so the result does not depend on the thread count.
 
 use super::{expect_shape, invalid, layout::odometer, par_each, Arg, EngineError, Name, Operand};
 use gemm::Parallelism;

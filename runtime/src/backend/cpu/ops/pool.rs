@@ -13,6 +13,10 @@
 //! joins late, or never, only changes who does the work. When the pool is
 //! already serving a call (another executor thread, or a task that itself
 //! splits), the caller simply runs its task alone.
+//!
+//! Input: a task and a thread count. Output: the task run on up to that
+//! many threads. Invariant: which thread runs which piece never changes a
+//! result: pieces are fixed by the caller, not by timing.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -5,6 +5,9 @@
 //! primitives of [`lanes`]; rows are split across threads in contiguous
 //! blocks. A softmax along another axis moves that axis last with two
 //! transposes (rare in real models, so the copies are acceptable).
+//!
+//! Input: a tensor, its shape and the axis. Output: the row-wise result.
+//! Invariant: one row is always computed by one thread.
 
 use super::lanes::BLOCK;
 use super::{expect_shape, invalid, lanes, layout, par_rows, EngineError, F32Arg, Name};

@@ -7,6 +7,9 @@
 //!
 //! A row along an axis other than the last is strided: element `j` of row
 //! `(o, n)` is at `o·D·inner + j·inner + n`.
+//!
+//! Input: one row-wise step of a program. Output: its kernel source and
+//! launch shape. Invariant: reductions within a row run in a fixed order.
 
 use super::writer::{f32_lit, f64_lit, pow2_block, Gen, Mode, MAX2, WARP_REDUCE};
 use super::{Io, Kernel};
