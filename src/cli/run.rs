@@ -199,7 +199,10 @@ pub fn run(args: &RunArgs, color: bool) -> ExitCode {
     }
     match train(args, &c, &plan_text, &base, plan) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Error::Data(e)) => {
+        Err(Error::Data(mut e)) => {
+            if compiled && e.code == "data::missing_file" {
+                e.help = compile::missing_data_help(&base);
+            }
             report_data_error(&e, &name, &plan_text, &c, color);
             ExitCode::from(1)
         }
