@@ -4,7 +4,8 @@
 
 mod common;
 
-use shardplan_compiler::partition::{plan_hash, Plan};
+use shardplan_compiler::partition::plan_hash;
+use shardplan_compiler::plan;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -30,13 +31,19 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// Compiles `examples/NAME.plan` and returns the compiled file.
+/// Compiles `examples/NAME.plan` (on two devices) and returns the compiled file.
 fn compile(name: &str) -> PathBuf {
+    compile_on(name, 2)
+}
+
+/// Compiles `examples/NAME.plan` on `devices` devices and returns the compiled file.
+fn compile_on(name: &str, devices: usize) -> PathBuf {
     let out = tmp(&format!("{name}.json"));
     let o = shardplan(&["compile", &format!("examples/{name}.plan"), "-o", path(&out)]);
     assert!(o.status.success(), "compile {name}: {}", text(&o.stderr));
     let stdout = text(&o.stdout);
-    assert!(stdout.starts_with(&format!("{}: 2 devices, ", out.display())), "{stdout}");
+    let plural = if devices == 1 { "" } else { "s" };
+    assert!(stdout.starts_with(&format!("{}: {devices} device{plural}, ", out.display())), "{stdout}");
     let hash = stdout.trim_end().rsplit(", ").next().unwrap_or_default();
     assert!(hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()), "{stdout}");
     out
@@ -46,11 +53,13 @@ use common::losses;
 
 #[test]
 fn a_compiled_plan_trains_like_its_plan_file() {
-    for name in ["tensor_parallel", "pipeline_1f1b"] {
-        let json = compile(name);
+    for (name, devices) in [("tensor_parallel", 2), ("pipeline_1f1b", 2), ("digits_mlp", 1)] {
+        let json = compile_on(name, devices);
         let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("written")).expect("json");
         assert_eq!(doc["format"], "shardplan-plan-1");
-        assert_eq!(doc["base"], "examples");
+        // Data paths resolve against the plan file's directory, recorded absolute.
+        let examples = root().join("examples").canonicalize().expect("examples");
+        assert_eq!(doc["base"].as_str(), examples.to_str());
         assert_eq!(doc["source"].as_str(), std::fs::read_to_string(root().join(format!("examples/{name}.plan"))).ok().as_deref());
         let (a, b) = (tmp(&format!("{name}.compiled.jsonl")), tmp(&format!("{name}.plan.jsonl")));
         let o = shardplan(&["run", path(&json), "--quiet", "--steps", "5", "--metrics", path(&a)]);
@@ -76,10 +85,10 @@ fn refused(name: &str, contents: &[u8], code: &str) -> String {
 }
 
 /// The document with its plan's hash recomputed, as a well-meaning edit would leave it.
-fn rehashed(mut doc: serde_json::Value) -> Vec<u8> {
-    let plan: Plan = serde_json::from_value(doc["plan"].clone()).expect("a plan");
-    doc["plan"]["hash"] = plan_hash(&plan).into();
-    serde_json::to_vec_pretty(&doc).expect("json")
+fn rehashed(doc: serde_json::Value) -> Vec<u8> {
+    let mut doc = plan::parse(&serde_json::to_vec_pretty(&doc).expect("json")).expect("a compiled plan");
+    doc.plan.hash = plan_hash(&doc.plan);
+    plan::encode(&doc).expect("json").into_bytes()
 }
 
 #[test]
@@ -142,4 +151,68 @@ fn an_auto_plan_compiles_to_the_plan_the_search_chooses() {
     let o = shardplan(&["run", "examples/auto.plan", "--quiet", "--steps", "3", "--metrics", path(&b)]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(losses(&a), losses(&b), "the compiled choice trains like the searched one");
+}
+
+/// Where a refusal points: the line of the file its label is on.
+fn pointed_line(stderr: &str, file: &Path, contents: &[u8]) -> String {
+    let shown = format!("[{}:", file.display());
+    let at = stderr.find(&shown).unwrap_or_else(|| panic!("no location in:\n{stderr}")) + shown.len();
+    let line: usize = stderr[at..].split(':').next().and_then(|l| l.parse().ok()).unwrap_or_else(|| panic!("no line in:\n{stderr}"));
+    text(contents).lines().nth(line - 1).unwrap_or_default().trim().to_string()
+}
+
+#[test]
+fn edited_meshes_are_refused_where_they_are() {
+    for (name, devices) in [("auto", 4), ("pipeline_1f1b", 2)] {
+        let json = compile_on(name, devices);
+        let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("written")).expect("json");
+        for field in ["data", "pipe"] {
+            let mut edited = doc.clone();
+            edited["plan"]["mesh"][field] = 99.into();
+            // As edited: the hash no longer matches.
+            let case = format!("{name}_{field}_99");
+            let bytes = serde_json::to_vec_pretty(&edited).expect("json");
+            let stderr = refused(&case, &bytes, "plan::hash");
+            assert!(stderr.contains("changed after it was compiled"), "{case}: {stderr}");
+            assert!(pointed_line(&stderr, &tmp(&format!("{case}.json")), &bytes).starts_with("\"hash\":"), "{case}: {stderr}");
+            // With the hash brought up to date, validation refuses it.
+            let case = format!("{name}_{field}_99_rehashed");
+            let bytes = rehashed(edited);
+            let stderr = refused(&case, &bytes, "plan::invalid");
+            let what = if field == "data" { "its data axis is axis 99" } else { "its pipeline axis is axis 99" };
+            assert!(stderr.contains(what), "{case}: {stderr}");
+            let line = pointed_line(&stderr, &tmp(&format!("{case}.json")), &bytes);
+            assert_eq!(line.trim_end_matches(','), format!("\"{field}\": 99"), "{case}: {stderr}");
+            assert!(!stderr.contains("stack backtrace"), "{case}: {stderr}");
+        }
+    }
+}
+
+#[test]
+fn a_compiled_plan_runs_from_anywhere() {
+    let json = compile("tensor_parallel");
+    let elsewhere = tmp("elsewhere");
+    std::fs::create_dir_all(&elsewhere).expect("dir");
+    std::fs::copy(&json, elsewhere.join("plan.json")).expect("copied");
+    let metrics = tmp("elsewhere.jsonl");
+    let o = Command::new(env!("CARGO_BIN_EXE_shardplan"))
+        .args(["run", "plan.json", "--quiet", "--steps", "3", "--metrics", path(&metrics)])
+        .current_dir(&elsewhere)
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let here = tmp("here.jsonl");
+    let o = shardplan(&["run", path(&json), "--quiet", "--steps", "3", "--metrics", path(&here)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(losses(&metrics), losses(&here));
+
+    // Data that is not where the plan was compiled: the help says where it looked, and why.
+    let mut doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("written")).expect("json");
+    let gone = tmp("gone");
+    doc["base"] = path(&gone).into();
+    let stderr = refused("moved_data", &serde_json::to_vec_pretty(&doc).expect("json"), "data::missing_file");
+    let looked = gone.join("data").join("digits.csv");
+    assert!(stderr.contains(&format!("cannot read `{}`", looked.display())), "{stderr}");
+    let help = stderr.split("help:").nth(1).unwrap_or_default().split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(help.contains(&format!("relative to `{}`, the directory of the plan file it was compiled from", gone.display())), "{stderr}");
 }

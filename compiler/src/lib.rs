@@ -47,6 +47,10 @@ pub mod kernel;
 /// The driver: stages 3 to 7 in order, with the verifiers between them.
 pub mod driver;
 
+/// Compiled plan files: the driver's output as a JSON document, and a
+/// document read back, decoded and validated field by field.
+pub mod plan;
+
 /// The reference interpreter every backend's kernels are tested against.
 pub mod interp;
 

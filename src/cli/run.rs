@@ -265,6 +265,10 @@ pub fn run(args: &RunArgs, color: bool) -> ExitCode {
     }
     match train(args, &c, &text, &base, plan) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Session(SessionError::Data(mut e))) if compiled && e.code == "data::missing_file" => {
+            e.help = compile::missing_data_help(&base);
+            report(Error::Session(SessionError::Data(e)), &name, &text, &c, color)
+        }
         Err(e) => report(e, &name, &text, &c, color),
     }
 }

@@ -33,7 +33,7 @@
 mod local;
 pub mod memory;
 mod rules;
-mod schedule;
+pub(crate) mod schedule;
 pub mod verify;
 
 pub use schedule::{Instr, Phase};
@@ -171,7 +171,7 @@ pub struct Plan {
     pub devices: Vec<DeviceProgram>,
     /// Per parameter: its stage and its layout per layout axis.
     pub param_layouts: Vec<(usize, Vec<Layout>)>,
-    /// FNV-1a hash of the device programs: every message carries it.
+    /// FNV-1a hash of the rest of the plan ([`plan_hash`]): every message carries it.
     pub hash: u64,
 }
 
@@ -379,10 +379,26 @@ pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Resul
     Ok(plan)
 }
 
-/// A stable hash of the plan's programs (FNV-1a over their JSON).
+/// A stable hash of the whole plan but its hash (FNV-1a over its JSON): the
+/// mesh, the layout axes, the microbatches, the schedule, the server, every
+/// device's program and schedule, and the parameter layouts.
 pub fn plan_hash(p: &Plan) -> u64 {
+    /// The plan's fields, every one but the hash, in declaration order.
+    #[derive(Serialize)]
+    struct Hashed<'a> {
+        mesh: &'a Mesh,
+        layout_axes: &'a [LayoutAxis],
+        microbatches: usize,
+        schedule: &'a Option<String>,
+        server: Option<usize>,
+        devices: &'a [DeviceProgram],
+        param_layouts: &'a [(usize, Vec<Layout>)],
+    }
+    // Destructured so that a field added to `Plan` cannot be left out unnoticed.
+    let Plan { mesh, layout_axes, microbatches, schedule, server, devices, param_layouts, hash: _ } = p;
+    let fields = Hashed { mesh, layout_axes, microbatches: *microbatches, schedule, server: *server, devices, param_layouts };
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let text = serde_json::to_string(&p.devices).unwrap_or_default();
+    let text = serde_json::to_string(&fields).unwrap_or_default();
     for b in text.bytes() {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
