@@ -1,9 +1,13 @@
-//! Training end to end through the CLI: the digits MLP learns, the tiny GPT
-//! lowers its loss, runs are bit-identical, and a resumed run continues
-//! exactly where the uninterrupted one went.
+//! Training end to end: the digits MLP learns, the tiny GPT lowers its
+//! loss, runs are bit-identical, and a resumed run continues exactly where
+//! the uninterrupted one went, through the library as `shardplan run`
+//! trains; bad checkpoints and data are clear errors, and metrics and
+//! profiles are written, through the CLI, whose messages are under test.
 
 mod common;
 
+use shardplan_compiler::check::Length;
+use shardplan_runtime::session::{Config, Start};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -22,64 +26,62 @@ fn run(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-use common::losses;
+/// A session of `examples/NAME.plan`, for `steps` steps and with `seed`
+/// when given (`run --steps`, `--seed`), its settings `configure`d.
+fn session(name: &str, steps: Option<i64>, seed: Option<u64>, configure: impl FnOnce(&mut Config)) -> shardplan_runtime::session::Session {
+    let text = std::fs::read_to_string(root().join(format!("examples/{name}.plan"))).expect("example");
+    let edit = |c: &mut shardplan_compiler::Checked| {
+        if let Some(s) = steps {
+            c.train.length = Length::Steps(s);
+        }
+        if let Some(s) = seed {
+            c.train.seed = s;
+        }
+    };
+    common::session(&text, &root().join("examples"), edit, configure)
+}
+
+/// The losses of training `examples/NAME.plan` as [`session`] sets it up, as bits.
+fn losses(name: &str, steps: Option<i64>, seed: Option<u64>, configure: impl FnOnce(&mut Config), save: Option<&Path>) -> Vec<u32> {
+    common::train(&mut session(name, steps, seed, configure), save).iter().map(|l| l.to_bits()).collect()
+}
 
 #[test]
 fn digits_mlp_reaches_90_percent() {
-    let (ok, out, err) = run(&["examples/digits_mlp.plan"]);
-    assert!(ok, "{err}");
-    let acc: f64 = out
-        .lines()
-        .find_map(|l| l.split("accuracy ").nth(1))
-        .and_then(|s| s.split('%').next())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no accuracy in:\n{out}"));
-    assert!(acc >= 90.0, "test accuracy {acc}% < 90%\n{out}");
+    let mut s = session("digits_mlp", None, None, |_| {});
+    let l = common::train(&mut s, None);
+    let e = s.evaluate().unwrap_or_else(|e| panic!("{}: {e}", e.code())).expect("a test split");
+    let acc = e.accuracy.expect("a classifier") * 100.0;
+    assert!(acc >= 90.0, "test accuracy {acc}% < 90% (loss {} after {} steps)", e.loss, l.len());
 }
 
 #[test]
 fn tiny_gpt_lowers_its_loss_by_30_percent() {
-    let m = tmp("gpt.jsonl");
-    let (ok, out, err) = run(&["examples/tiny_gpt.plan", "--metrics", m.to_str().expect("path")]);
-    assert!(ok, "{err}");
-    let l = losses(&m);
-    let first = f32::from_bits(l[0].1);
+    let l = common::train(&mut session("tiny_gpt", None, None, |_| {}), None);
+    let first = l[0];
     let n = l.len();
-    let last: f32 = l[n - 10..].iter().map(|x| f32::from_bits(x.1)).sum::<f32>() / 10.0;
-    assert!(last <= 0.7 * first, "loss went from {first} to {last} (mean of the last 10 steps)\n{out}");
+    let last: f32 = l[n - 10..].iter().sum::<f32>() / 10.0;
+    assert!(last <= 0.7 * first, "loss went from {first} to {last} (mean of the last 10 steps)");
 }
 
 #[test]
 fn same_seed_same_losses_bit_for_bit() {
-    let (a, b) = (tmp("det-a.jsonl"), tmp("det-b.jsonl"));
-    for m in [&a, &b] {
-        let (ok, _, err) = run(&["examples/digits_mlp.plan", "--steps", "60", "--metrics", m.to_str().expect("path")]);
-        assert!(ok, "{err}");
-    }
-    let (la, lb) = (losses(&a), losses(&b));
+    let (la, lb) = (losses("digits_mlp", Some(60), None, |_| {}, None), losses("digits_mlp", Some(60), None, |_| {}, None));
     assert_eq!(la.len(), 60);
     assert_eq!(la, lb);
-    let (c, _) = (tmp("det-c.jsonl"), ());
-    let (ok, _, err) = run(&["examples/digits_mlp.plan", "--steps", "60", "--seed", "8", "--metrics", c.to_str().expect("path")]);
-    assert!(ok, "{err}");
-    assert_ne!(losses(&c), la, "another seed gives another run");
+    assert_ne!(losses("digits_mlp", Some(60), Some(8), |_| {}, None), la, "another seed gives another run");
 }
 
 #[test]
 fn resumed_run_continues_bit_for_bit() {
-    for plan in ["examples/digits_mlp.plan", "examples/tiny_gpt.plan"] {
-        let full = tmp("full.jsonl");
-        let ck = tmp("half.safetensors");
-        let rest = tmp("rest.jsonl");
-        let (ok, _, err) = run(&[plan, "--steps", "40", "--metrics", full.to_str().expect("p")]);
-        assert!(ok, "{err}");
-        let (ok, _, err) = run(&[plan, "--steps", "40", "--stop-after", "17", "--save", ck.to_str().expect("p")]);
-        assert!(ok, "{err}");
-        let (ok, _, err) = run(&[plan, "--steps", "40", "--resume", ck.to_str().expect("p"), "--metrics", rest.to_str().expect("p")]);
-        assert!(ok, "{err}");
-        let (f, r) = (losses(&full), losses(&rest));
-        assert_eq!(r.len(), 23, "{plan}");
-        assert_eq!(&f[17..], &r[..], "{plan}: resumed losses differ");
+    for plan in ["digits_mlp", "tiny_gpt"] {
+        let ck = tmp(&format!("{plan}-half.safetensors"));
+        let full = losses(plan, Some(40), None, |_| {}, None);
+        let half = losses(plan, Some(40), None, |c| c.stop_after = Some(17), Some(&ck));
+        assert_eq!(half.len(), 17, "{plan}");
+        let rest = losses(plan, Some(40), None, |c| c.start = Start::Resume { path: ck.clone(), seed_given: false }, None);
+        assert_eq!(rest.len(), 23, "{plan}");
+        assert_eq!(&full[17..], &rest[..], "{plan}: resumed losses differ");
     }
 }
 

@@ -5,7 +5,7 @@
 mod common;
 
 use shardplan_compiler::planner::{self, search, Profile};
-use shardplan_compiler::{autodiff, graph};
+use shardplan_compiler::{compile, Checked, Options};
 
 fn plan(budget: &str) -> String {
     std::fs::read_to_string("../examples/auto.plan").unwrap().replace("memory 512 MiB per device", &format!("memory {budget} per device"))
@@ -16,10 +16,14 @@ fn profile() -> Profile {
     Profile { cores: 4, ..Profile::default() }
 }
 
+/// The planner's search as the driver runs it for `c`, with `profile`.
+fn searched(c: &Checked, profile: Profile) -> planner::Search {
+    common::compiled(c, &Options { profile: Some(profile), ..Default::default() }).search.expect("placement auto is searched")
+}
+
 fn chosen(budget: &str) -> (usize, usize, usize, u64) {
     let c = common::checked(&plan(budget));
-    let g = autodiff::differentiate(graph::build(&c), &c);
-    let s = search(&c, &g, &profile());
+    let s = searched(&c, profile());
     let i = s.chosen.unwrap_or_else(|| panic!("nothing fits {budget}"));
     let best = &s.candidates[i];
     (best.data, best.model, best.pipe, best.exact_memory.expect("checked exactly"))
@@ -48,8 +52,10 @@ fn the_choice_always_fits_and_is_deterministic() {
 #[test]
 fn nothing_fits_a_tiny_budget() {
     let c = common::checked(&plan("1 MiB"));
-    let g = autodiff::differentiate(graph::build(&c), &c);
-    let s = search(&c, &g, &profile());
+    let e = compile(&c, &Options { profile: Some(profile()), ..Default::default() }).expect_err("nothing fits");
+    assert!(e.iter().any(|d| d.code == "placement::no_fit"), "{e:?}");
+    // The search itself, on the training graph the driver builds.
+    let s = search(&c, &common::training_graph(&c), &profile());
     assert_eq!(s.chosen, None);
     assert!(!s.candidates.is_empty());
 }
@@ -58,9 +64,7 @@ fn nothing_fits_a_tiny_budget() {
 /// gradient and Adam's moments): only tensor parallelism divides it.
 fn big_vocab(budget: &str) -> planner::Search {
     let src = plan(budget).replace("Embedding(256, 64)", "Embedding(16384, 64)");
-    let c = common::checked(&src);
-    let g = autodiff::differentiate(graph::build(&c), &c);
-    search(&c, &g, &profile())
+    searched(&common::checked(&src), profile())
 }
 
 #[test]
@@ -78,7 +82,6 @@ fn a_large_embedding_table_is_sharded_when_memory_is_short() {
 #[test]
 fn pipelines_weigh_gpipe_against_1f1b() {
     let c = common::checked(&plan("512 MiB"));
-    let g = autodiff::differentiate(graph::build(&c), &c);
     // With instant transfers the two schedules differ in memory only.
     let instant = Profile { link_latency: 0.0, link_bytes: 1e30, ..profile() };
     let twins = |s: &planner::Search| {
@@ -100,7 +103,7 @@ fn pipelines_weigh_gpipe_against_1f1b() {
             })
             .collect::<Vec<_>>()
     };
-    let s = search(&c, &g, &instant);
+    let s = searched(&c, instant);
     for (a, twin) in twins(&s) {
         // The same bubble; 1F1B keeps at most p − s microbatches in flight, GPipe all m.
         assert_eq!(a.step_s(), twin.step_s(), "{}", a.name());
@@ -114,7 +117,7 @@ fn pipelines_weigh_gpipe_against_1f1b() {
     assert!(first(&s, "1f1b") < first(&s, "gpipe"));
     // With a latency per message, GPipe's forwards run ahead and hide their
     // transfers, while each 1F1B backward waits for its gradient's round trip.
-    let s = search(&c, &g, &profile());
+    let s = searched(&c, profile());
     for (a, twin) in twins(&s) {
         assert!(a.comm_s > twin.comm_s, "{}: {} against {}", a.name(), a.comm_s, twin.comm_s);
         assert!(a.memory <= twin.memory, "{}", a.name());
@@ -128,9 +131,7 @@ fn pipelines_weigh_gpipe_against_1f1b() {
 #[test]
 fn near_ties_go_to_the_simpler_plan() {
     for budget in ["512 MiB", "128 MiB", "96 MiB"] {
-        let c = common::checked(&plan(budget));
-        let g = autodiff::differentiate(graph::build(&c), &c);
-        let s = search(&c, &g, &profile());
+        let s = searched(&common::checked(&plan(budget)), profile());
         let i = s.chosen.unwrap_or_else(|| panic!("nothing fits {budget}"));
         let choice = &s.candidates[i];
         let fastest = s.candidates.iter().filter(|c| c.fits).map(|c| c.step_s()).fold(f64::INFINITY, f64::min);

@@ -7,13 +7,12 @@ use shardplan_compiler::graph::{Hyper, Target};
 use shardplan_compiler::interp::{run, Env, Tensor};
 
 mod common;
-use common::{checked, shape, values, Rng};
-use shardplan_compiler::{autodiff, graph};
+use common::{checked, shape, training_graph, values, Rng};
 
 fn grad_check(src: &str, int_hi: f64) {
     let c = checked(src);
-    let g = autodiff::differentiate(graph::build(&c), &c);
-    g.verify().expect("graph invariants");
+    // The driver verifies the graph's invariants.
+    let g = training_graph(&c);
     let mut rng = Rng(7);
     let (mut params, inputs) = values(&c, &mut rng, int_hi);
     let states: Vec<Tensor> = g.states.iter().map(|s| Tensor::zeros(&shape(&s.ty))).collect();
@@ -94,7 +93,7 @@ train {{ batch: 4, steps: 1, optimizer: {opt}, {clip_line} }}
 "#
         );
         let c = checked(&src);
-        let g = autodiff::differentiate(graph::build(&c), &c);
+        let g = training_graph(&c);
         let mut rng = Rng(3);
         let (params, inputs) = values(&c, &mut rng, 2.0);
         // Non-zero state, as after some steps.

@@ -5,8 +5,7 @@
 
 use shardplan_compiler::graph::{Hyper, Target};
 use shardplan_compiler::interp::{apply, broadcast, run, Env, Tensor};
-use shardplan_compiler::kernel::{lower, BufKind, Program, StepKind};
-use shardplan_compiler::{autodiff, graph};
+use shardplan_compiler::kernel::{BufKind, Program, StepKind};
 
 mod common;
 use common::{shape, values, Rng};
@@ -74,8 +73,7 @@ fn execute(p: &Program, env: &Env<'_>) -> Vec<Tensor> {
 
 fn same_as_graph(src: &str, int_hi: f64) {
     let c = common::checked(src);
-    let g = autodiff::differentiate(graph::build(&c), &c);
-    let p = lower(&g);
+    let (g, p) = common::one_device(&c);
     let fused = p.steps.iter().filter(|s| matches!(s.kind, StepKind::Fused(_))).count();
     assert!(fused > 0 && p.steps.len() < g.len(), "fusion should merge nodes: {} steps for {} nodes", p.steps.len(), g.len());
     let folded = p.steps.iter().filter(|s| matches!(s.kind, StepKind::MatMul { trans_a: true, .. } | StepKind::MatMul { trans_b: true, .. })).count();

@@ -18,7 +18,9 @@
 //!   on one device or a cluster, metrics, evaluation, checkpoints);
 //!   `atomic`: files written atomically;
 //! - `data` loads training data; `checkpoint` reads and writes safetensors
-//!   files; `calibrate` measures the machine for the cost model.
+//!   files; `calibrate` measures the machine for the cost model;
+//!   `selftest` runs every kernel of a plan's programs alone on a backend
+//!   against the CPU.
 
 pub mod atomic;
 pub mod backend;
@@ -28,5 +30,6 @@ pub mod cluster;
 pub mod collectives;
 pub mod data;
 pub mod engine;
+pub mod selftest;
 pub mod session;
 pub mod transport;

@@ -8,9 +8,8 @@
 //! Where a GPU can be used, a second test runs every distinct kernel on
 //! random operands and compares it with the CPU backend.
 
-use shardplan_compiler::check::Placement;
-use shardplan_compiler::kernel::{self, Program};
-use shardplan_compiler::{autodiff, check_source_placed, graph, partition};
+use shardplan_compiler::check_source;
+use shardplan_compiler::kernel::Program;
 use shardplan_runtime::backend::cuda::{codegen, nvrtc, Kernel, Launch};
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -18,8 +17,8 @@ use std::process::Command;
 
 const ARCH: &str = "sm_90";
 
-/// (name, program) of every example: the single-device program, and each
-/// device program of the placed ones.
+/// (name, program) of every example, as `selftest` compiles them: the
+/// single-device program, and each device program of the placed ones.
 fn programs() -> Vec<(String, Program)> {
     // The examples beside this crate, or (a test binary run elsewhere) under the current folder.
     let built = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
@@ -31,19 +30,14 @@ fn programs() -> Vec<(String, Program)> {
     for path in files {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         let src = std::fs::read(&path).expect("read");
-        let (single, d) = check_source_placed(&src, &BTreeMap::new(), false);
-        let single = single.unwrap_or_else(|| panic!("{name}: {:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()));
-        let g = autodiff::differentiate(graph::build(&single), &single);
-        out.push((format!("{name} (one device)"), kernel::lower(&g)));
-        let (placed, _) = check_source_placed(&src, &BTreeMap::new(), true);
-        let placed = placed.expect("checks");
-        if matches!(placed.placement, Placement::Explicit(_)) {
-            let g = autodiff::differentiate(graph::build(&placed), &placed);
-            let plan = partition::partition(&placed, &g).expect("partitions");
-            for d in plan.devices {
-                out.push((format!("{name} device {}", d.device), d.program));
-            }
+        let (c, d) = check_source(&src);
+        let c = c.unwrap_or_else(|| panic!("{name}: {:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()));
+        let found =
+            shardplan_runtime::selftest::programs(&name, &c).unwrap_or_else(|d| panic!("{name}: {:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()));
+        if let Some(shardplan_runtime::selftest::SingleOnly::NotCompiled(d)) = &found.single_only {
+            panic!("{name}: {:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>());
         }
+        out.extend(found.programs);
     }
     out
 }

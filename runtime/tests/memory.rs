@@ -1,8 +1,8 @@
 //! The compile-time memory plan of every device against what its executor
 //! actually allocates, for every example.
 
-use shardplan_compiler::partition::{self, memory};
-use shardplan_compiler::{autodiff, check_source, graph};
+use shardplan_compiler::partition::memory;
+use shardplan_compiler::{check_source, compile, Target};
 use shardplan_runtime::backend::cpu::exec::Executor;
 
 #[test]
@@ -17,18 +17,20 @@ fn planned_memory_is_what_each_device_allocates() {
         let src = std::fs::read(&path).expect("read");
         let (c, d) = check_source(&src);
         let c = c.unwrap_or_else(|| panic!("{}: {:?}", path.display(), d.iter().map(|d| &d.message).collect::<Vec<_>>()));
-        if matches!(c.placement, shardplan_compiler::check::Placement::Auto { .. }) {
-            continue;
-        }
-        let g = autodiff::differentiate(graph::build(&c), &c);
-        let plan = partition::partition(&c, &g).expect("partitions");
-        for d in &plan.devices {
-            let planned = memory::device(d).total();
-            let exec = Executor::with_slots(d.program.clone(), 1, d.slots).expect("compiles");
+        let compiled =
+            compile(&c, &Default::default()).unwrap_or_else(|d| panic!("{}: {:?}", path.display(), d.iter().map(|d| &d.message).collect::<Vec<_>>()));
+        // (device, program, buffer sets) of what runs.
+        let devices: Vec<_> = match compiled.target {
+            Target::One(p) => vec![(0, p, 1)],
+            Target::Placed(plan) => plan.devices.into_iter().map(|d| (d.device, d.program, d.slots)).collect(),
+        };
+        for (device, program, slots) in devices {
+            let planned = memory::program(&program, slots).total();
+            let exec = Executor::with_slots(program, 1, slots).expect("compiles");
             let measured = exec.bytes();
             let off = (planned as f64 - measured as f64).abs() / measured as f64;
-            assert!(off <= 0.10, "{} device {}: planned {planned} B, allocated {measured} B", path.display(), d.device);
-            assert_eq!(planned, measured, "{} device {}", path.display(), d.device);
+            assert!(off <= 0.10, "{} device {device}: planned {planned} B, allocated {measured} B", path.display());
+            assert_eq!(planned, measured, "{} device {device}", path.display());
         }
         seen += 1;
     }

@@ -5,7 +5,7 @@
 use shardplan_compiler::graph::Op;
 use shardplan_compiler::kernel::StepKind;
 use shardplan_compiler::partition::{self, verify};
-use shardplan_compiler::{autodiff, check_source, graph};
+use shardplan_compiler::{check_source, compile, Target};
 use shardplan_runtime::cluster::{Cluster, ClusterError, Hypers};
 use shardplan_runtime::data::Batch;
 use std::time::{Duration, Instant};
@@ -32,8 +32,10 @@ placement {
 fn plan() -> partition::Plan {
     let (c, d) = check_source(PLAN.as_bytes());
     let c = c.unwrap_or_else(|| panic!("{:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()));
-    let g = autodiff::differentiate(graph::build(&c), &c);
-    partition::partition(&c, &g).expect("partitions")
+    match compile(&c, &Default::default()).unwrap_or_else(|d| panic!("{:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>())).target {
+        Target::Placed(plan) => plan,
+        Target::One(_) => panic!("the plan is placed"),
+    }
 }
 
 /// Device 1 sends where device 0 all-reduces.

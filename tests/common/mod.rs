@@ -29,20 +29,38 @@ pub fn verify_text(text: &str, base: &Path, set: &[(&str, i64)]) -> shardplan_ru
     session::compare(&mut one, &mut placed, &mut |_, _, _| {}).unwrap_or_else(|e| panic!("{}: {e}", e.code()))
 }
 
-/// The losses of training the plan `text` (data paths relative to `base`)
-/// through the library, with `configure` applied to the session's settings.
-pub fn train_text(text: &str, base: &Path, configure: impl FnOnce(&mut shardplan_runtime::session::Config), save: Option<&Path>) -> Vec<f32> {
+/// A training session of the plan `text` (data paths relative to `base`),
+/// compiled through the driver as `shardplan run` compiles it, with `edit`
+/// applied to the checked plan first (as `run --steps` and `--seed` change
+/// it) and `configure` to the session's settings (2 kernel threads, CPU).
+pub fn session(
+    text: &str,
+    base: &Path,
+    edit: impl FnOnce(&mut shardplan_compiler::Checked),
+    configure: impl FnOnce(&mut shardplan_runtime::session::Config),
+) -> shardplan_runtime::session::Session {
     use shardplan_runtime::session::{Backends, Config, Session};
     let (c, diags) = shardplan_compiler::check_source(text.as_bytes());
-    let c = c.unwrap_or_else(|| panic!("the plan does not check: {:?}", diags.iter().map(|d| &d.message).collect::<Vec<_>>()));
+    let mut c = c.unwrap_or_else(|| panic!("the plan does not check: {:?}", diags.iter().map(|d| &d.message).collect::<Vec<_>>()));
+    edit(&mut c);
     let compiled = shardplan_compiler::compile(&c, &Default::default()).unwrap_or_else(|d| panic!("{:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()));
     let mut cfg = Config::new(2, Backends::cpu());
     configure(&mut cfg);
-    let mut s = Session::new(compiled, text.as_bytes(), base, cfg).unwrap_or_else(|e| panic!("{}: {e}", e.code()));
+    Session::new(compiled, text.as_bytes(), base, cfg).unwrap_or_else(|e| panic!("{}: {e}", e.code()))
+}
+
+/// The losses of training `s` to its end; then saves it to `save`, when given.
+pub fn train(s: &mut shardplan_runtime::session::Session, save: Option<&Path>) -> Vec<f32> {
     let mut losses = Vec::new();
     s.train(&mut |r| losses.push(r.loss)).unwrap_or_else(|e| panic!("{}: {e}", e.code()));
     if let Some(p) = save {
         s.save(p).unwrap_or_else(|e| panic!("{}: {e}", e.code()));
     }
     losses
+}
+
+/// The losses of training the plan `text` (data paths relative to `base`)
+/// through the library, with `configure` applied to the session's settings.
+pub fn train_text(text: &str, base: &Path, configure: impl FnOnce(&mut shardplan_runtime::session::Config), save: Option<&Path>) -> Vec<f32> {
+    train(&mut session(text, base, |_| {}, configure), save)
 }

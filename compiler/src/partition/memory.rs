@@ -15,7 +15,7 @@
 
 use super::{DeviceProgram, Plan};
 use crate::graph::Role;
-use crate::kernel::{BufKind, StepKind};
+use crate::kernel::{BufKind, Program, StepKind};
 use serde::Serialize;
 
 /// Bytes of one device, by what they hold.
@@ -46,7 +46,12 @@ pub fn plan(plan: &Plan) -> Vec<Memory> {
 
 /// The memory plan of one device.
 pub fn device(d: &DeviceProgram) -> Memory {
-    let p = &d.program;
+    program(&d.program, d.slots)
+}
+
+/// The memory plan of a kernel program with `slots` buffer sets: a device's
+/// program, or the one program of a plan compiled for one device (one set).
+pub fn program(p: &Program, slots: usize) -> Memory {
     let n = p.buffers.len();
     // Inputs, and the temporaries forward and backward steps write: one copy per buffer set.
     let banked = p.banked();
@@ -67,7 +72,7 @@ pub fn device(d: &DeviceProgram) -> Memory {
             }
         }
     }
-    let sets = d.slots.max(1) as u64;
+    let sets = slots.max(1) as u64;
     let mut m = Memory::default();
     for (i, b) in p.buffers.iter().enumerate() {
         let bytes = 4 * b.len() as u64;

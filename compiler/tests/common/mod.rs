@@ -1,10 +1,14 @@
 //! Helpers shared by the compiler's integration tests: a seeded generator,
-//! checking a plan that must check, and random values for its tensors.
+//! checking a plan that must check, compiling it through the driver, and
+//! random values for its tensors.
 
 #![allow(dead_code)]
 
+use shardplan_compiler::graph::Graph;
 use shardplan_compiler::interp::Tensor;
-use shardplan_compiler::{check_source, Checked};
+use shardplan_compiler::kernel::Program;
+use shardplan_compiler::partition::Plan;
+use shardplan_compiler::{check_source, compile, Checked, Compiled, Options, Target};
 
 pub struct Rng(pub u64);
 
@@ -22,6 +26,34 @@ impl Rng {
 pub fn checked(src: &str) -> Checked {
     let (c, d) = check_source(src.as_bytes());
     c.unwrap_or_else(|| panic!("plan does not check: {:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()))
+}
+
+/// `c` through the compiler driver with `o`; panics with the diagnostics when it fails.
+pub fn compiled(c: &Checked, o: &Options) -> Compiled {
+    compile(c, o).unwrap_or_else(|d| panic!("the plan does not compile: {:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()))
+}
+
+/// One device's training step of `c`, as the driver compiles it: the
+/// training graph and its kernel program.
+pub fn one_device(c: &Checked) -> (Graph, Program) {
+    let compiled = compiled(c, &Options { single_device: true, ..Default::default() });
+    match compiled.target {
+        Target::One(p) => (compiled.graph, p),
+        Target::Placed(_) => panic!("compiled for one device, the plan was partitioned"),
+    }
+}
+
+/// The training graph of `c`, as the driver builds it.
+pub fn training_graph(c: &Checked) -> Graph {
+    one_device(c).0
+}
+
+/// The device programs of `c` (which has a placement), as the driver partitions it.
+pub fn placed(c: &Checked) -> Plan {
+    match compiled(c, &Options::default()).target {
+        Target::Placed(plan) => plan,
+        Target::One(_) => panic!("the plan has no placement: it compiles to one program"),
+    }
 }
 
 pub fn shape(t: &shardplan_compiler::check::Ty) -> Vec<usize> {

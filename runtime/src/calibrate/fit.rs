@@ -12,7 +12,7 @@
 //! singular or out of bounds, a figure is held at its bound and the others
 //! fitted alone.
 
-use super::reference::{checked, cluster_step, crowded_plan, kernel_classes, measure_step, side_by_side, NAMES, REFERENCES};
+use super::reference::{cluster_step, crowded_plan, kernel_classes, measure_step, one_device, placed, side_by_side, NAMES, REFERENCES};
 use super::{CalibrateError, ReferenceStep};
 use shardplan_compiler::check::Checked;
 use shardplan_compiler::graph::Graph;
@@ -72,9 +72,8 @@ pub(super) fn fit(base: &Profile, emit: &mut dyn FnMut(ReferenceStep)) -> Result
         Profile { cores: 1, efficiency: 1.0, bytes_efficiency: None, kernel_efficiency: None, thread_speedup: None, bytes_speedup: None, ..base.clone() };
     let mut refs = Vec::new();
     for (src, bound) in REFERENCES {
-        let (c, g) = checked(src, "a reference plan")?;
+        let (c, g, program) = one_device(src, "a reference plan")?;
         let step = |p: &Profile| planner::predict(&c, &g, p).map(|x| x.step_s()).unwrap_or(0.0);
-        let program = shardplan_compiler::kernel::lower(&g);
         let calls = kernel_classes(&program).iter().fold([0.0; 3], |mut n, &k| {
             n[k.index()] += 1.0;
             n
@@ -141,8 +140,7 @@ pub(super) fn fit(base: &Profile, emit: &mut dyn FnMut(ReferenceStep)) -> Result
         if n > 16 || !n.is_multiple_of(4) {
             continue;
         }
-        let (c, g) = checked(&crowded_plan(n, pipelined), "the crowded reference")?;
-        let plan = shardplan_compiler::partition::partition(&c, &g).map_err(|e| CalibrateError::Partition(e.to_string()))?;
+        let (c, g, plan) = placed(&crowded_plan(n, pipelined), "the crowded reference")?;
         let t = cluster_step(plan, c.train.batch as usize, cores)?;
         crowded.push((c, g, t, if pipelined { "pipelined" } else { "tensor parallel" }));
     }

@@ -31,9 +31,10 @@ pub enum CalibrateError {
     /// A reference plan does not check (a bug in the references).
     #[error("{what} does not check: {messages:?}")]
     Check { what: &'static str, messages: Vec<String> },
-    /// The crowded reference does not partition.
-    #[error("the crowded reference does not partition: {0}")]
-    Partition(String),
+    /// A reference plan does not compile (a bug in the references or the
+    /// compiler).
+    #[error("{what} does not compile: {messages:?}")]
+    Compile { what: &'static str, messages: Vec<String> },
     /// A reference step failed to run.
     #[error("{0}")]
     Run(String),

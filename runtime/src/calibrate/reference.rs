@@ -15,7 +15,9 @@ use crate::backend::cpu::exec::Executor;
 use shardplan_compiler::check::Checked;
 use shardplan_compiler::graph::Graph;
 use shardplan_compiler::kernel::Program;
+use shardplan_compiler::partition::Plan;
 use shardplan_compiler::planner::KernelClass;
+use shardplan_compiler::{Compiled, Diagnostics, Options, Target};
 
 /// Reference steps: one compute-bound, one dominated by fixed costs, and a
 /// small transformer (attention's transposes, softmax and norms).
@@ -44,13 +46,31 @@ train { model: G, data: d, batch: 8, seq: 64, steps: 1, optimizer: adam(lr: 0.00
 /// The references by name, in the order of [`REFERENCES`].
 pub(super) const NAMES: [&str; 3] = ["compute-bound MLP", "tiny MLP", "small transformer"];
 
-/// A reference's checked plan and training graph; `what` names it in the
-/// error when it does not check.
-pub(super) fn checked(src: &str, what: &'static str) -> Result<(Checked, Graph), CalibrateError> {
+/// A reference plan through the compiler driver with `o`; `what` names it
+/// in the error when it does not check or compile.
+fn compiled(src: &str, what: &'static str, o: &Options) -> Result<Compiled, CalibrateError> {
+    let messages = |d: Diagnostics| d.iter().map(|d| d.message.clone()).collect();
     let (c, d) = shardplan_compiler::check_source(src.as_bytes());
-    let c = c.ok_or_else(|| CalibrateError::Check { what, messages: d.iter().map(|d| d.message.clone()).collect() })?;
-    let g = shardplan_compiler::autodiff::differentiate(shardplan_compiler::graph::build(&c), &c);
-    Ok((c, g))
+    let c = c.ok_or_else(|| CalibrateError::Check { what, messages: messages(d) })?;
+    shardplan_compiler::compile(&c, o).map_err(|d| CalibrateError::Compile { what, messages: messages(d) })
+}
+
+/// A reference's checked plan, training graph and one device's program.
+pub(super) fn one_device(src: &str, what: &'static str) -> Result<(Checked, Graph, Program), CalibrateError> {
+    let c = compiled(src, what, &Options { single_device: true, ..Default::default() })?;
+    match c.target {
+        Target::One(p) => Ok((c.checked, c.graph, p)),
+        Target::Placed(_) => Err(CalibrateError::Compile { what, messages: vec!["compiled for one device, it was partitioned".into()] }),
+    }
+}
+
+/// A placed reference's checked plan, training graph and device programs.
+pub(super) fn placed(src: &str, what: &'static str) -> Result<(Checked, Graph, Plan), CalibrateError> {
+    let c = compiled(src, what, &Options::default())?;
+    match c.target {
+        Target::Placed(plan) => Ok((c.checked, c.graph, plan)),
+        Target::One(_) => Err(CalibrateError::Compile { what, messages: vec!["it has no placement".into()] }),
+    }
 }
 
 /// The class of each step of `program`.

@@ -4,13 +4,11 @@
 
 use super::super::{Kernel, Launch};
 use super::{lower, lower_program};
-use shardplan_compiler::check::Placement;
-use shardplan_compiler::kernel::{self, BufId, Elem, Program, StepKind};
-use shardplan_compiler::{autodiff, check_source_placed, graph, partition};
-use std::collections::BTreeMap;
+use shardplan_compiler::check_source;
+use shardplan_compiler::kernel::{BufId, Elem, Program, StepKind};
 
-/// (name, program) of every example: the single-device program, and each
-/// device program of the placed ones.
+/// (name, program) of every example, as `selftest` compiles them: the
+/// single-device program, and each device program of the placed ones.
 fn programs() -> Vec<(String, Program)> {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
     let mut files: Vec<_> = std::fs::read_dir(dir).expect("examples").filter_map(|e| e.ok()).map(|e| e.path()).collect();
@@ -20,19 +18,13 @@ fn programs() -> Vec<(String, Program)> {
     for path in files {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         let src = std::fs::read(&path).expect("read");
-        let (single, d) = check_source_placed(&src, &BTreeMap::new(), false);
-        let single = single.unwrap_or_else(|| panic!("{name}: {:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()));
-        let g = autodiff::differentiate(graph::build(&single), &single);
-        out.push((format!("{name} (one device)"), kernel::lower(&g)));
-        let (placed, _) = check_source_placed(&src, &BTreeMap::new(), true);
-        let placed = placed.expect("checks");
-        if matches!(placed.placement, Placement::Explicit(_)) {
-            let g = autodiff::differentiate(graph::build(&placed), &placed);
-            let plan = partition::partition(&placed, &g).expect("partitions");
-            for d in plan.devices {
-                out.push((format!("{name} device {}", d.device), d.program));
-            }
+        let (c, d) = check_source(&src);
+        let c = c.unwrap_or_else(|| panic!("{name}: {:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()));
+        let found = crate::selftest::programs(&name, &c).unwrap_or_else(|d| panic!("{name}: {:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()));
+        if let Some(crate::selftest::SingleOnly::NotCompiled(d)) = &found.single_only {
+            panic!("{name}: {:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>());
         }
+        out.extend(found.programs);
     }
     assert!(out.len() >= 8, "only {} programs", out.len());
     out
