@@ -283,5 +283,5 @@ fn thousands(n: i64) -> String {
 }
 
 pub fn bytes(b: u64) -> String {
-    shardplan_compiler::check::placement::human_bytes(b)
+    shardplan_compiler::units::Bytes(b).to_string()
 }

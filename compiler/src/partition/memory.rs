@@ -16,6 +16,7 @@
 use super::{DeviceProgram, Plan};
 use crate::graph::Role;
 use crate::kernel::{BufKind, StepKind};
+use crate::units::{Bytes, Unit};
 use serde::Serialize;
 
 /// Bytes of one device, by what they hold.
@@ -87,14 +88,12 @@ pub fn device(d: &DeviceProgram) -> Memory {
     m
 }
 
-fn mib(b: u64) -> String {
-    let b = b as f64;
-    if b >= (1u64 << 30) as f64 {
-        format!("{:.2} GiB", b / (1u64 << 30) as f64)
-    } else if b >= (1u64 << 20) as f64 {
-        format!("{:.1} MiB", b / (1u64 << 20) as f64)
-    } else {
-        format!("{:.1} KiB", b / 1024.0)
+/// Sizes in messages: two decimals in GiB, one below, never in bytes.
+fn size(b: u64) -> String {
+    let b = Bytes(b).within(Unit::KiB, Unit::GiB);
+    match b.unit() {
+        Unit::GiB => format!("{b:.2}"),
+        _ => format!("{b:.1}"),
     }
 }
 
@@ -120,15 +119,15 @@ pub fn check(c: &crate::Checked, plan: &Plan) -> Option<crate::Diagnostic> {
             over.len(),
             plan.devices.len(),
             name(first),
-            mib(over[0].1.total()),
-            mib(cap)
+            size(over[0].1.total()),
+            size(cap)
         ),
     );
     if let crate::check::Placement::Explicit(e) = &c.placement {
         d = d.label(e.span, "this placement does not fit");
     }
     if let Some(span) = c.devices.get(first).and_then(|x| x.span) {
-        d = d.label(span, format!("{} has {}", name(first), mib(cap)));
+        d = d.label(span, format!("{} has {}", name(first), size(cap)));
     }
     let lines: Vec<String> = over
         .iter()
@@ -137,14 +136,14 @@ pub fn check(c: &crate::Checked, plan: &Plan) -> Option<crate::Diagnostic> {
             format!(
                 "{}: {} of {} (parameters {}, gradients {}, optimizer {}, activations {}, transfers {}, workspace {})",
                 name(*i),
-                mib(m.total()),
-                mib(*cap),
-                mib(m.params),
-                mib(m.grads),
-                mib(m.optimizer),
-                mib(m.activations),
-                mib(m.comm),
-                mib(m.workspace)
+                size(m.total()),
+                size(*cap),
+                size(m.params),
+                size(m.grads),
+                size(m.optimizer),
+                size(m.activations),
+                size(m.comm),
+                size(m.workspace)
             )
         })
         .collect();
