@@ -431,8 +431,11 @@ fn check_plan(plan: &Plan, c: &Checked, g: &graph::Graph) -> Result<(), String> 
         match bytes(&d.program, d.slots) {
             Some(b) if b <= limit => {}
             b => {
-                let need = b.map(check::bytes).unwrap_or_else(|| "more memory than can be counted".into());
-                return Err(at(format!("its buffers need {need}, far more than its part of a step that needs {} on one device", check::bytes(whole))));
+                let need = b.map(|b| shardplan_compiler::units::Bytes(b).to_string()).unwrap_or_else(|| "more memory than can be counted".into());
+                return Err(at(format!(
+                    "its buffers need {need}, far more than its part of a step that needs {} on one device",
+                    shardplan_compiler::units::Bytes(whole)
+                )));
             }
         }
         for (what, pieces, shapes) in [("parameter", &d.params, &params), ("optimizer state", &d.states, &states)] {
