@@ -88,7 +88,7 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
             placed.placement = shardplan_compiler::check::Placement::Explicit(planner::explicit(&c, &found.candidates[i]));
             if let Ok(plan) = shardplan_compiler::partition::partition(&placed, &g) {
                 println!();
-                super::devices::print(&name, &placed, &plan);
+                super::placed::print(&name, &placed, &plan);
             }
         }
         return if found.chosen.is_some() { ExitCode::SUCCESS } else { ExitCode::from(1) };
@@ -105,8 +105,8 @@ pub fn run(file: &Path, graph_format: Option<GraphFormat>, kernels: Option<Kerne
             };
             let name = file.display().to_string();
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&super::devices::json(&name, &c, &plan)).unwrap_or_default()),
-                Format::Human => super::devices::print(&name, &c, &plan),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&super::placed::json(&name, &c, &plan)).unwrap_or_default()),
+                Format::Human => super::placed::print(&name, &c, &plan),
             }
         }
         None => {

@@ -15,7 +15,7 @@
 
 use super::{DeviceProgram, Plan};
 use crate::graph::Role;
-use crate::kernel::{BufKind, StepKind};
+use crate::kernel::{BufKind, Program, StepKind};
 use crate::units::{Bytes, Unit};
 use serde::Serialize;
 
@@ -59,15 +59,7 @@ pub fn device(d: &DeviceProgram) -> Memory {
             }
         }
     }
-    let mut grad = vec![false; n];
-    for s in p.steps.iter().filter(|s| s.role == Role::Update) {
-        for b in &s.inputs {
-            let i = p.storage(*b).0 as usize;
-            if banked[i] && p.buffers[i].kind == BufKind::Temp {
-                grad[i] = true;
-            }
-        }
-    }
+    let grad = gradients(p, &banked);
     let sets = d.slots.max(1) as u64;
     let mut m = Memory::default();
     for (i, b) in p.buffers.iter().enumerate() {
@@ -86,6 +78,22 @@ pub fn device(d: &DeviceProgram) -> Memory {
         }
     }
     m
+}
+
+/// Which buffers of `p` are gradients held as temporaries: the banked
+/// temporaries (see [`Program::banked`]) the update reads. Accumulators
+/// ([`BufKind::Accum`]) are gradients too, by their kind.
+pub fn gradients(p: &Program, banked: &[bool]) -> Vec<bool> {
+    let mut grad = vec![false; p.buffers.len()];
+    for s in p.steps.iter().filter(|s| s.role == Role::Update) {
+        for b in &s.inputs {
+            let i = p.storage(*b).0 as usize;
+            if banked[i] && p.buffers[i].kind == BufKind::Temp {
+                grad[i] = true;
+            }
+        }
+    }
+    grad
 }
 
 /// Sizes in messages: two decimals in GiB, one below, never in bytes.
