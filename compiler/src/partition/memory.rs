@@ -47,7 +47,12 @@ pub fn plan(plan: &Plan) -> Vec<Memory> {
 
 /// The memory plan of one device.
 pub fn device(d: &DeviceProgram) -> Memory {
-    let p = &d.program;
+    program(&d.program, d.slots)
+}
+
+/// The memory plan of a program run with `slots` buffer sets (one device's
+/// program, or the single program of a plan without a placement).
+pub fn program(p: &Program, slots: usize) -> Memory {
     let n = p.buffers.len();
     // Inputs, and the temporaries forward and backward steps write: one copy per buffer set.
     let banked = p.banked();
@@ -60,7 +65,7 @@ pub fn device(d: &DeviceProgram) -> Memory {
         }
     }
     let grad = gradients(p, &banked);
-    let sets = d.slots.max(1) as u64;
+    let sets = slots.max(1) as u64;
     let mut m = Memory::default();
     for (i, b) in p.buffers.iter().enumerate() {
         let bytes = 4 * b.len() as u64;
