@@ -49,7 +49,7 @@ fn read_and_check(path: &std::path::Path) -> (Sources, Option<Checked>, Vec<Diag
 
 /// Prints diagnostics (warnings included) to stderr, and the error count
 /// when there are errors. Returns that count.
-fn report(name: &str, sources: &Sources, diags: &[Diagnostic], color: bool) -> usize {
+pub fn report(name: &str, sources: &Sources, diags: &[Diagnostic], color: bool) -> usize {
     for d in diags {
         eprint!("{}", render::human(d, sources, color));
         eprintln!();
