@@ -70,7 +70,7 @@ fn hostile_device_profiles_are_refused() {
             .expect("runs");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{what}: {err}");
-        assert!(err.contains("error[run::device_profile]") && err.contains("profile.json"), "{what}: {err}");
+        assert!(err.contains("run::device_profile") && err.contains("profile.json"), "{what}: {err}");
         assert!(!err.contains("panicked"), "{what}: {err}");
     }
     let _ = std::fs::remove_dir_all(&dir);

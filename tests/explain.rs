@@ -39,3 +39,28 @@ fn an_explicit_placement_is_explained_too() {
     assert!(text.contains("as placed") && text.contains("pipeline bubble"), "{text}");
     insta::assert_snapshot!(text);
 }
+
+/// When no placement fits the budget, `--explain` still lists the closest
+/// candidates, and the command fails with the diagnostic.
+#[test]
+fn no_fit_lists_the_closest_candidates_and_fails() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let plan = std::fs::read_to_string(format!("{root}/examples/auto.plan"))
+        .expect("the example")
+        .replace("memory 512 MiB per device", "memory 1 MiB per device")
+        .replace("\"data/tiny.txt\"", &format!("{:?}", format!("{root}/examples/data/tiny.txt")));
+    let dir = std::env::temp_dir().join(format!("shardplan-explain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("no_fit.plan");
+    std::fs::write(&path, plan).expect("write the plan");
+    let out = Command::new(env!("CARGO_BIN_EXE_shardplan"))
+        .args(["--color", "never", "inspect", "--explain", "--device-profile", "tests/plans/profile_2core.json"])
+        .arg(&path)
+        .current_dir(root)
+        .output()
+        .expect("runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("no candidate fits the memory budget; the closest:"), "{stdout}");
+    assert!(stderr.contains("placement::no_fit"), "{stderr}");
+}

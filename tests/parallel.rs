@@ -336,3 +336,15 @@ fn a_plan_that_does_not_fit_is_rejected_before_running() {
     assert!(out.stdout.is_empty(), "it trained: {}", String::from_utf8_lossy(&out.stdout));
     insta::assert_snapshot!(String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn inspect_rejects_a_plan_that_does_not_fit() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardplan"))
+        .args(["--color", "never", "inspect", "tests/plans/too_small.plan"])
+        .current_dir(root())
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("placement::out_of_memory"), "{stderr}");
+}

@@ -15,10 +15,11 @@
 //! kernel program instead of partitioned.
 //!
 //! Invariants: no other code chains these stages; every caller (the command
-//! line, the training session, the tests) goes through [`compile`]. The
-//! graph and communication verifiers always run (both are linear in the
-//! program); the kernel programs' own structural check runs in debug builds
-//! and tests. A verifier's failure is a compiler bug, reported as the
+//! line, the training session, the tests) goes through [`compile`] (or
+//! [`compile_explained`], which also returns the planner's search when no
+//! placement fits). The graph and communication verifiers always run (both
+//! are linear in the program); the kernel programs' own structural check
+//! runs in debug builds and tests. A verifier's failure is a compiler bug, reported as the
 //! diagnostic `compile::internal`.
 
 use crate::check::{Checked, Placement};
@@ -96,6 +97,28 @@ fn internal(message: String) -> Diagnostics {
 
 /// Runs every stage after the checker on `c`.
 pub fn compile(c: &Checked, o: &Options) -> Result<Compiled, Diagnostics> {
+    compile_explained(c, o).map_err(|f| f.diagnostics)
+}
+
+/// Why [`compile_explained`] failed.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub diagnostics: Diagnostics,
+    /// The planner's search and the seconds it took, when `placement auto`
+    /// found no placement that fits.
+    pub search: Option<(Box<Search>, f64)>,
+}
+
+impl From<Diagnostics> for Failure {
+    fn from(diagnostics: Diagnostics) -> Failure {
+        Failure { diagnostics, search: None }
+    }
+}
+
+/// As [`compile`]; when no placement of `placement auto` fits, the failure
+/// keeps the planner's search, whose closest candidates `inspect --explain`
+/// lists.
+pub fn compile_explained(c: &Checked, o: &Options) -> Result<Compiled, Failure> {
     let mut checked = c.clone();
     if o.single_device || o.forward_only {
         checked.placement = Placement::Single;
@@ -118,7 +141,7 @@ pub fn compile(c: &Checked, o: &Options) -> Result<Compiled, Diagnostics> {
         let found = planner::search(&checked, &g, &profile);
         search_s = t.elapsed().as_secs_f64();
         let Some(best) = found.chosen.map(|i| found.candidates[i].clone()) else {
-            return Err(no_fit());
+            return Err(Failure { diagnostics: no_fit(), search: Some((Box::new(found), search_s)) });
         };
         checked.placement = Placement::Explicit(planner::explicit(c, &best));
         search = Some(found);

@@ -54,6 +54,9 @@ pub mod plan;
 /// The reference interpreter every backend's kernels are tested against.
 pub mod interp;
 
+/// Byte counts as people read them: the one formatter of sizes.
+pub mod units;
+
 pub use check::Checked;
 pub use diag::{Diagnostic, Diagnostics, Severity, SourceId, Span};
 pub use driver::{compile, Compiled, Options, Target};

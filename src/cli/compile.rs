@@ -19,7 +19,6 @@ use shardplan_compiler::check::Placement;
 use shardplan_compiler::partition::Plan;
 use shardplan_compiler::plan::{self as planfile, Document, PlanFileError};
 use shardplan_compiler::{Checked, Diagnostic, Options, SourceId, Span};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -92,38 +91,12 @@ pub fn run(file: &Path, out: &Path, color: bool) -> ExitCode {
         Ok(_) => return fail("compile::internal", "the compiled plan does not read back as the same plan".into(), BUG),
         Err(e) => return fail("compile::internal", format!("the compiled plan does not read back: {}", e.message), BUG),
     }
-    if let Err(e) = write_atomically(out, text.as_bytes()) {
+    if let Err(e) = shardplan_runtime::atomic::write(out, text.as_bytes()) {
         return fail("compile::write", format!("cannot write `{}`: {e}", out.display()), "check that the output's directory exists and is writable");
     }
     let n = doc.plan.devices.len();
     println!("{}: {n} device{}, {:016x}", out.display(), if n == 1 { "" } else { "s" }, doc.plan.hash);
     ExitCode::SUCCESS
-}
-
-/// Writes `bytes` to a temporary file next to `path`, syncs it and renames
-/// it into place: `path` holds the old contents or all of the new ones.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let Some(name) = path.file_name() else {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file"));
-    };
-    let tmp = path.with_file_name(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-    let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
-    // Make the rename itself durable where directories can be synced.
-    if let Some(dir) = path.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }
 
 /// Reads, checks and prints the diagnostics of the compiled plan at `path`.

@@ -6,8 +6,8 @@
 mod auto;
 mod check;
 mod compile;
-mod devices;
 mod inspect;
+mod placed;
 pub mod render;
 mod run;
 mod selftest;

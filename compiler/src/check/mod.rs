@@ -11,12 +11,14 @@ pub mod model;
 mod ops;
 pub mod placement;
 pub mod sections;
+mod summary;
 pub mod types;
 
 pub use model::{Child, Init, Input, Instance, Model, Param, TopLayer, Unit};
 pub use ops::broadcast as broadcast_shapes;
 pub use placement::{Explicit, Objective, Pipeline, Placement, Schedule, Shard};
 pub use sections::{Data, DataSource, Device, DeviceKind, Length, LrSchedule, Optimizer, RowRange, Train};
+pub use summary::summary;
 pub use types::{DType, Dim, InstId, Prim, TId, TraceOp, Ty};
 
 use crate::diag::{did_you_mean, Diagnostic, Diagnostics, SourceId, Span};

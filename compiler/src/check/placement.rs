@@ -11,6 +11,7 @@ use super::model::{Child, Model, Unit};
 use super::sections::{quantity, Device, UnitKind};
 use crate::diag::{did_you_mean, Diagnostic, Diagnostics, Span};
 use crate::syntax::ast::{self, Index, PathSeg, PlacementKind, PlacementStmt};
+use crate::units::Bytes;
 use std::collections::BTreeMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,11 +120,8 @@ fn auto(stmts: &[ast::AutoStmt], devices: &[Device], diags: &mut Diagnostics) ->
                     if let Some((cap, name)) = smallest.filter(|(cap, _)| (m as u64) > *cap) {
                         diags.push(
                             Diagnostic::error("placement::auto_memory", format!("the memory budget is more than device `{name}` has"))
-                                .label(value.span, format!("{} per device", human_bytes(m as u64)))
-                                .help(format!(
-                                    "`{name}` has {}; lower the budget to at most that, or omit it to use the devices' own memory",
-                                    human_bytes(cap)
-                                )),
+                                .label(value.span, format!("{} per device", Bytes(m as u64)))
+                                .help(format!("`{name}` has {}; lower the budget to at most that, or omit it to use the devices' own memory", Bytes(cap))),
                         );
                         ok = false;
                     }
@@ -826,21 +824,5 @@ fn device_range(devices: &[Device]) -> String {
         [] => "none".into(),
         [one] => one.name.clone(),
         [first, .., last] => format!("{}..{}", first.name, last.name),
-    }
-}
-
-/// `268435456` as "256 MiB".
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 || v.fract() == 0.0 {
-        format!("{v} {}", UNITS[u])
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }

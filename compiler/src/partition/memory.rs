@@ -16,6 +16,7 @@
 use super::{DeviceProgram, Plan};
 use crate::graph::Role;
 use crate::kernel::{BufKind, Program, StepKind};
+use crate::units::{Bytes, Unit};
 use serde::Serialize;
 
 /// Bytes of one device, by what they hold.
@@ -49,8 +50,8 @@ pub fn device(d: &DeviceProgram) -> Memory {
     program(&d.program, d.slots)
 }
 
-/// The memory plan of a kernel program with `slots` buffer sets: a device's
-/// program, or the one program of a plan compiled for one device (one set).
+/// The memory plan of a program run with `slots` buffer sets (one device's
+/// program, or the single program of a plan without a placement).
 pub fn program(p: &Program, slots: usize) -> Memory {
     let n = p.buffers.len();
     // Inputs, and the temporaries forward and backward steps write: one copy per buffer set.
@@ -63,15 +64,7 @@ pub fn program(p: &Program, slots: usize) -> Memory {
             }
         }
     }
-    let mut grad = vec![false; n];
-    for s in p.steps.iter().filter(|s| s.role == Role::Update) {
-        for b in &s.inputs {
-            let i = p.storage(*b).0 as usize;
-            if banked[i] && p.buffers[i].kind == BufKind::Temp {
-                grad[i] = true;
-            }
-        }
-    }
+    let grad = gradients(p, &banked);
     let sets = slots.max(1) as u64;
     let mut m = Memory::default();
     for (i, b) in p.buffers.iter().enumerate() {
@@ -92,14 +85,28 @@ pub fn program(p: &Program, slots: usize) -> Memory {
     m
 }
 
-fn mib(b: u64) -> String {
-    let b = b as f64;
-    if b >= (1u64 << 30) as f64 {
-        format!("{:.2} GiB", b / (1u64 << 30) as f64)
-    } else if b >= (1u64 << 20) as f64 {
-        format!("{:.1} MiB", b / (1u64 << 20) as f64)
-    } else {
-        format!("{:.1} KiB", b / 1024.0)
+/// Which buffers of `p` are gradients held as temporaries: the banked
+/// temporaries (see [`Program::banked`]) the update reads. Accumulators
+/// ([`BufKind::Accum`]) are gradients too, by their kind.
+pub fn gradients(p: &Program, banked: &[bool]) -> Vec<bool> {
+    let mut grad = vec![false; p.buffers.len()];
+    for s in p.steps.iter().filter(|s| s.role == Role::Update) {
+        for b in &s.inputs {
+            let i = p.storage(*b).0 as usize;
+            if banked[i] && p.buffers[i].kind == BufKind::Temp {
+                grad[i] = true;
+            }
+        }
+    }
+    grad
+}
+
+/// Sizes in messages: two decimals in GiB, one below, never in bytes.
+fn size(b: u64) -> String {
+    let b = Bytes(b).within(Unit::KiB, Unit::GiB);
+    match b.unit() {
+        Unit::GiB => format!("{b:.2}"),
+        _ => format!("{b:.1}"),
     }
 }
 
@@ -125,15 +132,15 @@ pub fn check(c: &crate::Checked, plan: &Plan) -> Option<crate::Diagnostic> {
             over.len(),
             plan.devices.len(),
             name(first),
-            mib(over[0].1.total()),
-            mib(cap)
+            size(over[0].1.total()),
+            size(cap)
         ),
     );
     if let crate::check::Placement::Explicit(e) = &c.placement {
         d = d.label(e.span, "this placement does not fit");
     }
     if let Some(span) = c.devices.get(first).and_then(|x| x.span) {
-        d = d.label(span, format!("{} has {}", name(first), mib(cap)));
+        d = d.label(span, format!("{} has {}", name(first), size(cap)));
     }
     let lines: Vec<String> = over
         .iter()
@@ -142,14 +149,14 @@ pub fn check(c: &crate::Checked, plan: &Plan) -> Option<crate::Diagnostic> {
             format!(
                 "{}: {} of {} (parameters {}, gradients {}, optimizer {}, activations {}, transfers {}, workspace {})",
                 name(*i),
-                mib(m.total()),
-                mib(*cap),
-                mib(m.params),
-                mib(m.grads),
-                mib(m.optimizer),
-                mib(m.activations),
-                mib(m.comm),
-                mib(m.workspace)
+                size(m.total()),
+                size(*cap),
+                size(m.params),
+                size(m.grads),
+                size(m.optimizer),
+                size(m.activations),
+                size(m.comm),
+                size(m.workspace)
             )
         })
         .collect();

@@ -32,6 +32,7 @@
 
 mod local;
 pub mod memory;
+pub mod report;
 mod rules;
 pub(crate) mod schedule;
 pub mod verify;

@@ -34,13 +34,13 @@
 //! makes passes.
 
 use super::{PlanFileError, AGAIN, BUG};
-use crate::check::placement::human_bytes;
 use crate::check::{Checked, Placement, Schedule};
 use crate::driver::{self, Options, Target};
 use crate::graph::{Graph, Role};
 use crate::kernel::{BufKind, Elem, Program};
 use crate::partition::schedule::passes;
 use crate::partition::{self, chunk_range, Layout, Phase, Plan};
+use crate::units::Bytes;
 
 /// A device's buffers may need up to this many times the bytes of the whole
 /// training step on one device per buffer set (plus one), plus
@@ -350,10 +350,10 @@ fn fields(plan: &Plan, c: &Checked, g: &Graph, whole: &Program) -> Result<(), In
         match bytes(p, d.slots) {
             Some(b) if b <= limit => {}
             b => {
-                let need = b.map(human_bytes).unwrap_or_else(|| "more memory than can be counted".into());
+                let need = b.map(|b| Bytes(b).to_string()).unwrap_or_else(|| "more memory than can be counted".into());
                 return bad(
                     field("/program"),
-                    at(format!("its buffers need {need}, far more than its part of a step that needs {} on one device", human_bytes(whole))),
+                    at(format!("its buffers need {need}, far more than its part of a step that needs {} on one device", Bytes(whole))),
                 );
             }
         }

@@ -11,6 +11,7 @@
 //! every figure of one explanation has the same form.
 
 use super::{Candidate, Search, NEAR_TIE};
+use crate::units::{Bytes, Unit};
 
 /// Milliseconds with three significant figures below 1 ms (steps of
 /// small models take tens of microseconds), two decimals above.
@@ -23,8 +24,9 @@ pub fn ms(s: f64) -> String {
     }
 }
 
+/// Sizes in MiB with one decimal, so the figures of one explanation line up.
 fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    format!("{:.1}", Bytes(b).in_unit(Unit::MiB))
 }
 
 /// Why `other` lost to `best`.

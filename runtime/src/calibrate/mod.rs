@@ -21,6 +21,7 @@ mod reference;
 pub use measure::{measure, Measured};
 
 use shardplan_compiler::planner::{ms, Profile};
+use shardplan_compiler::units::{Bytes, Unit};
 
 /// Why calibration, or one of its reference steps, failed.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -100,7 +101,7 @@ fn measured_lines(m: &Measured) -> Vec<String> {
     }
     out.push("element-wise, one core:".into());
     for (bytes, r) in &m.elementwise {
-        out.push(format!("  {:>8.0} KiB per call {:>8.1} GB/s", *bytes as f64 / 1024.0, r / 1e9));
+        out.push(format!("  {:>12.0} per call {:>8.1} GB/s", Bytes(*bytes as u64).in_unit(Unit::KiB), r / 1e9));
     }
     out.push(format!("between two devices: {:.1} GB/s, {:.1} µs per message", m.link_bytes / 1e9, m.link_latency * 1e6));
     out.push(format!("cores: {}", m.cores));

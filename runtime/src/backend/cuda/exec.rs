@@ -38,6 +38,7 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use shardplan_compiler::graph::{Hyper, Op, Role, Target};
 use shardplan_compiler::kernel::{BufId, BufKind, Elem, Program, StepKind};
+use shardplan_compiler::units::{Bytes, Unit};
 use std::sync::Arc;
 
 /// The memory of one storage buffer.
@@ -670,7 +671,7 @@ pub fn describe(kind: &StepKind) -> String {
 }
 
 fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    format!("{:.1}", Bytes(bytes).in_unit(Unit::MiB))
 }
 
 impl Engine for GpuExecutor {
