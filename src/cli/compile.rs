@@ -426,7 +426,7 @@ fn check_plan(plan: &Plan, c: &Checked, g: &graph::Graph) -> Result<(), String> 
                 )));
             }
         }
-        d.program.validate().map_err(at)?;
+        d.program.validate().map_err(|e| at(e.to_string()))?;
         let limit = whole.saturating_mul(MEMORY_FACTOR.saturating_mul(d.slots as u64 + 1)).saturating_add(MEMORY_SLACK);
         match bytes(&d.program, d.slots) {
             Some(b) if b <= limit => {}
