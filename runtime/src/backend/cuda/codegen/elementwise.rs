@@ -2,6 +2,11 @@
 //! reduction epilogues), copies through an index map (broadcast, expand,
 //! transpose, slice, pack, unpack), the causal mask, embedding lookup, the
 //! mean-squared-error gradient and gradient accumulation.
+//!
+//! Input: a step's operands and output (`Io`) and the op's attributes.
+//! Output: the kernel, None when it has nothing to compute, or a `CodegenError`
+//! when the operands or output do not fit the kernel (checked before any
+//! source is written).
 
 use super::writer::{f32_lit, Gen, Mode, GELU};
 use super::{CodegenError, Io};

@@ -10,6 +10,11 @@
 //! takes one thread per output element looping over the reduced dims in
 //! order. Neighbouring threads read neighbouring columns. Sums accumulate in
 //! double.
+//!
+//! Input: a step's operands and output (`Io`) and the op's attributes.
+//! Output: the kernel, None when it has nothing to compute, or a `CodegenError`
+//! when the operands or output do not fit the kernel (checked before any
+//! source is written).
 
 use super::elementwise::{index_map, simplify};
 use super::writer::{f32_lit, f64_lit, pow2_block, Gen, Mode};

@@ -7,6 +7,11 @@
 //!
 //! A row along an axis other than the last is strided: element `j` of row
 //! `(o, n)` is at `o·D·inner + j·inner + n`.
+//!
+//! Input: a step's operands and output (`Io`) and the op's attributes.
+//! Output: the kernel, None when it has nothing to compute, or a `CodegenError`
+//! when the operands or output do not fit the kernel (checked before any
+//! source is written).
 
 use super::writer::{f32_lit, f64_lit, pow2_block, Gen, Mode, MAX2, WARP_REDUCE};
 use super::{CodegenError, Io, Kernel};
