@@ -138,4 +138,18 @@ mod tests {
         assert!(super::options("sm_").is_err());
         assert_eq!(super::options("sm_").unwrap_err().to_string(), "`sm_` is not a GPU architecture (expected e.g. sm_90)");
     }
+
+    #[test]
+    fn a_failed_compilation_carries_the_log_and_the_source() {
+        if super::available().is_err() {
+            eprintln!("skipped: NVRTC not found");
+            return;
+        }
+        let source = "extern \"C\" __global__ void broken() { undeclared = 1; }";
+        let e = super::compile(source, "sm_90").unwrap_err();
+        let super::NvrtcError::Compile { log, code, options, .. } = &e else { panic!("{e:?}") };
+        assert!(log.contains("undeclared"), "{log}");
+        assert_eq!(code, source);
+        assert_eq!(e.to_string(), format!("NVRTC failed (NvrtcError(NVRTC_ERROR_COMPILATION)) with options {options:?}:\n{log}"));
+    }
 }
