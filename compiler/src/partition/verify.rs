@@ -95,7 +95,7 @@ pub enum VerifyError {
     GroupOutside { device: usize, group: Vec<u32> },
     /// Members of a collective wait at different collectives.
     #[error("device {device} at event {at} expected {} but device {other} is at {}", .expected.describe(), .found.describe())]
-    CollectiveMismatch { device: usize, at: usize, expected: Event, other: usize, found: Event },
+    CollectiveMismatch { device: usize, at: usize, expected: Box<Event>, other: usize, found: Box<Event> },
     /// No device can go on: each waiting device and the event it waits at.
     #[error("the programs never finish: {}", .waiting.iter().map(|(d, e)| format!("device {d} waits at {}", e.describe())).collect::<Vec<_>>().join("; "))]
     Deadlock { waiting: Vec<(usize, Event)> },
@@ -272,7 +272,13 @@ pub fn simulate(ev: &[Vec<Event>]) -> Result<(), VerifyError> {
                         let m = m as usize;
                         if let Some(h @ Event::Collective { .. }) = ev.get(m).and_then(|x| x.get(pos[m])) {
                             if !h.same(e) {
-                                return Err(VerifyError::CollectiveMismatch { device: d, at: pos[d], expected: e.clone(), other: m, found: h.clone() });
+                                return Err(VerifyError::CollectiveMismatch {
+                                    device: d,
+                                    at: pos[d],
+                                    expected: Box::new(e.clone()),
+                                    other: m,
+                                    found: Box::new(h.clone()),
+                                });
                             }
                         }
                     }
