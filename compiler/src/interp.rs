@@ -4,6 +4,12 @@
 //! differences, generated kernels against it on random inputs, every
 //! placement against the single-device run. It favours obviousness over
 //! speed: every op is a direct loop over multi-indices.
+//!
+//! Input: a [`Graph`] and the values of its sources ([`Env`]). Output: the
+//! value of every node, or an [`InterpError`] naming the node that could not
+//! be evaluated (an operand count its op does not take, an index outside
+//! its table, an op that runs only in a device program) or whose value has
+//! another shape than its type.
 
 use crate::graph::{Graph, Hyper, NodeId, Op};
 
@@ -44,14 +50,40 @@ pub struct Env<'a> {
     pub hyper: &'a dyn Fn(Hyper) -> f64,
 }
 
+/// Why the interpreter could not evaluate a graph or an op.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum InterpError {
+    /// Evaluating node `node` failed (`error` says why).
+    #[error("node {} ({op}): {error}", .node.0)]
+    At { node: NodeId, op: String, error: Box<InterpError> },
+    /// A node's value has another shape than its type.
+    #[error("node {} ({op}) produced shape {got:?}, its type says {want:?}", .node.0)]
+    Shape { node: NodeId, op: String, got: Vec<usize>, want: Vec<usize> },
+    /// The environment has no input, param or state `index`.
+    #[error("no {what} {index}")]
+    Missing { what: &'static str, index: usize },
+    /// An op given another number of operands than it takes.
+    #[error("{op} takes {want} operands, got {got}")]
+    Arity { op: String, want: usize, got: usize },
+    /// An unpack that reads past the end of its operand.
+    #[error("unpack of {len} at {offset} from {from} elements")]
+    Unpack { len: usize, offset: usize, from: usize },
+    /// A transfer or collective: only a device program runs them.
+    #[error("{op} runs only in a device program")]
+    DeviceOnly { op: String },
+    /// An index or label (`what`) outside `0..n`.
+    #[error("{what} {value} is outside 0..{n}")]
+    OutOfRange { what: &'static str, value: f64, n: usize },
+}
+
 /// Evaluates every node; returns the value of each, indexed by node id.
-pub fn run(g: &Graph, env: &Env<'_>) -> Result<Vec<Tensor>, String> {
+pub fn run(g: &Graph, env: &Env<'_>) -> Result<Vec<Tensor>, InterpError> {
     let mut vals: Vec<Tensor> = Vec::with_capacity(g.len());
     for id in g.ids() {
-        let v = eval(g, id, &vals, env).map_err(|e| format!("node {} ({}): {e}", id.0, g.node(id).op.name()))?;
+        let v = eval(g, id, &vals, env).map_err(|e| InterpError::At { node: id, op: g.node(id).op.name(), error: Box::new(e) })?;
         let want: Vec<usize> = g.node(id).ty.shape.iter().map(|d| d.size as usize).collect();
         if v.shape != want {
-            return Err(format!("node {} ({}) produced shape {:?}, its type says {:?}", id.0, g.node(id).op.name(), v.shape, want));
+            return Err(InterpError::Shape { node: id, op: g.node(id).op.name(), got: v.shape, want });
         }
         vals.push(v);
     }
@@ -62,18 +94,18 @@ fn shape_of(g: &Graph, id: NodeId) -> Vec<usize> {
     g.node(id).ty.shape.iter().map(|d| d.size as usize).collect()
 }
 
-fn eval(g: &Graph, id: NodeId, vals: &[Tensor], env: &Env<'_>) -> Result<Tensor, String> {
+fn eval(g: &Graph, id: NodeId, vals: &[Tensor], env: &Env<'_>) -> Result<Tensor, InterpError> {
     let out = shape_of(g, id);
     let a: Vec<&Tensor> = g.args(id).iter().map(|x| &vals[x.0 as usize]).collect();
     apply(&g.node(id).op, &a, &out, env)
 }
 
 /// Applies one op to operand values; `out` is the result's shape.
-pub fn apply(op: &Op, a: &[&Tensor], out: &[usize], env: &Env<'_>) -> Result<Tensor, String> {
+pub fn apply(op: &Op, a: &[&Tensor], out: &[usize], env: &Env<'_>) -> Result<Tensor, InterpError> {
     let out = out.to_vec();
-    let get = |src: &[Tensor], i: usize, what: &str| src.get(i).cloned().ok_or_else(|| format!("no {what} {i}"));
+    let get = |src: &[Tensor], index: usize, what: &'static str| src.get(index).cloned().ok_or(InterpError::Missing { what, index });
     if a.len() != op.arity() {
-        return Err(format!("{} takes {} operands, got {}", op.name(), op.arity(), a.len()));
+        return Err(InterpError::Arity { op: op.name(), want: op.arity(), got: a.len() });
     }
     Ok(match op {
         Op::Input(i) => get(env.inputs, *i, "input")?,
@@ -160,7 +192,7 @@ pub fn apply(op: &Op, a: &[&Tensor], out: &[usize], env: &Env<'_>) -> Result<Ten
         Op::Pack { .. } => Tensor::new(out, a.iter().flat_map(|t| t.data.iter().copied()).collect()),
         Op::Unpack { offset } => {
             let n: usize = out.iter().product();
-            let data = a[0].data.get(*offset..offset + n).ok_or_else(|| format!("unpack of {n} at {offset} from {} elements", a[0].len()))?;
+            let data = a[0].data.get(*offset..offset + n).ok_or(InterpError::Unpack { len: n, offset: *offset, from: a[0].len() })?;
             Tensor::new(out, data.to_vec())
         }
         Op::AllReduce { .. }
@@ -169,7 +201,7 @@ pub fn apply(op: &Op, a: &[&Tensor], out: &[usize], env: &Env<'_>) -> Result<Ten
         | Op::AllToAll { .. }
         | Op::Send { .. }
         | Op::Recv { .. }
-        | Op::Accumulated(_) => return Err(format!("{} runs only in a device program", op.name())),
+        | Op::Accumulated(_) => return Err(InterpError::DeviceOnly { op: op.name() }),
     })
 }
 
@@ -408,15 +440,15 @@ fn causal_mask(x: &Tensor, fill: f64) -> Tensor {
     t
 }
 
-fn index(v: f64, n: usize, what: &str) -> Result<usize, String> {
+fn index(v: f64, n: usize, what: &'static str) -> Result<usize, InterpError> {
     if v >= 0.0 && v.fract() == 0.0 && (v as usize) < n {
         Ok(v as usize)
     } else {
-        Err(format!("{what} {v} is outside 0..{n}"))
+        Err(InterpError::OutOfRange { what, value: v, n })
     }
 }
 
-fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor, String> {
+fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor, InterpError> {
     let (v, d) = (table.shape[0], table.shape[1]);
     let mut data = Vec::with_capacity(ids.len() * d);
     for &id in &ids.data {
@@ -428,7 +460,7 @@ fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor, String> {
     Ok(Tensor::new(shape, data))
 }
 
-fn embedding_grad(ids: &Tensor, dy: &Tensor, out: &[usize]) -> Result<Tensor, String> {
+fn embedding_grad(ids: &Tensor, dy: &Tensor, out: &[usize]) -> Result<Tensor, InterpError> {
     let (v, d) = (out[0], out[1]);
     let mut data = vec![0.0; v * d];
     for (k, &id) in ids.data.iter().enumerate() {
@@ -441,7 +473,7 @@ fn embedding_grad(ids: &Tensor, dy: &Tensor, out: &[usize]) -> Result<Tensor, St
 }
 
 /// Mean cross-entropy, or with `dloss` its gradient with respect to the logits.
-fn cross_entropy(logits: &Tensor, labels: &Tensor, dloss: Option<f64>) -> Result<Tensor, String> {
+fn cross_entropy(logits: &Tensor, labels: &Tensor, dloss: Option<f64>) -> Result<Tensor, InterpError> {
     let (r, c) = rows(logits);
     let ls = softmax(logits, logits.shape.len() - 1, true);
     let n = r.max(1) as f64;

@@ -18,6 +18,8 @@
 //! ([`Program::storage`]); steps run in order, each writing its output
 //! whole. Which buffers get one copy per microbatch in flight is decided
 //! once, by [`Program::banked`], for every backend and the memory plan.
+//! [`Program::validate`] checks a program from outside the compiler against
+//! these invariants and names the first problem in a [`ProgramError`].
 
 use crate::graph::{Graph, Hyper, NodeId, Op, Role, Target};
 use serde::{Deserialize, Serialize};
@@ -730,6 +732,91 @@ mod tests {
     }
 }
 
+/// Why a program is malformed ([`Program::validate`]): the first problem
+/// found, with the buffer and the step it concerns.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ProgramError {
+    /// A buffer id names no buffer of the program.
+    #[error("{at} is buffer {}, but the program has {buffers} buffers", .buffer.0)]
+    UnknownBuffer { at: BufUse, buffer: BufId, buffers: usize },
+    /// A buffer's size in bytes is not representable.
+    #[error("buffer {buffer} of shape {shape:?} is too large")]
+    TooLarge { buffer: usize, shape: Vec<usize> },
+    /// Following a buffer's aliases never ends.
+    #[error("the aliases of buffer {buffer} form a loop")]
+    AliasLoop { buffer: usize },
+    /// An alias has another number of values than the buffer whose memory it shares.
+    #[error("buffer {buffer} of {values} values shares the memory of buffer {}, of {storage_values}", .storage.0)]
+    AliasSize { buffer: usize, values: usize, storage: BufId, storage_values: usize },
+    /// A step has more or fewer operands than its kind (`what`) takes.
+    #[error("step {step} ({what}) has {got} operands, but takes {want}")]
+    Operands { step: usize, what: String, got: usize, want: usize },
+    /// A pack's operands hold another number of values than its output
+    /// (`packed` is None when their sum overflows).
+    #[error("step {step} (pack) packs operands of {} values into an output of {out}", .packed.map_or_else(|| "too many".to_string(), |p| p.to_string()))]
+    Pack { step: usize, packed: Option<usize>, out: usize },
+    /// An all-gather along a dim its output does not have.
+    #[error("step {step} (all-gather) gathers along dim {dim} of a value with {dims} dims")]
+    Gather { step: usize, dim: usize, dims: usize },
+    /// An all-reduce whose operand and output differ in size.
+    #[error("step {step} (all-reduce) sums {from} values into {into}")]
+    AllReduce { step: usize, from: usize, into: usize },
+    /// A fused kernel that does not fit its step's operands.
+    #[error("step {step} (fused kernel): {error}")]
+    Fused { step: usize, error: FusedError },
+    /// A reduction with an epilogue that has fewer operands than the reduction takes.
+    #[error("step {step} ({op} with an epilogue) has {got} operands, but takes at least {want}")]
+    EpilogueOperands { step: usize, op: String, got: usize, want: usize },
+    /// A reduction's epilogue that does not fit its step's operands.
+    #[error("step {step} (epilogue of {op}): {error}")]
+    Epilogue { step: usize, op: String, error: FusedError },
+    /// An assignment whose value and target differ in size.
+    #[error("assignment {index} writes {values} values to {target:?}, which holds {held}")]
+    Assignment { index: usize, target: Target, values: usize, held: usize },
+}
+
+/// Where a program names a buffer, as a [`ProgramError::UnknownBuffer`] says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BufUse {
+    /// What buffer `.0` aliases.
+    AliasOf(usize),
+    /// Operand `operand` of step `step`.
+    Operand { step: usize, operand: usize },
+    /// The output of step `.0`.
+    Output(usize),
+    /// The loss.
+    Loss,
+    /// The value of assignment `.0`.
+    Assignment(usize),
+}
+
+impl std::fmt::Display for BufUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BufUse::AliasOf(i) => write!(f, "buffer {i} aliases a buffer that"),
+            BufUse::Operand { step, operand } => write!(f, "operand {operand} of step {step}"),
+            BufUse::Output(step) => write!(f, "the output of step {step}"),
+            BufUse::Loss => f.write_str("the loss"),
+            BufUse::Assignment(k) => write!(f, "the value of assignment {k}"),
+        }
+    }
+}
+
+/// Why a fused kernel does not read the inputs it is given ([`Fused::validate`]).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum FusedError {
+    /// Not one row and one column stride per input.
+    #[error("{rows} row strides and {cols} col strides for {inputs} inputs")]
+    Strides { rows: usize, cols: usize, inputs: usize },
+    /// The kernel computes nothing.
+    #[error("the body is empty")]
+    EmptyBody,
+    /// Instruction `index` loads an input that does not exist or reads a
+    /// value computed at or after it.
+    #[error("instruction v{index} ({inst:?}) reads a missing input or a value computed later")]
+    Operand { index: usize, inst: Inst },
+}
+
 /// Validation of programs read from outside the compiler.
 mod validation {
     use super::*;
@@ -743,22 +830,16 @@ mod validation {
         /// step has the operands its kind takes (fused kernels one row and one
         /// column stride per input); packs, all-reduces and assignments move
         /// as many values as they hold. Returns the first problem found.
-        pub fn validate(&self) -> Result<(), String> {
+        pub fn validate(&self) -> Result<(), ProgramError> {
             let n = self.buffers.len();
-            let known = |b: BufId, what: &dyn Fn() -> String| {
-                if (b.0 as usize) < n {
-                    Ok(())
-                } else {
-                    Err(format!("{} is buffer {}, but the program has {n} buffers", what(), b.0))
-                }
-            };
+            let known = |buffer: BufId, at: BufUse| if (buffer.0 as usize) < n { Ok(()) } else { Err(ProgramError::UnknownBuffer { at, buffer, buffers: n }) };
             for (i, buf) in self.buffers.iter().enumerate() {
                 let elems = buf.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
                 if elems.and_then(|e| e.checked_mul(4)).is_none_or(|bytes| bytes > isize::MAX as usize) {
-                    return Err(format!("buffer {i} of shape {:?} is too large", buf.shape));
+                    return Err(ProgramError::TooLarge { buffer: i, shape: buf.shape.clone() });
                 }
                 if let BufKind::Alias(a) = buf.kind {
-                    known(a, &|| format!("buffer {i} aliases a buffer that"))?;
+                    known(a, BufUse::AliasOf(i))?;
                 }
             }
             // Following aliases must end within `n` steps, or they loop.
@@ -768,26 +849,26 @@ mod validation {
                 while let BufKind::Alias(a) = self.buffers[b.0 as usize].kind {
                     hops += 1;
                     if hops > n {
-                        return Err(format!("the aliases of buffer {i} form a loop"));
+                        return Err(ProgramError::AliasLoop { buffer: i });
                     }
                     b = a;
                 }
                 // A reshape keeps the number of values of the memory it shares.
                 let (own, shared) = (self.buffers[i].len(), self.buffers[b.0 as usize].len());
                 if own != shared {
-                    return Err(format!("buffer {i} of {own} values shares the memory of buffer {}, of {shared}", b.0));
+                    return Err(ProgramError::AliasSize { buffer: i, values: own, storage: b, storage_values: shared });
                 }
             }
             for (si, s) in self.steps.iter().enumerate() {
                 for (k, &b) in s.inputs.iter().enumerate() {
-                    known(b, &|| format!("operand {k} of step {si}"))?;
+                    known(b, BufUse::Operand { step: si, operand: k })?;
                 }
-                known(s.output, &|| format!("the output of step {si}"))?;
+                known(s.output, BufUse::Output(si))?;
                 let count = |want: usize, what: &str| {
                     if s.inputs.len() == want {
                         Ok(())
                     } else {
-                        Err(format!("step {si} ({what}) has {} operands, but takes {want}", s.inputs.len()))
+                        Err(ProgramError::Operands { step: si, what: what.to_string(), got: s.inputs.len(), want })
                     }
                 };
                 match &s.kind {
@@ -795,10 +876,7 @@ mod validation {
                         let packed: Option<usize> = s.inputs.iter().try_fold(0usize, |acc, b| acc.checked_add(self.buffers[b.0 as usize].len()));
                         let out = self.buffers[s.output.0 as usize].len();
                         if packed != Some(out) {
-                            return Err(format!(
-                                "step {si} (pack) packs operands of {} values into an output of {out}",
-                                packed.map(|p| p.to_string()).unwrap_or("too many".into())
-                            ));
+                            return Err(ProgramError::Pack { step: si, packed, out });
                         }
                     }
                     StepKind::Op(op) => {
@@ -806,37 +884,37 @@ mod validation {
                         let out = &self.buffers[s.output.0 as usize];
                         match op {
                             Op::AllGather { dim, .. } if *dim >= out.shape.len() => {
-                                return Err(format!("step {si} (all-gather) gathers along dim {dim} of a value with {} dims", out.shape.len()));
+                                return Err(ProgramError::Gather { step: si, dim: *dim, dims: out.shape.len() });
                             }
                             Op::AllReduce { .. } if self.buffers[s.inputs[0].0 as usize].len() != out.len() => {
-                                return Err(format!("step {si} (all-reduce) sums {} values into {}", self.buffers[s.inputs[0].0 as usize].len(), out.len()));
+                                return Err(ProgramError::AllReduce { step: si, from: self.buffers[s.inputs[0].0 as usize].len(), into: out.len() });
                             }
                             _ => {}
                         }
                     }
-                    StepKind::Fused(f) => f.validate(s.inputs.len()).map_err(|e| format!("step {si} (fused kernel): {e}"))?,
+                    StepKind::Fused(f) => f.validate(s.inputs.len()).map_err(|error| ProgramError::Fused { step: si, error })?,
                     StepKind::Reduce { op, epilogue } => {
                         let arity = op.arity();
                         if s.inputs.len() < arity {
-                            return Err(format!("step {si} ({} with an epilogue) has {} operands, but takes at least {arity}", op.name(), s.inputs.len()));
+                            return Err(ProgramError::EpilogueOperands { step: si, op: op.name(), got: s.inputs.len(), want: arity });
                         }
                         // The epilogue reads the reduction's result, then the operands after the reduction's own.
-                        epilogue.validate(s.inputs.len() - arity + 1).map_err(|e| format!("step {si} (epilogue of {}): {e}", op.name()))?;
+                        epilogue.validate(s.inputs.len() - arity + 1).map_err(|error| ProgramError::Epilogue { step: si, op: op.name(), error })?;
                     }
                     StepKind::MatMul { .. } => count(2, "matmul")?,
                     StepKind::Broadcast => count(1, "broadcast")?,
                 }
             }
-            known(self.loss, &|| "the loss".to_string())?;
+            known(self.loss, BufUse::Loss)?;
             for (k, (t, b)) in self.assigns.iter().enumerate() {
-                known(*b, &|| format!("the value of assignment {k}"))?;
+                known(*b, BufUse::Assignment(k))?;
                 let kind = match *t {
                     Target::Param(i) => BufKind::Param(i),
                     Target::State(i) => BufKind::State(i),
                 };
                 let value = self.buffers[b.0 as usize].len();
                 if let Some(held) = self.buffers.iter().find(|x| x.kind == kind).map(Buffer::len).filter(|&n| n != value) {
-                    return Err(format!("assignment {k} writes {value} values to {t:?}, which holds {held}"));
+                    return Err(ProgramError::Assignment { index: k, target: *t, values: value, held });
                 }
             }
             Ok(())
@@ -846,12 +924,12 @@ mod validation {
     impl Fused {
         /// Checks that the kernel reads `inputs` inputs: one row and one column
         /// stride per input, loads of existing inputs, operands computed earlier.
-        pub fn validate(&self, inputs: usize) -> Result<(), String> {
+        pub fn validate(&self, inputs: usize) -> Result<(), FusedError> {
             if self.row_strides.len() != inputs || self.col_strides.len() != inputs {
-                return Err(format!("{} row strides and {} col strides for {inputs} inputs", self.row_strides.len(), self.col_strides.len()));
+                return Err(FusedError::Strides { rows: self.row_strides.len(), cols: self.col_strides.len(), inputs });
             }
             if self.body.is_empty() {
-                return Err("the body is empty".into());
+                return Err(FusedError::EmptyBody);
             }
             for (i, inst) in self.body.iter().enumerate() {
                 let ok = match *inst {
@@ -861,7 +939,7 @@ mod validation {
                     Inst::Binary(_, a, b) => a < i && b < i,
                 };
                 if !ok {
-                    return Err(format!("instruction v{i} ({inst:?}) reads a missing input or a value computed later"));
+                    return Err(FusedError::Operand { index: i, inst: *inst });
                 }
             }
             Ok(())
@@ -903,25 +981,25 @@ mod validation {
         fn malformed_programs_are_named() {
             let mut p = program();
             p.steps[0].output = BufId(999_999);
-            assert!(p.validate().is_err_and(|e| e.contains("999999")));
+            assert_eq!(p.validate(), Err(ProgramError::UnknownBuffer { at: BufUse::Output(0), buffer: BufId(999_999), buffers: 3 }));
             let mut p = program();
             p.buffers[1].kind = BufKind::Alias(BufId(2));
-            assert!(p.validate().is_err_and(|e| e.contains("loop")));
+            assert!(matches!(p.validate(), Err(ProgramError::AliasLoop { .. })));
             let mut p = program();
             p.buffers[2].shape = vec![3];
-            assert!(p.validate().is_err_and(|e| e.contains("shares the memory")));
+            assert_eq!(p.validate(), Err(ProgramError::AliasSize { buffer: 2, values: 3, storage: BufId(1), storage_values: 4 }));
             let mut p = program();
             p.buffers[1].shape = vec![usize::MAX, 2];
-            assert!(p.validate().is_err_and(|e| e.contains("too large")));
+            assert!(p.validate().is_err_and(|e| matches!(e, ProgramError::TooLarge { buffer: 1, .. }) && e.to_string().contains("too large")));
             let mut p = program();
             p.steps[0].inputs.push(BufId(1));
-            assert!(p.validate().is_err_and(|e| e.contains("strides")));
+            assert_eq!(p.validate(), Err(ProgramError::Fused { step: 0, error: FusedError::Strides { rows: 1, cols: 1, inputs: 2 } }));
             let mut p = program();
             p.steps[0].kind = StepKind::MatMul { trans_a: false, trans_b: false };
-            assert!(p.validate().is_err_and(|e| e.contains("operands")));
+            assert!(p.validate().is_err_and(|e| matches!(e, ProgramError::Operands { step: 0, want: 2, .. }) && e.to_string().contains("operands")));
             let mut p = program();
             p.loss = BufId(3);
-            assert!(p.validate().is_err_and(|e| e.contains("loss")));
+            assert_eq!(p.validate().map_err(|e| e.to_string()), Err("the loss is buffer 3, but the program has 3 buffers".to_string()));
         }
     }
 }

@@ -120,7 +120,7 @@ fn missing(what: &str) {
 #[test]
 fn every_generated_kernel_compiles_for_sm_90() {
     if let Err(e) = nvrtc::available() {
-        return missing(&e);
+        return missing(&e.to_string());
     }
     let Some(ptxas) = ptxas() else {
         return missing("ptxas not found on PATH (or set SHARDPLAN_PTXAS); `pip install nvidia-cuda-nvcc==13.0.88` provides it");
@@ -187,7 +187,7 @@ fn generated_kernels_match_the_cpu_on_a_gpu() {
     use shardplan_runtime::backend::cpu::{jit::Jit, ops, Arg, Operand};
     use shardplan_runtime::backend::cuda::driver;
 
-    if let Err(e) = driver::available().and_then(|_| nvrtc::available()) {
+    if let Err(e) = driver::available().map_err(|e| e.to_string()).and_then(|_| nvrtc::available().map_err(|e| e.to_string())) {
         eprintln!("skipped: no GPU to run kernels on ({e})");
         return;
     }

@@ -57,7 +57,7 @@ fn the_untouched_plan_verifies() {
 #[test]
 fn the_verifier_rejects_mismatched_programs() {
     let e = verify::verify(&mismatched()).expect_err("rejected");
-    assert!(e.contains("device 0") && e.contains("all-reduce(model)"), "{e}");
+    assert!(e.to_string().contains("device 0") && e.to_string().contains("all-reduce(model)"), "{e}");
 }
 
 #[test]

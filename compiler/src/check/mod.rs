@@ -7,6 +7,7 @@
 //! when another failed, and a failed value (`Val::Error`) silences the errors
 //! that would only follow from it.
 
+mod context;
 pub mod model;
 mod ops;
 pub mod placement;

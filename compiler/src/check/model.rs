@@ -6,11 +6,16 @@
 //! layers in forward order and the loss type. Every expression is evaluated
 //! once per call site with concrete shapes, so a template's error names the
 //! shapes it was called with.
+//!
+//! Primitive ops are checked by `ops`, which sees this checker only through
+//! the `context::Context` trait that `Cx` implements: `model` imports
+//! `ops`, never the other way round.
 
+use super::context::{number, ArgVal, Context};
 use super::ops;
 use super::types::{DType, Dim, InstId, Prim, TId, TraceOp, Ty, Val};
 use crate::diag::{did_you_mean, Diagnostic, Diagnostics, SourceId, Span};
-use crate::syntax::ast::{self, BinOp, ExprKind, Index, PathSeg};
+use crate::syntax::ast::{self, ExprKind, Index, PathSeg};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
 
@@ -166,13 +171,6 @@ const MAX_DEPTH: usize = 48;
 
 /// Distinct layer calls (instance and input types) one forward pass may make.
 const MAX_CALLS: usize = 100_000;
-
-/// An evaluated argument.
-pub(super) struct ArgVal {
-    pub name: Option<ast::Ident>,
-    pub val: Val,
-    pub span: Span,
-}
 
 /// Names visible to an expression.
 #[derive(Default)]
@@ -368,9 +366,11 @@ fn duplicate(name: &str, span: Span, prev: Span) -> Diagnostic {
         .help(format!("rename one of the two `{name}`"))
 }
 
-impl<'a> Cx<'a> {
-    /// Reports an error, labelled with the calls it was found inside.
-    pub(super) fn err(&mut self, mut d: Diagnostic) {
+/// The context the primitive ops' rules (`ops`) check in: errors are
+/// labelled with the calls they were found inside, operations go to the
+/// forward trace.
+impl Context for Cx<'_> {
+    fn err(&mut self, mut d: Diagnostic) {
         // The innermost frames say where; the outermost, which call of the
         // user's started it. Frames between are left out.
         let n = self.frames.len();
@@ -391,13 +391,14 @@ impl<'a> Cx<'a> {
         self.diags.push(d);
     }
 
-    /// Appends `prim(args) : ty` to the trace.
-    pub(super) fn emit(&mut self, prim: Prim, args: Vec<TId>, ty: Ty) -> Val {
+    fn emit(&mut self, prim: Prim, args: Vec<TId>, ty: Ty) -> Val {
         let id = TId(self.trace.len() as u32);
         self.trace.push(TraceOp { prim, args, ty: ty.clone() });
         Val::Tensor(ty, id)
     }
+}
 
+impl<'a> Cx<'a> {
     fn mark_used(&mut self, v: &Val) {
         let ids: Vec<InstId> = match v {
             Val::Layer(id) => vec![*id],
@@ -1186,14 +1187,6 @@ fn brief(v: &Val) -> String {
     }
 }
 
-pub(super) fn number(v: &Val) -> Option<f64> {
-    match v {
-        Val::Int(i, _) => Some(*i as f64),
-        Val::Float(f) => Some(*f),
-        _ => None,
-    }
-}
-
 fn plural(n: usize) -> &'static str {
     if n == 1 {
         ""
@@ -1204,16 +1197,4 @@ fn plural(n: usize) -> &'static str {
 
 fn param_list(def: &ast::LayerDef) -> String {
     def.params.iter().map(|p| if p.default.is_some() { format!("{} = …", p.name.name) } else { p.name.name.clone() }).collect::<Vec<_>>().join(", ")
-}
-
-impl BinOp {
-    pub(super) fn verb(self) -> &'static str {
-        match self {
-            BinOp::Add => "add",
-            BinOp::Sub => "subtract",
-            BinOp::Mul => "multiply",
-            BinOp::Div => "divide",
-            BinOp::MatMul => "matrix-multiply",
-        }
-    }
 }

@@ -3,14 +3,25 @@
 //! Input: evaluated operands with their spans. Output: the result value, or
 //! `Val::Error` after reporting a diagnostic that labels every operand
 //! involved with its inferred type.
+//!
+//! Invariants: errors and traced operations go through the `context::Context`
+//! the caller passes in; this module imports no other checking module but
+//! `context` and `types` (the model checker imports it, not the reverse).
 
-use super::model::{number, ArgVal, Cx};
+use super::context::{number, ArgVal, Context};
 use super::types::{Dim, Prim, TId, Ty, Val};
 use crate::diag::{did_you_mean, Diagnostic, Span};
 use crate::syntax::ast::{self, BinOp};
 
 /// Binds call arguments to parameter names. Returns one slot per parameter.
-pub(super) fn bind_args(cx: &mut Cx<'_>, fname: &str, call_span: Span, args: &[ArgVal], params: &[&str], required: usize) -> Option<Vec<Option<(Val, Span)>>> {
+pub(super) fn bind_args(
+    cx: &mut dyn Context,
+    fname: &str,
+    call_span: Span,
+    args: &[ArgVal],
+    params: &[&str],
+    required: usize,
+) -> Option<Vec<Option<(Val, Span)>>> {
     let mut slots: Vec<Option<(Val, Span)>> = vec![None; params.len()];
     let mut ok = true;
     let mut pos = 0;
@@ -85,7 +96,7 @@ fn signature(params: &[&str], required: usize) -> String {
 }
 
 /// `a op b` for numbers (folded) and tensors (typed).
-pub(super) fn binary(cx: &mut Cx<'_>, op: BinOp, (a, sa): (Val, Span), (b, sb): (Val, Span), span: Span) -> Val {
+pub(super) fn binary(cx: &mut dyn Context, op: BinOp, (a, sa): (Val, Span), (b, sb): (Val, Span), span: Span) -> Val {
     match (&a, &b) {
         (Val::Error, _) | (_, Val::Error) => Val::Error,
         (Val::Int(x, symx), Val::Int(y, symy)) => {
@@ -185,7 +196,7 @@ fn binary_prim(op: BinOp) -> Prim {
     }
 }
 
-fn not_tensors(cx: &mut Cx<'_>, op: BinOp, a: &Val, sa: Span, b: &Val, sb: Span) -> Val {
+fn not_tensors(cx: &mut dyn Context, op: BinOp, a: &Val, sa: Span, b: &Val, sb: Span) -> Val {
     let help = if op == BinOp::MatMul { "`@` multiplies two tensors of rank 2 or more" } else { "arithmetic applies to numbers and tensors" };
     cx.err(
         Diagnostic::error("type::bad_operand", format!("cannot {} {} and {}", op.verb(), a.describe(), b.describe()))
@@ -223,7 +234,7 @@ pub fn broadcast(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>, (usize, usize)> {
     Ok(out)
 }
 
-fn matmul(cx: &mut Cx<'_>, (x, xid): (&Ty, TId), sa: Span, (y, yid): (&Ty, TId), sb: Span) -> Val {
+fn matmul(cx: &mut dyn Context, (x, xid): (&Ty, TId), sa: Span, (y, yid): (&Ty, TId), sb: Span) -> Val {
     if x.rank() < 2 || y.rank() < 2 {
         let (bad, span) = if x.rank() < 2 { (x, sa) } else { (y, sb) };
         cx.err(
@@ -270,7 +281,7 @@ fn matmul(cx: &mut Cx<'_>, (x, xid): (&Ty, TId), sa: Span, (y, yid): (&Ty, TId),
 }
 
 /// A call of primitive op `name`.
-pub(super) fn apply(cx: &mut Cx<'_>, name: &str, c: &ast::Call, args: Vec<ArgVal>) -> Val {
+pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<ArgVal>) -> Val {
     let span = c.span;
     let (params, required): (&[&str], usize) = match name {
         "relu" | "gelu" | "tanh" | "sigmoid" | "exp" | "log" | "sqrt" => (&["x"], 1),
@@ -646,14 +657,14 @@ fn nearest_divisors(n: i64, want: i64) -> String {
     divs.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
 }
 
-struct Args<'c, 'a> {
-    cx: &'c mut Cx<'a>,
+struct Args<'c> {
+    cx: &'c mut dyn Context,
     name: String,
     slots: Vec<Option<(Val, Span)>>,
     params: &'static [&'static str],
 }
 
-impl Args<'_, '_> {
+impl Args<'_> {
     fn span(&self, i: usize) -> Span {
         self.slots[i].as_ref().map(|(_, s)| *s).unwrap_or(Span::new(crate::diag::SourceId::USER, 0, 0))
     }

@@ -70,7 +70,7 @@ pub(super) fn konst(e: &ast::Expr) -> Result<Val, Diagnostic> {
 }
 
 fn num(v: &Val) -> Option<f64> {
-    super::model::number(v)
+    super::context::number(v)
 }
 
 /// A setting `key` whose value is not `want`.

@@ -6,8 +6,9 @@
 //! causal mask and a softmax, so later stages (autodiff, kernels, the
 //! partitioner) need no attention-specific rules.
 //!
-//! Invariants (checked by [`Graph::verify`]): acyclic; every node's operand
-//! count matches its op; node ids are dense and in a valid execution order.
+//! Invariants (checked by [`Graph::verify`], which names the first node
+//! that breaks one in a [`GraphError`]): acyclic; every node's operand count
+//! matches its op; node ids are dense and in a valid execution order.
 
 mod dot;
 
@@ -430,15 +431,15 @@ impl Graph {
     }
 
     /// Structural invariants; a failure is a compiler bug.
-    pub fn verify(&self) -> Result<(), String> {
+    pub fn verify(&self) -> Result<(), GraphError> {
         for id in self.ids() {
             let n = self.node(id);
             let args = self.args(id);
             if args.len() != n.op.arity() {
-                return Err(format!("node {} ({}) has {} operands, expected {}", id.0, n.op.name(), args.len(), n.op.arity()));
+                return Err(GraphError::Arity { node: id, op: n.op.name(), got: args.len(), want: n.op.arity() });
             }
             if let Some(a) = args.iter().find(|a| a.0 >= id.0) {
-                return Err(format!("node {} uses node {} defined later", id.0, a.0));
+                return Err(GraphError::Order { node: id, operand: *a });
             }
             if n.op.is_elementwise() {
                 for a in &args {
@@ -446,12 +447,36 @@ impl Graph {
                     if crate::check::broadcast_shapes(&at.shape, &n.ty.shape).map(|s| s.iter().map(|d| d.size).collect::<Vec<_>>())
                         != Ok(n.ty.shape.iter().map(|d| d.size).collect())
                     {
-                        return Err(format!("node {} ({}): operand {} of type {} does not broadcast to {}", id.0, n.op.name(), a.0, at, n.ty));
+                        return Err(GraphError::Broadcast { node: id, op: n.op.name(), operand: *a, operand_ty: at.clone(), ty: n.ty.clone() });
                     }
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// The first node of a graph that breaks one of its invariants (see
+/// [`Graph::verify`]): a bug in the stage that built the graph.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum GraphError {
+    /// The node has more or fewer operands than its op takes.
+    #[error("node {} ({op}) has {got} operands, expected {want}", .node.0)]
+    Arity { node: NodeId, op: String, got: usize, want: usize },
+    /// The node reads a node that comes after it in execution order.
+    #[error("node {} uses node {} defined later", .node.0, .operand.0)]
+    Order { node: NodeId, operand: NodeId },
+    /// An element-wise node's operand does not broadcast to its result.
+    #[error("node {} ({op}): operand {} of type {operand_ty} does not broadcast to {ty}", .node.0, .operand.0)]
+    Broadcast { node: NodeId, op: String, operand: NodeId, operand_ty: Ty, ty: Ty },
+}
+
+impl GraphError {
+    /// The node that breaks the invariant.
+    pub fn node(&self) -> NodeId {
+        match self {
+            GraphError::Arity { node, .. } | GraphError::Order { node, .. } | GraphError::Broadcast { node, .. } => *node,
+        }
     }
 }
 

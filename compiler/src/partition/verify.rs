@@ -8,9 +8,13 @@
 //!   peer of the same instruction and size, in order; the members of a
 //!   collective must reach the same collective (instruction, size, group) in
 //!   the same order; and the whole set must finish (no device waits forever).
+//!
+//! Input: a partitioned [`Plan`] (or its devices' [`Event`]s, or a graph's
+//! layouts). Output: `Ok`, or the first problem as a [`VerifyError`] that
+//! names the device and the instruction (or the node) at fault.
 
 use super::{Layout, Phase, Plan};
-use crate::graph::{Graph, Op, Role};
+use crate::graph::{Graph, NodeId, Op, Role};
 use crate::kernel::StepKind;
 use std::collections::VecDeque;
 
@@ -40,6 +44,86 @@ impl Event {
             Event::Send { to, id, len } => format!("send of {len} values to device {to} (instruction {id})"),
             Event::Recv { from, id, len } => format!("receive of {len} values from device {from} (instruction {id})"),
             Event::Collective { kind, id, len, .. } => format!("{kind} of {len} values (instruction {id})"),
+        }
+    }
+}
+
+/// Which kind of tensor a device holds part of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held {
+    Parameter,
+    State,
+}
+
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Held::Parameter => "parameter",
+            Held::State => "optimizer state",
+        })
+    }
+}
+
+/// The first problem the verifier finds: which device (or node), and at
+/// which event or instruction.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum VerifyError {
+    /// A device holds a parameter or state the plan gives it no part of.
+    #[error("device {device} holds {held} {index} but the plan does not say which part")]
+    NoPart { device: usize, held: Held, index: usize },
+    /// A device's buffer of a parameter or state has another shape than its part.
+    #[error("device {device} holds {held} {index} as {shape:?}, but its layout gives it {part:?} of {global:?}")]
+    PartShape { device: usize, held: Held, index: usize, shape: Vec<usize>, part: Vec<usize>, global: Vec<usize> },
+    /// A device's part of a parameter or state reaches past the global tensor.
+    #[error("device {device}'s part of {held} {index} lies outside its global shape {global:?}")]
+    PartOutside { device: usize, held: Held, index: usize, global: Vec<usize> },
+    /// A send to itself or to a device the plan does not have.
+    #[error("device {device} sends to device {to}, which is not another device of the plan")]
+    SendPeer { device: usize, to: usize },
+    /// A receive from a device the plan does not have.
+    #[error("device {device} receives from device {from}, which the plan does not have")]
+    RecvPeer { device: usize, from: usize },
+    /// A receive (event `at` of `device`) met another send of its peer:
+    /// `len` values of instruction `id`.
+    #[error("device {device} at event {at} expected a {} but device {from} sent {len} values of instruction {id}", .expected.describe())]
+    Mismatch { device: usize, at: usize, expected: Event, from: usize, id: u32, len: usize },
+    /// A device takes part in a collective of a group it is not in.
+    #[error("device {device} takes part in a collective of group {group:?} it is not in")]
+    NotInGroup { device: usize, group: Vec<u32> },
+    /// A collective's group names devices the plan does not have.
+    #[error("device {device}'s collective names devices outside the plan: {group:?}")]
+    GroupOutside { device: usize, group: Vec<u32> },
+    /// Members of a collective wait at different collectives.
+    #[error("device {device} at event {at} expected {} but device {other} is at {}", .expected.describe(), .found.describe())]
+    CollectiveMismatch { device: usize, at: usize, expected: Box<Event>, other: usize, found: Box<Event> },
+    /// No device can go on: each waiting device and the event it waits at.
+    #[error("the programs never finish: {}", .waiting.iter().map(|(d, e)| format!("device {d} waits at {}", e.describe())).collect::<Vec<_>>().join("; "))]
+    Deadlock { waiting: Vec<(usize, Event)> },
+    /// A send that no receive takes.
+    #[error("device {device} sends {len} values (instruction {id}) to device {to}, which never receives them")]
+    NeverReceived { device: usize, to: usize, id: u32, len: usize },
+    /// Layout typing: a node reads a partial sum as if it were complete.
+    #[error("node {} ({op}) reads a partial sum as operand {operand} along axis {axis} as if it were complete", .node.0)]
+    PartialRead { node: NodeId, op: String, operand: usize, axis: usize },
+}
+
+impl VerifyError {
+    /// The device at fault (the first one named), or None for a layout
+    /// error of the global graph.
+    pub fn device(&self) -> Option<usize> {
+        match self {
+            VerifyError::NoPart { device, .. }
+            | VerifyError::PartShape { device, .. }
+            | VerifyError::PartOutside { device, .. }
+            | VerifyError::SendPeer { device, .. }
+            | VerifyError::RecvPeer { device, .. }
+            | VerifyError::Mismatch { device, .. }
+            | VerifyError::NotInGroup { device, .. }
+            | VerifyError::GroupOutside { device, .. }
+            | VerifyError::CollectiveMismatch { device, .. }
+            | VerifyError::NeverReceived { device, .. } => Some(*device),
+            VerifyError::Deadlock { waiting } => waiting.first().map(|w| w.0),
+            VerifyError::PartialRead { .. } => None,
         }
     }
 }
@@ -86,7 +170,7 @@ pub fn events(plan: &Plan) -> Vec<Vec<Event>> {
 }
 
 /// Checks every device's layouts and shapes, then simulates every device's step together.
-pub fn verify(plan: &Plan) -> Result<(), String> {
+pub fn verify(plan: &Plan) -> Result<(), VerifyError> {
     shapes(plan)?;
     simulate(&events(plan))
 }
@@ -94,23 +178,24 @@ pub fn verify(plan: &Plan) -> Result<(), String> {
 /// Every parameter and optimizer state a device holds has the shape of its
 /// piece of the global tensor, and the pieces of one tensor agree on its
 /// global shape.
-pub fn shapes(plan: &Plan) -> Result<(), String> {
+pub fn shapes(plan: &Plan) -> Result<(), VerifyError> {
     use crate::kernel::BufKind;
     for d in &plan.devices {
+        let device = d.device;
         for b in &d.program.buffers {
-            let (pieces, i, what) = match b.kind {
-                BufKind::Param(i) => (&d.params, i, "parameter"),
-                BufKind::State(i) => (&d.states, i, "optimizer state"),
+            let (pieces, index, held) = match b.kind {
+                BufKind::Param(i) => (&d.params, i, Held::Parameter),
+                BufKind::State(i) => (&d.states, i, Held::State),
                 _ => continue,
             };
-            let Some(piece) = pieces.iter().find(|p| p.index == i) else {
-                return Err(format!("device {} holds {what} {i} but the plan does not say which part", d.device));
+            let Some(piece) = pieces.iter().find(|p| p.index == index) else {
+                return Err(VerifyError::NoPart { device, held, index });
             };
             if piece.len != b.shape {
-                return Err(format!("device {} holds {what} {i} as {:?}, but its layout gives it {:?} of {:?}", d.device, b.shape, piece.len, piece.global));
+                return Err(VerifyError::PartShape { device, held, index, shape: b.shape.clone(), part: piece.len.clone(), global: piece.global.clone() });
             }
             if piece.start.iter().zip(&piece.len).zip(&piece.global).any(|((s, l), g)| s + l > *g) {
-                return Err(format!("device {}'s part of {what} {i} lies outside its global shape {:?}", d.device, piece.global));
+                return Err(VerifyError::PartOutside { device, held, index, global: piece.global.clone() });
             }
         }
     }
@@ -118,7 +203,7 @@ pub fn shapes(plan: &Plan) -> Result<(), String> {
 }
 
 /// Simulates devices' event lists together; the first problem, described.
-pub fn simulate(ev: &[Vec<Event>]) -> Result<(), String> {
+pub fn simulate(ev: &[Vec<Event>]) -> Result<(), VerifyError> {
     let n = ev.len();
     let mut pos = vec![0usize; n];
     // queue[from][to]: sends not yet received.
@@ -130,13 +215,13 @@ pub fn simulate(ev: &[Vec<Event>]) -> Result<(), String> {
                 match e {
                     Event::Send { to, id, len } => {
                         if *to >= n || *to == d {
-                            return Err(format!("device {d} sends to device {to}, which is not another device of the plan"));
+                            return Err(VerifyError::SendPeer { device: d, to: *to });
                         }
                         queue[d][*to].push_back((*id, *len));
                     }
                     Event::Recv { from, id, len } => {
                         if *from >= n {
-                            return Err(format!("device {d} receives from device {from}, which the plan does not have"));
+                            return Err(VerifyError::RecvPeer { device: d, from: *from });
                         }
                         match queue[*from][d].front() {
                             None => break,
@@ -144,22 +229,18 @@ pub fn simulate(ev: &[Vec<Event>]) -> Result<(), String> {
                                 queue[*from][d].pop_front();
                             }
                             Some(&(sid, slen)) => {
-                                return Err(format!(
-                                    "device {d} at event {} expected a {} but device {from} sent {slen} values of instruction {sid}",
-                                    pos[d],
-                                    e.describe()
-                                ))
+                                return Err(VerifyError::Mismatch { device: d, at: pos[d], expected: e.clone(), from: *from, id: sid, len: slen })
                             }
                         }
                     }
                     Event::Collective { group, .. } => {
                         if !group.contains(&(d as u32)) {
-                            return Err(format!("device {d} takes part in a collective of group {group:?} it is not in"));
+                            return Err(VerifyError::NotInGroup { device: d, group: group.clone() });
                         }
                         // Only the lowest member completes it, once all are there.
                         let members: Vec<usize> = group.iter().map(|&m| m as usize).collect();
                         if members.iter().any(|&m| m >= n) {
-                            return Err(format!("device {d}'s collective names devices outside the plan: {group:?}"));
+                            return Err(VerifyError::GroupOutside { device: d, group: group.clone() });
                         }
                         let heads: Vec<Option<&Event>> = members.iter().map(|&m| ev[m].get(pos[m])).collect();
                         if heads.iter().any(|h| !matches!(h, Some(Event::Collective { .. }))) {
@@ -191,20 +272,26 @@ pub fn simulate(ev: &[Vec<Event>]) -> Result<(), String> {
                         let m = m as usize;
                         if let Some(h @ Event::Collective { .. }) = ev.get(m).and_then(|x| x.get(pos[m])) {
                             if !h.same(e) {
-                                return Err(format!("device {d} at event {} expected {} but device {m} is at {}", pos[d], e.describe(), h.describe()));
+                                return Err(VerifyError::CollectiveMismatch {
+                                    device: d,
+                                    at: pos[d],
+                                    expected: Box::new(e.clone()),
+                                    other: m,
+                                    found: Box::new(h.clone()),
+                                });
                             }
                         }
                     }
                 }
             }
-            let stuck: Vec<String> = (0..n).filter(|&d| pos[d] < ev[d].len()).map(|d| format!("device {d} waits at {}", ev[d][pos[d]].describe())).collect();
-            return Err(format!("the programs never finish: {}", stuck.join("; ")));
+            let waiting = (0..n).filter(|&d| pos[d] < ev[d].len()).map(|d| (d, ev[d][pos[d]].clone())).collect();
+            return Err(VerifyError::Deadlock { waiting });
         }
     }
     for (from, row) in queue.iter().enumerate() {
         for (to, q) in row.iter().enumerate() {
-            if let Some((id, len)) = q.front() {
-                return Err(format!("device {from} sends {len} values (instruction {id}) to device {to}, which never receives them"));
+            if let Some(&(id, len)) = q.front() {
+                return Err(VerifyError::NeverReceived { device: from, to, id, len });
             }
         }
     }
@@ -214,7 +301,7 @@ pub fn simulate(ev: &[Vec<Event>]) -> Result<(), String> {
 /// Layout typing of a partitioned graph: `out[n]` is node n's layout and
 /// `args[n][i]` the layout its operand i is given, per axis. Partial sums may
 /// only reach ops linear in that operand.
-pub fn check_layouts(g: &Graph, out: &[Vec<Layout>], args: &[Vec<Vec<Layout>>]) -> Result<(), String> {
+pub fn check_layouts(g: &Graph, out: &[Vec<Layout>], args: &[Vec<Vec<Layout>>]) -> Result<(), VerifyError> {
     for id in g.ids() {
         let node = g.node(id);
         let a = &args[id.0 as usize];
@@ -239,7 +326,7 @@ pub fn check_layouts(g: &Graph, out: &[Vec<Layout>], args: &[Vec<Vec<Layout>>]) 
             };
             let carries = matches!(node.op, Op::Accumulate(_) | Op::Send { .. });
             if !ok || (!carries && out[id.0 as usize][ax] != Layout::Partial) {
-                return Err(format!("node {} ({}) reads a partial sum as operand {} along axis {ax} as if it were complete", id.0, node.op.name(), ps[0]));
+                return Err(VerifyError::PartialRead { node: id, op: node.op.name(), operand: ps[0], axis: ax });
             }
         }
     }
@@ -270,16 +357,20 @@ mod tests {
     fn mismatches_and_deadlocks_are_named() {
         // Receives in the other order.
         let e = simulate(&[vec![send(1, 1), send(1, 2)], vec![recv(0, 2), recv(0, 1)]]).unwrap_err();
-        assert!(e.contains("device 1") && e.contains("instruction 1"), "{e}");
+        assert_eq!(e, VerifyError::Mismatch { device: 1, at: 0, expected: recv(0, 2), from: 0, id: 1, len: 4 });
+        assert!(e.to_string().contains("device 1") && e.to_string().contains("instruction 1"), "{e}");
         // Collectives met in different orders.
         let e = simulate(&[vec![ar(1), ar(2)], vec![ar(2), ar(1)]]).unwrap_err();
-        assert!(e.contains("expected all-reduce(model)"), "{e}");
+        assert!(matches!(e, VerifyError::CollectiveMismatch { device: 0, .. }), "{e:?}");
+        assert!(e.to_string().contains("expected all-reduce(model)"), "{e}");
         // Both wait for the other.
         let e = simulate(&[vec![recv(1, 1), send(1, 2)], vec![recv(0, 2), send(0, 1)]]).unwrap_err();
-        assert!(e.contains("never finish"), "{e}");
+        assert_eq!(e, VerifyError::Deadlock { waiting: vec![(0, recv(1, 1)), (1, recv(0, 2))] });
+        assert!(e.to_string().contains("never finish"), "{e}");
         // A send nobody receives.
         let e = simulate(&[vec![send(1, 1)], vec![]]).unwrap_err();
-        assert!(e.contains("never receives"), "{e}");
+        assert_eq!(e, VerifyError::NeverReceived { device: 0, to: 1, id: 1, len: 4 });
+        assert!(e.to_string().contains("never receives"), "{e}");
     }
 
     #[test]
@@ -294,7 +385,8 @@ mod tests {
         let out = vec![vec![Layout::Partial], vec![Layout::Partial], vec![Layout::Partial]];
         let args = vec![vec![], vec![vec![Layout::Partial]], vec![vec![Layout::Partial]]];
         let e = check_layouts(&g, &out, &args).unwrap_err();
-        assert!(e.contains("relu"), "{e}");
+        assert!(matches!(e, VerifyError::PartialRead { node: NodeId(1), operand: 0, axis: 0, .. }), "{e:?}");
+        assert!(e.to_string().contains("relu"), "{e}");
         // negation is linear: fine once relu reads the reduced value.
         let args = vec![vec![], vec![vec![Layout::Replicated]], vec![vec![Layout::Partial]]];
         let out = vec![vec![Layout::Partial], vec![Layout::Replicated], vec![Layout::Partial]];

@@ -334,7 +334,7 @@ fn fields(plan: &Plan, c: &Checked, g: &Graph, whole: &Program) -> Result<(), In
         }
 
         let p = &d.program;
-        p.validate().map_err(|e| (field("/program"), at(e)))?;
+        p.validate().map_err(|e| (field("/program"), at(e.to_string())))?;
         for (k, b) in p.buffers.iter().enumerate() {
             let (what, index, count) = match b.kind {
                 BufKind::Param(x) => ("parameter", x, params.len()),

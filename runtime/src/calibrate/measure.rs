@@ -6,11 +6,12 @@
 //! before any fit. Invariants: each figure is the best (or, for latency,
 //! the mean) of several timed runs of fixed work, so a slow run does not
 //! count against the machine; the rates are per second, the costs in
-//! seconds.
+//! seconds. A kernel or a transfer that fails is a [`MeasureError`].
 
 use crate::backend::cpu::jit::Jit;
 use crate::backend::cpu::{ops, Arg, Operand};
-use crate::transport::{Fabric, Header, Message};
+use crate::engine::EngineError;
+use crate::transport::{Fabric, Header, Message, TransportError};
 use shardplan_compiler::kernel::{Binary, Fused, Inst};
 use std::time::Instant;
 
@@ -30,7 +31,25 @@ pub struct Measured {
     pub op_overhead: f64,
 }
 
-fn best_of(runs: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
+/// Why the measurements failed: a kernel or executor run, or a transfer
+/// between the two devices.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum MeasureError {
+    /// A kernel, the JIT or the executor failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A transfer between the two measuring devices failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The fabric of two devices has fewer than two.
+    #[error("no fabric")]
+    NoFabric,
+    /// The device answering the transfers stopped.
+    #[error("the echo device stopped")]
+    EchoStopped,
+}
+
+fn best_of(runs: usize, mut f: impl FnMut() -> Result<(), EngineError>) -> Result<f64, EngineError> {
     let mut best = f64::INFINITY;
     for _ in 0..runs {
         let t = Instant::now();
@@ -40,7 +59,7 @@ fn best_of(runs: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<f64
     Ok(best)
 }
 
-pub fn measure() -> Result<Measured, String> {
+pub fn measure() -> Result<Measured, MeasureError> {
     // [256, n] · [n, n], the shape of a layer applied to a batch of rows.
     let mut matmul = Vec::new();
     for n in [16usize, 32, 64, 128, 256, 512, 1024] {
@@ -53,7 +72,7 @@ pub fn measure() -> Result<Measured, String> {
         let secs = best_of(3, || {
             for _ in 0..reps {
                 let (x, y) = (Operand { data: Arg::F32(&a), shape: &sa }, Operand { data: Arg::F32(&b), shape: &sb });
-                ops::matmul(&x, false, &y, false, &mut c, &sa, 1).map_err(|e| e.to_string())?;
+                ops::matmul(&x, false, &y, false, &mut c, &sa, 1)?;
             }
             Ok(())
         })?;
@@ -62,24 +81,22 @@ pub fn measure() -> Result<Measured, String> {
     // out = x + y: 12 bytes moved per element, over 8K elements to 4M, the
     // same buffers again and again: the rate of a device whose whole
     // working set is that large (small ones stay in the caches).
-    let mut jit = Jit::new().map_err(|e| e.to_string())?;
+    let mut jit = Jit::new()?;
     let mut elementwise = Vec::new();
     for len in [1usize << 13, 1 << 16, 1 << 19, 1 << 22] {
-        let k = jit
-            .compile(&Fused {
-                rows: 1,
-                cols: len,
-                row_strides: vec![0, 0],
-                col_strides: vec![1, 1],
-                body: vec![Inst::Load(0), Inst::Load(1), Inst::Binary(Binary::Add, 0, 1)],
-            })
-            .map_err(|e| e.to_string())?;
+        let k = jit.compile(&Fused {
+            rows: 1,
+            cols: len,
+            row_strides: vec![0, 0],
+            col_strides: vec![1, 1],
+            body: vec![Inst::Load(0), Inst::Load(1), Inst::Binary(Binary::Add, 0, 1)],
+        })?;
         let (x, y) = (vec![1.0f32; len], vec![2.0f32; len]);
         let mut out = vec![0.0f32; len];
         let reps = (1 << 22) / len;
         let secs = best_of(5, || {
             for _ in 0..reps {
-                k.run(&[&x, &y], &mut out).map_err(|e| e.to_string())?;
+                k.run(&[&x, &y], &mut out)?;
             }
             Ok(())
         })?;
@@ -111,33 +128,33 @@ pub fn measure() -> Result<Measured, String> {
             prog_steps.push(Step { kind, role: Role::Forward, inputs: vec![BufId(i as u32)], output: BufId(i as u32 + 1) });
         }
         let program = Program { buffers, steps: prog_steps, loss: BufId(0), assigns: Vec::new() };
-        let mut exec = crate::backend::cpu::exec::Executor::new(program, 1).map_err(|e| e.to_string())?;
-        let secs = best_of(5, || exec.step(&|_| 0.0).map(|_| ()).map_err(|e| e.to_string()))?;
+        let mut exec = crate::backend::cpu::exec::Executor::new(program, 1)?;
+        let secs = best_of(5, || exec.step(&|_| 0.0).map(|_| ()))?;
         secs / steps as f64
     };
     // Two devices: ping-pong of 4 bytes (latency) and one-way 16 MiB messages (bandwidth).
     let mut eps = Fabric::new(2).into_iter();
-    let (Some(a), Some(b)) = (eps.next(), eps.next()) else { return Err("no fabric".into()) };
+    let (Some(a), Some(b)) = (eps.next(), eps.next()) else { return Err(MeasureError::NoFabric) };
     let rounds = 200u64;
     let big = 1usize << 22;
-    let echo = std::thread::spawn(move || -> Result<(), String> {
+    let echo = std::thread::spawn(move || -> Result<(), TransportError> {
         for i in 0..rounds {
             let h = Header { plan: 0, instr: 1, seq: i, kind: "ping".into() };
-            let d = b.recv(0, &h).map_err(|e| e.to_string())?;
-            b.send(0, Message { header: Header { kind: "pong".into(), ..h }, data: d }).map_err(|e| e.to_string())?;
+            let d = b.recv(0, &h)?;
+            b.send(0, Message { header: Header { kind: "pong".into(), ..h }, data: d })?;
         }
         for i in 0..4 {
             let h = Header { plan: 0, instr: 2, seq: i, kind: "bulk".into() };
-            b.recv(0, &h).map_err(|e| e.to_string())?;
-            b.send(0, Message { header: Header { kind: "ack".into(), ..h }, data: vec![] }).map_err(|e| e.to_string())?;
+            b.recv(0, &h)?;
+            b.send(0, Message { header: Header { kind: "ack".into(), ..h }, data: vec![] })?;
         }
         Ok(())
     });
     let t = Instant::now();
     for i in 0..rounds {
         let h = Header { plan: 0, instr: 1, seq: i, kind: "ping".into() };
-        a.send(1, Message { header: h.clone(), data: vec![1.0] }).map_err(|e| e.to_string())?;
-        a.recv(1, &Header { kind: "pong".into(), ..h }).map_err(|e| e.to_string())?;
+        a.send(1, Message { header: h.clone(), data: vec![1.0] })?;
+        a.recv(1, &Header { kind: "pong".into(), ..h })?;
     }
     let link_latency = t.elapsed().as_secs_f64() / (2 * rounds) as f64;
     let mut best = f64::INFINITY;
@@ -147,11 +164,11 @@ pub fn measure() -> Result<Measured, String> {
         let t = Instant::now();
         // A transfer is a copy into a message and a copy out of it.
         let data = payload.clone();
-        a.send(1, Message { header: h.clone(), data }).map_err(|e| e.to_string())?;
-        a.recv(1, &Header { kind: "ack".into(), ..h }).map_err(|e| e.to_string())?;
+        a.send(1, Message { header: h.clone(), data })?;
+        a.recv(1, &Header { kind: "ack".into(), ..h })?;
         best = best.min(t.elapsed().as_secs_f64());
     }
-    echo.join().map_err(|_| "the echo device stopped".to_string())??;
+    echo.join().map_err(|_| MeasureError::EchoStopped)??;
     let link_bytes = 4.0 * big as f64 / best;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     Ok(Measured { matmul, elementwise_bytes, elementwise, link_bytes, link_latency, cores, op_overhead })

@@ -18,7 +18,7 @@ mod fit;
 mod measure;
 mod reference;
 
-pub use measure::{measure, Measured};
+pub use measure::{measure, MeasureError, Measured};
 
 use shardplan_compiler::planner::{ms, Profile};
 use shardplan_compiler::units::{Bytes, Unit};
@@ -27,8 +27,8 @@ use shardplan_compiler::units::{Bytes, Unit};
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum CalibrateError {
     /// The raw measurements failed.
-    #[error("{0}")]
-    Measure(String),
+    #[error(transparent)]
+    Measure(#[from] MeasureError),
     /// A reference plan does not check (a bug in the references).
     #[error("{what} does not check: {messages:?}")]
     Check { what: &'static str, messages: Vec<String> },
@@ -114,7 +114,7 @@ fn measured_lines(m: &Measured) -> Vec<String> {
 /// as it is reached: the raw measurements, then each reference step beside
 /// its fit. Fails only when the raw measurements do.
 pub fn calibrate(progress: &mut dyn FnMut(&str)) -> Result<(Profile, Report), CalibrateError> {
-    let m = measure().map_err(CalibrateError::Measure)?;
+    let m = measure()?;
     for line in measured_lines(&m) {
         progress(&line);
     }

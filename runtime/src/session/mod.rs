@@ -178,7 +178,11 @@ impl Backends {
 /// The GPUs present when CUDA can be used (driver, NVRTC, cuBLAS), else why not.
 pub fn cuda_ready() -> Result<Vec<crate::backend::cuda::driver::Gpu>, SessionError> {
     crate::backend::cuda::exec::ready().map_err(|e| {
-        SessionError::failed("run::no_cuda", e, "docs/cuda.md lists what a GPU run needs; `shardplan selftest --backend cuda` checks a machine's setup")
+        SessionError::failed(
+            "run::no_cuda",
+            e.message(),
+            "docs/cuda.md lists what a GPU run needs; `shardplan selftest --backend cuda` checks a machine's setup",
+        )
     })
 }
 

@@ -22,6 +22,10 @@
 //! - Ids and labels (i32) are never read out of bounds: an id outside its
 //!   table reads zeros (and a gradient for it goes nowhere), a label outside
 //!   its classes contributes nothing.
+//!
+//! A step whose operands or output do not fit its kernel (a malformed
+//! program: a bug in shardplan) is a [`CodegenError`] naming the op and what
+//! does not fit; nothing here panics on a malformed program.
 
 mod elementwise;
 mod reduce;
@@ -33,10 +37,72 @@ mod writer;
 use super::{Gemm, Kernel, Launch};
 use crate::backend::cpu::ops::{batch_dims, broadcast_batch};
 use shardplan_compiler::graph::Op;
-use shardplan_compiler::kernel::{BufId, BufKind, Buffer, Elem, Program, Step, StepKind};
+use shardplan_compiler::kernel::{BufId, BufKind, Buffer, Elem, FusedError, Program, Step, StepKind};
+
+/// Why a step cannot be lowered: its operands or output do not fit its
+/// kernel. Every variant is a bug in whatever made the program.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum CodegenError {
+    /// Lowering step `step` of a program failed.
+    #[error("step {step}: {error}")]
+    Step { step: usize, error: Box<CodegenError> },
+    /// Lowering library op `op` failed.
+    #[error("{op}: {error}")]
+    Op { op: String, error: Box<CodegenError> },
+    /// The step names a buffer the program does not have.
+    #[error("buffer {} does not exist ({buffers} buffers)", .buffer.0)]
+    NoBuffer { buffer: BufId, buffers: usize },
+    /// A kernel reads operand `index`, which the step does not have.
+    #[error("operand {index} is missing")]
+    MissingOperand { index: usize },
+    /// Operand `index` holds another element type than the kernel reads.
+    #[error("operand {index} holds {got:?}, expected {want:?}")]
+    Elem { index: usize, got: Elem, want: Elem },
+    /// `what` given another number of operands than it takes.
+    #[error("{what} takes {want} operands, got {got}")]
+    Arity { what: String, want: usize, got: usize },
+    /// A reduction with an epilogue has fewer operands than the reduction takes.
+    #[error("{op} with an epilogue has {got} operands, takes at least {want}")]
+    EpilogueOperands { op: String, got: usize, want: usize },
+    /// The output has another shape than the kernel makes.
+    #[error("output shape {got:?}, expected {want:?}")]
+    OutShape { got: Vec<usize>, want: Vec<usize> },
+    /// The output of a kernel that writes f32 holds another element type.
+    #[error("the output is not f32")]
+    OutNotF32,
+    /// The output of a loss is not a scalar.
+    #[error("output shape {shape:?} is not a scalar")]
+    NotScalar { shape: Vec<usize> },
+    /// An axis outside the operand's (or the output's) dims.
+    #[error("axis {axis} is out of range for {shape:?}")]
+    Axis { axis: usize, shape: Vec<usize> },
+    /// A shape that does not broadcast to the one the kernel makes.
+    #[error("{from:?} does not broadcast to {to:?}")]
+    Broadcast { from: Vec<usize>, to: Vec<usize> },
+    /// A copy between buffers of different element types.
+    #[error("copies {from:?} into {to:?}")]
+    Copy { from: Elem, to: Elem },
+    /// Operand `what` has another number of elements than the kernel reads.
+    #[error("{what} has {got} elements, expected {want}")]
+    Len { what: &'static str, got: usize, want: usize },
+    /// A fused kernel (or an epilogue) that does not read its step's operands.
+    #[error(transparent)]
+    Fused(#[from] FusedError),
+    /// The op has no library kernel (element-wise ops are fused, sources
+    /// and assignments are the executor's).
+    #[error("{op} is not a library op")]
+    NotLibrary { op: String },
+    /// `Accumulated(index)` names an accumulator the program does not have.
+    #[error("accumulator {index} does not exist")]
+    NoAccumulator { index: usize },
+    /// The operands or output do not fit the kernel in another way; the
+    /// message says how.
+    #[error("{0}")]
+    Operands(String),
+}
 
 /// What `step` becomes on a GPU.
-pub fn lower(step: &Step, program: &Program) -> Result<Vec<Launch>, String> {
+pub fn lower(step: &Step, program: &Program) -> Result<Vec<Launch>, CodegenError> {
     let io = Io { p: program, ins: &step.inputs, out: step.output };
     io.check()?;
     let kernel = |k: Option<Kernel>| k.map(Launch::Kernel).into_iter().collect::<Vec<_>>();
@@ -45,7 +111,7 @@ pub fn lower(step: &Step, program: &Program) -> Result<Vec<Launch>, String> {
         StepKind::Reduce { op, epilogue } => {
             let n = op.arity();
             if step.inputs.len() < n {
-                return Err(format!("{} with an epilogue has {} operands, takes at least {n}", op.name(), step.inputs.len()));
+                return Err(CodegenError::EpilogueOperands { op: op.name(), got: step.inputs.len(), want: n });
             }
             let head = Io { p: program, ins: &step.inputs[..n], out: step.output };
             let mut launches = op_launches(op, &head)?;
@@ -59,8 +125,8 @@ pub fn lower(step: &Step, program: &Program) -> Result<Vec<Launch>, String> {
 }
 
 /// Every step of `program` lowered, in order.
-pub fn lower_program(program: &Program) -> Result<Vec<Vec<Launch>>, String> {
-    program.steps.iter().enumerate().map(|(i, s)| lower(s, program).map_err(|e| format!("step {i}: {e}"))).collect()
+pub fn lower_program(program: &Program) -> Result<Vec<Vec<Launch>>, CodegenError> {
+    program.steps.iter().enumerate().map(|(i, s)| lower(s, program).map_err(|e| CodegenError::Step { step: i, error: Box::new(e) })).collect()
 }
 
 /// The stable 64-bit hash kernel names and module caches use (FNV-1a).
@@ -112,10 +178,10 @@ pub(crate) struct Io<'a> {
 
 impl Io<'_> {
     /// Every buffer named exists.
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), CodegenError> {
         for b in self.ins.iter().chain([&self.out]) {
             if self.p.buffers.get(b.0 as usize).is_none() {
-                return Err(format!("buffer {} does not exist ({} buffers)", b.0, self.p.buffers.len()));
+                return Err(CodegenError::NoBuffer { buffer: *b, buffers: self.p.buffers.len() });
             }
         }
         Ok(())
@@ -125,20 +191,20 @@ impl Io<'_> {
         &self.p.buffers[b.0 as usize]
     }
 
-    fn input(&self, i: usize) -> Result<&Buffer, String> {
-        self.ins.get(i).map(|b| self.buf(*b)).ok_or_else(|| format!("operand {i} is missing"))
+    fn input(&self, i: usize) -> Result<&Buffer, CodegenError> {
+        self.ins.get(i).map(|b| self.buf(*b)).ok_or(CodegenError::MissingOperand { index: i })
     }
 
     /// Operand `i`, which must hold `elem`.
-    fn typed(&self, i: usize, elem: Elem) -> Result<&Buffer, String> {
+    fn typed(&self, i: usize, elem: Elem) -> Result<&Buffer, CodegenError> {
         let b = self.input(i)?;
         if b.elem != elem {
-            return Err(format!("operand {i} holds {:?}, expected {elem:?}", b.elem));
+            return Err(CodegenError::Elem { index: i, got: b.elem, want: elem });
         }
         Ok(b)
     }
 
-    fn shape(&self, i: usize) -> Result<&[usize], String> {
+    fn shape(&self, i: usize) -> Result<&[usize], CodegenError> {
         Ok(&self.input(i)?.shape)
     }
 
@@ -159,38 +225,38 @@ impl Io<'_> {
         self.ins.iter().chain([&self.out]).map(|b| self.buf(*b).len()).max().unwrap_or(0)
     }
 
-    fn arity(&self, n: usize, what: &str) -> Result<(), String> {
+    fn arity(&self, n: usize, what: &str) -> Result<(), CodegenError> {
         if self.ins.len() == n {
             Ok(())
         } else {
-            Err(format!("{what} takes {n} operands, got {}", self.ins.len()))
+            Err(CodegenError::Arity { what: what.to_string(), want: n, got: self.ins.len() })
         }
     }
 
-    fn expect_out(&self, want: &[usize]) -> Result<(), String> {
+    fn expect_out(&self, want: &[usize]) -> Result<(), CodegenError> {
         if self.out_shape() == want {
             Ok(())
         } else {
-            Err(format!("output shape {:?}, expected {want:?}", self.out_shape()))
+            Err(CodegenError::OutShape { got: self.out_shape().to_vec(), want: want.to_vec() })
         }
     }
 
-    fn out_f32(&self) -> Result<(), String> {
+    fn out_f32(&self) -> Result<(), CodegenError> {
         if self.out_buf().elem == Elem::F32 {
             Ok(())
         } else {
-            Err("the output is not f32".into())
+            Err(CodegenError::OutNotF32)
         }
     }
 }
 
 /// A library op (or a reduction without its epilogue).
-fn op_launches(op: &Op, io: &Io<'_>) -> Result<Vec<Launch>, String> {
+fn op_launches(op: &Op, io: &Io<'_>) -> Result<Vec<Launch>, CodegenError> {
     if op.is_comm() {
         return Ok(vec![Launch::Comm]);
     }
     let name = op.name();
-    let with = |e: String| format!("{name}: {e}");
+    let with = |e: CodegenError| CodegenError::Op { op: name.clone(), error: Box::new(e) };
     if !matches!(op, Op::Pack { .. }) {
         io.arity(op.arity(), &name)?;
     }
@@ -232,7 +298,7 @@ fn op_launches(op: &Op, io: &Io<'_>) -> Result<Vec<Launch>, String> {
         }
         Op::Accumulated(k) => {
             let Some(acc) = io.p.buffers.iter().position(|b| b.kind == BufKind::Accum(*k)) else {
-                return Err(format!("accumulator {k} does not exist"));
+                return Err(CodegenError::NoAccumulator { index: *k });
             };
             elementwise::copy_from(io, BufId(acc as u32))
         }
@@ -260,7 +326,7 @@ fn op_launches(op: &Op, io: &Io<'_>) -> Result<Vec<Launch>, String> {
         | Op::GeluGrad
         | Op::ClipScale { .. }
         | Op::Reshape
-        | Op::Assign(_) => return Err(format!("{name} is not a library op")),
+        | Op::Assign(_) => return Err(CodegenError::NotLibrary { op: name.clone() }),
     }
     .map_err(with)?;
     Ok(k.map(Launch::Kernel).into_iter().collect())
@@ -268,21 +334,21 @@ fn op_launches(op: &Op, io: &Io<'_>) -> Result<Vec<Launch>, String> {
 
 /// `a @ b` with numpy batch broadcasting, `a` (`b`) stored with its last
 /// two dims swapped when `trans_a` (`trans_b`).
-fn gemm(io: &Io<'_>, trans_a: bool, trans_b: bool) -> Result<Vec<Launch>, String> {
+fn gemm(io: &Io<'_>, trans_a: bool, trans_b: bool) -> Result<Vec<Launch>, CodegenError> {
     io.arity(2, "matmul")?;
     let (a, b) = (io.typed(0, Elem::F32)?, io.typed(1, Elem::F32)?);
     io.out_f32()?;
     let (sa, sb) = (a.shape.as_slice(), b.shape.as_slice());
     let (&[ref a_batch @ .., a0, a1], &[ref b_batch @ .., b0, b1]) = (sa, sb) else {
-        return Err(format!("matmul operands must have rank ≥ 2, got {sa:?} and {sb:?}"));
+        return Err(CodegenError::Operands(format!("matmul operands must have rank ≥ 2, got {sa:?} and {sb:?}")));
     };
     let (m, k) = if trans_a { (a1, a0) } else { (a0, a1) };
     let (kb, n) = if trans_b { (b1, b0) } else { (b0, b1) };
     if k != kb {
-        return Err(format!("matmul inner dims differ: {sa:?} @ {sb:?}"));
+        return Err(CodegenError::Operands(format!("matmul inner dims differ: {sa:?} @ {sb:?}")));
     }
     let Some(batch) = broadcast_batch(a_batch, b_batch) else {
-        return Err(format!("matmul batch dims of {sa:?} and {sb:?} do not broadcast"));
+        return Err(CodegenError::Operands(format!("matmul batch dims of {sa:?} and {sb:?} do not broadcast")));
     };
     let want: Vec<usize> = batch.iter().copied().chain([m, n]).collect();
     io.expect_out(&want)?;

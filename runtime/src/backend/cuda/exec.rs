@@ -29,9 +29,13 @@
 //! Errors: a failure of the driver, cuBLAS, NCCL or device memory (a memory
 //! limit too small included) is an [`EngineError::Device`] naming the GPU;
 //! a kernel NVRTC cannot compile is an [`EngineError::Codegen`]; a program
-//! or a launch that does not fit together is an [`EngineError::Bug`].
+//! or a launch that does not fit together is an [`EngineError::Bug`]. The
+//! errors of `driver` and `nvrtc` become engine errors here, by `From`: a
+//! missing library or a failed driver call is the device's, any other NVRTC
+//! failure a failed code generation.
 
 use super::nccl::Nccl;
+use super::nvrtc::NvrtcError;
 use super::{codegen, driver, Gemm, Launch};
 use crate::engine::{Alone, Comm, Data, Engine, EngineError};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
@@ -99,9 +103,29 @@ fn bug(m: impl Into<String>) -> EngineError {
     EngineError::Bug(m.into())
 }
 
+/// A CUDA library that cannot be loaded, or a driver that sees no GPU or
+/// fails: the device's fault.
+impl From<driver::DriverError> for EngineError {
+    fn from(e: driver::DriverError) -> EngineError {
+        EngineError::Device(e.to_string())
+    }
+}
+
+/// NVRTC that cannot be loaded is the device's fault (its setup); any other
+/// NVRTC failure is a failed code generation.
+impl From<NvrtcError> for EngineError {
+    fn from(e: NvrtcError) -> EngineError {
+        match e {
+            NvrtcError::Missing => EngineError::Device(e.to_string()),
+            _ => EngineError::Codegen(e.to_string()),
+        }
+    }
+}
+
 /// Everything a GPU run needs: the driver with at least one GPU, NVRTC and
-/// cuBLAS. Returns the GPUs, or one message saying what is missing.
-pub fn ready() -> Result<Vec<driver::Gpu>, String> {
+/// cuBLAS. Returns the GPUs, or an [`EngineError::Device`] whose message says
+/// what is missing.
+pub fn ready() -> Result<Vec<driver::Gpu>, EngineError> {
     let gpus = driver::gpus()?;
     super::nvrtc::available()?;
     driver::cublas_available()?;
@@ -118,9 +142,9 @@ impl GpuExecutor {
     /// buffers, one per microbatch in flight, and at most `limit` bytes of
     /// buffers.
     pub fn with_slots(program: Program, ordinal: usize, slots: usize, limit: Option<u64>) -> Result<GpuExecutor, EngineError> {
-        driver::available().map_err(device)?;
-        super::nvrtc::available().map_err(device)?;
-        driver::cublas_available().map_err(device)?;
+        driver::available()?;
+        super::nvrtc::available()?;
+        driver::cublas_available()?;
         program.validate().map_err(|e| bug(format!("the program is malformed: {e}")))?;
         let gpu = format!("GPU {ordinal}");
         let cuda = |what: &str, e: cudarc::driver::DriverError| device(format!("{gpu}: {what} failed ({e:?})"));

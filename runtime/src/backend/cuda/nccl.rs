@@ -3,8 +3,8 @@
 //!
 //! Input: the transfer ops of a plan and each device's physical GPU; at run
 //! time, one op with the device addresses of its operand and result, on the
-//! executor's stream. Output: the result in device memory, or an error that
-//! names the device that failed. Parts of all-gathers and reduce-scatters are
+//! executor's stream. Output: the result in device memory, or an
+//! [`NcclError`] that names the device that failed. Parts of all-gathers and reduce-scatters are
 //! laid out by the partitioner's `chunk_range`, as on the host path. This
 //! module knows no executor: it imports only the driver checks.
 //!
@@ -314,8 +314,42 @@ pub struct Nccl {
     _ctx: Arc<CudaContext>,
 }
 
+/// Why an op through NCCL failed.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum NcclError {
+    /// The op has no communicator of this device.
+    #[error("{op} does not go through NCCL")]
+    NotRouted { op: String },
+    /// The op's communicator was aborted by an earlier failure.
+    #[error("the NCCL communicator of {route:?} was aborted by an earlier failure")]
+    Aborted { route: Route },
+    /// The op's operands or result do not fit it (a bug in the program);
+    /// the message says how.
+    #[error("{0}")]
+    Operands(String),
+    /// An NCCL call failed.
+    #[error("{what} failed in NCCL ({error:?})")]
+    Call { what: String, error: nres::NcclError },
+    /// A CUDA call around the op failed (scratch memory, an event, a copy,
+    /// the stream); the message says which.
+    #[error("{0}")]
+    Cuda(String),
+    /// NCCL reported an asynchronous error while `what` ran.
+    #[error("{what}: NCCL reported {state:?}")]
+    Async { what: String, state: nsys::ncclResult_t },
+    /// Another device (`by`) failed while this one waited in `what`.
+    #[error("device {device} stopped in {what} because device {by} failed: {reason}")]
+    PeerFailed { device: usize, what: String, by: usize, reason: String },
+    /// This device's own failure cancelled the op.
+    #[error("{what} was cancelled by this device's failure")]
+    Cancelled { what: String },
+    /// The peers did not reach the op within the timeout.
+    #[error("device {device} waited {secs:.1} s in {what} for its peers")]
+    Timeout { device: usize, what: String, secs: f64 },
+}
+
 /// A failed NCCL op.
-type R<T> = Result<T, String>;
+type R<T> = Result<T, NcclError>;
 
 impl Nccl {
     /// The communicator `op` goes through, if it goes through NCCL.
@@ -345,14 +379,14 @@ impl Nccl {
     fn comm(&self, r: &Route) -> R<&Communicator> {
         match self.comms.iter().find(|c| &c.route == r) {
             Some(c) if !c.comm.is_null() => Ok(c),
-            _ => Err(format!("the NCCL communicator of {r:?} was aborted by an earlier failure")),
+            _ => Err(NcclError::Aborted { route: r.clone() }),
         }
     }
 
     /// Fails an op: aborts the communicators and says why.
-    fn fail(&mut self, m: String) -> String {
+    fn fail(&mut self, e: NcclError) -> NcclError {
         self.abort_all();
-        m
+        e
     }
 
     /// Waits until `stream` has finished (every NCCL op on it included),
@@ -366,25 +400,25 @@ impl Nccl {
             match unsafe { dsys::cuStreamQuery(stream.cu_stream()) } {
                 dsys::CUresult::CUDA_SUCCESS => return Ok(()),
                 dsys::CUresult::CUDA_ERROR_NOT_READY => {}
-                e => return Err(self.fail(format!("{what} failed on the GPU ({e:?})"))),
+                e => return Err(self.fail(NcclError::Cuda(format!("{what} failed on the GPU ({e:?})")))),
             }
             let mut state = nsys::ncclResult_t::ncclSuccess;
             // SAFETY: a live communicator; `state` is written by NCCL.
             unsafe { nsys::ncclCommGetAsyncError(comm, &mut state) };
             if state != nsys::ncclResult_t::ncclSuccess && state != nsys::ncclResult_t::ncclInProgress {
-                return Err(self.fail(format!("{what}: NCCL reported {state:?}")));
+                return Err(self.fail(NcclError::Async { what: what.to_string(), state }));
             }
             if let Some((by, reason)) = self.abort.cause() {
                 if by != self.me {
                     self.peer_failure = Some((by, reason.clone()));
-                    return Err(self.fail(format!("device {} stopped in {what} because device {by} failed: {reason}", self.me)));
+                    return Err(self.fail(NcclError::PeerFailed { device: self.me, what: what.to_string(), by, reason }));
                 }
-                return Err(self.fail(format!("{what} was cancelled by this device's failure")));
+                return Err(self.fail(NcclError::Cancelled { what: what.to_string() }));
             }
             if start.elapsed() > self.timeout {
-                let m = format!("device {} waited {:.1} s in {what} for its peers", self.me, start.elapsed().as_secs_f64());
-                self.abort.raise(self.me, &m);
-                return Err(self.fail(m));
+                let e = NcclError::Timeout { device: self.me, what: what.to_string(), secs: start.elapsed().as_secs_f64() };
+                self.abort.raise(self.me, &e.to_string());
+                return Err(self.fail(e));
             }
             polls += 1;
             if polls < 256 {
@@ -402,7 +436,7 @@ impl Nccl {
             match self.pending[i].0.try_is_complete() {
                 Ok(true) => drop(self.pending.swap_remove(i)),
                 Ok(false) => i += 1,
-                Err(e) => return Err(self.fail(format!("a send to another GPU failed ({e:?})"))),
+                Err(e) => return Err(self.fail(NcclError::Cuda(format!("a send to another GPU failed ({e:?})")))),
             }
         }
         Ok(())
@@ -413,21 +447,21 @@ impl Nccl {
     pub fn run(&mut self, stream: &Arc<CudaStream>, op: &Op, input: Option<(u64, &[usize])>, out: (u64, &[usize])) -> R<()> {
         self.peer_failure = None;
         self.reap()?;
-        let route = self.route(op).ok_or_else(|| format!("{} does not go through NCCL", op.name()))?;
+        let route = self.route(op).ok_or_else(|| NcclError::NotRouted { op: op.name() })?;
         let comm = self.comm(&route)?.comm;
         let cu = stream.cu_stream() as nsys::cudaStream_t;
         let f32t = nsys::ncclDataType_t::ncclFloat32;
         let sum = nsys::ncclRedOp_t::ncclSum;
         let (dst, out_shape) = out;
         let out_len: usize = out_shape.iter().product();
-        let need = |what: &str| format!("{what} without an operand");
-        let nccl = |what: &str, e: nres::NcclError| format!("{what} failed in NCCL ({e:?})");
+        let need = |what: &str| NcclError::Operands(format!("{what} without an operand"));
+        let nccl = |what: &str, error: nres::NcclError| NcclError::Call { what: what.to_string(), error };
         let what = op.name();
         match op {
             Op::AllReduce { .. } => {
                 let (src, shape) = input.ok_or_else(|| need(&what))?;
                 if shape.iter().product::<usize>() != out_len {
-                    return Err(format!("{what} of {shape:?} into {out_shape:?}"));
+                    return Err(NcclError::Operands(format!("{what} of {shape:?} into {out_shape:?}")));
                 }
                 // SAFETY: both addresses hold `out_len` f32 on this GPU; the host waits below.
                 unsafe { nres::all_reduce(src as _, dst as _, out_len, f32t, sum, comm, cu) }.map_err(|e| nccl(&what, e))?;
@@ -435,16 +469,18 @@ impl Nccl {
             Op::AllGather { group, dim, granule, .. } => {
                 let (src, shape) = input.ok_or_else(|| need(&what))?;
                 let n = group.len();
-                let pos = group.iter().position(|&d| d as usize == self.me).ok_or_else(|| format!("device {} is not in {what}", self.me))?;
+                let pos =
+                    group.iter().position(|&d| d as usize == self.me).ok_or_else(|| NcclError::Operands(format!("device {} is not in {what}", self.me)))?;
                 let l = Layout::new(out_shape, *dim, n, *granule)?;
                 if shape.iter().product::<usize>() != l.part(pos) {
-                    return Err(format!("{what} part of {} values, expected {}", shape.iter().product::<usize>(), l.part(pos)));
+                    return Err(NcclError::Operands(format!("{what} part of {} values, expected {}", shape.iter().product::<usize>(), l.part(pos))));
                 }
                 if l.flat() {
                     // SAFETY: the parts are equal and contiguous: `dst` holds n·widest values.
                     unsafe { nres::all_gather(src as _, dst as _, l.widest, f32t, comm, cu) }.map_err(|e| nccl(&what, e))?;
                 } else {
-                    let alloc = |len: usize| stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| format!("{what}: allocating scratch failed ({e:?})"));
+                    let alloc =
+                        |len: usize| stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| NcclError::Cuda(format!("{what}: allocating scratch failed ({e:?})")));
                     let send = alloc(l.widest)?;
                     let recv = alloc(l.widest * n)?;
                     let (s, r) = (send.device_ptr(stream).0, recv.device_ptr(stream).0);
@@ -462,16 +498,18 @@ impl Nccl {
             Op::ReduceScatter { group, dim, granule, .. } => {
                 let (src, shape) = input.ok_or_else(|| need(&what))?;
                 let n = group.len();
-                let pos = group.iter().position(|&d| d as usize == self.me).ok_or_else(|| format!("device {} is not in {what}", self.me))?;
+                let pos =
+                    group.iter().position(|&d| d as usize == self.me).ok_or_else(|| NcclError::Operands(format!("device {} is not in {what}", self.me)))?;
                 let l = Layout::new(shape, *dim, n, *granule)?;
                 if out_len != l.part(pos) {
-                    return Err(format!("{what} part of {out_len} values, expected {}", l.part(pos)));
+                    return Err(NcclError::Operands(format!("{what} part of {out_len} values, expected {}", l.part(pos))));
                 }
                 if l.flat() {
                     // SAFETY: `src` holds n·widest values, `dst` widest.
                     unsafe { nres::reduce_scatter(src as _, dst as _, l.widest, f32t, sum, comm, cu) }.map_err(|e| nccl(&what, e))?;
                 } else {
-                    let alloc = |len: usize| stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| format!("{what}: allocating scratch failed ({e:?})"));
+                    let alloc =
+                        |len: usize| stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| NcclError::Cuda(format!("{what}: allocating scratch failed ({e:?})")));
                     let staging = alloc(l.widest * n)?;
                     let own = alloc(l.widest)?;
                     let (s, o) = (staging.device_ptr(stream).0, own.device_ptr(stream).0);
@@ -489,14 +527,14 @@ impl Nccl {
             Op::Send { .. } => {
                 let (src, shape) = input.ok_or_else(|| need(&what))?;
                 let len: usize = shape.iter().product();
-                let side = self.comm(&route)?.side.clone().ok_or_else(|| format!("{what}: no stream to send on"))?;
+                let side = self.comm(&route)?.side.clone().ok_or_else(|| NcclError::Operands(format!("{what}: no stream to send on")))?;
                 // The copy frees the operand for later kernels; the side stream
                 // sends it once the copy is done, without holding the host.
-                let copy = stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| format!("{what}: allocating scratch failed ({e:?})"))?;
+                let copy = stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| NcclError::Cuda(format!("{what}: allocating scratch failed ({e:?})")))?;
                 let c = copy.device_ptr(stream).0;
                 copy2d(stream, c, 0, src, 0, len, 1)?;
-                let event = |s: &CudaStream| s.record_event(None).map_err(|e| format!("{what}: recording an event failed ({e:?})"));
-                side.wait(&event(stream)?).map_err(|e| format!("{what}: ordering the send failed ({e:?})"))?;
+                let event = |s: &CudaStream| s.record_event(None).map_err(|e| NcclError::Cuda(format!("{what}: recording an event failed ({e:?})")));
+                side.wait(&event(stream)?).map_err(|e| NcclError::Cuda(format!("{what}: ordering the send failed ({e:?})")))?;
                 // SAFETY: `copy` holds `len` values and lives in `pending` until the send completes.
                 unsafe { nres::send(c as _, len, f32t, 1, comm, side.cu_stream() as _) }.map_err(|e| nccl(&what, e))?;
                 let done = event(&side)?;
@@ -507,7 +545,7 @@ impl Nccl {
                 // SAFETY: `dst` holds `out_len` values; the host waits below.
                 unsafe { nres::recv(dst as _, out_len, f32t, 0, comm, cu) }.map_err(|e| nccl(&what, e))?;
             }
-            _ => return Err(format!("{what} does not go through NCCL")),
+            _ => return Err(NcclError::NotRouted { op: what }),
         }
         self.wait(stream, comm, &what)
     }
@@ -541,7 +579,7 @@ struct Layout {
 impl Layout {
     fn new(shape: &[usize], dim: usize, n: usize, granule: usize) -> R<Layout> {
         if dim >= shape.len() || n == 0 {
-            return Err(format!("splitting dim {dim} of {shape:?} {n} ways"));
+            return Err(NcclError::Operands(format!("splitting dim {dim} of {shape:?} {n} ways")));
         }
         let u = granule.max(1);
         let full = shape[dim];
@@ -602,7 +640,7 @@ fn copy2d(stream: &CudaStream, dst: u64, dst_pitch: usize, src: u64, src_pitch: 
     // callers size them from the same layout).
     match unsafe { dsys::cuMemcpy2DAsync_v2(&desc, stream.cu_stream()) } {
         dsys::CUresult::CUDA_SUCCESS => Ok(()),
-        e => Err(format!("a copy on the device failed ({e:?})")),
+        e => Err(NcclError::Cuda(format!("a copy on the device failed ({e:?})"))),
     }
 }
 

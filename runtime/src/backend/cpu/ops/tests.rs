@@ -63,7 +63,7 @@ fn tensor(x: &In) -> Tensor {
     }
 }
 
-fn reference(op: &Op, ins: &[In], out_shape: &[usize]) -> Result<Tensor, String> {
+fn reference(op: &Op, ins: &[In], out_shape: &[usize]) -> Result<Tensor, interp::InterpError> {
     let hyper = |_| 0.0;
     let env = Env { inputs: &[], params: &[], states: &[], hyper: &hyper };
     let ts: Vec<Tensor> = ins.iter().map(tensor).collect();

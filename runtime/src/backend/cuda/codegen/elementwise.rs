@@ -2,18 +2,23 @@
 //! reduction epilogues), copies through an index map (broadcast, expand,
 //! transpose, slice, pack, unpack), the causal mask, embedding lookup, the
 //! mean-squared-error gradient and gradient accumulation.
+//!
+//! Input: a step's operands and output (`Io`) and the op's attributes.
+//! Output: the kernel, None when it has nothing to compute, or a `CodegenError`
+//! when the operands or output do not fit the kernel (checked before any
+//! source is written).
 
 use super::writer::{f32_lit, Gen, Mode, GELU};
-use super::Io;
+use super::{CodegenError, Io};
 use shardplan_compiler::kernel::{Binary, BufId, Elem, Fused, Inst, Unary};
 
 /// The fused kernel: `out[i] = body(inputs at i)`.
-pub fn fused(f: &Fused, io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
+pub fn fused(f: &Fused, io: &Io<'_>) -> Result<Option<super::Kernel>, CodegenError> {
     f.validate(io.ins.len())?;
     io.out_f32()?;
     let total = f.rows * f.cols;
     if io.out_len() != total {
-        return Err(format!("the output has {} elements for a {} × {} kernel", io.out_len(), f.rows, f.cols));
+        return Err(CodegenError::Operands(format!("the output has {} elements for a {} × {} kernel", io.out_len(), f.rows, f.cols)));
     }
     if total == 0 {
         return Ok(None);
@@ -34,15 +39,15 @@ pub fn fused(f: &Fused, io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
 /// A reduction's epilogue, applied in place: input 0 is the output itself,
 /// read at each element's own index before that element is written; `io`'s
 /// operands are inputs 1.. .
-pub fn epilogue(f: &Fused, io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
+pub fn epilogue(f: &Fused, io: &Io<'_>) -> Result<Option<super::Kernel>, CodegenError> {
     f.validate(io.ins.len() + 1)?;
     io.out_f32()?;
     let total = f.rows * f.cols;
     if io.out_len() != total {
-        return Err(format!("the epilogue runs over {} × {} but the output has {} elements", f.rows, f.cols, io.out_len()));
+        return Err(CodegenError::Operands(format!("the epilogue runs over {} × {} but the output has {} elements", f.rows, f.cols, io.out_len())));
     }
     if f.col_strides[0] != 1 || (f.row_strides[0] != f.cols && f.rows > 1) {
-        return Err("the epilogue must read the reduction's result at the output's own index".into());
+        return Err(CodegenError::Operands("the epilogue must read the reduction's result at the output's own index".into()));
     }
     if total == 0 {
         return Ok(None);
@@ -52,11 +57,11 @@ pub fn epilogue(f: &Fused, io: &Io<'_>) -> Result<Option<super::Kernel>, String>
     for (k, b) in io.ins.iter().enumerate() {
         let buf = io.buf(*b);
         if buf.elem != Elem::F32 {
-            return Err(format!("epilogue input {} is not f32", k + 1));
+            return Err(CodegenError::Operands(format!("epilogue input {} is not f32", k + 1)));
         }
         let need = reach(f, k + 1);
         if buf.len() < need {
-            return Err(format!("epilogue input {} has {} elements, the kernel reads {need}", k + 1, buf.len()));
+            return Err(CodegenError::Operands(format!("epilogue input {} has {} elements, the kernel reads {need}", k + 1, buf.len())));
         }
         g.param(*b, Elem::F32, Mode::In, &format!("in{}", k + 1));
     }
@@ -75,14 +80,14 @@ fn reach(f: &Fused, k: usize) -> usize {
     (f.rows - 1) * f.row_strides[k] + (f.cols - 1) * f.col_strides[k] + 1
 }
 
-fn need_reads(io: &Io<'_>, k: usize, f: &Fused) -> Result<(), String> {
+fn need_reads(io: &Io<'_>, k: usize, f: &Fused) -> Result<(), CodegenError> {
     let buf = io.input(k)?;
     if buf.elem != Elem::F32 {
-        return Err(format!("fused input {k} is not f32"));
+        return Err(CodegenError::Operands(format!("fused input {k} is not f32")));
     }
     let need = reach(f, k);
     if buf.len() < need {
-        return Err(format!("fused input {k} has {} elements, the kernel reads {need}", buf.len()));
+        return Err(CodegenError::Operands(format!("fused input {k} has {} elements, the kernel reads {need}", buf.len())));
     }
     Ok(())
 }
@@ -210,10 +215,10 @@ pub(super) fn index_map(g: &mut Gen, dims: &[(usize, usize)], from: &str, to: &s
 
 /// out[i] = in[s(i)] for the index map `dims` (output dims with their
 /// source strides); `what` names the kernel.
-fn copy_kernel(io: &Io<'_>, what: String, dims: &[(usize, usize)], offset: usize) -> Result<Option<super::Kernel>, String> {
+fn copy_kernel(io: &Io<'_>, what: String, dims: &[(usize, usize)], offset: usize) -> Result<Option<super::Kernel>, CodegenError> {
     let x = io.input(0)?;
     if x.elem != io.out_buf().elem {
-        return Err(format!("copies {:?} into {:?}", x.elem, io.out_buf().elem));
+        return Err(CodegenError::Copy { from: x.elem, to: io.out_buf().elem });
     }
     let total = io.out_len();
     if total == 0 {
@@ -222,7 +227,7 @@ fn copy_kernel(io: &Io<'_>, what: String, dims: &[(usize, usize)], offset: usize
     // Every index the map produces is inside the source.
     let reach: usize = offset + dims.iter().map(|&(size, stride)| (size.max(1) - 1) * stride).sum::<usize>() + 1;
     if reach > x.len() {
-        return Err(format!("reads up to element {reach} of a source of {}", x.len()));
+        return Err(CodegenError::Operands(format!("reads up to element {reach} of a source of {}", x.len())));
     }
     let mut g = Gen::new(what, io.largest());
     g.param(io.ins[0], x.elem, Mode::In, "x");
@@ -248,13 +253,13 @@ fn row_major(shape: &[usize]) -> Vec<usize> {
 }
 
 /// Copies the operand broadcast (numpy rules, right-aligned) to the output's shape.
-pub fn broadcast(io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
+pub fn broadcast(io: &Io<'_>) -> Result<Option<super::Kernel>, CodegenError> {
     io.arity(1, "broadcast")?;
     let xs = io.shape(0)?;
     let os = io.out_shape();
     let lead = xs.len().saturating_sub(os.len());
     if xs[..lead].iter().any(|&d| d != 1) {
-        return Err(format!("{xs:?} does not broadcast to {os:?}"));
+        return Err(CodegenError::Broadcast { from: xs.to_vec(), to: os.to_vec() });
     }
     let xs = &xs[lead..];
     let pad = os.len() - xs.len();
@@ -263,7 +268,7 @@ pub fn broadcast(io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
     for (d, &size) in os.iter().enumerate() {
         let src = if d < pad { 1 } else { xs[d - pad] };
         if src != size && src != 1 {
-            return Err(format!("{xs:?} does not broadcast to {os:?}"));
+            return Err(CodegenError::Broadcast { from: xs.to_vec(), to: os.to_vec() });
         }
         dims.push((size, if src == 1 { 0 } else { st[d - pad] }));
     }
@@ -271,17 +276,17 @@ pub fn broadcast(io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
 }
 
 /// Copies the operand transposed by `perm`.
-pub fn transpose(io: &Io<'_>, perm: &[usize]) -> Result<Option<super::Kernel>, String> {
+pub fn transpose(io: &Io<'_>, perm: &[usize]) -> Result<Option<super::Kernel>, CodegenError> {
     let xs = io.shape(0)?;
     let mut seen = vec![false; xs.len()];
     for &p in perm {
         match seen.get_mut(p) {
             Some(s) if !*s => *s = true,
-            _ => return Err(format!("{perm:?} is not a permutation of {} dims", xs.len())),
+            _ => return Err(CodegenError::Operands(format!("{perm:?} is not a permutation of {} dims", xs.len()))),
         }
     }
     if perm.len() != xs.len() {
-        return Err(format!("{perm:?} is not a permutation of {} dims", xs.len()));
+        return Err(CodegenError::Operands(format!("{perm:?} is not a permutation of {} dims", xs.len())));
     }
     let want: Vec<usize> = perm.iter().map(|&p| xs[p]).collect();
     io.expect_out(&want)?;
@@ -299,11 +304,11 @@ pub fn transpose(io: &Io<'_>, perm: &[usize]) -> Result<Option<super::Kernel>, S
 /// (p, last) planes go through shared memory, so that both the reads and
 /// the writes of neighbouring threads are neighbours. Blocks of 32 × 8
 /// threads, one tile per block (grid-stride over tiles).
-fn tiled_transpose(io: &Io<'_>, dims: &[(usize, usize)], p: usize, what: String) -> Result<Option<super::Kernel>, String> {
+fn tiled_transpose(io: &Io<'_>, dims: &[(usize, usize)], p: usize, what: String) -> Result<Option<super::Kernel>, CodegenError> {
     let x = io.input(0)?;
     let elem = x.elem;
     if elem != io.out_buf().elem {
-        return Err(format!("copies {elem:?} into {:?}", io.out_buf().elem));
+        return Err(CodegenError::Copy { from: elem, to: io.out_buf().elem });
     }
     let q = dims.len() - 1;
     let (np, nq, sq) = (dims[p].0, dims[q].0, dims[q].1);
@@ -351,14 +356,14 @@ fn tiled_transpose(io: &Io<'_>, dims: &[(usize, usize)], p: usize, what: String)
 }
 
 /// Broadcasts a reduction result over `axes` back to the output's shape.
-pub fn expand(io: &Io<'_>, axes: &[usize]) -> Result<Option<super::Kernel>, String> {
+pub fn expand(io: &Io<'_>, axes: &[usize]) -> Result<Option<super::Kernel>, CodegenError> {
     let os = io.out_shape().to_vec();
     if let Some(a) = axes.iter().find(|&&a| a >= os.len()) {
-        return Err(format!("axis {a} is out of range for {os:?}"));
+        return Err(CodegenError::Axis { axis: *a, shape: os.to_vec() });
     }
     let kept: usize = os.iter().enumerate().filter(|(d, _)| !axes.contains(d)).map(|(_, s)| s).product();
     if io.input(0)?.len() != kept {
-        return Err(format!("operand has {} elements, expected {kept}", io.input(0)?.len()));
+        return Err(CodegenError::Operands(format!("operand has {} elements, expected {kept}", io.input(0)?.len())));
     }
     let mut dims = vec![(0, 0); os.len()];
     let mut acc = 1;
@@ -374,11 +379,11 @@ pub fn expand(io: &Io<'_>, axes: &[usize]) -> Result<Option<super::Kernel>, Stri
 }
 
 /// The part of the operand starting at `start` along `dim`.
-pub fn slice(io: &Io<'_>, dim: usize, start: usize) -> Result<Option<super::Kernel>, String> {
+pub fn slice(io: &Io<'_>, dim: usize, start: usize) -> Result<Option<super::Kernel>, CodegenError> {
     let xs = io.shape(0)?;
     let os = io.out_shape();
     if dim >= xs.len() || xs.len() != os.len() || start + os[dim] > xs[dim] || (0..xs.len()).any(|d| d != dim && xs[d] != os[d]) {
-        return Err(format!("cannot take {os:?} at {start} along dim {dim} of {xs:?}"));
+        return Err(CodegenError::Operands(format!("cannot take {os:?} at {start} along dim {dim} of {xs:?}")));
     }
     let st = row_major(xs);
     let dims: Vec<(usize, usize)> = os.iter().zip(&st).map(|(&s, &t)| (s, t)).collect();
@@ -386,10 +391,10 @@ pub fn slice(io: &Io<'_>, dim: usize, start: usize) -> Result<Option<super::Kern
 }
 
 /// Flattens and concatenates the operands.
-pub fn pack(io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
+pub fn pack(io: &Io<'_>) -> Result<Option<super::Kernel>, CodegenError> {
     let total: usize = (0..io.ins.len()).map(|i| io.buf(io.ins[i]).len()).sum();
     if total != io.out_len() {
-        return Err(format!("packs {total} values into {}", io.out_len()));
+        return Err(CodegenError::Operands(format!("packs {total} values into {}", io.out_len())));
     }
     let elem = io.out_buf().elem;
     if total == 0 {
@@ -398,7 +403,7 @@ pub fn pack(io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
     let mut g = Gen::new(format!("pack {} operands into {total}", io.ins.len()), io.largest());
     for (k, b) in io.ins.iter().enumerate() {
         if io.buf(*b).elem != elem {
-            return Err(format!("operand {k} is not {elem:?}"));
+            return Err(CodegenError::Operands(format!("operand {k} is not {elem:?}")));
         }
         g.param(*b, elem, Mode::In, &format!("in{k}"));
     }
@@ -423,27 +428,27 @@ pub fn pack(io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
 }
 
 /// Elements `[offset, offset + len)` of a packed operand.
-pub fn unpack(io: &Io<'_>, offset: usize) -> Result<Option<super::Kernel>, String> {
+pub fn unpack(io: &Io<'_>, offset: usize) -> Result<Option<super::Kernel>, CodegenError> {
     let x = io.input(0)?;
     let n = io.out_len();
     if offset + n > x.len() {
-        return Err(format!("reads {n} elements at {offset} of {}", x.len()));
+        return Err(CodegenError::Operands(format!("reads {n} elements at {offset} of {}", x.len())));
     }
     copy_with_offset(io, io.ins[0], offset, format!("unpack {n} values at {offset}"))
 }
 
 /// The value of gradient accumulator `acc` (an `Accumulated` step).
-pub fn copy_from(io: &Io<'_>, acc: BufId) -> Result<Option<super::Kernel>, String> {
+pub fn copy_from(io: &Io<'_>, acc: BufId) -> Result<Option<super::Kernel>, CodegenError> {
     if io.buf(acc).len() != io.out_len() {
-        return Err(format!("the accumulator has {} values, the output {}", io.buf(acc).len(), io.out_len()));
+        return Err(CodegenError::Operands(format!("the accumulator has {} values, the output {}", io.buf(acc).len(), io.out_len())));
     }
     copy_with_offset(io, acc, 0, "accumulated value".into())
 }
 
-fn copy_with_offset(io: &Io<'_>, src: BufId, offset: usize, what: String) -> Result<Option<super::Kernel>, String> {
+fn copy_with_offset(io: &Io<'_>, src: BufId, offset: usize, what: String) -> Result<Option<super::Kernel>, CodegenError> {
     let elem = io.out_buf().elem;
     if io.buf(src).elem != elem {
-        return Err(format!("copies {:?} into {elem:?}", io.buf(src).elem));
+        return Err(CodegenError::Copy { from: io.buf(src).elem, to: elem });
     }
     let n = io.out_len();
     if n == 0 {
@@ -464,11 +469,11 @@ fn copy_with_offset(io: &Io<'_>, src: BufId, offset: usize, what: String) -> Res
 }
 
 /// Adds the operand into accumulator `acc` (args: accumulator, operand).
-pub fn accumulate(io: &Io<'_>, acc: BufId, k: usize) -> Result<Option<super::Kernel>, String> {
+pub fn accumulate(io: &Io<'_>, acc: BufId, k: usize) -> Result<Option<super::Kernel>, CodegenError> {
     let x = io.typed(0, Elem::F32)?;
     let a = io.buf(acc);
     if a.elem != Elem::F32 || a.len() != x.len() {
-        return Err(format!("accumulator {k} ({:?} × {}) does not match its gradient (f32 × {})", a.elem, a.len(), x.len()));
+        return Err(CodegenError::Operands(format!("accumulator {k} ({:?} × {}) does not match its gradient (f32 × {})", a.elem, a.len(), x.len())));
     }
     if x.is_empty() {
         return Ok(None);
@@ -483,12 +488,12 @@ pub fn accumulate(io: &Io<'_>, acc: BufId, k: usize) -> Result<Option<super::Ker
 }
 
 /// Entries with key index (last axis) > query index (second to last) become `fill`.
-pub fn causal_mask(io: &Io<'_>, fill: f64) -> Result<Option<super::Kernel>, String> {
+pub fn causal_mask(io: &Io<'_>, fill: f64) -> Result<Option<super::Kernel>, CodegenError> {
     let xs = io.typed(0, Elem::F32)?.shape.clone();
     io.out_f32()?;
     io.expect_out(&xs)?;
     let &[.., sq, sk] = xs.as_slice() else {
-        return Err(format!("needs rank ≥ 2, got {xs:?}"));
+        return Err(CodegenError::Operands(format!("needs rank ≥ 2, got {xs:?}")));
     };
     let n = io.out_len();
     if n == 0 {
@@ -506,12 +511,12 @@ pub fn causal_mask(io: &Io<'_>, fill: f64) -> Result<Option<super::Kernel>, Stri
 }
 
 /// (table [v, d], ids) → rows of the table; an id outside the table reads zeros.
-pub fn embedding(io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
+pub fn embedding(io: &Io<'_>) -> Result<Option<super::Kernel>, CodegenError> {
     let ts = io.typed(0, Elem::F32)?.shape.clone();
     let is = io.typed(1, Elem::I32)?.shape.clone();
     io.out_f32()?;
     let &[v, d] = ts.as_slice() else {
-        return Err(format!("table must be [vocab, dim], got {ts:?}"));
+        return Err(CodegenError::Operands(format!("table must be [vocab, dim], got {ts:?}")));
     };
     let want: Vec<usize> = is.iter().copied().chain([d]).collect();
     io.expect_out(&want)?;
@@ -532,16 +537,16 @@ pub fn embedding(io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
 }
 
 /// (pred, target, dloss) → 2·(pred − target)/n·dloss.
-pub fn mse_grad(io: &Io<'_>) -> Result<Option<super::Kernel>, String> {
+pub fn mse_grad(io: &Io<'_>) -> Result<Option<super::Kernel>, CodegenError> {
     let p = io.typed(0, Elem::F32)?;
     let t = io.typed(1, Elem::F32)?;
     let dl = io.typed(2, Elem::F32)?;
     io.out_f32()?;
     if p.len() != t.len() {
-        return Err(format!("pred has {} elements, target {}", p.len(), t.len()));
+        return Err(CodegenError::Operands(format!("pred has {} elements, target {}", p.len(), t.len())));
     }
     if dl.len() != 1 {
-        return Err(format!("dloss has {} elements, expected 1", dl.len()));
+        return Err(CodegenError::Len { what: "dloss", got: dl.len(), want: 1 });
     }
     io.expect_out(&p.shape)?;
     let n = p.len();

@@ -10,10 +10,15 @@
 //! takes one thread per output element looping over the reduced dims in
 //! order. Neighbouring threads read neighbouring columns. Sums accumulate in
 //! double.
+//!
+//! Input: a step's operands and output (`Io`) and the op's attributes.
+//! Output: the kernel, None when it has nothing to compute, or a `CodegenError`
+//! when the operands or output do not fit the kernel (checked before any
+//! source is written).
 
 use super::elementwise::{index_map, simplify};
 use super::writer::{f32_lit, f64_lit, pow2_block, Gen, Mode};
-use super::{Io, Kernel};
+use super::{CodegenError, Io, Kernel};
 use shardplan_compiler::kernel::Elem;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -24,10 +29,10 @@ pub enum Kind {
 }
 
 /// `Sum`, `Mean` or `Max` of the operand over `axes`.
-pub fn reduce(io: &Io<'_>, kind: Kind, axes: &[usize], name: &str) -> Result<Option<Kernel>, String> {
+pub fn reduce(io: &Io<'_>, kind: Kind, axes: &[usize], name: &str) -> Result<Option<Kernel>, CodegenError> {
     let xs = io.typed(0, Elem::F32)?.shape.clone();
     if let Some(a) = axes.iter().find(|&&a| a >= xs.len()) {
-        return Err(format!("axis {a} is out of range for {xs:?}"));
+        return Err(CodegenError::Axis { axis: *a, shape: xs.clone() });
     }
     // As the interpreter: a mean divides by the listed axes' sizes.
     let n: usize = axes.iter().map(|&a| xs[a]).product();
@@ -35,7 +40,7 @@ pub fn reduce(io: &Io<'_>, kind: Kind, axes: &[usize], name: &str) -> Result<Opt
 }
 
 /// Sums the operand over the dims broadcasting added, down to the output's shape.
-pub fn sum_to(io: &Io<'_>) -> Result<Option<Kernel>, String> {
+pub fn sum_to(io: &Io<'_>) -> Result<Option<Kernel>, CodegenError> {
     let xs = io.typed(0, Elem::F32)?.shape.clone();
     let os = io.out_shape().to_vec();
     let lead = os.len().saturating_sub(xs.len());
@@ -43,7 +48,7 @@ pub fn sum_to(io: &Io<'_>) -> Result<Option<Kernel>, String> {
     let pad = xs.len() - small_shape.len();
     let small = |d: usize| if d < pad { 1 } else { small_shape[d - pad] };
     if os[..lead].iter().any(|&d| d != 1) || (0..xs.len()).any(|d| small(d) != xs[d] && small(d) != 1) {
-        return Err(format!("{os:?} does not broadcast to {xs:?}"));
+        return Err(CodegenError::Broadcast { from: os.to_vec(), to: xs.to_vec() });
     }
     reduction(io, Kind::Sum, &xs, &|d| small(d) == 1, 1, "sum_to")
 }
@@ -86,12 +91,12 @@ fn close_loops(g: &mut Gen, depth: usize, indent: usize) {
     }
 }
 
-fn reduction(io: &Io<'_>, kind: Kind, xs: &[usize], collapsed: &dyn Fn(usize) -> bool, n: usize, name: &str) -> Result<Option<Kernel>, String> {
+fn reduction(io: &Io<'_>, kind: Kind, xs: &[usize], collapsed: &dyn Fn(usize) -> bool, n: usize, name: &str) -> Result<Option<Kernel>, CodegenError> {
     io.out_f32()?;
     let (kept, red) = split(xs, collapsed);
     let outs: usize = kept.iter().map(|k| k.0).product();
     if io.out_len() != outs {
-        return Err(format!("output of {} elements for {outs} kept", io.out_len()));
+        return Err(CodegenError::Operands(format!("output of {} elements for {outs} kept", io.out_len())));
     }
     if outs == 0 {
         return Ok(None);
@@ -173,18 +178,18 @@ fn reduction(io: &Io<'_>, kind: Kind, xs: &[usize], collapsed: &dyn Fn(usize) ->
 
 /// (x, y, dy) → dx: dy shared equally among the elements equal to the max.
 /// One thread per reduced group: count the maxima, then write the group.
-pub fn max_grad(io: &Io<'_>, axes: &[usize]) -> Result<Option<Kernel>, String> {
+pub fn max_grad(io: &Io<'_>, axes: &[usize]) -> Result<Option<Kernel>, CodegenError> {
     let xs = io.typed(0, Elem::F32)?.shape.clone();
     let (y, dy) = (io.typed(1, Elem::F32)?.len(), io.typed(2, Elem::F32)?.len());
     io.out_f32()?;
     io.expect_out(&xs)?;
     if let Some(a) = axes.iter().find(|&&a| a >= xs.len()) {
-        return Err(format!("axis {a} is out of range for {xs:?}"));
+        return Err(CodegenError::Axis { axis: *a, shape: xs.clone() });
     }
     let (kept, red) = split(&xs, &|d| axes.contains(&d));
     let outs: usize = kept.iter().map(|k| k.0).product();
     if y != outs || dy != outs {
-        return Err(format!("y and dy have {y} and {dy} elements, expected {outs}"));
+        return Err(CodegenError::Operands(format!("y and dy have {y} and {dy} elements, expected {outs}")));
     }
     if outs == 0 || io.out_len() == 0 {
         return Ok(None);
@@ -214,16 +219,16 @@ pub fn max_grad(io: &Io<'_>, axes: &[usize]) -> Result<Option<Kernel>, String> {
 /// rows, then scans every id in order, adding the rows that land in its
 /// block: every element is summed by one thread, in id order, as on CPUs.
 /// Ids outside the table add nothing.
-pub fn embedding_grad(io: &Io<'_>) -> Result<Option<Kernel>, String> {
+pub fn embedding_grad(io: &Io<'_>) -> Result<Option<Kernel>, CodegenError> {
     let ids = io.typed(0, Elem::I32)?.len();
     let dy = io.typed(1, Elem::F32)?.len();
     io.out_f32()?;
     let os = io.out_shape().to_vec();
     let &[v, d] = os.as_slice() else {
-        return Err(format!("output must be [vocab, dim], got {os:?}"));
+        return Err(CodegenError::Operands(format!("output must be [vocab, dim], got {os:?}")));
     };
     if dy != ids * d {
-        return Err(format!("dy has {dy} elements for {ids} ids of dim {d}"));
+        return Err(CodegenError::Operands(format!("dy has {dy} elements for {ids} ids of dim {d}")));
     }
     if v == 0 || d == 0 {
         return Ok(None);

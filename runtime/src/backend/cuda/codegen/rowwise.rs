@@ -8,20 +8,23 @@
 //! A row along an axis other than the last is strided: element `j` of row
 //! `(o, n)` is at `o·D·inner + j·inner + n`.
 //!
-//! Input: one row-wise step of a program. Output: its kernel source and
-//! launch shape. Invariant: reductions within a row run in a fixed order.
+//! Input: a step's operands and output (`Io`) and the op's attributes.
+//! Output: the kernel, None when it has nothing to compute, or a `CodegenError`
+//! when the operands or output do not fit the kernel (checked before any
+//! source is written).
+//! Invariant: reductions within a row run in a fixed order.
 
 use super::writer::{f32_lit, f64_lit, pow2_block, Gen, Mode, MAX2, WARP_REDUCE};
-use super::{Io, Kernel};
+use super::{CodegenError, Io, Kernel};
 use shardplan_compiler::kernel::Elem;
 
 /// Threads per block of the scalar losses.
 const LOSS_BLOCK: u32 = 1024;
 
 /// Rows of `shape` along `axis`: (rows, length, inner stride).
-fn geometry(shape: &[usize], axis: usize) -> Result<(usize, usize, usize), String> {
+fn geometry(shape: &[usize], axis: usize) -> Result<(usize, usize, usize), CodegenError> {
     if axis >= shape.len() {
-        return Err(format!("axis {axis} is out of range for {shape:?}"));
+        return Err(CodegenError::Axis { axis, shape: shape.to_vec() });
     }
     let outer: usize = shape[..axis].iter().product();
     let inner: usize = shape[axis + 1..].iter().product();
@@ -53,7 +56,7 @@ fn each_j(g: &mut Gen, d: usize, indent: usize) {
 
 /// Softmax or log-softmax along `axis`. A row with no finite maximum (all
 /// −∞) gives zeros (log-softmax: −∞), as on CPUs.
-pub fn softmax(io: &Io<'_>, axis: usize, log: bool) -> Result<Option<Kernel>, String> {
+pub fn softmax(io: &Io<'_>, axis: usize, log: bool) -> Result<Option<Kernel>, CodegenError> {
     let xs = io.typed(0, Elem::F32)?.shape.clone();
     io.out_f32()?;
     io.expect_out(&xs)?;
@@ -104,13 +107,13 @@ pub fn softmax(io: &Io<'_>, axis: usize, log: bool) -> Result<Option<Kernel>, St
 
 /// (y, dy) → dx for y = softmax(x): y·(dy − Σ dy·y); for y = log_softmax(x):
 /// dy − exp(y)·Σ dy.
-pub fn softmax_grad(io: &Io<'_>, axis: usize, log: bool) -> Result<Option<Kernel>, String> {
+pub fn softmax_grad(io: &Io<'_>, axis: usize, log: bool) -> Result<Option<Kernel>, CodegenError> {
     let ys = io.typed(0, Elem::F32)?.shape.clone();
     let dys = io.typed(1, Elem::F32)?.shape.clone();
     io.out_f32()?;
     io.expect_out(&ys)?;
     if dys != ys {
-        return Err(format!("dy has shape {dys:?}, y has {ys:?}"));
+        return Err(CodegenError::Operands(format!("dy has shape {dys:?}, y has {ys:?}")));
     }
     let (rows, d, inner) = geometry(&ys, axis)?;
     if rows == 0 || d == 0 {
@@ -165,16 +168,16 @@ fn last_dim(shape: &[usize]) -> (usize, usize) {
     (d, len.checked_div(d).unwrap_or(0))
 }
 
-fn expect_len(what: &str, got: usize, want: usize) -> Result<(), String> {
+fn expect_len(what: &'static str, got: usize, want: usize) -> Result<(), CodegenError> {
     if got == want {
         Ok(())
     } else {
-        Err(format!("{what} has {got} elements, expected {want}"))
+        Err(CodegenError::Len { what, got, want })
     }
 }
 
 /// (x, gamma, beta) → (x − mean)/√(var + eps)·gamma + beta over the last axis.
-pub fn layer_norm(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, String> {
+pub fn layer_norm(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, CodegenError> {
     let xs = io.typed(0, Elem::F32)?.shape.clone();
     let (gamma, beta) = (io.typed(1, Elem::F32)?.len(), io.typed(2, Elem::F32)?.len());
     io.out_f32()?;
@@ -201,7 +204,7 @@ pub fn layer_norm(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, String> {
 
 /// (x, gamma, dy) → dx of layer norm: with g = dy·gamma and x̂ = (x − mu)·rstd,
 /// dx = rstd/n · (n·g − Σg − x̂·Σ g·x̂).
-pub fn layer_norm_grad_x(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, String> {
+pub fn layer_norm_grad_x(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, CodegenError> {
     let xs = io.typed(0, Elem::F32)?.shape.clone();
     let (gamma, dy) = (io.typed(1, Elem::F32)?.len(), io.typed(2, Elem::F32)?.len());
     io.out_f32()?;
@@ -244,7 +247,7 @@ pub fn layer_norm_grad_x(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, String
 /// its lanes' sums; the warps' sums are then added in warp order. Bands
 /// are as narrow as keeps the blocks to about 16, so the statistics are
 /// recomputed by at most that many blocks.
-pub fn layer_norm_grad_gamma(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, String> {
+pub fn layer_norm_grad_gamma(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, CodegenError> {
     let xs = io.typed(0, Elem::F32)?.shape.clone();
     let dy = io.typed(1, Elem::F32)?.len();
     io.out_f32()?;
@@ -304,12 +307,12 @@ pub fn layer_norm_grad_gamma(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, St
 }
 
 /// Checks (logits, labels): returns (classes, rows).
-fn logits(io: &Io<'_>) -> Result<(Vec<usize>, usize, usize), String> {
+fn logits(io: &Io<'_>) -> Result<(Vec<usize>, usize, usize), CodegenError> {
     let xs = io.typed(0, Elem::F32)?.shape.clone();
     let labels = io.typed(1, Elem::I32)?.len();
     let (c, r) = last_dim(&xs);
     if labels != r {
-        return Err(format!("{labels} labels for {r} rows of logits"));
+        return Err(CodegenError::Operands(format!("{labels} labels for {r} rows of logits")));
     }
     Ok((xs, c, r))
 }
@@ -317,11 +320,11 @@ fn logits(io: &Io<'_>) -> Result<(Vec<usize>, usize, usize), String> {
 /// (logits, labels) → mean cross-entropy. One block: each warp takes every
 /// 32nd row, the warps' sums are added in order. A label outside the
 /// classes contributes nothing.
-pub fn cross_entropy(io: &Io<'_>) -> Result<Option<Kernel>, String> {
+pub fn cross_entropy(io: &Io<'_>) -> Result<Option<Kernel>, CodegenError> {
     let (xs, c, r) = logits(io)?;
     io.out_f32()?;
     if io.out_len() != 1 {
-        return Err(format!("output shape {:?} is not a scalar", io.out_shape()));
+        return Err(CodegenError::NotScalar { shape: io.out_shape().to_vec() });
     }
     let mut g = Gen::new(format!("cross_entropy of {xs:?}"), io.largest());
     g.param(io.ins[0], Elem::F32, Mode::In, "x");
@@ -359,13 +362,13 @@ pub fn cross_entropy(io: &Io<'_>) -> Result<Option<Kernel>, String> {
 }
 
 /// (logits, labels, dloss) → d logits = softmax(x)·dl/n, minus dl/n at the label.
-pub fn cross_entropy_grad(io: &Io<'_>) -> Result<Option<Kernel>, String> {
+pub fn cross_entropy_grad(io: &Io<'_>) -> Result<Option<Kernel>, CodegenError> {
     let (xs, c, r) = logits(io)?;
     let dl = io.typed(2, Elem::F32)?.len();
     io.out_f32()?;
     io.expect_out(&xs)?;
     if dl != 1 {
-        return Err(format!("dloss has {dl} elements, expected 1"));
+        return Err(CodegenError::Len { what: "dloss", got: dl, want: 1 });
     }
     if c == 0 || r == 0 {
         return Ok(None);
@@ -401,15 +404,15 @@ pub fn cross_entropy_grad(io: &Io<'_>) -> Result<Option<Kernel>, String> {
 }
 
 /// (pred, target) → mean of squared differences, in one block.
-pub fn mse(io: &Io<'_>) -> Result<Option<Kernel>, String> {
+pub fn mse(io: &Io<'_>) -> Result<Option<Kernel>, CodegenError> {
     let p = io.typed(0, Elem::F32)?.len();
     let t = io.typed(1, Elem::F32)?.len();
     io.out_f32()?;
     if p != t {
-        return Err(format!("pred has {p} elements, target {t}"));
+        return Err(CodegenError::Operands(format!("pred has {p} elements, target {t}")));
     }
     if io.out_len() != 1 {
-        return Err(format!("output shape {:?} is not a scalar", io.out_shape()));
+        return Err(CodegenError::NotScalar { shape: io.out_shape().to_vec() });
     }
     let mut g = Gen::new(format!("mse over {p}"), io.largest());
     g.param(io.ins[0], Elem::F32, Mode::In, "p");

@@ -147,3 +147,29 @@ extern \"C\" __global__ void __launch_bounds__(256) NAME(const float* __restrict
 ";
     assert_eq!(k.source, want.replace("NAME", &k.name));
 }
+
+/// A step that does not fit its kernel is an error naming the op, the step
+/// and what does not fit.
+#[test]
+fn malformed_steps_are_named() {
+    use super::CodegenError;
+    use shardplan_compiler::graph::{NodeId, Op, Role};
+    use shardplan_compiler::kernel::{BufKind, Buffer, Step};
+    let buf = |shape: &[usize]| Buffer { kind: BufKind::Temp, elem: Elem::F32, shape: shape.to_vec(), node: NodeId(0) };
+    let step = |kind, inputs: Vec<u32>, output| Step { kind, role: Role::Forward, inputs: inputs.into_iter().map(BufId).collect(), output: BufId(output) };
+    let mut p = Program {
+        buffers: vec![buf(&[2, 3]), buf(&[2, 3])],
+        steps: vec![step(StepKind::Op(Op::Softmax { axis: 5 }), vec![0], 1)],
+        loss: BufId(1),
+        assigns: vec![],
+    };
+    let e = lower_program(&p).unwrap_err();
+    let axis = CodegenError::Axis { axis: 5, shape: vec![2, 3] };
+    let op = CodegenError::Op { op: "softmax 5".into(), error: Box::new(axis) };
+    assert_eq!(e, CodegenError::Step { step: 0, error: Box::new(op) });
+    assert_eq!(e.to_string(), "step 0: softmax 5: axis 5 is out of range for [2, 3]");
+    p.steps[0].output = BufId(7);
+    let e = lower(&p.steps[0], &p).unwrap_err();
+    assert_eq!(e, CodegenError::NoBuffer { buffer: BufId(7), buffers: 2 });
+    assert_eq!(e.to_string(), "buffer 7 does not exist (2 buffers)");
+}
