@@ -227,6 +227,20 @@ pub enum StepKind {
     },
 }
 
+impl StepKind {
+    /// What the step computes, as `inspect --kernels` and profiles name it:
+    /// `fused`, the op's name, `broadcast`, `sum with epilogue`, `matmul Aᵀ`.
+    pub fn name(&self) -> String {
+        match self {
+            StepKind::Fused(_) => "fused".to_string(),
+            StepKind::Op(op) => op.name(),
+            StepKind::Broadcast => "broadcast".to_string(),
+            StepKind::Reduce { op, .. } => format!("{} with epilogue", op.name()),
+            StepKind::MatMul { trans_a, trans_b } => format!("matmul{}{}", if *trans_a { " Aᵀ" } else { "" }, if *trans_b { " Bᵀ" } else { "" }),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Step {
     pub kind: StepKind,

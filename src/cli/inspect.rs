@@ -78,12 +78,10 @@ fn print_kernels(file: &str, compiled: &Compiled, format: KernelFormat) -> Resul
     for (i, step) in p.steps.iter().enumerate() {
         let shape = |b: &BufId| format!("{:?}", p.buffers[b.0 as usize].shape);
         let ins: Vec<String> = step.inputs.iter().map(shape).collect();
-        let (name, fused) = match &step.kind {
-            StepKind::Fused(f) => ("fused".to_string(), Some(f)),
-            StepKind::Reduce { op, epilogue } => (format!("{} with epilogue", op.name()), Some(epilogue)),
-            StepKind::Op(op) => (op.name(), None),
-            StepKind::Broadcast => ("broadcast".to_string(), None),
-            StepKind::MatMul { trans_a, trans_b } => (format!("matmul{}{}", if *trans_a { " Aᵀ" } else { "" }, if *trans_b { " Bᵀ" } else { "" }), None),
+        let name = step.kind.name();
+        let fused = match &step.kind {
+            StepKind::Fused(f) | StepKind::Reduce { epilogue: f, .. } => Some(f),
+            _ => None,
         };
         println!("\nk{i}: {name} {} → {}", ins.join(" "), shape(&step.output));
         match format {

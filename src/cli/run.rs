@@ -11,7 +11,6 @@ use super::render::{self, Sources};
 use super::{check, compile};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shardplan_compiler::check::{Length, Placement};
-use shardplan_compiler::kernel::StepKind;
 use shardplan_compiler::planner::ms;
 use shardplan_compiler::{Checked, Compiled, Diagnostic, Diagnostics, Options, SourceId, Span};
 use shardplan_runtime::data::DataError;
@@ -386,45 +385,16 @@ fn train(args: &RunArgs, c: &Checked, text: &[u8], base: &Path, plan: Option<sha
 
 /// The kernels that take the most time per step, on one device.
 fn print_profile(k: &KernelProfile, steps: u64, several: bool) {
-    let p = &k.program;
-    let total: f64 = k.seconds.iter().sum();
-    let mut rows: Vec<(f64, String)> = p
-        .steps
-        .iter()
-        .zip(&k.seconds)
-        .map(|(s, t)| {
-            let what = match &s.kind {
-                StepKind::Fused(f) => format!("fused {} ops [{} × {}]", f.body.len(), f.rows, f.cols),
-                StepKind::Op(op) => op.name(),
-                StepKind::Broadcast => "broadcast".into(),
-                StepKind::Reduce { op, epilogue } => format!("{} + {} ops", op.name(), epilogue.body.len()),
-                StepKind::MatMul { trans_a, trans_b } => format!("matmul{}{}", if *trans_a { " Aᵀ" } else { "" }, if *trans_b { " Bᵀ" } else { "" }),
-            };
-            let ins: Vec<String> = s.inputs.iter().map(|b| format!("{:?}", p.buffers[b.0 as usize].shape)).collect();
-            (*t, format!("{what} {} → {:?}", ins.join(" "), p.buffers[s.output.0 as usize].shape))
-        })
-        .collect();
-    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let n = steps.max(1) as f64;
-    // Totals by kind of kernel (the text before the shapes).
-    let mut kinds: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-    for (t, what) in &rows {
-        let kind = what.split(" [").next().unwrap_or(what).split(" ops").next().unwrap_or(what).to_string();
-        let e = kinds.entry(kind).or_default();
-        e.0 += t;
-        e.1 += 1;
-    }
-    let mut kinds: Vec<(String, (f64, usize))> = kinds.into_iter().collect();
-    kinds.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    let p = k.summary(steps);
     let on = if several { format!(" on device {}", k.device) } else { String::new() };
-    println!("  profile{on}: {:.2} ms per step in {} kernels", total / n * 1e3, p.steps.len());
+    println!("  profile{on}: {:.2} ms per step in {} kernels", p.per_step_s * 1e3, p.kernels);
     println!("  by kind:");
-    for (kind, (t, count)) in kinds.iter().take(12) {
-        println!("    {:7.3} ms {:5.1}%  {kind} (×{count})", t / n * 1e3, 100.0 * t / total.max(1e-12));
+    for (kind, t, share, count) in p.by_kind.iter().take(12) {
+        println!("    {:7.3} ms {share:5.1}%  {kind} (×{count})", t * 1e3);
     }
     println!("  slowest kernels:");
-    for (t, what) in rows.iter().take(15) {
-        println!("    {:7.3} ms {:5.1}%  {what}", t / n * 1e3, 100.0 * t / total.max(1e-12));
+    for (t, share, what) in p.slowest.iter().take(15) {
+        println!("    {:7.3} ms {share:5.1}%  {what}", t * 1e3);
     }
 }
 

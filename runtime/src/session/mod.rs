@@ -434,6 +434,57 @@ pub struct KernelProfile {
     pub seconds: Vec<f64>,
 }
 
+/// A kernel profile summed up per step: the total, the totals by kind of
+/// kernel, and every kernel, each slowest first.
+#[derive(Clone, Debug)]
+pub struct ProfileSummary {
+    /// Seconds per step over all kernels, and the number of kernels.
+    pub per_step_s: f64,
+    pub kernels: usize,
+    /// (kind, seconds per step, share of the total, kernels of the kind).
+    pub by_kind: Vec<(String, f64, f64, usize)>,
+    /// (seconds per step, share of the total, the kernel and its shapes).
+    pub slowest: Vec<(f64, f64, String)>,
+}
+
+impl KernelProfile {
+    /// The profile of `steps` steps, per step.
+    pub fn summary(&self, steps: u64) -> ProfileSummary {
+        use shardplan_compiler::kernel::StepKind;
+        let p = &self.program;
+        let total: f64 = self.seconds.iter().sum();
+        let n = steps.max(1) as f64;
+        let share = |t: f64| 100.0 * t / total.max(1e-12);
+        let mut rows: Vec<(f64, String)> = p
+            .steps
+            .iter()
+            .zip(&self.seconds)
+            .map(|(s, t)| {
+                let what = match &s.kind {
+                    StepKind::Fused(f) => format!("fused {} ops [{} × {}]", f.body.len(), f.rows, f.cols),
+                    StepKind::Reduce { op, epilogue } => format!("{} + {} ops", op.name(), epilogue.body.len()),
+                    _ => s.kind.name(),
+                };
+                let ins: Vec<String> = s.inputs.iter().map(|b| format!("{:?}", p.buffers[b.0 as usize].shape)).collect();
+                (*t, format!("{what} {} → {:?}", ins.join(" "), p.buffers[s.output.0 as usize].shape))
+            })
+            .collect();
+        rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+        // Totals by kind of kernel (the text before the shapes).
+        let mut kinds: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        for (t, what) in &rows {
+            let kind = what.split(" [").next().unwrap_or(what).split(" ops").next().unwrap_or(what).to_string();
+            let e = kinds.entry(kind).or_default();
+            e.0 += t;
+            e.1 += 1;
+        }
+        let mut by_kind: Vec<(String, f64, f64, usize)> = kinds.into_iter().map(|(k, (t, c))| (k, t / n, share(t), c)).collect();
+        by_kind.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let slowest = rows.into_iter().map(|(t, what)| (t / n, share(t), what)).collect();
+        ProfileSummary { per_step_s: total / n, kernels: p.steps.len(), by_kind, slowest }
+    }
+}
+
 /// A run of a compiled plan.
 pub struct Session {
     checked: Checked,
