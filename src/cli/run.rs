@@ -12,6 +12,7 @@ use super::{check, compile};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shardplan_compiler::check::{Length, Placement};
 use shardplan_compiler::planner::ms;
+use shardplan_compiler::units::{Bytes, Unit};
 use shardplan_compiler::{Checked, Compiled, Diagnostic, Diagnostics, Options, SourceId, Span};
 use shardplan_runtime::data::DataError;
 use shardplan_runtime::engine::Backend;
@@ -370,9 +371,9 @@ fn train(args: &RunArgs, c: &Checked, text: &[u8], base: &Path, plan: Option<sha
                     Backend::Cuda { ordinal, .. } => format!("gpu{i} (GPU {ordinal})"),
                 };
                 format!(
-                    "{dev} {:.1} MiB (planned {:.1} MiB), {:.0}% compute, {:.0}% transfers",
-                    d.bytes as f64 / (1 << 20) as f64,
-                    d.planned as f64 / (1 << 20) as f64,
+                    "{dev} {:.1} (planned {:.1}), {:.0}% compute, {:.0}% transfers",
+                    Bytes(d.bytes).in_unit(Unit::MiB),
+                    Bytes(d.planned).in_unit(Unit::MiB),
                     d.busy_s / w * 100.0,
                     d.comm_s / w * 100.0
                 )

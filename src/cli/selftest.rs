@@ -48,8 +48,8 @@ pub fn run(args: &SelftestArgs, color: bool) -> ExitCode {
         BackendArg::Cuda => match cuda_ready() {
             Ok(gpus) => {
                 for g in &gpus {
-                    let gib = g.memory as f64 / (1u64 << 30) as f64;
-                    println!("GPU {}: {}, compute capability {}.{} ({}), {gib:.1} GiB", g.ordinal, g.name, g.capability.0, g.capability.1, g.arch());
+                    let memory = shardplan_compiler::units::Bytes(g.memory).in_unit(shardplan_compiler::units::Unit::GiB);
+                    println!("GPU {}: {}, compute capability {}.{} ({}), {memory:.1}", g.ordinal, g.name, g.capability.0, g.capability.1, g.arch());
                 }
                 Backend::Cuda { ordinal: 0, memory: None }
             }

@@ -36,7 +36,7 @@
 use super::{PlanFileError, AGAIN, BUG};
 use crate::check::{Checked, Placement, Schedule};
 use crate::driver::{self, Options, Target};
-use crate::graph::{Graph, Role};
+use crate::graph::Graph;
 use crate::kernel::{BufKind, Elem, Program};
 use crate::partition::schedule::passes;
 use crate::partition::{self, chunk_range, Layout, Phase, Plan};
@@ -407,14 +407,9 @@ fn fields(plan: &Plan, c: &Checked, g: &Graph, whole: &Program) -> Result<(), In
 
 /// The bytes of a (valid) program's buffers with `sets` sets of the buffers
 /// that microbatches in flight keep apart, as the executor allocates them.
+/// Unlike the memory plan, every product is checked: the sizes come from a file.
 fn bytes(p: &Program, sets: usize) -> Option<u64> {
-    let mut banked: Vec<bool> = p.buffers.iter().map(|b| matches!(b.kind, BufKind::Input(_))).collect();
-    for s in &p.steps {
-        let o = p.storage(s.output).0 as usize;
-        if s.role != Role::Update && p.buffers[o].kind == BufKind::Temp {
-            banked[o] = true;
-        }
-    }
+    let banked = p.banked();
     p.buffers.iter().zip(&banked).filter(|(b, _)| !matches!(b.kind, BufKind::Alias(_))).try_fold(0u64, |acc, (b, &k)| {
         let copies = if k { sets.max(1) as u64 } else { 1 };
         acc.checked_add((b.len() as u64).checked_mul(4)?.checked_mul(copies)?)
