@@ -156,9 +156,12 @@ placement {{
 /// The median step of a partitioned plan run over its devices (`threads`
 /// kernel threads shared out among them), on pseudo-random tokens.
 pub(super) fn cluster_step(plan: shardplan_compiler::partition::Plan, n: usize, threads: usize) -> Result<f64, CalibrateError> {
-    use crate::cluster::{Cluster, Hypers};
+    use crate::cluster::Hypers;
     use crate::data::Batch;
-    let mut cl = Cluster::start(plan, threads, std::time::Duration::from_secs(60));
+    use crate::session::{Backends, Runner};
+    // The training session's runner, as `run` drives it.
+    let mut cl = Runner::start(shardplan_compiler::Target::Placed(plan), threads, &Backends::cpu(), false, std::time::Duration::from_secs(60))
+        .map_err(|e| CalibrateError::Run(e.to_string()))?;
     let seq = 64;
     let batch = |rows: &[usize]| {
         let tokens: Vec<i32> = rows.iter().flat_map(|&r| (0..seq).map(move |i| ((r * 131 + i * 7919) % 256) as i32)).collect();
