@@ -716,19 +716,6 @@ fn copy_in(out: &mut [f32], shape: &[usize], at: &[usize], data: &[f32], block: 
     block_rows(shape, at, block, |s, d, n| out[s..s + n].copy_from_slice(&data[d..d + n]));
 }
 
-fn set_batch(exec: &mut dyn Engine, slot: usize, b: &Batch) -> Result<(), EngineError> {
-    match b {
-        Batch::Table { features, labels } => {
-            exec.set_in(slot, &BufKind::Input(0), Data::F32(features))?;
-            exec.set_in(slot, &BufKind::Input(1), Data::I32(labels))
-        }
-        Batch::Text { tokens, targets } => {
-            exec.set_in(slot, &BufKind::Input(0), Data::I32(tokens))?;
-            exec.set_in(slot, &BufKind::Input(1), Data::I32(targets))
-        }
-    }
-}
-
 /// A device's share of the cluster's NCCL set-up, and the flag that stops
 /// every device waiting in NCCL when one fails.
 struct Net {
@@ -838,7 +825,7 @@ fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, mut nccl: Option<&mut Nccl>, plan:
                 let tp = std::time::Instant::now();
                 if instr.phase == Phase::Forward {
                     if let Some(b) = batches.get(instr.mb) {
-                        set_batch(exec, instr.slot, b).map_err(kerr)?;
+                        b.load_into(exec, Some(instr.slot)).map_err(kerr)?;
                     }
                 }
                 if let Err(error) = exec.run_phase(role, instr.slot, &mut link) {

@@ -25,13 +25,9 @@ fn read_and_check(path: &std::path::Path) -> (Sources, Option<Checked>, Vec<Diag
             let (checked, diags) = shardplan_compiler::check_source(&bytes);
             let mut diags = diags.into_vec();
             // The data against the model, when its file is readable.
-            let base = match path.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p,
-                _ => std::path::Path::new("."),
-            };
-            if let Some(Err(e)) = checked.as_ref().filter(|_| !diags.iter().any(Diagnostic::is_error)).map(|c| shardplan_runtime::session::check_data(c, base))
-            {
-                let c = checked.as_ref().expect("checked above");
+            let base = super::run::base_of(path);
+            let clean = !diags.iter().any(Diagnostic::is_error);
+            if let Some((c, Err(e))) = checked.as_ref().filter(|_| clean).map(|c| (c, shardplan_runtime::session::check_data(c, &base))) {
                 let shown = e.path.display().to_string();
                 let message = if shown.is_empty() { e.message.clone() } else { format!("{} ({shown})", e.message) };
                 diags.push(Diagnostic::error(e.code, message).label(c.data.span, "the data source").help(e.help.clone()));

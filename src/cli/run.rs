@@ -161,7 +161,7 @@ fn threads(t: Option<usize>) -> usize {
 }
 
 /// The directory a plan file's data paths are relative to.
-fn base_of(file: &Path) -> PathBuf {
+pub(super) fn base_of(file: &Path) -> PathBuf {
     match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),

@@ -24,7 +24,9 @@ mod text;
 
 pub use sampler::Sampler;
 
+use crate::engine::{Data, Engine, EngineError};
 use shardplan_compiler::check::{DataSource, RowRange};
+use shardplan_compiler::kernel::BufKind;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -100,6 +102,27 @@ pub enum Batch {
     /// `tokens` and `targets` are each `[rows, seq]` row-major, byte values
     /// `0..256`; `targets` is `tokens` shifted one byte ahead.
     Text { tokens: Vec<i32>, targets: Vec<i32> },
+}
+
+impl Batch {
+    /// Puts the batch into an engine's two inputs: into buffer set `slot`
+    /// (a microbatch in flight), or, with None, where a one-device step reads them.
+    pub fn load_into(&self, exec: &mut dyn Engine, slot: Option<usize>) -> Result<(), EngineError> {
+        let (x, y) = match self {
+            Batch::Table { features, labels } => (Data::F32(features), Data::I32(labels)),
+            Batch::Text { tokens, targets } => (Data::I32(tokens), Data::I32(targets)),
+        };
+        match slot {
+            Some(s) => {
+                exec.set_in(s, &BufKind::Input(0), x)?;
+                exec.set_in(s, &BufKind::Input(1), y)
+            }
+            None => {
+                exec.set(&BufKind::Input(0), x)?;
+                exec.set(&BufKind::Input(1), y)
+            }
+        }
+    }
 }
 
 /// One split (train or test) of a data source.

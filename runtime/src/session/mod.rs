@@ -306,7 +306,7 @@ impl Runner {
         match self {
             Runner::Cluster(cl) => cl.step(step, h, rows, batch, fault).map_err(device_error),
             Runner::One(e) => {
-                set_batch(e.as_mut(), &batch(rows)).map_err(kernel_error)?;
+                batch(rows).load_into(e.as_mut(), None).map_err(kernel_error)?;
                 e.step(&move |x: Hyper| h.get(x)).map(f64::from).map_err(kernel_error)
             }
         }
@@ -330,20 +330,6 @@ impl Runner {
         match self {
             Runner::One(_) => &[],
             Runner::Cluster(cl) => cl.stats(),
-        }
-    }
-}
-
-/// Puts a batch into a one-device engine's inputs.
-pub fn set_batch(exec: &mut dyn Engine, b: &Batch) -> Result<(), EngineError> {
-    match b {
-        Batch::Table { features, labels } => {
-            exec.set(&BufKind::Input(0), Data::F32(features))?;
-            exec.set(&BufKind::Input(1), Data::I32(labels))
-        }
-        Batch::Text { tokens, targets } => {
-            exec.set(&BufKind::Input(0), Data::I32(tokens))?;
-            exec.set(&BufKind::Input(1), Data::I32(targets))
         }
     }
 }
@@ -916,7 +902,7 @@ fn evaluate(source: &[u8], test: &Dataset, params: &[Vec<f32>], threads: usize) 
         let Some((exec, logits_buf)) = programs.get_mut(&size) else { break };
         let rows: Vec<usize> = (start..start + size).collect();
         let b = test.gather(&rows);
-        set_batch(exec, &b).map_err(|e| SessionError::failed("run::kernel", e.to_string(), "check the data"))?;
+        b.load_into(exec, None).map_err(|e| SessionError::failed("run::kernel", e.to_string(), "check the data"))?;
         let loss = exec.step(&|_| 0.0).map_err(kernel_error)?;
         total_loss += loss as f64 * size as f64;
         if let (Some(lb), Batch::Table { labels, .. }) = (logits_buf, &b) {
