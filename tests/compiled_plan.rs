@@ -62,9 +62,9 @@ fn a_compiled_plan_trains_like_its_plan_file() {
         assert_eq!(doc["base"].as_str(), examples.to_str());
         assert_eq!(doc["source"].as_str(), std::fs::read_to_string(root().join(format!("examples/{name}.plan"))).ok().as_deref());
         let (a, b) = (tmp(&format!("{name}.compiled.jsonl")), tmp(&format!("{name}.plan.jsonl")));
-        let o = shardplan(&["run", path(&json), "--quiet", "--steps", "5", "--metrics", path(&a)]);
+        let o = shardplan(&["run", path(&json), "--quiet", "--no-eval", "--steps", "5", "--metrics", path(&a)]);
         assert!(o.status.success(), "run {name}.json: {}", text(&o.stderr));
-        let o = shardplan(&["run", &format!("examples/{name}.plan"), "--quiet", "--steps", "5", "--metrics", path(&b)]);
+        let o = shardplan(&["run", &format!("examples/{name}.plan"), "--quiet", "--no-eval", "--steps", "5", "--metrics", path(&b)]);
         assert!(o.status.success(), "run {name}.plan: {}", text(&o.stderr));
         let (la, lb) = (losses(&a), losses(&b));
         assert_eq!(la.len(), 5, "{name}");
@@ -146,9 +146,9 @@ fn an_auto_plan_compiles_to_the_plan_the_search_chooses() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(text(&o.stdout).contains(": 4 devices, "), "{}", text(&o.stdout));
     let (a, b) = (tmp("auto.compiled.jsonl"), tmp("auto.plan.jsonl"));
-    let o = shardplan(&["run", path(&out), "--quiet", "--steps", "3", "--metrics", path(&a)]);
+    let o = shardplan(&["run", path(&out), "--quiet", "--no-eval", "--steps", "3", "--metrics", path(&a)]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    let o = shardplan(&["run", "examples/auto.plan", "--quiet", "--steps", "3", "--metrics", path(&b)]);
+    let o = shardplan(&["run", "examples/auto.plan", "--quiet", "--no-eval", "--steps", "3", "--metrics", path(&b)]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(losses(&a), losses(&b), "the compiled choice trains like the searched one");
 }
@@ -196,13 +196,13 @@ fn a_compiled_plan_runs_from_anywhere() {
     std::fs::copy(&json, elsewhere.join("plan.json")).expect("copied");
     let metrics = tmp("elsewhere.jsonl");
     let o = Command::new(env!("CARGO_BIN_EXE_shardplan"))
-        .args(["run", "plan.json", "--quiet", "--steps", "3", "--metrics", path(&metrics)])
+        .args(["run", "plan.json", "--quiet", "--no-eval", "--steps", "3", "--metrics", path(&metrics)])
         .current_dir(&elsewhere)
         .output()
         .expect("runs");
     assert!(o.status.success(), "{}", text(&o.stderr));
     let here = tmp("here.jsonl");
-    let o = shardplan(&["run", path(&json), "--quiet", "--steps", "3", "--metrics", path(&here)]);
+    let o = shardplan(&["run", path(&json), "--quiet", "--no-eval", "--steps", "3", "--metrics", path(&here)]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(losses(&metrics), losses(&here));
 

@@ -130,3 +130,14 @@ fn profile_covers_every_device_of_a_placed_plan() {
     }
     assert!(t.contains("all-reduce(data)"), "{t}");
 }
+
+/// `--no-eval` skips the evaluation on the test split; without it, the run reports it.
+#[test]
+fn no_eval_skips_the_evaluation() {
+    let with = shardplan(&["run", "--quiet", "--steps", "1", "examples/digits_mlp.plan"]);
+    let without = shardplan(&["run", "--quiet", "--steps", "1", "--no-eval", "examples/digits_mlp.plan"]);
+    assert!(with.status.success() && without.status.success(), "{}{}", text(&with), text(&without));
+    assert!(text(&with).contains("test  loss"), "{}", text(&with));
+    assert!(!text(&without).contains("test  loss"), "{}", text(&without));
+    assert!(text(&without).contains("train loss"), "{}", text(&without));
+}

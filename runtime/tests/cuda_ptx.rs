@@ -12,7 +12,7 @@ use shardplan_compiler::check_source;
 use shardplan_compiler::kernel::Program;
 use shardplan_runtime::backend::cuda::{codegen, nvrtc, Kernel, Launch};
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const ARCH: &str = "sm_90";
@@ -117,6 +117,31 @@ fn missing(what: &str) {
     eprintln!("skipped: {msg}");
 }
 
+/// Compiles kernel `k` (number `i`, first seen at `at`) to PTX with NVRTC and assembles
+/// it with ptxas in `dir`; says what failed, if anything.
+fn check_kernel(i: usize, at: &str, k: &Kernel, ptxas: &Path, dir: &Path) -> Option<String> {
+    let ptx = match nvrtc::compile(&k.source, ARCH) {
+        Ok(p) => p,
+        Err(e) => return Some(format!("{at}: kernel {} does not compile:\n{}\n{e}", k.name, k.source)),
+    };
+    if !ptx.contains(&format!(".entry {}(", k.name)) {
+        return Some(format!("{at}: the PTX has no entry {}", k.name));
+    }
+    let file = dir.join(format!("{i}-{}.ptx", k.name));
+    std::fs::write(&file, &ptx).expect("write PTX");
+    match Command::new(ptxas).args(["--gpu-name", ARCH, "-o"]).arg(dir.join(format!("{i}-{}.cubin", k.name))).arg(&file).output() {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "{at}: ptxas rejects kernel {}:\n{}\n{}{}",
+            k.name,
+            k.source,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )),
+        Err(e) => Some(format!("{at}: cannot run {}: {e}", ptxas.display())),
+    }
+}
+
 #[test]
 fn every_generated_kernel_compiles_for_sm_90() {
     if let Err(e) = nvrtc::available() {
@@ -129,31 +154,17 @@ fn every_generated_kernel_compiles_for_sm_90() {
     std::fs::create_dir_all(&dir).expect("temporary folder");
     let all = kernels();
     assert!(all.len() > 30, "only {} distinct kernels", all.len());
-    let mut failures = Vec::new();
-    for (at, k) in &all {
-        let ptx = match nvrtc::compile(&k.source, ARCH) {
-            Ok(p) => p,
-            Err(e) => {
-                failures.push(format!("{at}: kernel {} does not compile:\n{}\n{e}", k.name, k.source));
-                continue;
-            }
-        };
-        assert!(ptx.contains(&format!(".entry {}(", k.name)), "{at}: the PTX has no entry {}", k.name);
-        let file = dir.join(format!("{}.ptx", k.name));
-        std::fs::write(&file, &ptx).expect("write PTX");
-        let out = Command::new(&ptxas).args(["--gpu-name", ARCH, "-o"]).arg(dir.join(format!("{}.cubin", k.name))).arg(&file).output();
-        match out {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => failures.push(format!(
-                "{at}: ptxas rejects kernel {}:\n{}\n{}{}",
-                k.name,
-                k.source,
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            )),
-            Err(e) => failures.push(format!("{at}: cannot run {}: {e}", ptxas.display())),
-        }
-    }
+    // One kernel at a time per core: NVRTC and ptxas take most of the time.
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let numbered: Vec<(usize, &(String, Kernel))> = all.iter().enumerate().collect();
+    let chunk = numbered.len().div_ceil(workers);
+    let failures: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = numbered
+            .chunks(chunk)
+            .map(|part| s.spawn(|| part.iter().filter_map(|(i, (at, k))| check_kernel(*i, at, k, &ptxas, &dir)).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("a checking thread panicked")).collect()
+    });
     let _ = std::fs::remove_dir_all(&dir);
     assert!(failures.is_empty(), "{} of {} kernels fail:\n\n{}", failures.len(), all.len(), failures.join("\n\n"));
     println!("{} distinct kernels compile for {ARCH}", all.len());

@@ -1,6 +1,6 @@
 //! `shardplan check FILE...`: diagnostics, or a one-screen summary per file.
 
-use super::render::{self, Sources};
+use shardplan_compiler::diag::render::{self, Sources};
 use super::Format;
 use serde::Serialize;
 use shardplan_compiler::check::summary;

@@ -7,7 +7,7 @@
 //! failure is a diagnostic and exit code 1.
 
 use super::check;
-use super::render::Sources;
+use shardplan_compiler::diag::render::Sources;
 use super::{Format, GraphFormat, KernelFormat};
 use shardplan_compiler::check::Placement;
 use shardplan_compiler::driver::{self, Failure};

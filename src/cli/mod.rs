@@ -8,7 +8,6 @@ mod check;
 mod compile;
 mod inspect;
 mod placed;
-pub mod render;
 mod run;
 mod selftest;
 

@@ -7,7 +7,7 @@
 //! cost model predicted. `verify` runs the placed plan and one CPU device
 //! side by side and compares their losses and parameters.
 
-use super::render::{self, Sources};
+use shardplan_compiler::diag::render::{self, Sources};
 use super::{check, compile};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shardplan_compiler::check::{Length, Placement};
@@ -58,6 +58,9 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Skip the evaluation on the test split at the end.
+    #[arg(long)]
+    pub no_eval: bool,
     /// Time every kernel and print where a step spends its time.
     #[arg(long)]
     pub profile: bool,
@@ -328,7 +331,7 @@ fn train(args: &RunArgs, c: &Checked, text: &[u8], base: &Path, plan: Option<sha
         trained as f64 * summary.batch as f64 / summary.secs.max(1e-9)
     );
     println!("  train loss {:.4} (mean of the last {} steps)", summary.mean_recent, summary.recent);
-    if let Some(e) = session.evaluate()? {
+    if let Some(e) = if args.no_eval { None } else { session.evaluate()? } {
         match e.accuracy {
             Some(a) => println!("  test  loss {:.4}, accuracy {:.2}% ({} samples)", e.loss, a * 100.0, e.samples),
             None => println!("  test  loss {:.4} ({} samples)", e.loss, e.samples),

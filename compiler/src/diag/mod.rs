@@ -3,11 +3,14 @@
 //! A diagnostic has a stable code (`shape::matmul_inner`), a one-line message,
 //! one label per source span involved (the first is the primary one), and an
 //! optional help line saying how to fix it. Stages gather many diagnostics per
-//! run; the CLI renders them once at the edge (the compiler does no IO).
+//! run; a front end renders them once, through [`render`] (the compiler does
+//! no IO).
 //!
 //! Input: codes, messages, spans. Output: [`Diagnostic`] and [`Diagnostics`]
 //! values. Invariant: a label's span names the source it points into
 //! ([`SourceId`]), so a diagnostic renders against the right text.
+
+pub mod render;
 
 use serde::Serialize;
 

@@ -1,4 +1,7 @@
-//! Rendering diagnostics: rustc-style text through miette, or JSON.
+//! Rendering diagnostics: rustc-style text through miette, or the JSON form
+//! editors read. The stages only build diagnostics; front ends (the command
+//! line, an editor, a report) render them here, against the texts they
+//! point into.
 //!
 //! Labels that point into another source than the primary label's (the
 //! prelude, say) are shown as a related note with that source's snippet.
@@ -9,7 +12,7 @@
 
 use miette::{GraphicalReportHandler, GraphicalTheme, LabeledSpan, NamedSource, SourceSpan};
 use serde::Serialize;
-use shardplan_compiler::{Diagnostic, Severity, SourceId, Span};
+use super::{Diagnostic, Severity, SourceId, Span};
 use std::fmt;
 use std::sync::Arc;
 
@@ -21,7 +24,7 @@ pub struct Sources {
 impl Sources {
     /// The user's file (`SourceId::USER`) and the prelude (`SourceId::PRELUDE`).
     pub fn new(user_name: &str, user_text: String) -> Sources {
-        Sources { files: vec![(user_name.to_string(), Arc::new(user_text)), ("<prelude>".to_string(), Arc::new(shardplan_compiler::PRELUDE.to_string()))] }
+        Sources { files: vec![(user_name.to_string(), Arc::new(user_text)), ("<prelude>".to_string(), Arc::new(crate::PRELUDE.to_string()))] }
     }
 
     /// Adds another text (a data file) that diagnostics may point into.
