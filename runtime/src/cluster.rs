@@ -31,7 +31,7 @@ use crate::backend::cuda::nccl::{self, Abort, Nccl, Setup};
 use crate::collectives::{self, Tag};
 use crate::data::Batch;
 use crate::engine::{Backend, Comm, Data, Engine, EngineError};
-use crate::transport::{Endpoint, Fabric, Header, Message, TransportError};
+use crate::transport::{Fabric, Header, Message, Transport, TransportError};
 use shardplan_compiler::graph::{Hyper, Op, Role};
 use shardplan_compiler::kernel::{BufKind, StepKind};
 use shardplan_compiler::partition::{chunk_range, DeviceProgram, Phase, Piece, Plan};
@@ -88,6 +88,9 @@ pub enum ClusterError {
     Panicked { device: usize, during: During, what: String },
     /// Device `device`'s thread is gone.
     Lost { device: usize },
+    /// Device `device`, in another process of the run, failed as `message`
+    /// says (`secondary`: it only stopped because another device failed).
+    Remote { device: usize, secondary: bool, message: String },
 }
 
 impl ClusterError {
@@ -99,7 +102,8 @@ impl ClusterError {
             | ClusterError::Stopped { device, .. }
             | ClusterError::Injected { device, .. }
             | ClusterError::Panicked { device, .. }
-            | ClusterError::Lost { device } => *device,
+            | ClusterError::Lost { device }
+            | ClusterError::Remote { device, .. } => *device,
             ClusterError::Transport { error, .. } => error.device(),
         }
     }
@@ -124,7 +128,7 @@ impl ClusterError {
 
     /// Whether the device only stopped because another one failed.
     fn is_secondary(&self) -> bool {
-        matches!(self, ClusterError::Stopped { .. })
+        matches!(self, ClusterError::Stopped { .. } | ClusterError::Remote { secondary: true, .. })
     }
 }
 
@@ -142,6 +146,7 @@ impl std::fmt::Display for ClusterError {
             ClusterError::Injected { device, step } => write!(f, "device {device} failed at step {step}: injected fault"),
             ClusterError::Panicked { device, during, what } => write!(f, "device {device} failed{during}: internal error ({what})"),
             ClusterError::Lost { device } => write!(f, "device {device} stopped unexpectedly"),
+            ClusterError::Remote { device, message, .. } => write!(f, "{message} (rank {device})"),
         }
     }
 }
@@ -219,10 +224,38 @@ pub struct DeviceStats {
     pub bytes: u64,
 }
 
-/// A running set of devices.
+/// The other processes of a run launched with one process per device
+/// (`mpirun`, `srun`): how the processes agree on each command's outcome.
+pub trait Peers {
+    /// This process's rank, which is also the device it runs.
+    fn rank(&self) -> usize;
+    /// How many processes the run has.
+    fn size(&self) -> usize;
+    /// Every process's `mine`, in rank order. Every process calls it, in the same order.
+    fn all_gather(&self, mine: Vec<u8>) -> Vec<Vec<u8>>;
+}
+
+/// This process's share of a run with one process per device: its device's
+/// transport to the others, and the processes' agreement on each command.
+pub struct Rank {
+    pub transport: Box<dyn Transport + Send>,
+    pub peers: Box<dyn Peers>,
+    /// The rank among the processes on this host: a GPU device runs on GPU
+    /// `local_rank` mod the host's GPU count.
+    pub local_rank: usize,
+    /// A fingerprint of the build this process runs; the ranks compare them.
+    pub build: u64,
+}
+
+/// A running set of devices: all of them in this process, or (with
+/// [`Cluster::start_rank`]) this process's one device, the others in
+/// processes of their own.
 pub struct Cluster {
     plan: Plan,
+    /// The devices that run in this process; `workers[i]` runs `local[i]`.
+    local: Vec<usize>,
     workers: Vec<Worker>,
+    peers: Option<Box<dyn Peers>>,
     failed: Option<ClusterError>,
     stats: Vec<DeviceStats>,
 }
@@ -327,10 +360,34 @@ impl Cluster {
             let backend = backends.get(i).cloned().unwrap_or(Backend::Cpu);
             let net = Net { setup: setup.clone(), abort: abort.clone() };
             let handle =
-                std::thread::Builder::new().name(format!("device {}", dp.device)).spawn(move || device_main(dp, ep, net, hash, per, backend, crx, rtx)).ok();
+                std::thread::Builder::new().name(format!("device {}", dp.device)).spawn(move || device_main(dp, Box::new(ep), net, hash, per, backend, crx, rtx)).ok();
             workers.push(Worker { tx, rx, handle });
         }
-        Cluster { plan, workers, failed: None, stats: Vec::new() }
+        Cluster { plan, local: (0..n).collect(), workers, peers: None, failed: None, stats: Vec::new() }
+    }
+
+    /// Starts this process's device, the rank's, on `backend`, with
+    /// `threads` kernel threads; the plan's other devices run in the other
+    /// processes, reached through `rank`.
+    pub fn start_rank(plan: Plan, threads: usize, backend: Backend, rank: Rank) -> Cluster {
+        let me = rank.peers.rank();
+        let (tx, crx) = mpsc::channel::<Cmd>();
+        let (rtx, rx) = mpsc::channel::<Reply>();
+        let hash = plan.hash;
+        let dp = plan.devices[me].clone();
+        // Transfers between GPU ranks are staged through host memory.
+        let net = Net { setup: None, abort: Arc::new(Abort::default()) };
+        let ep = rank.transport;
+        let handle = std::thread::Builder::new()
+            .name(format!("device {}", dp.device))
+            .spawn(move || device_main(dp, ep, net, hash, threads.max(1), backend, crx, rtx))
+            .ok();
+        Cluster { plan, local: vec![me], workers: vec![Worker { tx, rx, handle }], peers: Some(rank.peers), failed: None, stats: Vec::new() }
+    }
+
+    /// Whether this process runs device `d`.
+    pub fn is_local(&self, d: usize) -> bool {
+        self.local.contains(&d)
     }
 
     /// Per device, what it did in the last step.
@@ -342,22 +399,38 @@ impl Cluster {
         &self.plan
     }
 
-    /// Sends one command to every device and waits for every reply.
+    /// Sends one command to every device of this process, waits for every
+    /// reply, and (with peers) exchanges the replies with the other
+    /// processes, so that every process sees every device's reply.
     fn all(&mut self, mut cmd: impl FnMut(usize) -> Cmd) -> Result<Vec<Reply>, ClusterError> {
         if let Some(f) = &self.failed {
             return Err(f.clone());
         }
-        for (i, w) in self.workers.iter().enumerate() {
-            if w.tx.send(cmd(i)).is_err() {
-                let e = ClusterError::Lost { device: i };
-                self.failed = Some(e.clone());
-                return Err(e);
+        let n = self.plan.devices.len();
+        let mut replies: Vec<Option<Reply>> = (0..n).map(|_| None).collect();
+        let mut sent = Vec::with_capacity(self.workers.len());
+        for (w, &d) in self.workers.iter().zip(&self.local) {
+            sent.push(w.tx.send(cmd(d)).is_ok());
+        }
+        for ((w, &d), ok) in self.workers.iter().zip(&self.local).zip(sent) {
+            let lost = Reply::Failed(ClusterError::Lost { device: d });
+            replies[d] = Some(if ok { w.rx.recv().unwrap_or(lost) } else { lost });
+        }
+        if let Some(peers) = &self.peers {
+            let mine: Vec<(usize, &Reply)> = self.local.iter().filter_map(|&d| replies[d].as_ref().map(|r| (d, r))).collect();
+            let gathered = peers.all_gather(wire::encode(&mine));
+            for (rank, bytes) in gathered.iter().enumerate() {
+                if rank == peers.rank() {
+                    continue;
+                }
+                for (d, r) in wire::decode(bytes).unwrap_or_else(|| vec![(rank, Reply::Failed(ClusterError::Lost { device: rank }))]) {
+                    if let Some(slot) = replies.get_mut(d) {
+                        *slot = Some(r);
+                    }
+                }
             }
         }
-        let mut replies = Vec::with_capacity(self.workers.len());
-        for (i, w) in self.workers.iter().enumerate() {
-            replies.push(w.rx.recv().unwrap_or(Reply::Failed(ClusterError::Lost { device: i })));
-        }
+        let replies: Vec<Reply> = replies.into_iter().enumerate().map(|(d, r)| r.unwrap_or(Reply::Failed(ClusterError::Lost { device: d }))).collect();
         // The first device that failed on its own is the cause; the others stopped because of it.
         let root = replies.iter().find_map(|r| match r {
             Reply::Failed(e) if !e.is_secondary() => Some(e.clone()),
@@ -390,8 +463,14 @@ impl Cluster {
     /// One training step on the batch `batch(rows)` of `rows`. `fault`: a device told to fail at this step.
     pub fn step(&mut self, step: u64, hyper: Hypers, rows: &[usize], batch: &dyn Fn(&[usize]) -> Batch, fault: Option<usize>) -> Result<f64, ClusterError> {
         let plan = &self.plan;
-        let batches: Vec<Vec<Batch>> =
-            plan.devices.iter().map(|d| if d.coords.is_empty() { Vec::new() } else { device_rows(plan, d, rows).iter().map(|r| batch(r)).collect() }).collect();
+        // Each process reads only its own devices' rows of the batch.
+        let local = &self.local;
+        let batches: Vec<Vec<Batch>> = plan
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| if d.coords.is_empty() || !local.contains(&i) { Vec::new() } else { device_rows(plan, d, rows).iter().map(|r| batch(r)).collect() })
+            .collect();
         let mut batches: Vec<Option<Vec<Batch>>> = batches.into_iter().map(Some).collect();
         let replies = self.all(|i| Cmd::Step { step, hyper, batches: batches[i].take().unwrap_or_default(), fault: fault == Some(i) })?;
         let mut loss = 0.0;
@@ -461,7 +540,7 @@ impl Drop for Cluster {
 
 /// Connects an executor to the other devices for one pass.
 struct Link<'a> {
-    ep: &'a Endpoint,
+    ep: &'a dyn Transport,
     /// This device's NCCL communicators, if it has any.
     nccl: Option<&'a mut Nccl>,
     plan: u64,
@@ -724,7 +803,7 @@ struct Net {
 }
 
 /// Ends the run for every device: the fabric, the NCCL waits, and this device's communicators.
-fn abort_all(ep: &Endpoint, abort: &Abort, nccl: Option<&mut Nccl>, m: &str) {
+fn abort_all(ep: &dyn Transport, abort: &Abort, nccl: Option<&mut Nccl>, m: &str) {
     ep.abort(m);
     abort.raise(ep.rank(), m);
     if let Some(n) = nccl {
@@ -733,7 +812,7 @@ fn abort_all(ep: &Endpoint, abort: &Abort, nccl: Option<&mut Nccl>, m: &str) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn device_main(dp: DeviceProgram, ep: Endpoint, net: Net, plan: u64, threads: usize, backend: Backend, rx: Receiver<Cmd>, tx: Sender<Reply>) {
+fn device_main(dp: DeviceProgram, ep: Box<dyn Transport + Send>, net: Net, plan: u64, threads: usize, backend: Backend, rx: Receiver<Cmd>, tx: Sender<Reply>) {
     let dev = dp.device;
     // Joins the NCCL communicators before anything can fail, so that no peer waits for this device.
     let mut nccl = net.setup.as_ref().and_then(|s| s.join(ep.rank()));
@@ -743,7 +822,7 @@ fn device_main(dp: DeviceProgram, ep: Endpoint, net: Net, plan: u64, threads: us
         Ok(e) => e,
         Err(error) => {
             let e = ClusterError::Setup { device: dev, backend, error };
-            abort_all(&ep, &net.abort, nccl.as_mut(), &e.to_string());
+            abort_all(ep.as_ref(), &net.abort, nccl.as_mut(), &e.to_string());
             // Answer every command with the failure.
             while rx.recv().is_ok() {
                 let _ = tx.send(Reply::Failed(e.clone()));
@@ -757,14 +836,14 @@ fn device_main(dp: DeviceProgram, ep: Endpoint, net: Net, plan: u64, threads: us
             Cmd::Load { .. } => During::Load,
             Cmd::Read | Cmd::EnableProfile | Cmd::Profile => During::Read,
         };
-        let reply = std::panic::catch_unwind(AssertUnwindSafe(|| run_cmd(&dp, &ep, nccl.as_mut(), plan, exec.as_mut(), cmd))).unwrap_or_else(|p| {
+        let reply = std::panic::catch_unwind(AssertUnwindSafe(|| run_cmd(&dp, ep.as_ref(), nccl.as_mut(), plan, exec.as_mut(), cmd))).unwrap_or_else(|p| {
             let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
             Err(ClusterError::Panicked { device: dev, during, what })
         });
         let reply = match reply {
             Ok(r) => r,
             Err(e) => {
-                abort_all(&ep, &net.abort, nccl.as_mut(), &e.to_string());
+                abort_all(ep.as_ref(), &net.abort, nccl.as_mut(), &e.to_string());
                 Reply::Failed(e)
             }
         };
@@ -776,7 +855,7 @@ fn device_main(dp: DeviceProgram, ep: Endpoint, net: Net, plan: u64, threads: us
 
 type CmdResult = Result<Reply, ClusterError>;
 
-fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, mut nccl: Option<&mut Nccl>, plan: u64, exec: &mut dyn Engine, cmd: Cmd) -> CmdResult {
+fn run_cmd(dp: &DeviceProgram, ep: &dyn Transport, mut nccl: Option<&mut Nccl>, plan: u64, exec: &mut dyn Engine, cmd: Cmd) -> CmdResult {
     let dev = dp.device;
     let kerr = |error: EngineError| ClusterError::Engine { device: dev, step: None, error };
     match cmd {
@@ -850,9 +929,194 @@ fn run_cmd(dp: &DeviceProgram, ep: &Endpoint, mut nccl: Option<&mut Nccl>, plan:
     }
 }
 
+/// Replies as bytes, for the processes of a run to exchange: a count, then
+/// per reply its device and a tagged body, little-endian. A failure travels
+/// as its one-line message (and whether it is secondary).
+mod wire {
+    use super::{ClusterError, DeviceStats, Reply};
+
+    struct Out(Vec<u8>);
+
+    impl Out {
+        fn u64(&mut self, x: u64) {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+        fn f64(&mut self, x: f64) {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+        fn f32s(&mut self, v: &[f32]) {
+            self.u64(v.len() as u64);
+            self.0.reserve(v.len() * 4);
+            for x in v {
+                self.0.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        fn pieces(&mut self, v: &[(usize, Vec<f32>)]) {
+            self.u64(v.len() as u64);
+            for (i, data) in v {
+                self.u64(*i as u64);
+                self.f32s(data);
+            }
+        }
+    }
+
+    pub(super) fn encode(replies: &[(usize, &Reply)]) -> Vec<u8> {
+        let mut o = Out(Vec::new());
+        o.u64(replies.len() as u64);
+        for (d, r) in replies {
+            o.u64(*d as u64);
+            match r {
+                Reply::Done => o.0.push(0),
+                Reply::Loss(loss, st) => {
+                    o.0.push(1);
+                    o.0.push(loss.is_some() as u8);
+                    o.f64(loss.unwrap_or(0.0));
+                    o.f64(st.busy_s);
+                    o.f64(st.comm_s);
+                    o.f64(st.step_s);
+                    o.u64(st.bytes);
+                }
+                Reply::Tensors { params, states } => {
+                    o.0.push(2);
+                    o.pieces(params);
+                    o.pieces(states);
+                }
+                Reply::Profile(p) => {
+                    o.0.push(3);
+                    o.u64(p.len() as u64);
+                    p.iter().for_each(|x| o.f64(*x));
+                }
+                Reply::Failed(e) => {
+                    o.0.push(4);
+                    o.0.push(e.is_secondary() as u8);
+                    let m = e.to_string();
+                    o.u64(m.len() as u64);
+                    o.0.extend_from_slice(m.as_bytes());
+                }
+            }
+        }
+        o.0
+    }
+
+    struct In<'a>(&'a [u8]);
+
+    impl In<'_> {
+        fn take(&mut self, n: usize) -> Option<&[u8]> {
+            if self.0.len() < n {
+                return None;
+            }
+            let (a, b) = self.0.split_at(n);
+            self.0 = b;
+            Some(a)
+        }
+        fn u8(&mut self) -> Option<u8> {
+            self.take(1).map(|b| b[0])
+        }
+        fn u64(&mut self) -> Option<u64> {
+            self.take(8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes)
+        }
+        fn f64(&mut self) -> Option<f64> {
+            self.u64().map(f64::from_bits)
+        }
+        fn len(&mut self, unit: usize) -> Option<usize> {
+            let n = usize::try_from(self.u64()?).ok()?;
+            (n.checked_mul(unit)? <= self.0.len()).then_some(n)
+        }
+        fn f32s(&mut self) -> Option<Vec<f32>> {
+            let n = self.len(4)?;
+            Some(self.take(n * 4)?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        }
+        fn pieces(&mut self) -> Option<Vec<(usize, Vec<f32>)>> {
+            let n = self.len(16)?;
+            (0..n).map(|_| Some((usize::try_from(self.u64()?).ok()?, self.f32s()?))).collect()
+        }
+    }
+
+    /// The replies of `bytes`; None when they are not what [`encode`] writes.
+    pub(super) fn decode(bytes: &[u8]) -> Option<Vec<(usize, Reply)>> {
+        let mut i = In(bytes);
+        let n = i.len(9)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let d = usize::try_from(i.u64()?).ok()?;
+            let r = match i.u8()? {
+                0 => Reply::Done,
+                1 => {
+                    let has = i.u8()? != 0;
+                    let loss = i.f64()?;
+                    let st = DeviceStats { busy_s: i.f64()?, comm_s: i.f64()?, step_s: i.f64()?, bytes: i.u64()? };
+                    Reply::Loss(has.then_some(loss), st)
+                }
+                2 => Reply::Tensors { params: i.pieces()?, states: i.pieces()? },
+                3 => {
+                    let n = i.len(8)?;
+                    Reply::Profile((0..n).map(|_| i.f64()).collect::<Option<Vec<f64>>>()?)
+                }
+                4 => {
+                    let secondary = i.u8()? != 0;
+                    let n = i.len(1)?;
+                    let message = String::from_utf8_lossy(i.take(n)?).into_owned();
+                    Reply::Failed(ClusterError::Remote { device: d, secondary, message })
+                }
+                _ => return None,
+            };
+            out.push((d, r));
+        }
+        i.0.is_empty().then_some(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_cross_processes_intact() {
+        let st = DeviceStats { busy_s: 0.25, comm_s: 0.5, step_s: 1.0, bytes: 1 << 40 };
+        let replies = [
+            (0, Reply::Done),
+            (1, Reply::Loss(Some(2.5), st)),
+            (2, Reply::Loss(None, st)),
+            (3, Reply::Tensors { params: vec![(0, vec![1.0, -0.0, f32::MIN_POSITIVE])], states: vec![(7, vec![]), (9, vec![3.5])] }),
+            (4, Reply::Profile(vec![1e-6, 2.0])),
+            (5, Reply::Failed(ClusterError::Injected { device: 5, step: 3 })),
+            (6, Reply::Failed(ClusterError::Stopped { device: 6, error: EngineError::Transfer("peer gone".into()) })),
+        ];
+        let refs: Vec<(usize, &Reply)> = replies.iter().map(|(d, r)| (*d, r)).collect();
+        let bytes = wire::encode(&refs);
+        let back = wire::decode(&bytes).expect("decodes");
+        assert_eq!(back.len(), replies.len());
+        for ((d, a), (e, b)) in replies.iter().zip(&back) {
+            assert_eq!(d, e);
+            match (a, b) {
+                (Reply::Done, Reply::Done) => {}
+                (Reply::Loss(x, s), Reply::Loss(y, t)) => {
+                    assert_eq!(x, y);
+                    assert_eq!((s.busy_s, s.comm_s, s.step_s, s.bytes), (t.busy_s, t.comm_s, t.step_s, t.bytes));
+                }
+                (Reply::Tensors { params: p, states: s }, Reply::Tensors { params: q, states: t }) => {
+                    let bits = |v: &Vec<(usize, Vec<f32>)>| v.iter().map(|(i, x)| (*i, x.iter().map(|f| f.to_bits()).collect::<Vec<_>>())).collect::<Vec<_>>();
+                    assert_eq!((bits(p), bits(s)), (bits(q), bits(t)));
+                }
+                (Reply::Profile(x), Reply::Profile(y)) => assert_eq!(x, y),
+                (Reply::Failed(x), Reply::Failed(ClusterError::Remote { device, secondary, message })) => {
+                    assert_eq!((*device, *secondary, message.as_str()), (*d, x.is_secondary(), x.to_string().as_str()));
+                }
+                _ => panic!("reply of device {d} changed kind"),
+            }
+        }
+        // Truncated or padded bytes are refused, never misread.
+        for cut in [0, 1, 9, bytes.len() / 2, bytes.len() - 1] {
+            assert!(wire::decode(&bytes[..cut]).is_none(), "cut at {cut}");
+        }
+        let mut padded = bytes.clone();
+        padded.push(0);
+        assert!(wire::decode(&padded).is_none());
+        // A length that claims more than the bytes hold is refused without allocating it.
+        let mut huge = wire::encode(&[(0, &Reply::Profile(vec![1.0]))]);
+        huge[17..25].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(wire::decode(&huge).is_none());
+    }
 
     /// Runs `f(rank, link)` on `n` device threads connected by one fabric.
     fn on_devices<T: Send + 'static>(n: usize, f: impl Fn(usize, &mut Link<'_>) -> T + Send + Sync + Copy + 'static) -> Vec<T> {

@@ -23,7 +23,7 @@
 
 use shardplan_compiler::partition::chunk_range;
 
-use crate::transport::{Endpoint, Header, Message, TransportError};
+use crate::transport::{Header, Message, Transport, TransportError};
 
 /// Identifies one collective instruction on the wire.
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ pub struct Tag {
 }
 
 /// Sums `data` across `group`; every member ends with the same bits.
-pub fn all_reduce(ep: &Endpoint, group: &[usize], tag: &Tag, data: &mut [f32]) -> Result<(), TransportError> {
+pub fn all_reduce(ep: &dyn Transport, group: &[usize], tag: &Tag, data: &mut [f32]) -> Result<(), TransportError> {
     let ring = Ring::new(ep, group, tag)?;
     if ring.n() == 1 {
         return Ok(());
@@ -49,7 +49,7 @@ pub fn all_reduce(ep: &Endpoint, group: &[usize], tag: &Tag, data: &mut [f32]) -
 }
 
 /// Member `i` of `group` gets in `out` the sum over members of chunk `i` of `data`.
-pub fn reduce_scatter(ep: &Endpoint, group: &[usize], tag: &Tag, data: &[f32], out: &mut Vec<f32>) -> Result<(), TransportError> {
+pub fn reduce_scatter(ep: &dyn Transport, group: &[usize], tag: &Tag, data: &[f32], out: &mut Vec<f32>) -> Result<(), TransportError> {
     let ring = Ring::new(ep, group, tag)?;
     let mut work = data.to_vec();
     if ring.n() > 1 {
@@ -61,7 +61,7 @@ pub fn reduce_scatter(ep: &Endpoint, group: &[usize], tag: &Tag, data: &[f32], o
 }
 
 /// Concatenates every member's chunk `mine` into `out` (`total_len` elements, layout as above).
-pub fn all_gather(ep: &Endpoint, group: &[usize], tag: &Tag, mine: &[f32], total_len: usize, out: &mut [f32]) -> Result<(), TransportError> {
+pub fn all_gather(ep: &dyn Transport, group: &[usize], tag: &Tag, mine: &[f32], total_len: usize, out: &mut [f32]) -> Result<(), TransportError> {
     let ring = Ring::new(ep, group, tag)?;
     let own = chunk_range(total_len, ring.n(), ring.pos);
     if out.len() != total_len || mine.len() != own.len() {
@@ -81,7 +81,7 @@ pub fn all_gather(ep: &Endpoint, group: &[usize], tag: &Tag, mine: &[f32], total
 
 /// Copies `data` of the member with rank `root` to every member of `group`:
 /// the root scatters one chunk to each member, then a ring all-gather.
-pub fn broadcast(ep: &Endpoint, group: &[usize], root: usize, tag: &Tag, data: &mut [f32]) -> Result<(), TransportError> {
+pub fn broadcast(ep: &dyn Transport, group: &[usize], root: usize, tag: &Tag, data: &mut [f32]) -> Result<(), TransportError> {
     let ring = Ring::new(ep, group, tag)?;
     let n = ring.n();
     let Some(root_pos) = group.iter().position(|&r| r == root) else {
@@ -111,7 +111,7 @@ pub fn broadcast(ep: &Endpoint, group: &[usize], root: usize, tag: &Tag, data: &
 
 /// One member's view of a ring collective.
 struct Ring<'a> {
-    ep: &'a Endpoint,
+    ep: &'a dyn Transport,
     group: &'a [usize],
     tag: &'a Tag,
     /// This member's position in `group`.
@@ -119,7 +119,7 @@ struct Ring<'a> {
 }
 
 impl<'a> Ring<'a> {
-    fn new(ep: &'a Endpoint, group: &'a [usize], tag: &'a Tag) -> Result<Self, TransportError> {
+    fn new(ep: &'a dyn Transport, group: &'a [usize], tag: &'a Tag) -> Result<Self, TransportError> {
         let malformed = |reason: String| TransportError::Malformed { device: ep.rank(), instr: tag.instr, reason };
         let Some(pos) = group.iter().position(|&r| r == ep.rank()) else {
             return Err(malformed(format!("{} called on a device outside its group {group:?}", tag.name)));
@@ -213,7 +213,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::transport::Fabric;
+    use crate::transport::{Endpoint, Fabric};
 
     const SIZES: [usize; 4] = [2, 3, 4, 8];
     const LENGTHS: [usize; 5] = [0, 1, 7, 1001, 4096 + 3];

@@ -30,6 +30,7 @@ pub mod cluster;
 pub mod collectives;
 pub mod data;
 pub mod engine;
+pub mod process;
 pub mod selftest;
 pub mod session;
 pub mod transport;

@@ -87,6 +87,36 @@ impl TransportError {
     }
 }
 
+/// How a device's bytes reach the other devices of a run: the in-process
+/// fabric between threads ([`Endpoint`]) or MPI between processes
+/// (`transport::mpi`, with the `mpi` feature). The executor, the schedule,
+/// the collectives and the header checks are shared; only how bytes move
+/// differs.
+///
+/// Every implementation keeps the invariants of this module: per-pair
+/// order, a receive that names the header it expects, and a failure on any
+/// device that every other device sees at its next send or receive.
+pub trait Transport {
+    /// This device's rank: its index among the run's devices.
+    fn rank(&self) -> usize;
+    /// How many devices the run has.
+    fn size(&self) -> usize;
+    /// Sends `msg` to device `to` without waiting for it to be received.
+    fn send(&self, to: usize, msg: Message) -> Result<(), TransportError>;
+    /// The payload of the next message from `from`, which must carry `expect`.
+    fn recv(&self, from: usize, expect: &Header) -> Result<Vec<f32>, TransportError>;
+    /// Fails the whole run because of this device, with `reason`.
+    fn abort(&self, reason: &str);
+    /// A spare payload buffer of at least `capacity` elements (empty).
+    fn take_buffer(&self, capacity: usize) -> Vec<f32> {
+        Vec::with_capacity(capacity)
+    }
+    /// Hands a received payload's buffer back for reuse.
+    fn give_back(&self, buf: Vec<f32>) {
+        drop(buf);
+    }
+}
+
 /// State every endpoint of one fabric shares: whether, and by whom, it was failed.
 #[derive(Default)]
 struct Shared {
@@ -152,6 +182,36 @@ struct Pool {
 impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Endpoint").field("rank", &self.rank).field("size", &self.size()).finish()
+    }
+}
+
+impl Transport for Endpoint {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.to.len()
+    }
+
+    fn send(&self, to: usize, msg: Message) -> Result<(), TransportError> {
+        Endpoint::send(self, to, msg)
+    }
+
+    fn recv(&self, from: usize, expect: &Header) -> Result<Vec<f32>, TransportError> {
+        Endpoint::recv(self, from, expect)
+    }
+
+    fn abort(&self, reason: &str) {
+        Endpoint::abort(self, reason)
+    }
+
+    fn take_buffer(&self, capacity: usize) -> Vec<f32> {
+        Endpoint::take_buffer(self, capacity)
+    }
+
+    fn give_back(&self, buf: Vec<f32>) {
+        Endpoint::give_back(self, buf)
     }
 }
 
@@ -282,7 +342,8 @@ impl Endpoint {
 }
 
 /// Names the expected and received headers by the first field that differs, kind first.
-fn describe(expect: &Header, got: &Header) -> (String, String) {
+/// The expected and received headers, told apart by their first difference.
+pub(crate) fn describe(expect: &Header, got: &Header) -> (String, String) {
     if expect.kind != got.kind {
         (expect.kind.clone(), got.kind.clone())
     } else if expect.plan != got.plan {

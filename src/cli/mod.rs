@@ -8,6 +8,7 @@ mod check;
 mod compile;
 mod inspect;
 mod placed;
+mod ranks;
 mod run;
 mod selftest;
 
@@ -115,6 +116,12 @@ pub fn run(cli: Cli) -> ExitCode {
         Color::Never => false,
         Color::Auto => std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
+    // Only `run` knows how to share a plan among the processes a launcher starts.
+    let launched = shardplan_runtime::process::detect().filter(|l| l.size > 1);
+    if let (Some(l), false) = (&launched, matches!(cli.command, Command::Run(_))) {
+        eprintln!("error: {} started {} processes, but only `shardplan run` runs as one process per device", l.launcher, l.size);
+        return ExitCode::from(2);
+    }
     match cli.command {
         Command::Check { files, format } => check::run(&files, format, color),
         Command::Inspect { file, graph, kernels, format, explain, device_profile } => {

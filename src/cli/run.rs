@@ -8,14 +8,16 @@
 //! side by side and compares their losses and parameters.
 
 use shardplan_compiler::diag::render::{self, Sources};
-use super::{check, compile};
+use super::{check, compile, ranks};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shardplan_compiler::check::{Length, Placement};
 use shardplan_compiler::planner::ms;
 use shardplan_compiler::units::{Bytes, Unit};
 use shardplan_compiler::{Checked, Compiled, Diagnostic, Diagnostics, Options, SourceId, Span};
 use shardplan_runtime::data::DataError;
+use shardplan_runtime::cluster::Rank;
 use shardplan_runtime::engine::Backend;
+use shardplan_runtime::process::{self, Launch};
 use shardplan_runtime::session::{BackendChoice, Backends, Config, KernelProfile, Session, SessionError, Start};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -79,6 +81,19 @@ pub struct RunArgs {
     /// logical devices on the GPUs present (device i on GPU i mod count).
     #[arg(long, value_enum)]
     pub backend: Option<BackendArg>,
+    /// How this process was started: `auto` looks for the variables mpirun
+    /// or srun set (one process per device), `mpi` requires MPI, `none`
+    /// runs every device in this process.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub launcher: LauncherArg,
+}
+
+/// The launcher named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LauncherArg {
+    Auto,
+    Mpi,
+    None,
 }
 
 /// The backend named on the command line.
@@ -172,7 +187,7 @@ pub(super) fn base_of(file: &Path) -> PathBuf {
 }
 
 /// What failed, for rendering: a session's error or the compiler's diagnostics.
-enum Error {
+pub(super) enum Error {
     Session(SessionError),
     Diags(Diagnostics),
 }
@@ -266,20 +281,41 @@ pub fn run(args: &RunArgs, color: bool) -> ExitCode {
         (_, Some(e)) => c.train.length = Length::Epochs(e as i64),
         _ => {}
     }
-    match train(args, &c, &text, &base, plan) {
-        Ok(()) => ExitCode::SUCCESS,
+    let launch = match args.launcher {
+        LauncherArg::None => None,
+        LauncherArg::Auto => process::detect().filter(|l| l.size > 1),
+        LauncherArg::Mpi => Some(process::detect().unwrap_or(Launch { launcher: "MPI", rank: 0, size: 1, local_rank: 0 })),
+    };
+    let ranks = match launch.map(ranks::start).transpose() {
+        Ok(r) => r,
+        Err(e) => return report(Error::Session(e), &name, &text, &c, color),
+    };
+    let rank = ranks.as_ref().map(ranks::Ranks::share);
+    let result = train(args, &c, &text, &base, plan, rank);
+    let code = match result {
+        Ok(()) => return ExitCode::SUCCESS,
         Err(Error::Session(SessionError::Data(mut e))) if compiled && e.code == "data::missing_file" => {
             e.help = compile::missing_data_help(&base);
-            report(Error::Session(SessionError::Data(e)), &name, &text, &c, color)
+            Error::Session(SessionError::Data(e))
         }
-        Err(e) => report(e, &name, &text, &c, color),
+        Err(e) => e,
+    };
+    match &ranks {
+        Some(r) if r.rank() > 0 => r.fail(&code),
+        Some(r) => {
+            r.quiet();
+            r.exit_after(report(code, &name, &text, &c, color))
+        }
+        None => report(code, &name, &text, &c, color),
     }
 }
 
 /// Compiles and trains `c` (whose file's text is `text`, with data paths
 /// relative to `base`) on the devices of `plan` when one is given (a
 /// compiled plan), else on those its placement partitions into.
-fn train(args: &RunArgs, c: &Checked, text: &[u8], base: &Path, plan: Option<shardplan_compiler::partition::Plan>) -> Result<(), Error> {
+fn train(args: &RunArgs, c: &Checked, text: &[u8], base: &Path, plan: Option<shardplan_compiler::partition::Plan>, rank: Option<Rank>) -> Result<(), Error> {
+    // With one process per device, rank 0 shows the progress and the report.
+    let root = rank.as_ref().is_none_or(|r| r.peers.rank() == 0);
     let backends = Backends::new(choice(args.backend), c)?;
     let compiled: Compiled = match plan {
         Some(plan) if !args.single_device => shardplan_compiler::driver::from_plan(c, plan)?,
@@ -295,12 +331,12 @@ fn train(args: &RunArgs, c: &Checked, text: &[u8], base: &Path, plan: Option<sha
     cfg.profile = args.profile;
     cfg.fault = args.inject_fault;
     cfg.metrics = args.metrics.clone();
-    let mut session = Session::new(compiled, text, base, cfg)?;
-    for note in session.notes() {
+    let mut session = Session::new_in(compiled, text, base, cfg, rank)?;
+    for note in session.notes().iter().filter(|_| root) {
         eprintln!("note: {note}");
     }
     let (start, end, _) = session.steps();
-    let pb = if args.quiet { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(end), ProgressDrawTarget::stderr()) };
+    let pb = if args.quiet || !root { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(end), ProgressDrawTarget::stderr()) };
     pb.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     pb.set_position(start);
     let summary = session.train(&mut |r| {
@@ -318,6 +354,12 @@ fn train(args: &RunArgs, c: &Checked, text: &[u8], base: &Path, plan: Option<sha
     if let Some(path) = &args.save {
         session.save(path)?;
     }
+    // Every process takes part in reading the parameters back and the profiles.
+    let evaluation = if args.no_eval { None } else { session.evaluate()? };
+    let profiles = session.profiles()?;
+    if !root {
+        return Ok(());
+    }
 
     // Report.
     let trained = summary.trained;
@@ -331,7 +373,7 @@ fn train(args: &RunArgs, c: &Checked, text: &[u8], base: &Path, plan: Option<sha
         trained as f64 * summary.batch as f64 / summary.secs.max(1e-9)
     );
     println!("  train loss {:.4} (mean of the last {} steps)", summary.mean_recent, summary.recent);
-    if let Some(e) = if args.no_eval { None } else { session.evaluate()? } {
+    if let Some(e) = evaluation {
         match e.accuracy {
             Some(a) => println!("  test  loss {:.4}, accuracy {:.2}% ({} samples)", e.loss, a * 100.0, e.samples),
             None => println!("  test  loss {:.4} ({} samples)", e.loss, e.samples),
@@ -341,7 +383,7 @@ fn train(args: &RunArgs, c: &Checked, text: &[u8], base: &Path, plan: Option<sha
         println!("  saved {}", p.display());
     }
     let several = session.runner().devices() > 1;
-    for p in session.profiles()? {
+    for p in profiles {
         print_profile(&p, trained, several);
     }
     let measured = summary.median_step_s;

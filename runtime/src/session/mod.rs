@@ -25,7 +25,7 @@ pub mod schedule;
 use crate::atomic::AtomicFile;
 use crate::backend::cpu::exec::Executor;
 use crate::checkpoint::{self, CheckpointError, Tensor};
-use crate::cluster::{Cluster, ClusterError, DeviceStats, Hypers};
+use crate::cluster::{Cluster, ClusterError, DeviceStats, Hypers, Rank, Tensors};
 use crate::data::{self, Batch, DataError, Dataset, Sampler};
 use crate::engine::{Backend, Data, Engine, EngineError};
 use shardplan_compiler::check::{DeviceKind, Length, Prim};
@@ -169,6 +169,15 @@ impl Backends {
         Backend::Cuda { ordinal: rank % self.gpus, memory: self.kinds.get(d).and_then(|k| k.1) }
     }
 
+    /// The backend of device `d` when it runs in a process of its own, the
+    /// `local_rank`-th on its host: GPUs are dealt out by local rank.
+    pub fn of_rank(&self, d: usize, local_rank: usize) -> Backend {
+        match self.of(d) {
+            Backend::Cuda { memory, .. } => Backend::Cuda { ordinal: local_rank % self.gpus.max(1), memory },
+            cpu => cpu,
+        }
+    }
+
     /// The backends of devices `0..n`.
     pub fn all(&self, n: usize) -> Vec<Backend> {
         (0..n).map(|d| self.of(d)).collect()
@@ -244,6 +253,41 @@ pub enum Runner {
 impl Runner {
     /// Starts the devices of `target`.
     pub fn start(target: Target, threads: usize, backends: &Backends, profile: bool, timeout: Duration) -> Result<Runner, SessionError> {
+        Runner::start_in(target, threads, backends, profile, timeout, None)
+    }
+
+    /// Starts the devices of `target`: all of them, or with `rank` (one
+    /// process per device) this process's one.
+    pub fn start_in(target: Target, threads: usize, backends: &Backends, profile: bool, timeout: Duration, rank: Option<Rank>) -> Result<Runner, SessionError> {
+        let devices = match &target {
+            Target::One(_) => 1,
+            Target::Placed(plan) => plan.devices.len(),
+        };
+        if let Some(r) = &rank {
+            let n = r.peers.size();
+            if n != devices {
+                return Err(SessionError::failed(
+                    "run::rank_count",
+                    format!("the plan has {devices} device(s), but the launcher started {n} process(es)"),
+                    format!("start one process per device: `mpirun -np {devices} shardplan run FILE`"),
+                ));
+            }
+        }
+        match (target, rank) {
+            (Target::Placed(plan), Some(rank)) => {
+                let me = rank.peers.rank();
+                let backend = backends.of_rank(me, rank.local_rank);
+                let mut cl = Cluster::start_rank(plan, threads, backend, rank);
+                if profile {
+                    cl.enable_profile().map_err(device_error)?;
+                }
+                Ok(Runner::Cluster(Box::new(cl)))
+            }
+            (target, _) => Runner::start_all(target, threads, backends, profile, timeout),
+        }
+    }
+
+    fn start_all(target: Target, threads: usize, backends: &Backends, profile: bool, timeout: Duration) -> Result<Runner, SessionError> {
         match target {
             Target::One(program) => {
                 let backend = backends.of(0);
@@ -313,7 +357,7 @@ impl Runner {
     }
 
     /// The global parameters and optimizer states.
-    pub fn read(&mut self, params: &[Vec<usize>], states: &[Vec<usize>]) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), SessionError> {
+    pub fn read(&mut self, params: &[Vec<usize>], states: &[Vec<usize>]) -> Result<Tensors, SessionError> {
         match self {
             Runner::Cluster(cl) => cl.read(params, states).map_err(device_error),
             Runner::One(e) => {
@@ -482,6 +526,9 @@ pub struct Session {
     runner: Runner,
     fault: Option<(usize, u64)>,
     metrics: Option<(AtomicFile, bool)>,
+    /// Whether this process writes files and evaluates: true unless it is
+    /// a rank other than 0 of a run with one process per device.
+    root: bool,
     // The data and the length of the run.
     splits: data::Splits,
     sampler: Sampler,
@@ -528,6 +575,14 @@ impl Session {
     /// Loads the data (paths relative to `base`), starts the devices and
     /// sets the first parameters. `source` is the plan file's text.
     pub fn new(compiled: Compiled, source: &[u8], base: &Path, cfg: Config) -> Result<Session, SessionError> {
+        Session::new_in(compiled, source, base, cfg, None)
+    }
+
+    /// [`Session::new`] in one process of a run with one process per
+    /// device, `rank` being this process's share. The processes first agree
+    /// that they run the same plan, settings and build; then rank 0 writes
+    /// the metrics and checkpoints and evaluates.
+    pub fn new_in(compiled: Compiled, source: &[u8], base: &Path, cfg: Config, rank: Option<Rank>) -> Result<Session, SessionError> {
         let created = Instant::now();
         let Compiled { checked: c, graph, target, search, .. } = compiled;
         check_data(&c, base)?;
@@ -549,7 +604,21 @@ impl Session {
         };
         let end = cfg.stop_after.map(|s| s.min(total)).unwrap_or(total);
 
-        let runner = Runner::start(target, cfg.threads, &cfg.backends, cfg.profile, cfg.timeout)?;
+        let root = rank.as_ref().is_none_or(|r| r.peers.rank() == 0);
+        if let Some(r) = &rank {
+            let plan = match &target {
+                Target::Placed(p) => p.hash,
+                Target::One(_) => 0,
+            };
+            let start = format!("{:?}", cfg.start);
+            let mut fp = crate::process::fnv(source, crate::process::FNV_START);
+            for x in [plan, c.train.seed, total, end, batch as u64] {
+                fp = crate::process::fnv(&x.to_le_bytes(), fp);
+            }
+            fp = crate::process::fnv(start.as_bytes(), fp);
+            agree(r, fp)?;
+        }
+        let runner = Runner::start_in(target, cfg.threads, &cfg.backends, cfg.profile, cfg.timeout, rank)?;
         if let Some((d, _)) = cfg.fault {
             let n = runner.devices();
             if d >= n {
@@ -570,6 +639,7 @@ impl Session {
             runner,
             fault: cfg.fault,
             metrics: None,
+            root,
             splits,
             sampler,
             batch,
@@ -588,7 +658,7 @@ impl Session {
             notes: Vec::new(),
         };
         s.load_start(&cfg.start)?;
-        if let Some(path) = &cfg.metrics {
+        if let Some(path) = cfg.metrics.as_ref().filter(|_| s.root) {
             let csv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
             let mut f = AtomicFile::create(path).map_err(|e| {
                 SessionError::failed("run::metrics", format!("cannot write `{}`: {e}", path.display()), "check the directory exists and is writable")
@@ -713,6 +783,7 @@ impl Session {
             return Ok(None);
         }
         let step = self.next;
+        crate::process::set_step(step + 1);
         let loop_start = *self.first_step.get_or_insert_with(Instant::now);
         let epoch = step / self.per_epoch;
         if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
@@ -812,7 +883,7 @@ impl Session {
     }
 
     /// The global parameters and optimizer states as they are now.
-    pub fn parameters(&mut self) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), SessionError> {
+    pub fn parameters(&mut self) -> Result<Tensors, SessionError> {
         let p: Vec<Vec<usize>> = self.param_shapes().into_iter().map(|s| s.1).collect();
         let s: Vec<Vec<usize>> = self.state_shapes().into_iter().map(|s| s.1).collect();
         self.runner.read(&p, &s)
@@ -822,7 +893,11 @@ impl Session {
     /// `path`, atomically: `--resume` continues from it, `--init` takes its
     /// parameters.
     pub fn save(&mut self, path: &Path) -> Result<(), SessionError> {
+        // Every process hands its pieces over; rank 0 writes the file.
         let (params, states) = self.parameters()?;
+        if !self.root {
+            return Ok(());
+        }
         let mut tensors: Vec<Tensor> = self.param_shapes().into_iter().zip(params).map(|((name, shape), data)| Tensor { name, shape, data }).collect();
         tensors.extend(self.state_shapes().into_iter().zip(states).map(|((name, shape), data)| Tensor { name, shape, data }));
         let meta: BTreeMap<String, String> = [
@@ -844,7 +919,7 @@ impl Session {
             return Ok(None);
         }
         let (params, _) = self.parameters()?;
-        let Some(test) = self.splits.test.as_ref() else { return Ok(None) };
+        let Some(test) = self.splits.test.as_ref().filter(|_| self.root) else { return Ok(None) };
         evaluate(&self.source, test, &params, self.threads).map(Some)
     }
 
@@ -865,6 +940,35 @@ impl Session {
             }
         })
     }
+}
+
+/// Checks that every process of the run has the same fingerprint (plan,
+/// settings) and build as rank 0; else names the ranks that differ.
+fn agree(r: &Rank, fingerprint: u64) -> Result<(), SessionError> {
+    let mut mine = fingerprint.to_le_bytes().to_vec();
+    mine.extend_from_slice(&r.build.to_le_bytes());
+    let all = r.peers.all_gather(mine);
+    let at = |b: &[u8], i: usize| b.get(i..i + 8).and_then(|x| x.try_into().ok()).map(u64::from_le_bytes);
+    let of = |i: usize| all.first().and_then(|b| at(b, i));
+    let differ = |i: usize| -> Vec<usize> { all.iter().enumerate().filter(|(_, b)| at(b, i) != of(i)).map(|(r, _)| r).collect() };
+    let list = |v: &[usize]| v.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
+    let builds = differ(8);
+    if !builds.is_empty() {
+        return Err(SessionError::failed(
+            "run::ranks_differ",
+            format!("rank(s) {} run a different build of shardplan than rank 0", list(&builds)),
+            "start every rank from the same shardplan executable",
+        ));
+    }
+    let plans = differ(0);
+    if !plans.is_empty() {
+        return Err(SessionError::failed(
+            "run::ranks_differ",
+            format!("rank(s) {} run a different plan or settings than rank 0", list(&plans)),
+            "give every rank the same plan file and the same options (on several hosts, the same file at the same path)",
+        ));
+    }
+    Ok(())
 }
 
 fn metrics_error(e: std::io::Error) -> SessionError {

@@ -1,0 +1,483 @@
+//! MPI between the processes of a run (the `mpi` feature): one process per
+//! device, started by `mpirun` or `srun`, with Open MPI moving the bytes.
+//!
+//! Input: a process started by a launcher. Output: [`Mpi`], which gives the
+//! process's [`Rank`]: an [`MpiTransport`] for its device's transfers (the
+//! same [`Transport`] interface as the in-process fabric, so the executor,
+//! the schedule, the ring collectives and the header checks are the
+//! same code) and [`MpiPeers`] for the processes' agreement on each command.
+//!
+//! Invariants:
+//! - MPI runs at `MPI_THREAD_SERIALIZED`: the device's thread makes its
+//!   transfers during a command, the session's thread exchanges the
+//!   replies between commands, never both at once;
+//! - a message is a header (tag `HDR`: plan hash, instruction, sequence
+//!   number, length, kind) then its payload of `f32`s (tag `DAT`); MPI keeps
+//!   the order of messages between two ranks with one tag, so headers and
+//!   payloads pair up;
+//! - sends never block: each is an `MPI_Isend` whose buffer is kept until
+//!   MPI reports it done, so a ring of sends followed by receives cannot
+//!   deadlock;
+//! - a device that fails sends an `ABORT` message, with its reason, to every
+//!   rank; a waiting receive looks for one at every poll, so every rank
+//!   stops at its next transfer and names the rank that failed;
+//! - when the launcher ends this process (`SIGTERM`, as `mpirun` does when
+//!   another rank dies), a watcher prints which rank on this host is gone
+//!   and at which step, and exits with status 1.
+
+use super::{fnv, FNV_START};
+use crate::cluster::{Peers, Rank};
+use crate::transport::{describe, Header, Message, Transport, TransportError};
+use mpi::datatype::PartitionMut;
+use mpi::environment::Universe;
+use mpi::ffi;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+use mpi::{Count, Threading};
+use std::cell::RefCell;
+use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+const HDR: i32 = 11;
+const DAT: i32 = 12;
+const ABORT: i32 = 13;
+
+/// Most bytes one all-gather round moves per rank (MPI counts are `int`s).
+const ROUND: usize = 1 << 30;
+
+/// The MPI environment of this process; finalises MPI when dropped.
+pub struct Mpi {
+    _universe: Universe,
+    rank: usize,
+    size: usize,
+    local_rank: usize,
+}
+
+impl Mpi {
+    /// Initialises MPI, learns where every rank runs, and starts the watcher
+    /// that reports a rank the launcher ended.
+    pub fn init(local_rank: usize) -> Result<Mpi, String> {
+        let (universe, level) = mpi::initialize_with_threading(Threading::Serialized).ok_or("MPI was initialised twice")?;
+        if matches!(level, Threading::Single | Threading::Funneled) {
+            return Err(format!("this MPI offers threads at level {level:?}; shardplan needs MPI_THREAD_SERIALIZED"));
+        }
+        let world = universe.world();
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        let me = format!("{}\n{}", hostname(), std::process::id());
+        let peers = MpiPeers { rank, size };
+        let hosts: Vec<(String, u32)> = peers
+            .all_gather(me.into_bytes())
+            .into_iter()
+            .map(|b| {
+                let s = String::from_utf8_lossy(&b).into_owned();
+                let (h, p) = s.split_once('\n').unwrap_or((&s, "0"));
+                (h.to_string(), p.parse().unwrap_or(0))
+            })
+            .collect();
+        watch(rank, hosts);
+        Ok(Mpi { _universe: universe, rank, size, local_rank })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// This process's share of the run: its transport (receives give up
+    /// after `timeout`) and the agreement with the other processes.
+    pub fn share(&self, timeout: Duration) -> Rank {
+        Rank {
+            transport: Box::new(MpiTransport::new(self.rank, self.size, timeout)),
+            peers: Box::new(MpiPeers { rank: self.rank, size: self.size }),
+            local_rank: self.local_rank,
+            build: build_id(),
+        }
+    }
+
+    /// Ends this process with `code` at once, without finalising MPI (a
+    /// failed rank's peers may be gone, and finalising would wait for them).
+    /// The watcher stays silent: the error was reported already.
+    pub fn exit(&self, code: i32) -> ! {
+        QUIET.store(true, Ordering::SeqCst);
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // SAFETY: `_exit` ends the process; nothing runs after it.
+        unsafe { libc::_exit(code) }
+    }
+}
+
+/// Says that this process is reporting its own error, so a `SIGTERM` from
+/// the launcher meanwhile ends it quietly.
+pub fn reporting() {
+    QUIET.store(true, Ordering::SeqCst);
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that much.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    if ok {
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "?".to_string()
+    }
+}
+
+/// A fingerprint of this build: a hash of the running executable, so ranks
+/// started from different builds are told apart.
+pub fn build_id() -> u64 {
+    let Ok(exe) = std::env::current_exe() else { return 0 };
+    let Ok(mut f) = std::fs::File::open(exe) else { return 0 };
+    let mut h = FNV_START;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match std::io::Read::read(&mut f, &mut buf) {
+            Ok(0) | Err(_) => return h,
+            Ok(n) => h = fnv(&buf[..n], h),
+        }
+    }
+}
+
+/// The processes of the world communicator, for [`Peers::all_gather`].
+pub struct MpiPeers {
+    rank: usize,
+    size: usize,
+}
+
+impl Peers for MpiPeers {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_gather(&self, mine: Vec<u8>) -> Vec<Vec<u8>> {
+        let world = SimpleCommunicator::world();
+        let mut lens = vec![0u64; self.size];
+        world.all_gather_into(&(mine.len() as u64), &mut lens[..]);
+        let mut out: Vec<Vec<u8>> = lens.iter().map(|&l| Vec::with_capacity(l as usize)).collect();
+        let longest = lens.iter().copied().max().unwrap_or(0) as usize;
+        let mut at = 0;
+        while at < longest {
+            let counts: Vec<Count> = lens.iter().map(|&l| (l as usize).saturating_sub(at).min(ROUND) as Count).collect();
+            let displs: Vec<Count> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
+            let mut buf = vec![0u8; counts.iter().map(|&c| c as usize).sum()];
+            let send = &mine[at.min(mine.len())..(at + ROUND).min(mine.len())];
+            {
+                let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
+                world.all_gather_varcount_into(send, &mut part);
+            }
+            for (r, o) in out.iter_mut().enumerate() {
+                let d = displs[r] as usize;
+                o.extend_from_slice(&buf[d..d + counts[r] as usize]);
+            }
+            at += ROUND;
+        }
+        out
+    }
+}
+
+/// A send MPI has not finished with, and the buffer it reads from.
+struct Pending {
+    request: ffi::MPI_Request,
+    _bytes: Vec<u8>,
+    _floats: Vec<f32>,
+}
+
+/// One rank's device's transport over MPI.
+pub struct MpiTransport {
+    rank: usize,
+    size: usize,
+    timeout: Duration,
+    pending: RefCell<Vec<Pending>>,
+    /// The failure that stopped this rank: (rank at fault, reason).
+    failed: RefCell<Option<(usize, String)>>,
+    pool: RefCell<Vec<Vec<f32>>>,
+}
+
+// SAFETY: the transport is built on the session's thread and then moved to
+// its device's thread, which alone uses it; MPI runs at
+// MPI_THREAD_SERIALIZED and the session makes no MPI call while the device
+// runs a command. The request handles it holds are plain MPI handles.
+unsafe impl Send for MpiTransport {}
+
+impl MpiTransport {
+    fn new(rank: usize, size: usize, timeout: Duration) -> MpiTransport {
+        MpiTransport { rank, size, timeout, pending: RefCell::default(), failed: RefCell::default(), pool: RefCell::default() }
+    }
+
+    fn world() -> SimpleCommunicator {
+        SimpleCommunicator::world()
+    }
+
+    /// Starts sending `buf` to `to` with `tag`; MPI reads it until the request completes.
+    fn isend<T: Equivalence>(&self, to: usize, tag: i32, buf: &[T]) -> ffi::MPI_Request {
+        // SAFETY: REQUEST_NULL is a constant handle.
+        let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
+        // SAFETY: `buf` stays alive and unmoved until the request completes:
+        // the caller keeps it in `pending` (a Vec's heap buffer does not move).
+        unsafe {
+            ffi::MPI_Isend(
+                buf.as_ptr() as *const c_void,
+                buf.len() as c_int,
+                T::equivalent_datatype().as_raw(),
+                to as c_int,
+                tag,
+                Self::world().as_raw(),
+                &mut request,
+            );
+        }
+        request
+    }
+
+    /// Drops the buffers of sends MPI has finished.
+    fn progress(&self) {
+        let mut pending = self.pending.borrow_mut();
+        pending.retain_mut(|p| {
+            let mut done: c_int = 0;
+            // SAFETY: `p.request` is a live request from MPI_Isend; STATUS_IGNORE is valid.
+            unsafe { ffi::MPI_Test(&mut p.request, &mut done, ffi::RSMPI_STATUS_IGNORE) };
+            done == 0
+        });
+    }
+
+    fn check_failed(&self) -> Result<(), TransportError> {
+        match &*self.failed.borrow() {
+            Some((by, reason)) => Err(TransportError::Aborted { device: self.rank, by: *by, reason: reason.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Records `err` as this rank's failure and tells every rank.
+    fn fail(&self, err: TransportError) -> TransportError {
+        self.abort(&err.to_string());
+        err
+    }
+
+    /// An ABORT message from any rank, if one has arrived.
+    fn aborted_by(&self) -> Option<(usize, String)> {
+        let world = Self::world();
+        let found = world.any_process().immediate_matched_probe_with_tag(ABORT)?;
+        let (bytes, status) = found.matched_receive_vec::<u8>();
+        Some((status.source_rank() as usize, String::from_utf8_lossy(&bytes).into_owned()))
+    }
+}
+
+fn header_bytes(h: &Header, len: usize) -> Vec<u8> {
+    let mut b = Vec::with_capacity(28 + h.kind.len());
+    b.extend_from_slice(&h.plan.to_le_bytes());
+    b.extend_from_slice(&h.instr.to_le_bytes());
+    b.extend_from_slice(&h.seq.to_le_bytes());
+    b.extend_from_slice(&(len as u64).to_le_bytes());
+    b.extend_from_slice(h.kind.as_bytes());
+    b
+}
+
+fn parse_header(b: &[u8]) -> Option<(Header, usize)> {
+    if b.len() < 28 {
+        return None;
+    }
+    let u64_at = |i: usize| b[i..i + 8].try_into().ok().map(u64::from_le_bytes);
+    let plan = u64_at(0)?;
+    let instr = u32::from_le_bytes(b[8..12].try_into().ok()?);
+    let seq = u64_at(12)?;
+    let len = usize::try_from(u64_at(20)?).ok()?;
+    let kind = String::from_utf8_lossy(&b[28..]).into_owned();
+    Some((Header { plan, instr, seq, kind }, len))
+}
+
+impl Transport for MpiTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn send(&self, to: usize, msg: Message) -> Result<(), TransportError> {
+        self.check_failed()?;
+        if to >= self.size {
+            return Err(TransportError::BadPeer { device: self.rank, peer: to, size: self.size });
+        }
+        if msg.data.len() > c_int::MAX as usize {
+            let reason = format!("a message of {} values is more than one MPI message holds", msg.data.len());
+            return Err(self.fail(TransportError::Malformed { device: self.rank, instr: msg.header.instr, reason }));
+        }
+        self.progress();
+        let bytes = header_bytes(&msg.header, msg.data.len());
+        let hr = self.isend(to, HDR, &bytes);
+        let mut pending = self.pending.borrow_mut();
+        pending.push(Pending { request: hr, _bytes: bytes, _floats: Vec::new() });
+        if !msg.data.is_empty() {
+            let dr = self.isend(to, DAT, &msg.data);
+            pending.push(Pending { request: dr, _bytes: Vec::new(), _floats: msg.data });
+        }
+        Ok(())
+    }
+
+    fn recv(&self, from: usize, expect: &Header) -> Result<Vec<f32>, TransportError> {
+        if from >= self.size {
+            return Err(TransportError::BadPeer { device: self.rank, peer: from, size: self.size });
+        }
+        let world = Self::world();
+        let start = Instant::now();
+        let mut polls = 0u32;
+        loop {
+            self.check_failed()?;
+            if let Some((by, reason)) = self.aborted_by() {
+                *self.failed.borrow_mut() = Some((by, reason.clone()));
+                return Err(TransportError::Aborted { device: self.rank, by, reason });
+            }
+            if let Some(found) = world.process_at_rank(from as i32).immediate_matched_probe_with_tag(HDR) {
+                let (bytes, _) = found.matched_receive_vec::<u8>();
+                let Some((got, len)) = parse_header(&bytes) else {
+                    let reason = format!("an unreadable message header from device {from}");
+                    return Err(self.fail(TransportError::Malformed { device: self.rank, instr: expect.instr, reason }));
+                };
+                if got != *expect {
+                    let (expected, got) = describe(expect, &got);
+                    return Err(self.fail(TransportError::Mismatch { device: self.rank, instr: expect.instr, expected, got }));
+                }
+                let mut buf = self.take_buffer(len);
+                buf.resize(len, 0.0);
+                if len > 0 {
+                    world.process_at_rank(from as i32).receive_into_with_tag(&mut buf[..], DAT);
+                }
+                self.progress();
+                return Ok(buf);
+            }
+            self.progress();
+            if start.elapsed() >= self.timeout {
+                let secs = start.elapsed().as_secs_f64();
+                return Err(self.fail(TransportError::Timeout { device: self.rank, from, instr: expect.instr, secs }));
+            }
+            // Spin briefly (transfers of a step follow each other closely), then sleep between polls.
+            polls = polls.saturating_add(1);
+            if polls < 2000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+
+    fn abort(&self, reason: &str) {
+        if self.failed.borrow().is_some() {
+            return;
+        }
+        *self.failed.borrow_mut() = Some((self.rank, reason.to_string()));
+        // Short messages go out at once (eagerly), so a blocking send does not wait for the peer.
+        let mut text = reason.as_bytes().to_vec();
+        text.truncate(1000);
+        let world = Self::world();
+        for r in (0..self.size).filter(|&r| r != self.rank) {
+            world.process_at_rank(r as i32).send_with_tag(&text[..], ABORT);
+        }
+    }
+
+    fn take_buffer(&self, capacity: usize) -> Vec<f32> {
+        let mut pool = self.pool.borrow_mut();
+        let fits = pool.iter().position(|b| b.capacity() >= capacity);
+        let mut buf = fits.map(|i| pool.swap_remove(i)).unwrap_or_else(|| Vec::with_capacity(capacity));
+        buf.clear();
+        buf
+    }
+
+    fn give_back(&self, buf: Vec<f32>) {
+        let mut pool = self.pool.borrow_mut();
+        if pool.len() < crate::transport::POOL_CAP && buf.capacity() > 0 {
+            pool.push(buf);
+        }
+    }
+}
+
+impl Drop for MpiTransport {
+    fn drop(&mut self) {
+        // Every send of a finished run has its receive; wait a little for
+        // MPI to finish them, and leave the buffers of any it has not
+        // (after a failure) rather than free memory MPI may still read.
+        let until = Instant::now() + Duration::from_secs(2);
+        while !self.pending.borrow().is_empty() && Instant::now() < until {
+            self.progress();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        std::mem::forget(std::mem::take(&mut *self.pending.borrow_mut()));
+    }
+}
+
+static PIPE: AtomicI32 = AtomicI32::new(-1);
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_term(_: c_int) {
+    let fd = PIPE.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let b = [1u8];
+        // SAFETY: write(2) is async-signal-safe; the buffer is valid.
+        unsafe { libc::write(fd, b.as_ptr() as *const c_void, 1) };
+    }
+}
+
+/// Starts the thread that, when the launcher ends this process, says why.
+fn watch(rank: usize, hosts: Vec<(String, u32)>) {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe(2) writes.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return;
+    }
+    PIPE.store(fds[1], Ordering::SeqCst);
+    // SAFETY: installing a handler that only writes one byte to a pipe.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_term as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+    }
+    let read_fd = fds[0];
+    let me = hosts.get(rank).map(|h| h.0.clone()).unwrap_or_default();
+    let _ = std::thread::Builder::new().name("launcher watch".into()).spawn(move || {
+        let mut b = [0u8; 1];
+        // SAFETY: reading one byte into a valid buffer.
+        while unsafe { libc::read(read_fd, b.as_mut_ptr() as *mut c_void, 1) } != 1 {}
+        if !QUIET.load(Ordering::SeqCst) {
+            // The ranks on this host whose process is gone.
+            let gone: Vec<String> = hosts
+                .iter()
+                .enumerate()
+                .filter(|(r, (h, pid))| *r != rank && *h == me && *pid > 0 && {
+                    // SAFETY: signal 0 only asks whether the process exists.
+                    unsafe { libc::kill(*pid as libc::pid_t, 0) != 0 && *libc::__errno_location() == libc::ESRCH }
+                })
+                .map(|(r, (h, pid))| format!("rank {r} (process {pid} on {h})"))
+                .collect();
+            let step = super::CURRENT_STEP.load(Ordering::Relaxed);
+            let at = if step == 0 { "before the first step".to_string() } else { format!("at step {step}") };
+            let why = if gone.is_empty() { "another rank ended (the launcher's message names it)".to_string() } else { format!("{} ended unexpectedly", gone.join(", ")) };
+            eprintln!("error[run::rank_lost]: rank {rank} stopped {at}: {why}, and the launcher ended the run\n  help: nothing was saved; see why that rank ended, then run again (--resume continues from a checkpoint)");
+        }
+        // SAFETY: ends the process at once; MPI is not finalised (a peer is gone).
+        unsafe { libc::_exit(1) }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_cross_intact() {
+        let h = Header { plan: u64::MAX - 3, instr: 417, seq: 1 << 40, kind: "all-reduce(data)".into() };
+        let b = header_bytes(&h, 12345);
+        assert_eq!(parse_header(&b), Some((h, 12345)));
+        assert_eq!(parse_header(&b[..27]), None);
+    }
+}
