@@ -342,6 +342,31 @@ impl Endpoint {
 }
 
 /// Names the expected and received headers by the first field that differs, kind first.
+/// A header and its payload's length as bytes, for transports between processes.
+pub fn encode_header(h: &Header, len: usize) -> Vec<u8> {
+    let mut b = Vec::with_capacity(28 + h.kind.len());
+    b.extend_from_slice(&h.plan.to_le_bytes());
+    b.extend_from_slice(&h.instr.to_le_bytes());
+    b.extend_from_slice(&h.seq.to_le_bytes());
+    b.extend_from_slice(&(len as u64).to_le_bytes());
+    b.extend_from_slice(h.kind.as_bytes());
+    b
+}
+
+/// The header and payload length [`encode_header`] wrote; None for other bytes.
+pub fn decode_header(b: &[u8]) -> Option<(Header, usize)> {
+    if b.len() < 28 {
+        return None;
+    }
+    let u64_at = |i: usize| b[i..i + 8].try_into().ok().map(u64::from_le_bytes);
+    let plan = u64_at(0)?;
+    let instr = u32::from_le_bytes(b[8..12].try_into().ok()?);
+    let seq = u64_at(12)?;
+    let len = usize::try_from(u64_at(20)?).ok()?;
+    let kind = String::from_utf8_lossy(&b[28..]).into_owned();
+    Some((Header { plan, instr, seq, kind }, len))
+}
+
 /// The expected and received headers, told apart by their first difference.
 pub(crate) fn describe(expect: &Header, got: &Header) -> (String, String) {
     if expect.kind != got.kind {
@@ -358,6 +383,14 @@ pub(crate) fn describe(expect: &Header, got: &Header) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_cross_processes_intact() {
+        let h = Header { plan: u64::MAX - 3, instr: 417, seq: 1 << 40, kind: "all-reduce(data)".into() };
+        let b = encode_header(&h, 12345);
+        assert_eq!(decode_header(&b), Some((h, 12345)));
+        assert_eq!(decode_header(&b[..27]), None);
+    }
 
     fn header(instr: u32, seq: u64, kind: &str) -> Header {
         Header { plan: 7, instr, seq, kind: kind.to_string() }

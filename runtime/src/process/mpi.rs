@@ -27,7 +27,7 @@
 
 use super::{fnv, FNV_START};
 use crate::cluster::{Peers, Rank};
-use crate::transport::{describe, Header, Message, Transport, TransportError};
+use crate::transport::{decode_header, describe, encode_header, Header, Message, Transport, TransportError};
 use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
 use mpi::ffi;
@@ -271,29 +271,6 @@ impl MpiTransport {
     }
 }
 
-fn header_bytes(h: &Header, len: usize) -> Vec<u8> {
-    let mut b = Vec::with_capacity(28 + h.kind.len());
-    b.extend_from_slice(&h.plan.to_le_bytes());
-    b.extend_from_slice(&h.instr.to_le_bytes());
-    b.extend_from_slice(&h.seq.to_le_bytes());
-    b.extend_from_slice(&(len as u64).to_le_bytes());
-    b.extend_from_slice(h.kind.as_bytes());
-    b
-}
-
-fn parse_header(b: &[u8]) -> Option<(Header, usize)> {
-    if b.len() < 28 {
-        return None;
-    }
-    let u64_at = |i: usize| b[i..i + 8].try_into().ok().map(u64::from_le_bytes);
-    let plan = u64_at(0)?;
-    let instr = u32::from_le_bytes(b[8..12].try_into().ok()?);
-    let seq = u64_at(12)?;
-    let len = usize::try_from(u64_at(20)?).ok()?;
-    let kind = String::from_utf8_lossy(&b[28..]).into_owned();
-    Some((Header { plan, instr, seq, kind }, len))
-}
-
 impl Transport for MpiTransport {
     fn rank(&self) -> usize {
         self.rank
@@ -313,7 +290,7 @@ impl Transport for MpiTransport {
             return Err(self.fail(TransportError::Malformed { device: self.rank, instr: msg.header.instr, reason }));
         }
         self.progress();
-        let bytes = header_bytes(&msg.header, msg.data.len());
+        let bytes = encode_header(&msg.header, msg.data.len());
         let hr = self.isend(to, HDR, &bytes);
         let mut pending = self.pending.borrow_mut();
         pending.push(Pending { request: hr, _bytes: bytes, _floats: Vec::new() });
@@ -339,7 +316,7 @@ impl Transport for MpiTransport {
             }
             if let Some(found) = world.process_at_rank(from as i32).immediate_matched_probe_with_tag(HDR) {
                 let (bytes, _) = found.matched_receive_vec::<u8>();
-                let Some((got, len)) = parse_header(&bytes) else {
+                let Some((got, len)) = decode_header(&bytes) else {
                     let reason = format!("an unreadable message header from device {from}");
                     return Err(self.fail(TransportError::Malformed { device: self.rank, instr: expect.instr, reason }));
                 };
@@ -467,17 +444,4 @@ fn watch(rank: usize, hosts: Vec<(String, u32)>) {
         // SAFETY: ends the process at once; MPI is not finalised (a peer is gone).
         unsafe { libc::_exit(1) }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn headers_cross_intact() {
-        let h = Header { plan: u64::MAX - 3, instr: 417, seq: 1 << 40, kind: "all-reduce(data)".into() };
-        let b = header_bytes(&h, 12345);
-        assert_eq!(parse_header(&b), Some((h, 12345)));
-        assert_eq!(parse_header(&b[..27]), None);
-    }
 }
