@@ -15,8 +15,11 @@
 The measured figures come from `shardplan run --metrics`, whose lines carry
 per-step device statistics for placed plans.
 
+With Open MPI installed and a build with `--features mpi`, the dp table also
+has the two devices as two processes under mpirun.
+
 Usage: python3 bench/parallel.py [--steps 20] [--only pipeline,dp] [--torch PYTHON]
-Needs: cargo build --release; for the peer, a Python with torch (--torch).
+Needs: cargo build --release [--features mpi]; for the peer, a Python with torch (--torch).
 """
 import argparse
 import json
@@ -125,6 +128,26 @@ def run(plan_text, steps, tmp, name, threads=2):
     return lines[len(lines) // 4:]  # drop the warm-up quarter
 
 
+def run_mpi(plan_text, steps, tmp, name, n):
+    """The plan on `n` processes under mpirun (one kernel thread each); None without MPI."""
+    import shutil
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        return None
+    plan = os.path.join(tmp, name + ".plan")
+    metrics = os.path.join(tmp, name + ".jsonl")
+    with open(plan, "w") as f:
+        f.write(plan_text)
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    cmd = [mpirun, *root, "--oversubscribe", "-np", str(n), BIN, "run", plan, "--quiet", "--threads", "1", "--metrics", metrics]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"  (2 processes not run: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'mpirun failed'})")
+        return None
+    lines = [json.loads(l) for l in open(metrics)]
+    return lines[len(lines) // 4:]
+
+
 def machine():
     model = ""
     for line in open("/proc/cpuinfo"):
@@ -164,12 +187,17 @@ def main():
             s1 = statistics.median(r["samples_per_step_s"] for r in one)
             s2 = statistics.median(r["samples_per_step_s"] for r in two)
             comm = statistics.median(r["comm_fraction"] for r in two)
+            procs = run_mpi(MLP.format(steps=a.steps, placement="devices cpu x 2\nplacement {\n  mesh (data: 2)\n  data_parallel over data\n}"), a.steps, tmp, "dp2_mpi", 2)
             t1, t2 = torch_rate(a.torch, a.steps, 1, tmp), torch_rate(a.torch, a.steps, 2, tmp)
             print(f"  {'':<10} {'1 device':>12} {'2 devices':>12} {'speed-up':>9}")
-            print(f"  {'shardplan':<10} {s1:>8.0f} s/s {s2:>8.0f} s/s {s2 / s1:>8.2f}x   (transfers {comm * 100:.0f}% of the 2-device step)")
+            print(f"  {'shardplan':<10} {s1:>8.0f} s/s {s2:>8.0f} s/s {s2 / s1:>8.2f}x   (2 threads; transfers {comm * 100:.0f}% of the 2-device step)")
+            if procs:
+                p2 = statistics.median(r["samples_per_step_s"] for r in procs)
+                pc = statistics.median(r["comm_fraction"] for r in procs)
+                print(f"  {'shardplan':<10} {'':>12} {p2:>8.0f} s/s {p2 / s1:>8.2f}x   (2 processes under mpirun; transfers {pc * 100:.0f}% of the step)")
             if t1 and t2:
                 print(f"  {'PyTorch':<10} {t1:>8.0f} s/s {t2:>8.0f} s/s {t2 / t1:>8.2f}x   (DDP, gloo)")
-                print(f"  shardplan / PyTorch: {s1 / t1:.2f}x on 1 device, {s2 / t2:.2f}x on 2")
+                print(f"  shardplan / PyTorch: {s1 / t1:.2f}x on 1 device, {s2 / t2:.2f}x on 2" + (f", {statistics.median(r['samples_per_step_s'] for r in procs) / t2:.2f}x on 2 processes" if procs else ""))
             else:
                 print("  PyTorch: not run (pass --torch with a Python that has torch)")
 

@@ -264,3 +264,17 @@ fn saved_on_four_processes_resumed_on_two_with_another_placement() {
         assert!(((a - b) / a).abs() < 1e-5, "step {}: {a} uninterrupted, {b} saved on 4 processes and resumed on 2", i + 1);
     }
 }
+
+#[test]
+fn a_failing_device_stops_every_rank_with_one_error() {
+    if mpirun().is_none() {
+        return;
+    }
+    let args = vec![s("examples/data_tensor_pipeline.plan"), s("--steps"), s("20"), s("--no-eval"), s("--threads"), s("1"), s("--inject-fault"), s("device=5,step=3")];
+    let (out, took) = launch(&[(8, args)], Duration::from_secs(120), |_| {});
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(took < Duration::from_secs(30), "took {took:?}:\n{all}");
+    assert_eq!(all.matches("device 5 failed at step 3: injected fault").count(), 1, "one error, reported once:\n{all}");
+    assert!(!all.contains("rank_lost") && !all.contains("panicked"), "{all}");
+}

@@ -45,14 +45,19 @@ impl Ranks {
         match self.0 {}
     }
 
-    /// Rank 0 reports the error in full; another rank in one line, then ends.
+    /// Ends a rank other than 0 after an error: it says in one line what
+    /// failed on it, unless rank 0 reports the same error in full.
     pub fn fail(&self, e: &Error) -> ExitCode {
         let (code, message) = match e {
             Error::Session(s) => (s.code().to_string(), s.to_string()),
             Error::Diags(d) => d.iter().find(|d| d.is_error()).map(|d| (d.code.to_string(), d.message.clone())).unwrap_or_default(),
         };
         self.quiet();
-        eprintln!("error[{code}]: rank {}: {message}", self.rank());
+        // Every rank sees the errors the ranks share (a device's failure, a
+        // rank count or plan they disagree on): rank 0 alone reports those.
+        if !matches!(code.as_str(), "run::device" | "run::rank_count" | "run::ranks_differ") {
+            eprintln!("error[{code}]: rank {}: {message}", self.rank());
+        }
         self.exit_after(ExitCode::from(1))
     }
 

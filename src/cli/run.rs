@@ -292,6 +292,9 @@ pub fn run(args: &RunArgs, color: bool) -> ExitCode {
     };
     let rank = ranks.as_ref().map(ranks::Ranks::share);
     let result = train(args, &c, &text, &base, plan, rank);
+    if let (Err(_), Some(r)) = (&result, &ranks) {
+        r.quiet();
+    }
     let code = match result {
         Ok(()) => return ExitCode::SUCCESS,
         Err(Error::Session(SessionError::Data(mut e))) if compiled && e.code == "data::missing_file" => {
@@ -302,10 +305,7 @@ pub fn run(args: &RunArgs, color: bool) -> ExitCode {
     };
     match &ranks {
         Some(r) if r.rank() > 0 => r.fail(&code),
-        Some(r) => {
-            r.quiet();
-            r.exit_after(report(code, &name, &text, &c, color))
-        }
+        Some(r) => r.exit_after(report(code, &name, &text, &c, color)),
         None => report(code, &name, &text, &c, color),
     }
 }

@@ -23,7 +23,8 @@
 //!   stops at its next transfer and names the rank that failed;
 //! - when the launcher ends this process (`SIGTERM`, as `mpirun` does when
 //!   another rank dies), a watcher prints which rank on this host is gone
-//!   and at which step, and exits with status 1.
+//!   and at which step, and exits with status 1, unless the process is
+//!   reporting an error of its own, which it then finishes.
 
 use super::{fnv, FNV_START};
 use crate::cluster::{Peers, Rank};
@@ -48,6 +49,9 @@ const ROUND: usize = 1 << 30;
 
 /// The MPI environment of this process; finalises MPI when dropped.
 pub struct Mpi {
+    /// A copy of the world communicator for the last barrier of a failed
+    /// run, which must not match a collective the others may be in.
+    last: SimpleCommunicator,
     _universe: Universe,
     rank: usize,
     size: usize,
@@ -76,7 +80,8 @@ impl Mpi {
             })
             .collect();
         watch(rank, hosts);
-        Ok(Mpi { _universe: universe, rank, size, local_rank })
+        let last = world.duplicate();
+        Ok(Mpi { last, _universe: universe, rank, size, local_rank })
     }
 
     pub fn rank(&self) -> usize {
@@ -98,21 +103,37 @@ impl Mpi {
         }
     }
 
-    /// Ends this process with `code` at once, without finalising MPI (a
-    /// failed rank's peers may be gone, and finalising would wait for them).
-    /// The watcher stays silent: the error was reported already.
+    /// Ends this process with `code` once every rank has reported (or
+    /// after 3 seconds, when some rank is gone or failed on its own),
+    /// without finalising MPI, which would wait for ranks that are gone.
     pub fn exit(&self, code: i32) -> ! {
         QUIET.store(true, Ordering::SeqCst);
         use std::io::Write;
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
+        let mut barrier = self.last.immediate_barrier();
+        let until = Instant::now() + Duration::from_secs(3);
+        loop {
+            match barrier.test() {
+                Ok(_) => break,
+                Err(pending) if Instant::now() < until => {
+                    barrier = pending;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                // Dropping an unfinished request panics; the process ends here anyway.
+                Err(pending) => {
+                    std::mem::forget(pending);
+                    break;
+                }
+            }
+        }
         // SAFETY: `_exit` ends the process; nothing runs after it.
         unsafe { libc::_exit(code) }
     }
 }
 
-/// Says that this process is reporting its own error, so a `SIGTERM` from
-/// the launcher meanwhile ends it quietly.
+/// Says that this process is reporting its own error: a `SIGTERM` from the
+/// launcher meanwhile (another rank ended first) lets it finish the report.
 pub fn reporting() {
     QUIET.store(true, Ordering::SeqCst);
 }
@@ -189,7 +210,7 @@ impl Peers for MpiPeers {
 struct Pending {
     request: ffi::MPI_Request,
     _bytes: Vec<u8>,
-    _floats: Vec<f32>,
+    floats: Vec<f32>,
 }
 
 /// One rank's device's transport over MPI.
@@ -238,15 +259,24 @@ impl MpiTransport {
         request
     }
 
-    /// Drops the buffers of sends MPI has finished.
+    /// Takes back the buffers of sends MPI has finished: payloads go back
+    /// to the pool, so steady-state collectives allocate nothing.
     fn progress(&self) {
         let mut pending = self.pending.borrow_mut();
+        let mut freed = Vec::new();
         pending.retain_mut(|p| {
             let mut done: c_int = 0;
             // SAFETY: `p.request` is a live request from MPI_Isend; STATUS_IGNORE is valid.
             unsafe { ffi::MPI_Test(&mut p.request, &mut done, ffi::RSMPI_STATUS_IGNORE) };
+            if done != 0 {
+                freed.push(std::mem::take(&mut p.floats));
+            }
             done == 0
         });
+        drop(pending);
+        for buf in freed {
+            self.give_back(buf);
+        }
     }
 
     fn check_failed(&self) -> Result<(), TransportError> {
@@ -260,6 +290,34 @@ impl MpiTransport {
     fn fail(&self, err: TransportError) -> TransportError {
         self.abort(&err.to_string());
         err
+    }
+
+    /// Receives the payload from `from` into `buf`'s spare capacity (at
+    /// least `len`, unfilled: the bytes come straight from MPI) and sets its
+    /// length; the number of values received, None when MPI cannot say.
+    fn receive_payload(&self, from: usize, buf: &mut Vec<f32>, len: usize) -> Option<usize> {
+        buf.clear();
+        buf.reserve_exact(len);
+        let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
+        let mut count: c_int = 0;
+        // SAFETY: the buffer has room for `len` floats and MPI writes at most
+        // `len` (a longer message is an MPI error); the length is set only
+        // to the count MPI reports it wrote, never more than `len`.
+        unsafe {
+            ffi::MPI_Recv(
+                buf.as_mut_ptr() as *mut c_void,
+                len as c_int,
+                f32::equivalent_datatype().as_raw(),
+                from as c_int,
+                DAT,
+                Self::world().as_raw(),
+                status.as_mut_ptr(),
+            );
+            ffi::MPI_Get_count(status.as_ptr(), f32::equivalent_datatype().as_raw(), &mut count);
+            let n = usize::try_from(count).ok().filter(|&n| n <= len)?;
+            buf.set_len(n);
+            Some(n)
+        }
     }
 
     /// An ABORT message from any rank, if one has arrived.
@@ -293,10 +351,10 @@ impl Transport for MpiTransport {
         let bytes = encode_header(&msg.header, msg.data.len());
         let hr = self.isend(to, HDR, &bytes);
         let mut pending = self.pending.borrow_mut();
-        pending.push(Pending { request: hr, _bytes: bytes, _floats: Vec::new() });
+        pending.push(Pending { request: hr, _bytes: bytes, floats: Vec::new() });
         if !msg.data.is_empty() {
             let dr = self.isend(to, DAT, &msg.data);
-            pending.push(Pending { request: dr, _bytes: Vec::new(), _floats: msg.data });
+            pending.push(Pending { request: dr, _bytes: Vec::new(), floats: msg.data });
         }
         Ok(())
     }
@@ -325,9 +383,12 @@ impl Transport for MpiTransport {
                     return Err(self.fail(TransportError::Mismatch { device: self.rank, instr: expect.instr, expected, got }));
                 }
                 let mut buf = self.take_buffer(len);
-                buf.resize(len, 0.0);
                 if len > 0 {
-                    world.process_at_rank(from as i32).receive_into_with_tag(&mut buf[..], DAT);
+                    let got = self.receive_payload(from, &mut buf, len);
+                    if got != Some(len) {
+                        let reason = format!("a payload of {got:?} values from device {from}, expected {len}");
+                        return Err(self.fail(TransportError::Malformed { device: self.rank, instr: expect.instr, reason }));
+                    }
                 }
                 self.progress();
                 return Ok(buf);
@@ -423,9 +484,15 @@ fn watch(rank: usize, hosts: Vec<(String, u32)>) {
     let me = hosts.get(rank).map(|h| h.0.clone()).unwrap_or_default();
     let _ = std::thread::Builder::new().name("launcher watch".into()).spawn(move || {
         let mut b = [0u8; 1];
-        // SAFETY: reading one byte into a valid buffer.
-        while unsafe { libc::read(read_fd, b.as_mut_ptr() as *mut c_void, 1) } != 1 {}
-        if !QUIET.load(Ordering::SeqCst) {
+        loop {
+            // SAFETY: reading one byte into a valid buffer.
+            while unsafe { libc::read(read_fd, b.as_mut_ptr() as *mut c_void, 1) } != 1 {}
+            // A rank reporting its own error finishes and exits by itself.
+            if !QUIET.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        {
             // The ranks on this host whose process is gone.
             let gone: Vec<String> = hosts
                 .iter()
