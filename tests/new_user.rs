@@ -141,3 +141,32 @@ fn no_eval_skips_the_evaluation() {
     assert!(!text(&without).contains("test  loss"), "{}", text(&without));
     assert!(text(&without).contains("train loss"), "{}", text(&without));
 }
+
+/// Started by a launcher (here: Open MPI's variables for rank 0 of 2), a
+/// build without MPI refuses, rather than running the whole plan in every
+/// process; commands other than `run` refuse under a launcher in any build.
+#[test]
+fn a_launcher_without_mpi_support_is_refused() {
+    let launched = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_shardplan"))
+            .args(["--color", "never"])
+            .args(args)
+            .env("OMPI_COMM_WORLD_RANK", "0")
+            .env("OMPI_COMM_WORLD_SIZE", "2")
+            .current_dir(root())
+            .output()
+            .expect("runs")
+    };
+    let o = launched(&["check", "examples/tensor_parallel.plan"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("only `shardplan run` runs as one process per device"), "{}", text(&o));
+    if cfg!(not(feature = "mpi")) {
+        let o = launched(&["run", "--quiet", "--steps", "1", "examples/tensor_parallel.plan"]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains("run::no_mpi") && text(&o).contains("built without MPI"), "{}", text(&o));
+        assert!(!text(&o).contains("trained"), "{}", text(&o));
+        // `--launcher none` runs every device here, whatever the environment says.
+        let o = launched(&["run", "--quiet", "--steps", "1", "--no-eval", "--launcher", "none", "examples/tensor_parallel.plan"]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+}
