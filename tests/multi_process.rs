@@ -156,6 +156,9 @@ fn every_placement_on_processes_matches_threads_and_one_device() {
     check("tp4", &mlp(64, 4, &format!("placement {{\n  mesh (model: 4)\n  {TP_MLP}\n}}")), 4, &one);
     let pp = "placement {\n  mesh (pipe: 2)\n  pipeline over pipe {\n    stage fc1, fc2\n    stage out\n    microbatches 4\n    schedule 1f1b\n  }\n}";
     check("pp2_1f1b", &mlp(64, 2, pp), 2, &one);
+    let dp_pp = "placement {\n  mesh (data: 2, pipe: 2)\n  data_parallel over data\n  pipeline over pipe {\n    stage fc1\n    stage fc2, out\n    microbatches 4\n    schedule 1f1b\n  }\n}";
+    check("dp2_pp2_1f1b", &mlp(64, 4, dp_pp), 4, &one);
+    check("ps2", &mlp(63, 2, "placement {\n  mesh (data: 2)\n  data_parallel over data\n  parameter_server on cpu1\n}"), 2, &mlp(63, 1, ""));
     check("ps4", &mlp(64, 4, "placement {\n  mesh (data: 4)\n  data_parallel over data\n  parameter_server on cpu1\n}"), 4, &one);
     let three_d = format!(
         "placement {{\n  mesh (data: 2, model: 2, pipe: 2)\n  data_parallel over data\n  {TP_MLP}\n  pipeline over pipe {{\n    stage fc1, fc2\n    stage out\n    microbatches 2\n    schedule 1f1b\n  }}\n}}"
