@@ -13,8 +13,11 @@
 //!   member adds its own part to the running sum it received, so the reduction order, and
 //!   therefore every bit of the result, is the same on every run and every member;
 //! - ring algorithms move about `2 (n-1)/n * len` elements per member, never `n * len`;
-//! - message `k` of a collective carries sequence number `tag.seq + k` and kind
+//! - the messages of ring step `k` carry sequence number `tag.seq + k` and kind
 //!   `tag.name`, so a peer running a different instruction is reported at once;
+//! - a ring step moves its chunk in segments of at most `SEGMENT` elements, each
+//!   folded in (summed or copied) as it arrives, in order: the sums, and so the
+//!   bits, do not depend on the segmenting;
 //! - a group of one is a no-op (beyond copying into `out`);
 //! - payloads travel in buffers from the endpoints' pools: a send fills one taken from
 //!   the sender's pool, and a receive hands the buffer back to the receiver's pool once
@@ -165,47 +168,68 @@ impl<'a> Ring<'a> {
         err
     }
 
-    /// Sends one chunk right and receives one from the left, as step `step` of the collective.
-    /// The caller hands the received buffer back to the pool once it has used it.
-    fn shift(&self, buf: &[f32], send: usize, recv_len: usize, step: u64) -> Result<Vec<f32>, TransportError> {
-        let len = buf.len();
-        let mut data = self.ep.take_buffer(self.max_chunk(len));
-        data.extend_from_slice(&buf[chunk_range(len, self.n(), send)]);
-        self.ep.send(self.member(1), Message { header: self.header(step), data })?;
-        let got = self.ep.recv(self.member(-1), &self.header(step))?;
-        if got.len() != recv_len {
-            return Err(self.wrong_length(recv_len, got.len()));
+    /// Step `step` of the collective: sends chunk `send` of `buf` right and
+    /// receives chunk `recv` from the left, folding it into `buf` with `fold`.
+    /// A chunk travels in segments of at most [`SEGMENT`] elements (an empty
+    /// chunk as one empty message), one segment sent ahead of the one being
+    /// received, so a segment is folded in while it is still in cache and
+    /// the next is on its way. Both neighbours cut a chunk the same way.
+    fn exchange(&self, buf: &mut [f32], send: usize, recv: usize, step: u64, fold: fn(&mut [f32], &[f32])) -> Result<(), TransportError> {
+        let (len, n) = (buf.len(), self.n());
+        let sends = segments(chunk_range(len, n, send));
+        let recvs = segments(chunk_range(len, n, recv));
+        let capacity = SEGMENT.min(self.max_chunk(len));
+        let mut sent = 0;
+        for r in &recvs {
+            if let Some(s) = sends.get(sent) {
+                let mut data = self.ep.take_buffer(capacity);
+                data.extend_from_slice(&buf[s.clone()]);
+                self.ep.send(self.member(1), Message { header: self.header(step), data })?;
+                sent += 1;
+            }
+            let got = self.ep.recv(self.member(-1), &self.header(step))?;
+            if got.len() != r.len() {
+                return Err(self.wrong_length(r.len(), got.len()));
+            }
+            fold(&mut buf[r.clone()], &got);
+            self.ep.give_back(got);
         }
-        Ok(got)
+        for s in &sends[sent..] {
+            let mut data = self.ep.take_buffer(capacity);
+            data.extend_from_slice(&buf[s.clone()]);
+            self.ep.send(self.member(1), Message { header: self.header(step), data })?;
+        }
+        Ok(())
     }
 
     /// Leaves in chunk `pos` of `buf` the sum of that chunk over the group (other chunks partial).
     fn reduce_scatter(&self, buf: &mut [f32], first_step: u64) -> Result<(), TransportError> {
-        let (len, n) = (buf.len(), self.n());
-        for s in 0..n - 1 {
-            let send = self.chunk(-(s as isize) - 1);
-            let recv = chunk_range(len, n, self.chunk(-(s as isize) - 2));
-            let got = self.shift(buf, send, recv.len(), first_step + s as u64)?;
-            for (acc, &x) in buf[recv].iter_mut().zip(&got) {
-                *acc += x;
-            }
-            self.ep.give_back(got);
+        for s in 0..self.n() - 1 {
+            let (send, recv) = (self.chunk(-(s as isize) - 1), self.chunk(-(s as isize) - 2));
+            self.exchange(buf, send, recv, first_step + s as u64, |acc, got| acc.iter_mut().zip(got).for_each(|(a, &x)| *a += x))?;
         }
         Ok(())
     }
 
     /// Given chunk `pos` of `buf` complete on every member, fills in every other chunk.
     fn all_gather(&self, buf: &mut [f32], first_step: u64) -> Result<(), TransportError> {
-        let (len, n) = (buf.len(), self.n());
-        for s in 0..n - 1 {
-            let send = self.chunk(-(s as isize));
-            let recv = chunk_range(len, n, self.chunk(-(s as isize) - 1));
-            let got = self.shift(buf, send, recv.len(), first_step + s as u64)?;
-            buf[recv].copy_from_slice(&got);
-            self.ep.give_back(got);
+        for s in 0..self.n() - 1 {
+            let (send, recv) = (self.chunk(-(s as isize)), self.chunk(-(s as isize) - 1));
+            self.exchange(buf, send, recv, first_step + s as u64, |dst, got| dst.copy_from_slice(got))?;
         }
         Ok(())
     }
+}
+
+/// Most elements one message of a ring step carries (1 MiB of f32).
+pub const SEGMENT: usize = 1 << 18;
+
+/// `r` cut into runs of at most [`SEGMENT`] elements; an empty range is one empty run.
+fn segments(r: std::ops::Range<usize>) -> Vec<std::ops::Range<usize>> {
+    if r.is_empty() {
+        return vec![r];
+    }
+    (r.start..r.end).step_by(SEGMENT).map(|a| a..(a + SEGMENT).min(r.end)).collect()
 }
 
 #[cfg(test)]

@@ -481,7 +481,11 @@ fn watch(rank: usize, hosts: Vec<(String, u32)>) {
         libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
     }
     let read_fd = fds[0];
-    let me = hosts.get(rank).map(|h| h.0.clone()).unwrap_or_default();
+    let _ = HOSTS.set((rank, hosts));
+    // Open MPI ends a process itself when it finds a peer gone in the middle
+    // of a transfer; it exits through `exit`, so say why there too.
+    // SAFETY: registering a plain `extern "C" fn()` to run at exit.
+    unsafe { libc::atexit(at_exit) };
     let _ = std::thread::Builder::new().name("launcher watch".into()).spawn(move || {
         let mut b = [0u8; 1];
         loop {
@@ -492,23 +496,49 @@ fn watch(rank: usize, hosts: Vec<(String, u32)>) {
                 break;
             }
         }
-        {
-            // The ranks on this host whose process is gone.
-            let gone: Vec<String> = hosts
-                .iter()
-                .enumerate()
-                .filter(|(r, (h, pid))| *r != rank && *h == me && *pid > 0 && {
-                    // SAFETY: signal 0 only asks whether the process exists.
-                    unsafe { libc::kill(*pid as libc::pid_t, 0) != 0 && *libc::__errno_location() == libc::ESRCH }
-                })
-                .map(|(r, (h, pid))| format!("rank {r} (process {pid} on {h})"))
-                .collect();
-            let step = super::CURRENT_STEP.load(Ordering::Relaxed);
-            let at = if step == 0 { "before the first step".to_string() } else { format!("at step {step}") };
-            let why = if gone.is_empty() { "another rank ended (the launcher's message names it)".to_string() } else { format!("{} ended unexpectedly", gone.join(", ")) };
-            eprintln!("error[run::rank_lost]: rank {rank} stopped {at}: {why}, and the launcher ended the run\n  help: nothing was saved; see why that rank ended, then run again (--resume continues from a checkpoint)");
-        }
+        report_lost();
         // SAFETY: ends the process at once; MPI is not finalised (a peer is gone).
         unsafe { libc::_exit(1) }
     });
+}
+
+/// Where every rank runs, (this rank, [(host, pid)]), for [`report_lost`].
+static HOSTS: std::sync::OnceLock<(usize, Vec<(String, u32)>)> = std::sync::OnceLock::new();
+/// Set when MPI is finalised after a run that ended well.
+static FINISHED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn at_exit() {
+    if !FINISHED.load(Ordering::SeqCst) && !QUIET.swap(true, Ordering::SeqCst) {
+        report_lost();
+    }
+}
+
+/// Says, once, that this rank stopped because another one ended, naming
+/// the ranks on this host whose process is gone, and the step.
+fn report_lost() {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if SAID.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let Some((rank, hosts)) = HOSTS.get() else { return };
+    let me = hosts.get(*rank).map(|h| h.0.clone()).unwrap_or_default();
+    let gone: Vec<String> = hosts
+        .iter()
+        .enumerate()
+        .filter(|(r, (h, pid))| *r != *rank && *h == me && *pid > 0 && {
+            // SAFETY: signal 0 only asks whether the process exists.
+            unsafe { libc::kill(*pid as libc::pid_t, 0) != 0 && *libc::__errno_location() == libc::ESRCH }
+        })
+        .map(|(r, (h, pid))| format!("rank {r} (process {pid} on {h})"))
+        .collect();
+    let step = super::CURRENT_STEP.load(Ordering::Relaxed);
+    let at = if step == 0 { "before the first step".to_string() } else { format!("at step {step}") };
+    let why = if gone.is_empty() { "another rank ended (the launcher's message names it)".to_string() } else { format!("{} ended unexpectedly", gone.join(", ")) };
+    eprintln!("error[run::rank_lost]: rank {rank} stopped {at}: {why}, and the launcher ended the run\n  help: nothing was saved; see why that rank ended, then run again (--resume continues from a checkpoint)");
+}
+
+impl Drop for Mpi {
+    fn drop(&mut self) {
+        FINISHED.store(true, Ordering::SeqCst);
+    }
 }
