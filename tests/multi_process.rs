@@ -281,3 +281,25 @@ fn a_failing_device_stops_every_rank_with_one_error() {
     assert_eq!(all.matches("device 5 failed at step 3: injected fault").count(), 1, "one error, reported once:\n{all}");
     assert!(!all.contains("rank_lost") && !all.contains("panicked"), "{all}");
 }
+
+#[test]
+fn rank_zero_reports_every_ranks_devices() {
+    if mpirun().is_none() {
+        return;
+    }
+    let m = tmp("report.jsonl");
+    let args = vec![s("examples/pipeline_1f1b.plan"), s("--steps"), s("2"), s("--no-eval"), s("--profile"), s("--metrics"), m.display().to_string()];
+    let (out, _) = launch(&[(2, args)], Duration::from_secs(120), |_| {});
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    // One report, from rank 0, with both devices' profiles and statistics.
+    assert_eq!(all.matches("trained 2 steps").count(), 1, "{all}");
+    assert!(all.contains("profile on device 0") && all.contains("profile on device 1"), "{all}");
+    assert!(all.contains("2 devices: cpu0 ") && all.contains("; cpu1 "), "{all}");
+    // The metrics' fractions cover both devices: the stages of a 2-stage pipeline idle.
+    for line in std::fs::read_to_string(&m).expect("metrics").lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("json");
+        let idle = v["idle_fraction"].as_f64().expect("idle_fraction");
+        assert!(idle > 0.0 && idle < 1.0, "{line}");
+    }
+}
