@@ -4,7 +4,9 @@
 //! 1e-5 (parameters) of one device; a killed rank stops every other rank
 //! quickly with an error naming it; ranks with different plans, and a rank
 //! count that is not the plan's device count, are refused before the first
-//! step; a run saved under 4 processes resumes under 2 with another placement.
+//! step, and so are ranks started from different builds; a run saved under 4
+//! processes resumes under 2 with another placement; rank 0 reports every
+//! rank's devices.
 //!
 //! Without Open MPI's `mpirun` these tests are skipped, except under CI=true,
 //! where they fail.
@@ -74,7 +76,12 @@ fn launch(ranks: &[(usize, Vec<String>)], limit: Duration, during: impl FnOnce(u
         if i > 0 {
             cmd.arg(":");
         }
-        cmd.args(["-np", &n.to_string(), env!("CARGO_BIN_EXE_shardplan"), "--color", "never", "run", "--quiet"]).args(args);
+        // A group's first argument may name another executable: `exe=PATH`.
+        let (exe, args) = match args.split_first() {
+            Some((first, rest)) if first.starts_with("exe=") => (first["exe=".len()..].to_string(), rest),
+            _ => (env!("CARGO_BIN_EXE_shardplan").to_string(), &args[..]),
+        };
+        cmd.args(["-np", &n.to_string(), &exe, "--color", "never", "run", "--quiet"]).args(args);
     }
     let start = Instant::now();
     let mut child = cmd.current_dir(root()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("mpirun starts");
@@ -302,4 +309,30 @@ fn rank_zero_reports_every_ranks_devices() {
         let idle = v["idle_fraction"].as_f64().expect("idle_fraction");
         assert!(idle > 0.0 && idle < 1.0, "{line}");
     }
+}
+
+#[test]
+fn ranks_of_different_builds_are_refused_at_start() {
+    if mpirun().is_none() {
+        return;
+    }
+    // Another build: the same executable with bytes appended, so its hash differs.
+    let other = tmp("shardplan-other-build");
+    let mut bytes = std::fs::read(env!("CARGO_BIN_EXE_shardplan")).expect("the executable");
+    bytes.extend_from_slice(b"another build");
+    std::fs::write(&other, bytes).expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let plan = tmp("builds.plan");
+    std::fs::write(&plan, mlp(64, 2, "placement {\n  mesh (data: 2)\n  data_parallel over data\n}")).expect("write");
+    let args = |exe: Option<&Path>| {
+        let mut v: Vec<String> = exe.map(|e| format!("exe={}", e.display())).into_iter().collect();
+        v.extend([plan.display().to_string(), s("--steps"), s("3"), s("--no-eval")]);
+        v
+    };
+    let (out, _) = launch(&[(1, args(None)), (1, args(Some(&other)))], Duration::from_secs(60), |_| {});
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("rank(s) 1 run a different build of shardplan than rank 0"), "{all}");
+    assert!(!all.contains("trained"), "{all}");
 }
