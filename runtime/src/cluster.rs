@@ -233,6 +233,34 @@ pub trait Peers {
     fn size(&self) -> usize;
     /// Every process's `mine`, in rank order. Every process calls it, in the same order.
     fn all_gather(&self, mine: Vec<u8>) -> Vec<Vec<u8>>;
+    /// Another handle on the same processes, for the device's thread.
+    fn boxed(&self) -> Box<dyn Peers + Send>;
+}
+
+/// An identity per physical GPU of the run, for each rank: ranks on one
+/// host and one GPU ordinal share it, ranks on other hosts never do; None
+/// for a rank on the CPU. Every rank calls it (one all-gather) with its host
+/// name and its GPU ordinal, and all get the same answer.
+pub fn gpu_identities(peers: &dyn Peers, host: &str, ordinal: Option<usize>) -> Vec<Option<usize>> {
+    let mine = match ordinal {
+        Some(o) => format!("{o}\n{host}"),
+        None => String::new(),
+    };
+    let mut seen: Vec<String> = Vec::new();
+    peers
+        .all_gather(mine.into_bytes())
+        .into_iter()
+        .map(|b| {
+            let key = String::from_utf8_lossy(&b).into_owned();
+            if key.is_empty() {
+                return None;
+            }
+            Some(seen.iter().position(|k| *k == key).unwrap_or_else(|| {
+                seen.push(key);
+                seen.len() - 1
+            }))
+        })
+        .collect()
 }
 
 /// This process's share of a run with one process per device: its device's
@@ -245,6 +273,8 @@ pub struct Rank {
     pub local_rank: usize,
     /// A fingerprint of the build this process runs; the ranks compare them.
     pub build: u64,
+    /// The name of this process's host (ranks on one host may share a GPU).
+    pub host: String,
 }
 
 /// A running set of devices: all of them in this process, or (with
@@ -358,7 +388,7 @@ impl Cluster {
             let (rtx, rx) = mpsc::channel::<Reply>();
             let hash = plan.hash;
             let backend = backends.get(i).cloned().unwrap_or(Backend::Cpu);
-            let net = Net { setup: setup.clone(), abort: abort.clone() };
+            let net = Net { setup: setup.clone(), abort: abort.clone(), ranks: None };
             let handle =
                 std::thread::Builder::new().name(format!("device {}", dp.device)).spawn(move || device_main(dp, Box::new(ep), net, hash, per, backend, crx, rtx)).ok();
             workers.push(Worker { tx, rx, handle });
@@ -369,14 +399,29 @@ impl Cluster {
     /// Starts this process's device, the rank's, on `backend`, with
     /// `threads` kernel threads; the plan's other devices run in the other
     /// processes, reached through `rank`.
-    pub fn start_rank(plan: Plan, threads: usize, backend: Backend, rank: Rank) -> Cluster {
+    pub fn start_rank(plan: Plan, threads: usize, timeout: Duration, backend: Backend, rank: Rank) -> Cluster {
         let me = rank.peers.rank();
         let (tx, crx) = mpsc::channel::<Cmd>();
         let (rtx, rx) = mpsc::channel::<Reply>();
         let hash = plan.hash;
         let dp = plan.devices[me].clone();
-        // Transfers between GPU ranks are staged through host memory.
-        let net = Net { setup: None, abort: Arc::new(Abort::default()) };
+        // Collectives and transfers between GPU ranks on distinct physical
+        // GPUs go through NCCL, set up by the device's thread with the other
+        // ranks (`nccl::join_ranks`); the rest are staged through host memory.
+        let ordinal = match backend {
+            Backend::Cuda { ordinal, .. } => Some(ordinal),
+            Backend::Cpu => None,
+        };
+        let gpu = gpu_identities(rank.peers.as_ref(), &rank.host, ordinal);
+        let ops = plan.devices.iter().enumerate().flat_map(|(i, d)| {
+            d.program.steps.iter().filter_map(move |st| match &st.kind {
+                StepKind::Op(op) => Some((i, op)),
+                _ => None,
+            })
+        });
+        let routes = nccl::routes(ops, &gpu);
+        let ranks = (!routes.is_empty()).then(|| RankNet { routes, gpu, ordinal, peers: rank.peers.boxed(), timeout });
+        let net = Net { setup: None, abort: Arc::new(Abort::default()), ranks };
         let ep = rank.transport;
         let handle = std::thread::Builder::new()
             .name(format!("device {}", dp.device))
@@ -800,6 +845,17 @@ fn copy_in(out: &mut [f32], shape: &[usize], at: &[usize], data: &[f32], block: 
 struct Net {
     setup: Option<Arc<Setup>>,
     abort: Arc<Abort>,
+    /// With one process per device: what NCCL's set-up across the ranks needs.
+    ranks: Option<RankNet>,
+}
+
+/// NCCL's set-up across the ranks of a run with one process per device.
+struct RankNet {
+    routes: Vec<nccl::Route>,
+    gpu: Vec<Option<usize>>,
+    ordinal: Option<usize>,
+    peers: Box<dyn Peers + Send>,
+    timeout: Duration,
 }
 
 /// Ends the run for every device: the fabric, the NCCL waits, and this device's communicators.
@@ -815,7 +871,10 @@ fn abort_all(ep: &dyn Transport, abort: &Abort, nccl: Option<&mut Nccl>, m: &str
 fn device_main(dp: DeviceProgram, ep: Box<dyn Transport + Send>, net: Net, plan: u64, threads: usize, backend: Backend, rx: Receiver<Cmd>, tx: Sender<Reply>) {
     let dev = dp.device;
     // Joins the NCCL communicators before anything can fail, so that no peer waits for this device.
-    let mut nccl = net.setup.as_ref().and_then(|s| s.join(ep.rank()));
+    let mut nccl = match &net.ranks {
+        Some(r) => nccl::join_ranks(&r.routes, &r.gpu, ep.rank(), r.ordinal, &|b| r.peers.all_gather(b), net.abort.clone(), r.timeout),
+        None => net.setup.as_ref().and_then(|s| s.join(ep.rank())),
+    };
     let built = std::panic::catch_unwind(AssertUnwindSafe(|| crate::backend::engine(&backend, dp.program.clone(), threads, dp.slots)))
         .unwrap_or_else(|_| Err(EngineError::Bug("building the executor panicked".into())));
     let mut exec = match built {
@@ -1069,6 +1128,68 @@ mod wire {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Peers that all answer what `answers` says, for functions of the whole run.
+    struct Fixed(Vec<Vec<u8>>, usize);
+
+    impl Peers for Fixed {
+        fn rank(&self) -> usize {
+            self.1
+        }
+        fn size(&self) -> usize {
+            self.0.len()
+        }
+        fn all_gather(&self, mine: Vec<u8>) -> Vec<Vec<u8>> {
+            assert_eq!(mine, self.0[self.1], "rank {} sent what the others did not expect", self.1);
+            self.0.clone()
+        }
+        fn boxed(&self) -> Box<dyn Peers + Send> {
+            Box::new(Fixed(self.0.clone(), self.1))
+        }
+    }
+
+    #[test]
+    fn gpus_are_told_apart_across_hosts() {
+        // Ranks 0 and 1 on host a, GPUs 0 and 1; rank 2 on the CPU; ranks 3 and 4 on host b, both on GPU 0.
+        let sent: Vec<Vec<u8>> = ["0\na", "1\na", "", "0\nb", "0\nb"].iter().map(|s| s.as_bytes().to_vec()).collect();
+        let expected = vec![Some(0), Some(1), None, Some(2), Some(2)];
+        for (rank, (host, ordinal)) in [("a", Some(0)), ("a", Some(1)), ("a", None), ("b", Some(0)), ("b", Some(0))].into_iter().enumerate() {
+            assert_eq!(gpu_identities(&Fixed(sent.clone(), rank), host, ordinal), expected, "rank {rank}");
+        }
+        // Routes follow: the two ranks of host b share a GPU, so their all-reduce keeps the host path.
+        let ar = Op::AllReduce { group: vec![3, 4], id: 1, axis: "data".into() };
+        assert!(nccl::routes([(3, &ar), (4, &ar)], &expected).is_empty());
+        let ar = Op::AllReduce { group: vec![0, 1, 3], id: 2, axis: "data".into() };
+        assert_eq!(nccl::routes([(0, &ar), (1, &ar), (3, &ar)], &expected), vec![nccl::Route::Group(vec![0, 1, 3])]);
+    }
+
+    #[test]
+    fn ranks_without_nccl_agree_on_the_host_path() {
+        // On this machine NCCL (or the driver) cannot be loaded: every rank says so in the first
+        // exchange and all take the host path after it, so no rank waits in a later one.
+        let calls = std::cell::Cell::new(0);
+        let routes = vec![nccl::Route::Group(vec![0, 1])];
+        for me in 0..2 {
+            calls.set(0);
+            let exchange = |mine: Vec<u8>| {
+                calls.set(calls.get() + 1);
+                vec![mine.clone(), mine]
+            };
+            let got = nccl::join_ranks(&routes, &[Some(0), Some(1)], me, Some(me), &exchange, Arc::new(Abort::default()), Duration::from_secs(1));
+            if crate::backend::cuda::driver::available().is_err() {
+                assert!(got.is_none());
+                assert_eq!(calls.get(), 1, "rank {me}");
+            }
+        }
+        // No routes: no exchange at all.
+        calls.set(0);
+        let exchange = |_: Vec<u8>| {
+            calls.set(calls.get() + 1);
+            Vec::new()
+        };
+        assert!(nccl::join_ranks(&[], &[], 0, None, &exchange, Arc::new(Abort::default()), Duration::from_secs(1)).is_none());
+        assert_eq!(calls.get(), 0);
+    }
 
     #[test]
     fn replies_cross_processes_intact() {

@@ -100,6 +100,7 @@ impl Mpi {
             peers: Box::new(MpiPeers { rank: self.rank, size: self.size }),
             local_rank: self.local_rank,
             build: build_id(),
+            host: hostname(),
         }
     }
 
@@ -203,6 +204,10 @@ impl Peers for MpiPeers {
             at += ROUND;
         }
         out
+    }
+
+    fn boxed(&self) -> Box<dyn Peers + Send> {
+        Box::new(MpiPeers { rank: self.rank, size: self.size })
     }
 }
 

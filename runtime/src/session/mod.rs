@@ -277,7 +277,7 @@ impl Runner {
             (Target::Placed(plan), Some(rank)) => {
                 let me = rank.peers.rank();
                 let backend = backends.of_rank(me, rank.local_rank);
-                let mut cl = Cluster::start_rank(plan, threads, backend, rank);
+                let mut cl = Cluster::start_rank(plan, threads, timeout, backend, rank);
                 if profile {
                     cl.enable_profile().map_err(device_error)?;
                 }

@@ -248,37 +248,8 @@ impl Setup {
                 return None;
             }
         };
-        // Every member initialises its ranks in the same global order, and
-        // goes on after a failure so that no peer is left waiting for it.
-        let mut comms = Vec::with_capacity(mine.len());
-        let mut failed = None;
-        for (route, id) in mine {
-            let members = route.members();
-            let rank = members.iter().position(|&d| d == me).unwrap_or(0);
-            let side = match route {
-                Route::Pair(from, _) if *from == me => match ctx.new_stream() {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        failed.get_or_insert(format!("creating a stream failed ({e:?})"));
-                        continue;
-                    }
-                },
-                _ => None,
-            };
-            let mut comm: nsys::ncclComm_t = std::ptr::null_mut();
-            // SAFETY: `comm` is written by NCCL; the id was made by ncclGetUniqueId
-            // and is shared by exactly `members.len()` ranks, each joining once.
-            let r = guarded(|| unsafe { nres::comm_init_rank(&mut comm, members.len() as i32, *id, rank as i32) }.map_err(|e| format!("{e:?}")));
-            match r {
-                Ok(_) if !comm.is_null() => comms.push(Communicator { route: route.clone(), comm, side }),
-                Ok(_) => {
-                    failed.get_or_insert(format!("ncclCommInitRank for {route:?} gave no communicator"));
-                }
-                Err(e) => {
-                    failed.get_or_insert(format!("ncclCommInitRank for {route:?} failed ({e})"));
-                }
-            }
-        }
+        let mine: Vec<(Route, nsys::ncclUniqueId)> = mine.into_iter().cloned().collect();
+        let (comms, failed) = init_comms(&mine, me, &ctx);
         let ok = self.joined.meet(failed.is_none(), self.timeout);
         let mut nccl =
             Nccl { me, gpu: self.gpu.clone(), comms, pending: Vec::new(), abort: self.abort.clone(), timeout: self.timeout, peer_failure: None, _ctx: ctx };
@@ -289,6 +260,144 @@ impl Setup {
         }
         Some(nccl)
     }
+}
+
+/// Device `me`'s communicators of `mine` (its routes and their ids), on
+/// `ctx`, and the first failure. Every member initialises its ranks in the
+/// same global order, and goes on after a failure so that no peer is left
+/// waiting for it.
+fn init_comms(mine: &[(Route, nsys::ncclUniqueId)], me: usize, ctx: &Arc<CudaContext>) -> (Vec<Communicator>, Option<String>) {
+    let mut comms = Vec::with_capacity(mine.len());
+    let mut failed = None;
+    for (route, id) in mine {
+        let members = route.members();
+        let rank = members.iter().position(|&d| d == me).unwrap_or(0);
+        let side = match route {
+            Route::Pair(from, _) if *from == me => match ctx.new_stream() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    failed.get_or_insert(format!("creating a stream failed ({e:?})"));
+                    continue;
+                }
+            },
+            _ => None,
+        };
+        let mut comm: nsys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `comm` is written by NCCL; the id was made by ncclGetUniqueId
+        // and is shared by exactly `members.len()` ranks, each joining once.
+        let r = guarded(|| unsafe { nres::comm_init_rank(&mut comm, members.len() as i32, *id, rank as i32) }.map_err(|e| format!("{e:?}")));
+        match r {
+            Ok(_) if !comm.is_null() => comms.push(Communicator { route: route.clone(), comm, side }),
+            Ok(_) => {
+                failed.get_or_insert(format!("ncclCommInitRank for {route:?} gave no communicator"));
+            }
+            Err(e) => {
+                failed.get_or_insert(format!("ncclCommInitRank for {route:?} failed ({e})"));
+            }
+        }
+    }
+    (comms, failed)
+}
+
+/// Bytes of an NCCL unique id.
+const ID_BYTES: usize = 128;
+
+/// Device `me`'s communicators when every device runs in a process of its
+/// own (`me` is also the rank, on GPU `ordinal` of its host). `routes` and `gpu` (an identity per physical
+/// GPU, across hosts) are the same on every rank; `exchange` is an
+/// all-gather over the ranks. Every rank calls it, and it makes the same
+/// exchanges on every rank (none when there are no routes):
+/// 1. whether NCCL can be used here, and rank 0's unique ids (one per route),
+///    which every rank takes: the ids cross only MPI, no other channel;
+/// 2. whether each rank opened its GPU;
+/// 3. whether each rank initialised its communicators.
+///
+/// A failure anywhere leaves every rank on the host path (None). Built for
+/// GPU ranks under mpirun; not yet run on a machine with several GPUs.
+pub fn join_ranks(
+    routes: &[Route],
+    gpu: &[Option<usize>],
+    me: usize,
+    ordinal: Option<usize>,
+    exchange: &dyn Fn(Vec<u8>) -> Vec<Vec<u8>>,
+    abort: Arc<Abort>,
+    timeout: Duration,
+) -> Option<Nccl> {
+    if routes.is_empty() {
+        return None;
+    }
+    let note = |m: &str| {
+        if me == 0 {
+            eprintln!("note: NCCL could not be set up ({m}); transfers between GPU ranks go through host memory");
+        }
+    };
+    let usable = !disabled() && driver::available().is_ok() && driver::nccl_available().is_ok();
+    let mut mine = vec![usable as u8];
+    if me == 0 && usable {
+        match guarded(|| routes.iter().map(|_| nres::get_uniqueid().map_err(|e| format!("ncclGetUniqueId failed ({e:?})"))).collect::<Result<Vec<_>, _>>()) {
+            Ok(ids) => ids.iter().for_each(|id| mine.extend(id.internal.iter().map(|&c| c as u8))),
+            Err(_) => mine[0] = 0,
+        }
+    }
+    let all = exchange(mine);
+    let ids = match all.first() {
+        Some(root) if all.iter().all(|b| b.first() == Some(&1)) && root.len() == 1 + ID_BYTES * routes.len() => decode_ids(&root[1..]),
+        _ => {
+            note("NCCL cannot be used on every rank");
+            return None;
+        }
+    };
+    let mine: Vec<(Route, nsys::ncclUniqueId)> = routes.iter().cloned().zip(ids).filter(|(r, _)| r.members().contains(&me)).collect();
+    let opened: Result<Option<Arc<CudaContext>>, String> = if mine.is_empty() {
+        Ok(None)
+    } else {
+        guarded(|| {
+            let ordinal = ordinal.ok_or_else(|| format!("rank {me} is not on a GPU"))?;
+            let ctx = CudaContext::new(ordinal).map_err(|e| format!("opening GPU {ordinal} failed ({e:?})"))?;
+            ctx.bind_to_thread().map_err(|e| format!("binding GPU {ordinal} failed ({e:?})"))?;
+            Ok(Some(ctx))
+        })
+    };
+    let everyone = |ok: bool| exchange(vec![ok as u8]).iter().all(|b| b.as_slice() == [1]);
+    let opened_everywhere = everyone(opened.is_ok());
+    let ctx = match (opened_everywhere, opened) {
+        (true, Ok(ctx)) => ctx,
+        (_, Err(m)) => {
+            eprintln!("note: rank {me}: {m}");
+            return None;
+        }
+        (false, Ok(_)) => {
+            note("a rank did not open its GPU");
+            return None;
+        }
+    };
+    let (comms, failed) = match &ctx {
+        Some(ctx) => init_comms(&mine, me, ctx),
+        None => (Vec::new(), None),
+    };
+    let joined = everyone(failed.is_none());
+    let ctx = ctx?;
+    let mut nccl = Nccl { me, gpu: gpu.to_vec(), comms, pending: Vec::new(), abort, timeout, peer_failure: None, _ctx: ctx };
+    if !joined {
+        nccl.abort_all();
+        note(&failed.unwrap_or_else(|| "another rank failed to set up its communicators".into()));
+        return None;
+    }
+    Some(nccl)
+}
+
+/// NCCL unique ids from their bytes, [`ID_BYTES`] each.
+fn decode_ids(bytes: &[u8]) -> Vec<nsys::ncclUniqueId> {
+    bytes
+        .chunks_exact(ID_BYTES)
+        .map(|c| {
+            let mut id = nsys::ncclUniqueId { internal: [0; ID_BYTES] };
+            for (d, s) in id.internal.iter_mut().zip(c) {
+                *d = *s as std::ffi::c_char;
+            }
+            id
+        })
+        .collect()
 }
 
 /// One communicator of a device.
