@@ -348,3 +348,40 @@ fn inspect_rejects_a_plan_that_does_not_fit() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("placement::out_of_memory"), "{stderr}");
 }
+
+/// A byte-level model of RMSNorm and a SwiGLU MLP (the Llama layers built so far).
+fn gated(batch: usize, devices: usize, placement: &str) -> String {
+    format!(
+        r#"model Gated {{
+  input tokens: i32[batch, seq]
+  input targets: i32[batch, seq]
+  layer embed = Embedding(256, 32)
+  layer norm = RMSNorm(32)
+  layer mlp = SwiGLU(32, 64)
+  layer head = Linear(32, 256)
+  loss cross_entropy(head(norm(embed(tokens) + mlp(norm(embed(tokens))))), targets)
+}}
+data corpus = text("{}", train: 0..30000, test: 30000..31000)
+train {{
+  model: Gated
+  data: corpus
+  batch: {batch}
+  seq: 16
+  steps: 10
+  optimizer: adamw(lr: 0.003)
+  seed: 5
+}}
+devices cpu x {devices}
+{placement}
+"#,
+        data("tiny.txt")
+    )
+}
+
+#[test]
+fn rms_norm_and_swiglu_placements_match_one_device() {
+    verify("gated_dp2", &gated(8, 2, "placement {\n  mesh (data: 2)\n  data_parallel over data\n}"));
+    let tp = "shard mlp.gate (_, model)\n  shard mlp.up (_, model)\n  shard mlp.down (model, _)";
+    verify("gated_tp2", &gated(8, 2, &format!("placement {{\n  mesh (model: 2)\n  {tp}\n}}")));
+    verify("gated_pp2", &gated(8, 2, "placement {\n  mesh (pipe: 2)\n  pipeline over pipe {\n    stage embed, norm\n    stage mlp, head\n    microbatches 2\n    schedule 1f1b\n  }\n}"));
+}

@@ -45,6 +45,63 @@ fn grad_check(src: &str, int_hi: f64) {
 }
 
 #[test]
+fn llama_layers_gradients_match_finite_differences() {
+    // RMSNorm and the SwiGLU MLP (silu and rms_norm are chains of primitives).
+    grad_check(
+        r#"
+model Gated {
+  input x: f32[batch, 6]
+  input label: i32[batch]
+  layer norm = RMSNorm(6, eps: 1e-5)
+  layer mlp = SwiGLU(6, 10)
+  layer out = Linear(6, 3)
+  loss cross_entropy(out(norm(x) + mlp(norm(x))), label)
+}
+data d = synthetic(features: 6, classes: 3)
+train { batch: 4, steps: 1, optimizer: sgd(lr: 0.1) }
+"#,
+        3.0,
+    );
+}
+
+/// `rms_norm` and `silu` compute their formulas: the interpreter's values
+/// against the formulas written out here, in f64, on random inputs.
+#[test]
+fn rms_norm_and_silu_compute_their_formulas() {
+    let c = checked(
+        r#"
+model M {
+  input x: f32[batch, 5]
+  input label: i32[batch]
+  layer norm = RMSNorm(5, eps: 0.001)
+  loss mse(silu(norm(x)), x)
+}
+data d = synthetic(features: 5, classes: 2)
+train { batch: 3, steps: 1, optimizer: sgd(lr: 0.1) }
+"#,
+    );
+    let g = training_graph(&c);
+    let mut rng = Rng(11);
+    let (params, inputs) = values(&c, &mut rng, 2.0);
+    let states: Vec<Tensor> = g.states.iter().map(|s| Tensor::zeros(&shape(&s.ty))).collect();
+    let hyper = |_: Hyper| 0.01;
+    let env = Env { inputs: &inputs, params: &params, states: &states, hyper: &hyper };
+    let got = run(&g, &env).expect("runs")[g.loss.0 as usize].data[0];
+    let (x, gamma) = (&inputs[0].data, &params[0].data);
+    let mut sum = 0.0;
+    for row in x.chunks(5) {
+        let rms = (row.iter().map(|v| v * v).sum::<f64>() / 5.0 + 0.001).sqrt();
+        for (j, v) in row.iter().enumerate() {
+            let y = v / rms * gamma[j];
+            let s = y / (1.0 + (-y).exp());
+            sum += (s - v).powi(2);
+        }
+    }
+    let expected = sum / x.len() as f64;
+    assert!((got - expected).abs() <= 1e-12 * expected.abs().max(1.0), "{got} against {expected}");
+}
+
+#[test]
 fn mlp_gradients_match_finite_differences() {
     grad_check(
         r#"

@@ -285,6 +285,8 @@ pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<A
     let span = c.span;
     let (params, required): (&[&str], usize) = match name {
         "relu" | "gelu" | "tanh" | "sigmoid" | "exp" | "log" | "sqrt" => (&["x"], 1),
+        "silu" => (&["x"], 1),
+        "rms_norm" => (&["x", "gamma", "eps"], 2),
         "softmax" | "log_softmax" => (&["x", "axis"], 1),
         "layer_norm" => (&["x", "gamma", "beta", "eps"], 3),
         "sum" | "mean" | "max" => (&["x", "axis", "keepdims"], 1),
@@ -349,6 +351,54 @@ pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<A
             let Some(axis) = a.axis(1, &x, -1) else { return Val::Error };
             let prim = if name == "softmax" { Prim::Softmax { axis } } else { Prim::LogSoftmax { axis } };
             a.emit(prim, &[0], x)
+        }
+        // silu(x) = x · sigmoid(x), as primitives: the backward pass and the
+        // partitioning follow theirs, and the kernels fuse the chain.
+        "silu" => {
+            let Some(x) = a.float_tensor(0) else { return Val::Error };
+            let Some((Val::Tensor(_, xid), _)) = a.slots[0].clone() else { return Val::Error };
+            let Val::Tensor(_, sid) = a.emit(Prim::Sigmoid, &[0], x.clone()) else { return Val::Error };
+            a.cx.emit(Prim::Mul, vec![xid, sid], x)
+        }
+        // rms_norm(x, gamma, eps) = x / sqrt(mean(x², last axis) + eps) · gamma,
+        // as primitives (a fused chain around one row reduction).
+        "rms_norm" => {
+            let Some(x) = a.float_tensor(0) else { return Val::Error };
+            if x.rank() == 0 {
+                return a.rank_error(0, &x, "a tensor of rank 1 or more");
+            }
+            let last = x.shape[x.rank() - 1].clone();
+            let Some(g) = a.float_tensor(1) else { return Val::Error };
+            if g.rank() != 1 || g.shape[0].size != last.size || g.dtype != x.dtype {
+                let (xs, gs) = (a.span(0), a.span(1));
+                a.cx.err(
+                    Diagnostic::error("shape::rms_norm_gamma", format!("`rms_norm` gamma must be [{last}] of {}, found {g}", x.dtype))
+                        .label(gs, format!("this is {g}"))
+                        .label(xs, format!("normalising {x} over its last dim {last}"))
+                        .help(format!("declare it as `{}[{last}]`", x.dtype)),
+                );
+                return Val::Error;
+            }
+            let Some(eps) = a.number(2, 1e-6) else { return Val::Error };
+            let (Some((Val::Tensor(_, xid), _)), Some((Val::Tensor(_, gid), _))) = (a.slots[0].clone(), a.slots[1].clone()) else { return Val::Error };
+            let mut row = x.shape.clone();
+            row[x.rank() - 1] = Dim::known(1);
+            let row = Ty::new(x.dtype, row);
+            let cx = &mut *a.cx;
+            let tensor = |v: Val| match v {
+                Val::Tensor(_, id) => Some(id),
+                _ => None,
+            };
+            let chain = (|| {
+                let sq = tensor(cx.emit(Prim::Mul, vec![xid, xid], x.clone()))?;
+                let ms = tensor(cx.emit(Prim::Mean { axes: vec![x.rank() - 1], keepdims: true }, vec![sq], row.clone()))?;
+                let e = tensor(cx.emit(Prim::Const(eps), Vec::new(), Ty::scalar(x.dtype)))?;
+                let sum = tensor(cx.emit(Prim::Add, vec![ms, e], row.clone()))?;
+                let rms = tensor(cx.emit(Prim::Sqrt, vec![sum], row.clone()))?;
+                let y = tensor(cx.emit(Prim::Div, vec![xid, rms], x.clone()))?;
+                Some(cx.emit(Prim::Mul, vec![y, gid], x.clone()))
+            })();
+            chain.unwrap_or(Val::Error)
         }
         "layer_norm" => {
             let Some(x) = a.float_tensor(0) else { return Val::Error };
