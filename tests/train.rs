@@ -127,3 +127,29 @@ fn metrics_as_csv_and_profile() {
     assert!(lines[1].starts_with("1,1,"), "{}", lines[1]);
     assert!(out.contains("profile:") && out.contains("matmul"), "{out}");
 }
+
+/// A token file (uint16 and uint32 ids) of the bytes of tiny.txt trains
+/// exactly as the byte-level text source does: the same windows, the same
+/// losses, bit for bit.
+#[test]
+fn token_files_train_like_the_text_they_encode() {
+    let text = std::fs::read(root().join("examples/data/tiny.txt")).expect("tiny.txt");
+    let plan = |source: &str| {
+        std::fs::read_to_string(root().join("examples/tiny_gpt.plan"))
+            .expect("example")
+            .replace(r#"text("data/tiny.txt", train: 0..30000, test: 30000..)"#, source)
+            .replace("steps: 300", "steps: 4")
+    };
+    let reference = plan(r#"text("data/tiny.txt", train: 0..30000, test: 30000..)"#);
+    assert!(reference.contains("steps: 4"), "the example changed: {reference}");
+    let want = common::train_text(&reference, &root().join("examples"), |_| {}, None);
+    for (dtype, width) in [("uint16", 2), ("uint32", 4)] {
+        let file = tmp(&format!("tiny.{dtype}.bin"));
+        let ids: Vec<u8> = text.iter().flat_map(|&b| if width == 2 { u16::from(b).to_le_bytes().to_vec() } else { u32::from(b).to_le_bytes().to_vec() }).collect();
+        std::fs::write(&file, ids).expect("write");
+        let source = format!(r#"tokens("{}", dtype: "{dtype}", train: 0..30000, test: 30000..)"#, file.display());
+        let got = common::train_text(&plan(&source), &root().join("examples"), |_| {}, None);
+        assert_eq!(got.len(), 4);
+        assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{dtype}");
+    }
+}

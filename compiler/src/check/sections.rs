@@ -620,6 +620,15 @@ pub enum DataSource {
         train: RowRange,
         test: Option<RowRange>,
     },
+    /// Token ids as nanoGPT and Megatron keep them: a flat little-endian
+    /// binary of `bytes`-wide unsigned ids (2: uint16, 4: uint32); ranges
+    /// count tokens; windows of `seq` ids, targets shifted by one.
+    Tokens {
+        path: String,
+        bytes: u8,
+        train: RowRange,
+        test: Option<RowRange>,
+    },
     Synthetic {
         rows: i64,
         features: i64,
@@ -635,7 +644,7 @@ pub struct Data {
     pub span: Span,
 }
 
-pub const SOURCES: &[&str] = &["csv", "text", "synthetic"];
+pub const SOURCES: &[&str] = &["csv", "text", "tokens", "synthetic"];
 
 pub(super) fn data(d: &ast::DataDef, diags: &mut Diagnostics) -> Option<Data> {
     let kind = d.source.callee.root.name.as_str();
@@ -673,8 +682,12 @@ pub(super) fn data(d: &ast::DataDef, diags: &mut Diagnostics) -> Option<Data> {
         }
     };
     let source = match kind {
-        "csv" | "text" => {
-            let params: &[&'static str] = if kind == "csv" { &["path", "label", "scale", "train", "test"] } else { &["path", "train", "test"] };
+        "csv" | "text" | "tokens" => {
+            let params: &[&'static str] = match kind {
+                "csv" => &["path", "label", "scale", "train", "test"],
+                "tokens" => &["path", "dtype", "train", "test"],
+                _ => &["path", "train", "test"],
+            };
             let a = SpecArgs::bind(kind, C, span, &args, params, &["path"], diags)?;
             let path = a.string("path", C, diags)?.unwrap_or_default();
             if path.is_empty() {
@@ -704,6 +717,21 @@ pub(super) fn data(d: &ast::DataDef, diags: &mut Diagnostics) -> Option<Data> {
             if kind == "csv" {
                 let scale = a.float("scale", 1.0, C, diags)?;
                 DataSource::Csv { path, label: a.string("label", C, diags)?.unwrap_or_else(|| "label".into()), scale, train, test }
+            } else if kind == "tokens" {
+                let bytes = match a.string("dtype", C, diags)?.as_deref() {
+                    None | Some("uint16") => 2,
+                    Some("uint32") => 4,
+                    Some(other) => {
+                        let s = a.vals.get("dtype").map(|v| v.1).unwrap_or(span);
+                        diags.push(
+                            Diagnostic::error(C, format!("a token file's `dtype` is \"uint16\" or \"uint32\", not {other:?}"))
+                                .label(s, "this dtype")
+                                .help("write `dtype: \"uint16\"` (nanoGPT's .bin files) or `dtype: \"uint32\"` (vocabularies over 65,536)"),
+                        );
+                        return None;
+                    }
+                };
+                DataSource::Tokens { path, bytes, train, test }
             } else {
                 DataSource::Text { path, train, test }
             }
@@ -735,7 +763,7 @@ pub(super) fn data_fits_model(data: &Data, model: &Model, diags: &mut Diagnostic
     use super::types::DType;
     let (want, what): (Vec<(&str, bool, usize)>, &str) = match &data.source {
         DataSource::Csv { .. } | DataSource::Synthetic { .. } => (vec![("features", true, 2), ("labels", false, 1)], "feature rows and integer labels"),
-        DataSource::Text { .. } => (vec![("tokens", false, 2), ("targets", false, 2)], "token windows and next-token targets"),
+        DataSource::Text { .. } | DataSource::Tokens { .. } => (vec![("tokens", false, 2), ("targets", false, 2)], "token windows and next-token targets"),
     };
     let shape_of = |want: &[(&str, bool, usize)]| {
         want.iter()

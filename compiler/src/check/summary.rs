@@ -53,6 +53,13 @@ pub fn summary(c: &Checked) -> Vec<(String, String)> {
                 rows(train),
                 test.as_ref().map(|t| format!(", test bytes {}", rows(t))).unwrap_or_default()
             ),
+            DataSource::Tokens { path, bytes, train, test } => format!(
+                "{}: token ids (uint{}) {path:?}, train tokens {}{}",
+                d.name,
+                *bytes as u32 * 8,
+                rows(train),
+                test.as_ref().map(|t| format!(", test tokens {}", rows(t))).unwrap_or_default()
+            ),
             DataSource::Synthetic { rows, features, classes, seed } => {
                 format!("{}: synthetic, {rows} rows × {features} features, {classes} classes, seed {seed}", d.name)
             }

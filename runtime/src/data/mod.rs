@@ -135,8 +135,8 @@ pub struct Dataset {
 enum Inner {
     /// `features` holds `labels.len()` rows of `width` values.
     Table { features: Vec<f32>, labels: Vec<i32>, width: usize },
-    /// The bytes of the split's range; at least `seq + 1` of them.
-    Text { bytes: Vec<u8>, seq: usize },
+    /// The tokens of the split's range; at least `seq + 1` of them.
+    Text { tokens: text::Tokens, seq: usize },
 }
 
 impl Dataset {
@@ -144,8 +144,8 @@ impl Dataset {
         Dataset { inner: Inner::Table { features, labels, width } }
     }
 
-    fn text(bytes: Vec<u8>, seq: usize) -> Dataset {
-        Dataset { inner: Inner::Text { bytes, seq } }
+    fn text(tokens: text::Tokens, seq: usize) -> Dataset {
+        Dataset { inner: Inner::Text { tokens, seq } }
     }
 
     /// The number of samples: rows for a table, windows for text.
@@ -154,7 +154,7 @@ impl Dataset {
             Inner::Table { labels, .. } => labels.len(),
             // A window needs `seq + 1` bytes, so the last one starts at
             // `len - seq - 1`.
-            Inner::Text { bytes, seq } => bytes.len().saturating_sub(*seq),
+            Inner::Text { tokens, seq } => tokens.len().saturating_sub(*seq),
         }
     }
 
@@ -190,13 +190,11 @@ impl Dataset {
                 }
                 Batch::Table { features: xs, labels: ys }
             }
-            Inner::Text { bytes, seq } => {
+            Inner::Text { tokens: ids, seq } => {
                 let mut tokens = Vec::with_capacity(rows.len() * seq);
                 let mut targets = Vec::with_capacity(rows.len() * seq);
                 for &r in rows {
-                    let window = &bytes[r..r + seq + 1];
-                    tokens.extend(window[..*seq].iter().map(|&b| i32::from(b)));
-                    targets.extend(window[1..].iter().map(|&b| i32::from(b)));
+                    ids.window(r, *seq, &mut tokens, &mut targets);
                 }
                 Batch::Text { tokens, targets }
             }
@@ -244,7 +242,13 @@ pub fn load(source: &DataSource, base: &Path, seq: Option<usize>, classes: Optio
         DataSource::Text { path, train, test } => {
             let path = base.join(path);
             let bytes = read(&path)?;
-            text::split(&bytes, &path, train, test.as_ref(), seq)
+            text::split(text::Tokens::Bytes(bytes), &path, train, test.as_ref(), seq)
+        }
+        DataSource::Tokens { path, bytes: width, train, test } => {
+            let path = base.join(path);
+            let bytes = read(&path)?;
+            let ids = text::ids(&bytes, *width, &path, classes)?;
+            text::split(text::Tokens::Ids(ids), &path, train, test.as_ref(), seq)
         }
         DataSource::Synthetic { rows, features, classes: own, seed } => synthetic::generate(*rows, *features, *own, *seed, classes),
     }
