@@ -349,17 +349,26 @@ fn inspect_rejects_a_plan_that_does_not_fit() {
     assert!(stderr.contains("placement::out_of_memory"), "{stderr}");
 }
 
-/// A byte-level model of RMSNorm and a SwiGLU MLP (the Llama layers built so far).
+/// A byte-level model of RMSNorm, grouped-query attention (4 heads, 2 for
+/// keys and values) and a SwiGLU MLP: the Llama layers built so far.
 fn gated(batch: usize, devices: usize, placement: &str) -> String {
     format!(
-        r#"model Gated {{
+        r#"layer Gqa(d, heads, kv) {{
+  param wq: f32[d, d] = glorot_uniform
+  param wk: f32[d, d / heads * kv] = glorot_uniform
+  param wv: f32[d, d / heads * kv] = glorot_uniform
+  param wo: f32[d, d] = glorot_uniform
+  forward(x) = causal_attention(x @ wq, x @ wk, x @ wv, heads: heads, kv_heads: kv) @ wo
+}}
+model Gated {{
   input tokens: i32[batch, seq]
   input targets: i32[batch, seq]
   layer embed = Embedding(256, 32)
   layer norm = RMSNorm(32)
+  layer attn = Gqa(32, 4, 2)
   layer mlp = SwiGLU(32, 64)
   layer head = Linear(32, 256)
-  loss cross_entropy(head(norm(embed(tokens) + mlp(norm(embed(tokens))))), targets)
+  loss cross_entropy(head(mlp(norm(embed(tokens) + attn(norm(embed(tokens)))))), targets)
 }}
 data corpus = text("{}", train: 0..30000, test: 30000..31000)
 train {{
@@ -379,9 +388,11 @@ devices cpu x {devices}
 }
 
 #[test]
-fn rms_norm_and_swiglu_placements_match_one_device() {
+fn llama_layers_placements_match_one_device() {
     verify("gated_dp2", &gated(8, 2, "placement {\n  mesh (data: 2)\n  data_parallel over data\n}"));
-    let tp = "shard mlp.gate (_, model)\n  shard mlp.up (_, model)\n  shard mlp.down (model, _)";
+    // Megatron pairs: the attention's key/value heads split with their query groups.
+    let tp = "shard attn.wq (_, model)\n  shard attn.wk (_, model)\n  shard attn.wv (_, model)\n  shard attn.wo (model, _)\n  shard mlp.gate (_, model)\n  shard mlp.up (_, model)\n  shard mlp.down (model, _)";
     verify("gated_tp2", &gated(8, 2, &format!("placement {{\n  mesh (model: 2)\n  {tp}\n}}")));
-    verify("gated_pp2", &gated(8, 2, "placement {\n  mesh (pipe: 2)\n  pipeline over pipe {\n    stage embed, norm\n    stage mlp, head\n    microbatches 2\n    schedule 1f1b\n  }\n}"));
+    verify("gated_pp2", &gated(8, 2, "placement {\n  mesh (pipe: 2)\n  pipeline over pipe {\n    stage embed, norm, attn\n    stage mlp, head\n    microbatches 2\n    schedule 1f1b\n  }\n}"));
+    verify("gated_dp2_tp2", &gated(8, 4, &format!("placement {{\n  mesh (data: 2, model: 2)\n  data_parallel over data\n  {tp}\n}}")));
 }

@@ -101,6 +101,82 @@ train { batch: 3, steps: 1, optimizer: sgd(lr: 0.1) }
     assert!((got - expected).abs() <= 1e-12 * expected.abs().max(1.0), "{got} against {expected}");
 }
 
+/// A model of one attention layer with `kv` key/value heads of `heads`, causal or not.
+fn attention_model(heads: usize, kv: usize, causal: bool) -> String {
+    let call = if causal { "causal_attention" } else { "attention" };
+    format!(
+        r#"
+layer Attn(d, heads, kv) {{
+  param wq: f32[d, d] = glorot_uniform
+  param wk: f32[d, d / heads * kv] = glorot_uniform
+  param wv: f32[d, d / heads * kv] = glorot_uniform
+  forward(x) = {call}(x @ wq, x @ wk, x @ wv, heads: heads, kv_heads: kv)
+}}
+model M {{
+  input tokens: i32[batch, seq]
+  input targets: i32[batch, seq]
+  layer embed = Embedding(11, 8)
+  layer attn = Attn(8, {heads}, {kv})
+  layer head = Linear(8, 11)
+  loss cross_entropy(head(attn(embed(tokens))), targets)
+}}
+data corpus = text("t.txt")
+train {{ batch: 2, seq: 5, steps: 1, optimizer: sgd(lr: 0.1) }}
+"#
+    )
+}
+
+#[test]
+fn grouped_query_attention_gradients_match_finite_differences() {
+    for causal in [true, false] {
+        grad_check(&attention_model(4, 2, causal), 11.0);
+        grad_check(&attention_model(4, 1, causal), 11.0);
+    }
+    // Non-causal attention with as many key/value heads as heads.
+    grad_check(&attention_model(2, 2, false), 11.0);
+}
+
+/// Grouped-query attention is attention whose key and value heads are
+/// shared: with each key/value head's columns repeated for its group, the
+/// same model with as many key/value heads as heads gives the same loss.
+#[test]
+fn grouped_query_attention_equals_attention_with_repeated_heads() {
+    let (heads, kv, d) = (4usize, 2usize, 8usize);
+    let (dh, group) = (d / heads, heads / kv);
+    for causal in [true, false] {
+        // The same tokens for both models; the parameters given, or drawn.
+        let loss = |src: &str, given: Option<(&[Tensor], &[Tensor])>| {
+            let c = checked(src);
+            let g = training_graph(&c);
+            let mut rng = Rng(5);
+            let (own, own_inputs) = values(&c, &mut rng, 11.0);
+            let (params, inputs) = given.map(|(p, i)| (p.to_vec(), i.to_vec())).unwrap_or((own, own_inputs));
+            let states: Vec<Tensor> = g.states.iter().map(|s| Tensor::zeros(&shape(&s.ty))).collect();
+            let hyper = |_: Hyper| 0.01;
+            let env = Env { inputs: &inputs, params: &params, states: &states, hyper: &hyper };
+            (run(&g, &env).expect("runs")[g.loss.0 as usize].data[0], params, inputs)
+        };
+        let (grouped, params, inputs) = loss(&attention_model(heads, kv, causal), None);
+        // Params in order: embed.table, attn.wq, attn.wk, attn.wv, head.w, head.b.
+        let repeat = |t: &Tensor| {
+            let rows = t.shape[0];
+            let mut out = Vec::with_capacity(rows * d);
+            for r in 0..rows {
+                for h in 0..heads {
+                    let j = h / group;
+                    out.extend_from_slice(&t.data[r * kv * dh + j * dh..r * kv * dh + (j + 1) * dh]);
+                }
+            }
+            Tensor::new(vec![rows, d], out)
+        };
+        let mut full = params.clone();
+        full[2] = repeat(&params[2]);
+        full[3] = repeat(&params[3]);
+        let (plain, _, _) = loss(&attention_model(heads, heads, causal), Some((&full, &inputs)));
+        assert!((grouped - plain).abs() <= 1e-12 * plain.abs(), "causal {causal}: {grouped} grouped, {plain} with repeated heads");
+    }
+}
+
 #[test]
 fn mlp_gradients_match_finite_differences() {
     grad_check(

@@ -162,6 +162,7 @@ pub const OPS: &[&str] = &[
     "transpose",
     "embedding",
     "causal_attention",
+    "attention",
     "cross_entropy",
     "mse",
 ];

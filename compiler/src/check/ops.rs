@@ -293,7 +293,7 @@ pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<A
         "reshape" => (&["x", "shape"], 2),
         "transpose" => (&["x", "perm"], 1),
         "embedding" => (&["table", "ids"], 2),
-        "causal_attention" => (&["q", "k", "v", "heads"], 4),
+        "causal_attention" | "attention" => (&["q", "k", "v", "heads", "kv_heads"], 4),
         "cross_entropy" => (&["logits", "labels"], 2),
         "mse" => (&["pred", "target"], 2),
         _ => return Val::Error,
@@ -593,40 +593,34 @@ pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<A
             shape.push(table.shape[1].clone());
             a.emit(Prim::Embedding, &[0, 1], Ty::new(table.dtype, shape))
         }
-        "causal_attention" => {
+        "causal_attention" | "attention" => {
             let Some(q) = a.float_tensor(0) else { return Val::Error };
             let Some(k) = a.float_tensor(1) else { return Val::Error };
             let Some(v) = a.float_tensor(2) else { return Val::Error };
             if q.rank() != 3 {
                 return a.rank_error(0, &q, "[batch, seq, dim]");
             }
-            for (i, t) in [(1, &k), (2, &v)] {
-                if t.shape != q.shape || t.dtype != q.dtype {
-                    let (qs, ts) = (a.span(0), a.span(i));
-                    a.cx.err(
-                        Diagnostic::error(
-                            "shape::attention_shapes",
-                            format!("`causal_attention` needs q, k and v of one type; {} is {t}, q is {q}", a.params[i]),
-                        )
-                        .label(ts, format!("this is {t}"))
-                        .label(qs, format!("q is {q}"))
-                        .help("project q, k and v to the same [batch, seq, dim]"),
-                    );
-                    return Val::Error;
+            let count = |a: &mut Args, i: usize, what: &str| -> Option<i64> {
+                match &a.slots[i] {
+                    Some((Val::Int(h, _), _)) if *h >= 1 => Some(*h),
+                    Some((v, s)) => {
+                        let (d, s) = (v.describe(), *s);
+                        a.cx.err(
+                            Diagnostic::error("call::bad_argument", format!("`{what}` must be a positive integer, found {d}"))
+                                .label(s, "not a head count")
+                                .help(format!("write `{what}: 4`")),
+                        );
+                        None
+                    }
+                    None => None,
                 }
-            }
-            let heads = match &a.slots[3] {
-                Some((Val::Int(h, _), _)) if *h >= 1 => *h,
-                Some((v, s)) => {
-                    let (d, s) = (v.describe(), *s);
-                    a.cx.err(
-                        Diagnostic::error("call::bad_argument", format!("`heads` must be a positive integer, found {d}"))
-                            .label(s, "not a head count")
-                            .help("write `heads: 4`"),
-                    );
-                    return Val::Error;
-                }
-                None => return Val::Error,
+            };
+            let Some(heads) = count(&mut a, 3, "heads") else { return Val::Error };
+            let kv_heads = if a.slots[4].is_some() {
+                let Some(kv) = count(&mut a, 4, "kv_heads") else { return Val::Error };
+                kv
+            } else {
+                heads
             };
             let d = &q.shape[2];
             if d.size % heads != 0 {
@@ -640,7 +634,39 @@ pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<A
                 );
                 return Val::Error;
             }
-            a.emit(Prim::CausalAttention { heads: heads as usize }, &[0, 1, 2], q)
+            if heads % kv_heads != 0 {
+                let (ks, hs) = (a.span(4), a.span(3));
+                let near = nearest_divisors(heads, kv_heads);
+                a.cx.err(
+                    Diagnostic::error("shape::attention_kv_heads", format!("{heads} query heads do not split into groups of {kv_heads} key/value heads"))
+                        .label(ks, format!("{kv_heads} key/value heads"))
+                        .label(hs, format!("{heads} query heads"))
+                        .help(format!("use a key/value head count that divides {heads}: {near}")),
+                );
+                return Val::Error;
+            }
+            // k and v: [batch, seq, kv_heads · (dim / heads)].
+            let mut kv_shape = q.shape.clone();
+            kv_shape[2] = Dim::known(kv_heads * (d.size / heads));
+            for (i, t) in [(1, &k), (2, &v)] {
+                if t.shape != kv_shape || t.dtype != q.dtype {
+                    let (qs, ts) = (a.span(0), a.span(i));
+                    let want = Ty::new(q.dtype, kv_shape.clone());
+                    let help = if kv_heads == heads {
+                        "project q, k and v to the same [batch, seq, dim]".to_string()
+                    } else {
+                        format!("with {kv_heads} of {heads} heads for keys and values, project k and v to {want}")
+                    };
+                    a.cx.err(
+                        Diagnostic::error("shape::attention_shapes", format!("`{name}` needs {} to be {want}, found {t}", a.params[i]))
+                            .label(ts, format!("this is {t}"))
+                            .label(qs, format!("q is {q}"))
+                            .help(help),
+                    );
+                    return Val::Error;
+                }
+            }
+            a.emit(Prim::Attention { heads: heads as usize, kv_heads: kv_heads as usize, causal: name == "causal_attention" }, &[0, 1, 2], q)
         }
         "cross_entropy" => {
             let Some(logits) = a.float_tensor(0) else { return Val::Error };

@@ -198,9 +198,12 @@ pub enum Prim {
     },
     /// (table, ids)
     Embedding,
-    /// (q, k, v)
-    CausalAttention {
+    /// (q, k, v): q [batch, seq, heads·dh], k and v [batch, seq, kv_heads·dh]
+    /// (grouped-query when kv_heads < heads); `causal` masks later positions.
+    Attention {
         heads: usize,
+        kv_heads: usize,
+        causal: bool,
     },
     /// (logits, labels): mean over all label positions.
     CrossEntropy,

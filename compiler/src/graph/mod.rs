@@ -503,7 +503,8 @@ pub fn build(c: &Checked) -> Graph {
         let args: Vec<NodeId> = t.args.iter().filter_map(|a| map[a.0 as usize]).collect();
         let f = Role::Forward;
         let id = match &t.prim {
-            Prim::CausalAttention { heads } => attention(&mut g, &args, *heads, &t.ty),
+            Prim::Attention { heads, kv_heads, causal } if kv_heads == heads && *causal => attention(&mut g, &args, *heads, &t.ty),
+            Prim::Attention { heads, kv_heads, causal } => grouped_attention(&mut g, &args, *heads, *kv_heads, *causal, &t.ty),
             p => g.add(forward_op(p), &args, t.ty.clone(), f),
         };
         map[i] = Some(id);
@@ -542,8 +543,42 @@ fn forward_op(p: &Prim) -> Op {
         Prim::CrossEntropy => Op::CrossEntropy,
         Prim::Mse => Op::Mse,
         // Lowered by `attention`.
-        Prim::CausalAttention { .. } => Op::MatMul,
+        Prim::Attention { .. } => Op::MatMul,
     }
+}
+
+/// attention(q, k, v) with H query heads and KV key/value heads (KV divides
+/// H; each key/value head serves G = H / KV query heads), causal or not, as
+/// primitives. Heads are laid out head-major along the last dim, so a
+/// tensor-parallel split of q's columns and of k's and v's keeps whole groups
+/// together, as Megatron splits them:
+/// q [B,S,KV·G·Dh] → [B,KV,G,S,Dh]; k [B,S,KV·Dh] → [B,KV,1,Dh,S];
+/// scores [B,KV,G,S,S] (the matmul broadcasts k over the group) → mask →
+/// softmax → ·v [B,KV,1,S,Dh] → [B,KV,G,S,Dh] → [B,S,KV·G·Dh].
+pub(crate) fn grouped_attention(g: &mut Graph, args: &[NodeId], heads: usize, kv_heads: usize, causal: bool, ty: &Ty) -> NodeId {
+    let f = Role::Forward;
+    let (b, s, d) = (ty.shape[0].clone(), ty.shape[1].clone(), ty.shape[2].clone());
+    let dt = ty.dtype;
+    let (h, kv) = (heads.max(1) as i64, kv_heads.max(1) as i64);
+    let (dh, kvd, gd, one) = (Dim::known(d.size / h), Dim::known(kv), Dim::known(h / kv), Dim::known(1));
+    let t = |dims: &[&Dim]| Ty::new(dt, dims.iter().map(|x| (*x).clone()).collect());
+    let q5 = g.add(Op::Reshape, &[args[0]], t(&[&b, &s, &kvd, &gd, &dh]), f);
+    let q = g.add(Op::Transpose { perm: vec![0, 2, 3, 1, 4] }, &[q5], t(&[&b, &kvd, &gd, &s, &dh]), f);
+    let k5 = g.add(Op::Reshape, &[args[1]], t(&[&b, &s, &kvd, &one, &dh]), f);
+    let kt = g.add(Op::Transpose { perm: vec![0, 2, 3, 4, 1] }, &[k5], t(&[&b, &kvd, &one, &dh, &s]), f);
+    let v5 = g.add(Op::Reshape, &[args[2]], t(&[&b, &s, &kvd, &one, &dh]), f);
+    let v = g.add(Op::Transpose { perm: vec![0, 2, 3, 1, 4] }, &[v5], t(&[&b, &kvd, &one, &s, &dh]), f);
+    let scores_ty = t(&[&b, &kvd, &gd, &s, &s]);
+    let scores = g.add(Op::MatMul, &[q, kt], scores_ty.clone(), f);
+    let scale = g.add(Op::Const(1.0 / (dh.size as f64).sqrt()), &[], Ty::scalar(dt), f);
+    let mut scaled = g.add(Op::Mul, &[scores, scale], scores_ty.clone(), f);
+    if causal {
+        scaled = g.add(Op::CausalMask { fill: f64::NEG_INFINITY }, &[scaled], scores_ty.clone(), f);
+    }
+    let p = g.add(Op::Softmax { axis: 4 }, &[scaled], scores_ty, f);
+    let o = g.add(Op::MatMul, &[p, v], t(&[&b, &kvd, &gd, &s, &dh]), f);
+    let ot = g.add(Op::Transpose { perm: vec![0, 3, 1, 2, 4] }, &[o], t(&[&b, &s, &kvd, &gd, &dh]), f);
+    g.add(Op::Reshape, &[ot], Ty::new(dt, vec![b, s, d]), f)
 }
 
 /// causal_attention(q, k, v) over [B, S, D] with H heads, as primitives:
