@@ -353,19 +353,12 @@ fn inspect_rejects_a_plan_that_does_not_fit() {
 /// keys and values) and a SwiGLU MLP: the Llama layers built so far.
 fn gated(batch: usize, devices: usize, placement: &str) -> String {
     format!(
-        r#"layer Gqa(d, heads, kv) {{
-  param wq: f32[d, d] = glorot_uniform
-  param wk: f32[d, d / heads * kv] = glorot_uniform
-  param wv: f32[d, d / heads * kv] = glorot_uniform
-  param wo: f32[d, d] = glorot_uniform
-  forward(x) = causal_attention(x @ wq, x @ wk, x @ wv, heads: heads, kv_heads: kv) @ wo
-}}
-model Gated {{
+        r#"model Gated {{
   input tokens: i32[batch, seq]
   input targets: i32[batch, seq]
   layer embed = Embedding(256, 32)
   layer norm = RMSNorm(32)
-  layer attn = Gqa(32, 4, 2)
+  layer attn = GroupedAttention(32, 4, 2)
   layer mlp = SwiGLU(32, 64)
   layer head = Linear(32, 256)
   loss cross_entropy(head(mlp(norm(embed(tokens) + attn(norm(embed(tokens)))))), targets)

@@ -19,24 +19,18 @@ const ARCH: &str = "sm_90";
 
 /// (name, program) of every example, as `selftest` compiles them: the
 /// single-device program, and each device program of the placed ones.
-/// RMSNorm, grouped-query attention (causal and not) and a SwiGLU MLP.
+/// RMSNorm, grouped-query attention (causal, and non-causal without
+/// projections) and a SwiGLU MLP.
 const LLAMA_LAYERS: &str = r#"
-layer Gqa(d, heads, kv) {
-  param wq: f32[d, d] = glorot_uniform
-  param wk: f32[d, d / heads * kv] = glorot_uniform
-  param wv: f32[d, d / heads * kv] = glorot_uniform
-  param wo: f32[d, d] = glorot_uniform
-  forward(x) = causal_attention(x @ wq, x @ wk, x @ wv, heads: heads, kv_heads: kv) @ wo + attention(x @ wq, x @ wk, x @ wv, heads: heads, kv_heads: kv) @ wo
-}
 model Llamaish {
   input tokens: i32[batch, seq]
   input targets: i32[batch, seq]
   layer embed = Embedding(256, 32)
   layer norm = RMSNorm(32)
-  layer attn = Gqa(32, 4, 2)
+  layer attn = GroupedAttention(32, 4, 2)
   layer mlp = SwiGLU(32, 64)
   layer head = Linear(32, 256)
-  loss cross_entropy(head(mlp(norm(embed(tokens) + attn(norm(embed(tokens)))))), targets)
+  loss cross_entropy(head(mlp(norm(embed(tokens) + attn(norm(embed(tokens))) + attention(embed(tokens), embed(tokens), embed(tokens), heads: 4)))), targets)
 }
 data corpus = text("data/tiny.txt")
 train { batch: 4, seq: 16, steps: 1, optimizer: adamw(lr: 0.001) }
