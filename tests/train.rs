@@ -153,3 +153,34 @@ fn token_files_train_like_the_text_they_encode() {
         assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{dtype}");
     }
 }
+
+/// A layer the loss never calls keeps its initial parameters (it gets no
+/// gradient, as in PyTorch), on one device and placed alike, and its
+/// parameters reach the checkpoint: a single-device save used to fail on
+/// them and a placed one wrote zeros.
+#[test]
+fn an_unused_layer_keeps_its_parameters_in_checkpoints() {
+    let plan = |placement: &str| {
+        format!(
+            "model M {{\n  input x: f32[batch, 64]\n  input label: i32[batch]\n  layer fc1 = Linear(64, 32)\n  layer spare = Linear(32, 32)\n  layer out = Linear(32, 10)\n  loss cross_entropy(out(relu(fc1(x))), label)\n}}\n\
+             data digits = csv(\"data/digits.csv\", label: \"label\", scale: 1/16, train: 0..1500, test: 1500..)\n\
+             train {{ model: M, data: digits, batch: 64, steps: 3, optimizer: adamw(lr: 0.01), seed: 7 }}\n{placement}\n"
+        )
+    };
+    let base = root().join("examples");
+    let tensors = |path: &Path| -> Vec<(String, Vec<f32>)> {
+        let (t, _) = shardplan_runtime::checkpoint::load(path).unwrap_or_else(|e| panic!("{e}"));
+        t.into_iter().map(|t| (t.name, t.data)).collect()
+    };
+    let get = |ts: &[(String, Vec<f32>)], name: &str| ts.iter().find(|(n, _)| n == name).map(|(_, d)| d.clone()).unwrap_or_else(|| panic!("{name} missing"));
+    let (one, placed, early) = (tmp("unused-one.safetensors"), tmp("unused-placed.safetensors"), tmp("unused-early.safetensors"));
+    common::train_text(&plan(""), &base, |_| {}, Some(&one));
+    common::train_text(&plan("devices cpu x 2\nplacement {\n  mesh (data: 2)\n  data_parallel over data\n}"), &base, |_| {}, Some(&placed));
+    common::train_text(&plan(""), &base, |c| c.stop_after = Some(1), Some(&early));
+    let (one, placed, early) = (tensors(&one), tensors(&placed), tensors(&early));
+    let w = get(&one, "spare.w");
+    assert!(w.iter().any(|x| *x != 0.0), "spare.w was saved as zeros");
+    assert_eq!(w, get(&placed, "spare.w"), "placed and single-device runs save different unused parameters");
+    assert_eq!(w, get(&early, "spare.w"), "an unused parameter changed during training");
+    assert_ne!(get(&one, "fc1.w"), get(&early, "fc1.w"), "the used parameters trained");
+}

@@ -547,6 +547,8 @@ pub struct Session {
     step_times: Vec<f64>,
     device_totals: Vec<(f64, f64, u64)>,
     notes: Vec<String>,
+    /// The parameters the loss does not use, by index, as they started.
+    untrained: Vec<(usize, Vec<f32>)>,
 }
 
 /// The number of classes of the model's cross-entropy, if it has one.
@@ -656,6 +658,7 @@ impl Session {
             step_times: Vec::new(),
             device_totals: Vec::new(),
             notes: Vec::new(),
+            untrained: Vec::new(),
         };
         s.load_start(&cfg.start)?;
         if let Some(path) = cfg.metrics.as_ref().filter(|_| s.root) {
@@ -728,6 +731,10 @@ impl Session {
             }
         }
         self.next = self.start;
+        // Parameters the loss does not use get no gradient and never change
+        // (as PyTorch's optimizers skip them); no device program holds them,
+        // so the session keeps them for checkpoints and comparisons.
+        self.untrained = params.iter().enumerate().filter(|(i, _)| !self.graph.grads.contains_key(i)).map(|(i, p)| (i, p.clone())).collect();
         self.runner.load(&params, &state_vals)
     }
 
@@ -886,7 +893,13 @@ impl Session {
     pub fn parameters(&mut self) -> Result<Tensors, SessionError> {
         let p: Vec<Vec<usize>> = self.param_shapes().into_iter().map(|s| s.1).collect();
         let s: Vec<Vec<usize>> = self.state_shapes().into_iter().map(|s| s.1).collect();
-        self.runner.read(&p, &s)
+        let (mut params, states) = self.runner.read(&p, &s)?;
+        for (i, value) in &self.untrained {
+            if let Some(slot) = params.get_mut(*i) {
+                slot.clone_from(value);
+            }
+        }
+        Ok((params, states))
     }
 
     /// Writes a checkpoint (parameters, optimizer state, step and seed) to
