@@ -539,7 +539,12 @@ fn report_lost() {
     let step = super::CURRENT_STEP.load(Ordering::Relaxed);
     let at = if step == 0 { "before the first step".to_string() } else { format!("at step {step}") };
     let why = if gone.is_empty() { "another rank ended (the launcher's message names it)".to_string() } else { format!("{} ended unexpectedly", gone.join(", ")) };
-    eprintln!("error[run::rank_lost]: rank {rank} stopped {at}: {why}, and the launcher ended the run\n  help: nothing was saved; see why that rank ended, then run again (--resume continues from a checkpoint)");
+    // Never panic here (this also runs at exit): a failed write is ignored.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "error[run::rank_lost]: rank {rank} stopped {at}: {why}, and the launcher ended the run\n  help: nothing was saved; see why that rank ended, then run again (--resume continues from a checkpoint)"
+    );
 }
 
 impl Drop for Mpi {
