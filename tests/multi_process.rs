@@ -21,32 +21,16 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
+use common::{root, TP_MLP};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("shardplan-mpi-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d.join(name)
+    common::scratch("mpi", name)
 }
 
-fn data(file: &str) -> String {
-    root().join("examples/data").join(file).display().to_string()
-}
-
-/// The digits MLP (64 → 128 → 64 → 10) with `batch`, `devices` and `placement`.
+/// The digits MLP (64 → 128 → 64 → 10) with `batch`, `devices` and `placement`, trained with AdamW.
 fn mlp(batch: usize, devices: usize, placement: &str) -> String {
-    format!(
-        "model DigitsMlp {{\n  input x: f32[batch, 64]\n  input label: i32[batch]\n  layer fc1 = Linear(64, 128)\n  layer fc2 = Linear(128, 64)\n  layer out = Linear(64, 10)\n  loss cross_entropy(out(relu(fc2(relu(fc1(x))))), label)\n}}\n\
-         data digits = csv(\"{}\", label: \"label\", scale: 1/16, train: 0..1500, test: 1500..)\n\
-         train {{\n  model: DigitsMlp\n  data: digits\n  batch: {batch}\n  steps: 10\n  optimizer: adamw(lr: 0.01)\n  clip_grad_norm: 1.0\n  seed: 7\n}}\n\
-         devices cpu x {devices}\n{placement}\n",
-        data("digits.csv")
-    )
+    common::digits_mlp(batch, "adamw(lr: 0.01)", devices, placement)
 }
-
-const TP_MLP: &str = "shard fc1.w (_, model)\n  shard fc1.b (model)\n  shard fc2.w (model, _)";
 
 /// `mpirun`, if installed.
 fn mpirun() -> Option<PathBuf> {

@@ -14,46 +14,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
+use common::{example_data as data, root, TP_MLP};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("shardplan-parallel-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d.join(name)
-}
-
-fn data(file: &str) -> String {
-    root().join("examples/data").join(file).display().to_string()
+    common::scratch("parallel", name)
 }
 
 /// The digits MLP (64 → 128 → 64 → 10) with `batch`, `devices` and `placement`.
 fn mlp(batch: usize, devices: usize, placement: &str) -> String {
-    format!(
-        r#"model DigitsMlp {{
-  input x: f32[batch, 64]
-  input label: i32[batch]
-  layer fc1 = Linear(64, 128)
-  layer fc2 = Linear(128, 64)
-  layer out = Linear(64, 10)
-  loss cross_entropy(out(relu(fc2(relu(fc1(x))))), label)
-}}
-data digits = csv("{}", label: "label", scale: 1/16, train: 0..1500, test: 1500..)
-train {{
-  model: DigitsMlp
-  data: digits
-  batch: {batch}
-  steps: 10
-  optimizer: sgd(lr: 0.1, momentum: 0.9)
-  clip_grad_norm: 1.0
-  seed: 7
-}}
-devices cpu x {devices}
-{placement}
-"#,
-        data("digits.csv")
-    )
+    common::digits_mlp(batch, "sgd(lr: 0.1, momentum: 0.9)", devices, placement)
 }
 
 /// A small GPT (2 blocks of width 32, 4 heads) trained with AdamW.
@@ -87,7 +56,6 @@ devices cpu x {devices}
     )
 }
 
-const TP_MLP: &str = "shard fc1.w (_, model)\n  shard fc1.b (model)\n  shard fc2.w (model, _)";
 const TP_GPT: &str = "shard blocks[*].attn.wq (_, model)\n  shard blocks[*].attn.wk (_, model)\n  shard blocks[*].attn.wv (_, model)\n  shard blocks[*].attn.wo (model, _)\n  shard blocks[*].mlp.up.w (_, model)\n  shard blocks[*].mlp.up.b (model)\n  shard blocks[*].mlp.down.w (model, _)";
 
 /// `plan` placed against one device, for ten steps: losses within 1e-5,

@@ -57,6 +57,9 @@ pub mod interp;
 /// Byte counts as people read them: the one formatter of sizes.
 pub mod units;
 
+/// The project's hash (FNV-1a).
+pub mod hash;
+
 pub use check::Checked;
 pub use diag::{Diagnostic, Diagnostics, Severity, SourceId, Span};
 pub use driver::{compile, Compiled, Options, Target};

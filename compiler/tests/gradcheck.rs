@@ -9,20 +9,23 @@ use shardplan_compiler::interp::{run, Env, Tensor};
 mod common;
 use common::{checked, shape, training_graph, values, Rng};
 
+/// Every node's value of `g` on `inputs` and `params`, with zero optimizer
+/// state and every hyper-parameter 0.01.
+fn values_of(g: &shardplan_compiler::graph::Graph, inputs: &[Tensor], params: &[Tensor]) -> Vec<Tensor> {
+    let states: Vec<Tensor> = g.states.iter().map(|s| Tensor::zeros(&shape(&s.ty))).collect();
+    let hyper = |_: Hyper| 0.01;
+    let env = Env { inputs, params, states: &states, hyper: &hyper };
+    run(g, &env).expect("runs")
+}
+
 fn grad_check(src: &str, int_hi: f64) {
     let c = checked(src);
     // The driver verifies the graph's invariants.
     let g = training_graph(&c);
     let mut rng = Rng(7);
     let (mut params, inputs) = values(&c, &mut rng, int_hi);
-    let states: Vec<Tensor> = g.states.iter().map(|s| Tensor::zeros(&shape(&s.ty))).collect();
-    let hyper = |_: Hyper| 0.01;
-    let loss = |params: &[Tensor]| {
-        let env = Env { inputs: &inputs, params, states: &states, hyper: &hyper };
-        run(&g, &env).expect("runs")[g.loss.0 as usize].data[0]
-    };
-    let env = Env { inputs: &inputs, params: &params, states: &states, hyper: &hyper };
-    let vals = run(&g, &env).expect("runs");
+    let loss = |params: &[Tensor]| values_of(&g, &inputs, params)[g.loss.0 as usize].data[0];
+    let vals = values_of(&g, &inputs, &params);
     assert_eq!(g.grads.len(), c.model.params.len(), "every parameter has a gradient");
     for (pi, p) in c.model.params.iter().enumerate() {
         let gnode = g.grads[&pi];
@@ -83,10 +86,7 @@ train { batch: 3, steps: 1, optimizer: sgd(lr: 0.1) }
     let g = training_graph(&c);
     let mut rng = Rng(11);
     let (params, inputs) = values(&c, &mut rng, 2.0);
-    let states: Vec<Tensor> = g.states.iter().map(|s| Tensor::zeros(&shape(&s.ty))).collect();
-    let hyper = |_: Hyper| 0.01;
-    let env = Env { inputs: &inputs, params: &params, states: &states, hyper: &hyper };
-    let got = run(&g, &env).expect("runs")[g.loss.0 as usize].data[0];
+    let got = values_of(&g, &inputs, &params)[g.loss.0 as usize].data[0];
     let (x, gamma) = (&inputs[0].data, &params[0].data);
     let mut sum = 0.0;
     for row in x.chunks(5) {
@@ -151,10 +151,7 @@ fn grouped_query_attention_equals_attention_with_repeated_heads() {
             let mut rng = Rng(5);
             let (own, own_inputs) = values(&c, &mut rng, 11.0);
             let (params, inputs) = given.map(|(p, i)| (p.to_vec(), i.to_vec())).unwrap_or((own, own_inputs));
-            let states: Vec<Tensor> = g.states.iter().map(|s| Tensor::zeros(&shape(&s.ty))).collect();
-            let hyper = |_: Hyper| 0.01;
-            let env = Env { inputs: &inputs, params: &params, states: &states, hyper: &hyper };
-            (run(&g, &env).expect("runs")[g.loss.0 as usize].data[0], params, inputs)
+            (values_of(&g, &inputs, &params)[g.loss.0 as usize].data[0], params, inputs)
         };
         let (grouped, params, inputs) = loss(&attention_model(heads, kv, causal), None);
         // Params in order: embed.table, attn.wq, attn.wk, attn.wv, head.w, head.b.

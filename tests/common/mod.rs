@@ -2,7 +2,56 @@
 
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The repository root (the root crate's manifest directory).
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `name` in this test binary's scratch folder `shardplan-GROUP-PID` under the temp dir.
+pub fn scratch(group: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shardplan-{group}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d.join(name)
+}
+
+/// The absolute path of `examples/data/FILE`.
+pub fn example_data(file: &str) -> String {
+    root().join("examples/data").join(file).display().to_string()
+}
+
+/// Megatron tensor parallelism of the digits MLP's first two layers over `model`.
+pub const TP_MLP: &str = "shard fc1.w (_, model)\n  shard fc1.b (model)\n  shard fc2.w (model, _)";
+
+/// The digits MLP (64 → 128 → 64 → 10) with `batch`, `optimizer`, `devices`
+/// and `placement`; 10 steps, gradients clipped to 1, seed 7.
+pub fn digits_mlp(batch: usize, optimizer: &str, devices: usize, placement: &str) -> String {
+    format!(
+        r#"model DigitsMlp {{
+  input x: f32[batch, 64]
+  input label: i32[batch]
+  layer fc1 = Linear(64, 128)
+  layer fc2 = Linear(128, 64)
+  layer out = Linear(64, 10)
+  loss cross_entropy(out(relu(fc2(relu(fc1(x))))), label)
+}}
+data digits = csv("{}", label: "label", scale: 1/16, train: 0..1500, test: 1500..)
+train {{
+  model: DigitsMlp
+  data: digits
+  batch: {batch}
+  steps: 10
+  optimizer: {optimizer}
+  clip_grad_norm: 1.0
+  seed: 7
+}}
+devices cpu x {devices}
+{placement}
+"#,
+        example_data("digits.csv")
+    )
+}
 
 /// (step, loss as bits) of each line of a JSON-lines metrics file.
 pub fn losses(path: &Path) -> Vec<(u64, u32)> {

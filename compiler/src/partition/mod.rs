@@ -398,13 +398,7 @@ pub fn plan_hash(p: &Plan) -> u64 {
     // Destructured so that a field added to `Plan` cannot be left out unnoticed.
     let Plan { mesh, layout_axes, microbatches, schedule, server, devices, param_layouts, hash: _ } = p;
     let fields = Hashed { mesh, layout_axes, microbatches: *microbatches, schedule, server: *server, devices, param_layouts };
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let text = serde_json::to_string(&fields).unwrap_or_default();
-    for b in text.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    crate::hash::fnv1a(serde_json::to_string(&fields).unwrap_or_default().as_bytes())
 }
 
 impl Global<'_> {

@@ -56,17 +56,6 @@ pub(crate) fn set_step(step: u64) {
     CURRENT_STEP.store(step, Ordering::Relaxed);
 }
 
-/// A 64-bit FNV-1a hash, for fingerprints the processes compare.
-pub fn fnv(bytes: &[u8], mut h: u64) -> u64 {
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-
-/// The FNV-1a offset basis: where a fresh [`fnv`] starts.
-pub const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 
 #[cfg(test)]
 mod tests {

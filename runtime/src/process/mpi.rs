@@ -26,7 +26,7 @@
 //!   and at which step, and exits with status 1, unless the process is
 //!   reporting an error of its own, which it then finishes.
 
-use super::{fnv, FNV_START};
+use shardplan_compiler::hash;
 use crate::cluster::{Peers, Rank};
 use crate::transport::{decode_header, describe, encode_header, Header, Message, Transport, TransportError};
 use mpi::datatype::PartitionMut;
@@ -156,12 +156,12 @@ fn hostname() -> String {
 pub fn build_id() -> u64 {
     let Ok(exe) = std::env::current_exe() else { return 0 };
     let Ok(mut f) = std::fs::File::open(exe) else { return 0 };
-    let mut h = FNV_START;
+    let mut h = hash::START;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         match std::io::Read::read(&mut f, &mut buf) {
             Ok(0) | Err(_) => return h,
-            Ok(n) => h = fnv(&buf[..n], h),
+            Ok(n) => h = hash::fnv1a_from(h, &buf[..n]),
         }
     }
 }

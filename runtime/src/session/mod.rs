@@ -613,11 +613,12 @@ impl Session {
                 Target::One(_) => 0,
             };
             let start = format!("{:?}", cfg.start);
-            let mut fp = crate::process::fnv(source, crate::process::FNV_START);
+            use shardplan_compiler::hash::{fnv1a, fnv1a_from};
+            let mut fp = fnv1a(source);
             for x in [plan, c.train.seed, total, end, batch as u64] {
-                fp = crate::process::fnv(&x.to_le_bytes(), fp);
+                fp = fnv1a_from(fp, &x.to_le_bytes());
             }
-            fp = crate::process::fnv(start.as_bytes(), fp);
+            fp = fnv1a_from(fp, start.as_bytes());
             agree(r, fp)?;
         }
         let runner = Runner::start_in(target, cfg.threads, &cfg.backends, cfg.profile, cfg.timeout, rank)?;

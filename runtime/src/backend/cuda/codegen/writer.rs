@@ -152,15 +152,7 @@ impl Gen {
     }
 }
 
-/// 64-bit FNV-1a: stable across runs, platforms and compiler versions.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
+pub use shardplan_compiler::hash::fnv1a;
 
 /// An f32 constant as CUDA C reads it back exactly.
 pub fn f32_lit(v: f32) -> String {
