@@ -28,21 +28,23 @@ fn assert_no_gpu((code, out): (i32, String)) {
     assert!(out.contains("this plan asks for gpu devices; use cpu devices"), "{out}");
 }
 
-/// The digits data-parallel plan on `devices gpu x 2`, written where the test can.
-fn gpu_plan() -> PathBuf {
+/// The digits data-parallel plan on `devices gpu x 2`, written where the test
+/// can, under a name of the caller's own: tests run in parallel, and one
+/// writing the file while another reads it would hand the reader a half file.
+fn gpu_plan(name: &str) -> PathBuf {
     let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data_parallel.plan")).expect("example");
     let data = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/digits.csv");
     let plan = src.replace("devices cpu x 4", "devices gpu x 2").replace("mesh (data: 4)", "mesh (data: 2)").replace("data/digits.csv", data);
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda_missing");
     std::fs::create_dir_all(&dir).expect("tmp dir");
-    let path = dir.join("gpu_data_parallel.plan");
+    let path = dir.join(format!("{name}.plan"));
     std::fs::write(&path, plan).expect("write plan");
     path
 }
 
 #[test]
 fn a_plan_on_gpu_devices_says_cuda_is_missing() {
-    let plan = gpu_plan();
+    let plan = gpu_plan("refused");
     let plan = plan.to_str().expect("utf-8 path");
     assert_no_gpu(shardplan(&["run", plan, "--steps", "1", "--quiet"]));
     assert_no_gpu(shardplan(&["verify", plan, "--steps", "1"]));
@@ -55,7 +57,7 @@ fn backend_cuda_says_cuda_is_missing() {
 
 #[test]
 fn gpu_devices_still_train_with_backend_cpu() {
-    let plan = gpu_plan();
+    let plan = gpu_plan("on_cpu");
     let (code, out) = shardplan(&["run", plan.to_str().expect("utf-8 path"), "--steps", "2", "--quiet", "--backend", "cpu"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("trained 2 steps"), "{out}");
