@@ -151,6 +151,7 @@ fn examples_match_one_device() {
         ("parameter_server", vec![]),
         ("pipeline_1f1b", vec![("batch", 8), ("seq", 16)]),
         ("data_tensor_pipeline", vec![("batch", 8), ("seq", 16)]),
+        ("llama_3d", vec![("batch", 8), ("seq", 16)]),
     ] {
         let text = std::fs::read_to_string(root().join(format!("examples/{e}.plan"))).expect("example");
         verify_set(e, &text, &root().join("examples"), &set);
@@ -356,4 +357,29 @@ fn llama_layers_placements_match_one_device() {
     verify("gated_tp2", &gated(8, 2, &format!("placement {{\n  mesh (model: 2)\n  {tp}\n}}")));
     verify("gated_pp2", &gated(8, 2, "placement {\n  mesh (pipe: 2)\n  pipeline over pipe {\n    stage embed, norm, attn\n    stage mlp, head\n    microbatches 2\n    schedule 1f1b\n  }\n}"));
     verify("gated_dp2_tp2", &gated(8, 4, &format!("placement {{\n  mesh (data: 2, model: 2)\n  data_parallel over data\n  {tp}\n}}")));
+}
+
+/// examples/llama.plan (rotary grouped-query attention, RMSNorm, SwiGLU, tied
+/// embeddings) with four blocks, on `devices` under `placement`, batch 8 of
+/// 16 tokens.
+fn llama(devices: usize, placement: &str) -> String {
+    let text = std::fs::read_to_string(root().join("examples/llama.plan")).expect("example");
+    let text = text.replace("repeat 2 LlamaBlock", "repeat 4 LlamaBlock").replace("batch: 16", "batch: 8").replace("seq: 64", "seq: 16");
+    let text = text.replace("\"data/tiny_tokens.bin\"", &format!("{:?}", common::example_data("tiny_tokens.bin")));
+    text.replace("devices cpu x 1", &format!("devices cpu x {devices}\n{placement}"))
+}
+
+#[test]
+fn llama_placements_match_one_device() {
+    let tp = "shard blocks[*].attn.wq (_, model)\n  shard blocks[*].attn.wk (_, model)\n  shard blocks[*].attn.wv (_, model)\n  shard blocks[*].attn.wo (model, _)\n  shard blocks[*].mlp.gate (_, model)\n  shard blocks[*].mlp.up (_, model)\n  shard blocks[*].mlp.down (model, _)";
+    verify("llama_dp2", &llama(2, "placement {\n  mesh (data: 2)\n  data_parallel over data\n}"));
+    // 2 key/value heads over 2 devices: one each, with its two query heads.
+    verify("llama_tp2", &llama(2, &format!("placement {{\n  mesh (model: 2)\n  {tp}\n}}")));
+    // With data parallelism too: 2 × 2.
+    verify("llama_dp2_tp2", &llama(4, &format!("placement {{\n  mesh (data: 2, model: 2)\n  data_parallel over data\n  {tp}\n}}")));
+    // The tied embedding table serves stage 0's lookup and stage 1's head.
+    verify(
+        "llama_pp2_tied",
+        &llama(2, "placement {\n  mesh (pipe: 2)\n  pipeline over pipe {\n    stage embed, blocks[0..2]\n    stage blocks[2..4], norm\n    microbatches 2\n    schedule 1f1b\n  }\n}"),
+    );
 }

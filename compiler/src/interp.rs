@@ -170,10 +170,14 @@ pub fn apply(op: &Op, a: &[&Tensor], out: &[usize], env: &Env<'_>) -> Result<Ten
             let t = zip(&y.shape, &e, &s, |p, q| p * q);
             zip(&y.shape, dy, &t, |d, v| d - v)
         }
-        Op::LayerNorm { eps } => layer_norm(a[0], a[1], a[2], *eps),
-        Op::LayerNormGradX { eps } => layer_norm_grad_x(a[0], a[1], a[2], *eps),
-        Op::LayerNormGradGamma { eps } => layer_norm_grad_gamma(a[0], a[1], *eps),
+        Op::LayerNorm { eps } => layer_norm(a[0], a[1], Some(a[2]), *eps),
+        Op::LayerNormGradX { eps } => layer_norm_grad_x(a[0], a[1], a[2], *eps, false),
+        Op::LayerNormGradGamma { eps } => layer_norm_grad_gamma(a[0], a[1], *eps, false),
+        Op::RmsNorm { eps } => layer_norm(a[0], a[1], None, *eps),
+        Op::RmsNormGradX { eps } => layer_norm_grad_x(a[0], a[1], a[2], *eps, true),
+        Op::RmsNormGradGamma { eps } => layer_norm_grad_gamma(a[0], a[1], *eps, true),
         Op::CausalMask { fill } => causal_mask(a[0], *fill),
+        Op::Rope { head_dim, base, inverse } => rope(a[0], *head_dim, *base, *inverse),
         Op::Embedding => embedding(a[0], a[1])?,
         Op::EmbeddingGrad => embedding_grad(a[0], a[1], &out)?,
         Op::CrossEntropy => cross_entropy(a[0], a[1], None)?,
@@ -377,33 +381,39 @@ fn rows(x: &Tensor) -> (usize, usize) {
     (x.len() / d, d)
 }
 
-fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Tensor {
+/// A row's mean (0 for RMS norm) and 1/√(variance + eps) (of the mean square for RMS norm).
+fn norm_stats(row: &[f64], eps: f64, rms: bool) -> (f64, f64) {
+    let n = row.len().max(1) as f64;
+    let mu = if rms { 0.0 } else { row.iter().sum::<f64>() / n };
+    let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>() / n;
+    (mu, 1.0 / (var + eps).sqrt())
+}
+
+/// Layer norm (x, gamma, beta), or RMS norm (x, gamma) when `beta` is None.
+fn layer_norm(x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>, eps: f64) -> Tensor {
     let (r, d) = rows(x);
     let mut out = vec![0.0; x.len()];
     for i in 0..r {
         let row = &x.data[i * d..(i + 1) * d];
-        let mu = row.iter().sum::<f64>() / d as f64;
-        let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>() / d as f64;
-        let rstd = 1.0 / (var + eps).sqrt();
+        let (mu, rstd) = norm_stats(row, eps, beta.is_none());
         for j in 0..d {
-            out[i * d + j] = (row[j] - mu) * rstd * gamma.data[j] + beta.data[j];
+            out[i * d + j] = (row[j] - mu) * rstd * gamma.data[j] + beta.map_or(0.0, |b| b.data[j]);
         }
     }
     Tensor::new(x.shape.clone(), out)
 }
 
-fn layer_norm_grad_x(x: &Tensor, gamma: &Tensor, dy: &Tensor, eps: f64) -> Tensor {
+fn layer_norm_grad_x(x: &Tensor, gamma: &Tensor, dy: &Tensor, eps: f64, rms: bool) -> Tensor {
     let (r, d) = rows(x);
     let mut out = vec![0.0; x.len()];
     let n = d as f64;
     for i in 0..r {
         let row = &x.data[i * d..(i + 1) * d];
-        let mu = row.iter().sum::<f64>() / n;
-        let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>() / n;
-        let rstd = 1.0 / (var + eps).sqrt();
+        let (mu, rstd) = norm_stats(row, eps, rms);
         let xhat: Vec<f64> = row.iter().map(|v| (v - mu) * rstd).collect();
         let g: Vec<f64> = (0..d).map(|j| dy.data[i * d + j] * gamma.data[j]).collect();
-        let sg: f64 = g.iter().sum();
+        // The mean does not move with x in RMS norm.
+        let sg: f64 = if rms { 0.0 } else { g.iter().sum() };
         let sgx: f64 = g.iter().zip(&xhat).map(|(a, b)| a * b).sum();
         for j in 0..d {
             out[i * d + j] = rstd / n * (n * g[j] - sg - xhat[j] * sgx);
@@ -412,19 +422,35 @@ fn layer_norm_grad_x(x: &Tensor, gamma: &Tensor, dy: &Tensor, eps: f64) -> Tenso
     Tensor::new(x.shape.clone(), out)
 }
 
-fn layer_norm_grad_gamma(x: &Tensor, dy: &Tensor, eps: f64) -> Tensor {
+fn layer_norm_grad_gamma(x: &Tensor, dy: &Tensor, eps: f64, rms: bool) -> Tensor {
     let (r, d) = rows(x);
     let mut out = vec![0.0; d];
     for i in 0..r {
         let row = &x.data[i * d..(i + 1) * d];
-        let mu = row.iter().sum::<f64>() / d as f64;
-        let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>() / d as f64;
-        let rstd = 1.0 / (var + eps).sqrt();
+        let (mu, rstd) = norm_stats(row, eps, rms);
         for j in 0..d {
             out[j] += dy.data[i * d + j] * (row[j] - mu) * rstd;
         }
     }
     Tensor::new(vec![d], out)
+}
+
+fn rope(x: &Tensor, head_dim: usize, base: f64, inverse: bool) -> Tensor {
+    let r = x.shape.len();
+    let (seq, d) = (x.shape[r - 2], x.shape[r - 1]);
+    let mut t = x.clone();
+    let hd = head_dim.max(2);
+    for (row, chunk) in t.data.chunks_exact_mut(d.max(1)).enumerate() {
+        let pos = row % seq.max(1);
+        for j in (0..d).step_by(2) {
+            let a = crate::graph::rope_angle(pos, (j % hd) / 2, hd, base);
+            let (sin, cos) = if inverse { (-a.sin(), a.cos()) } else { (a.sin(), a.cos()) };
+            let (x0, x1) = (chunk[j], chunk[j + 1]);
+            chunk[j] = x0 * cos - x1 * sin;
+            chunk[j + 1] = x0 * sin + x1 * cos;
+        }
+    }
+    t
 }
 
 fn causal_mask(x: &Tensor, fill: f64) -> Tensor {

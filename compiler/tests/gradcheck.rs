@@ -175,6 +175,62 @@ fn grouped_query_attention_equals_attention_with_repeated_heads() {
 }
 
 #[test]
+fn llama_block_gradients_match_finite_differences() {
+    // RMSNorm, rotary grouped-query attention and SwiGLU, tied embeddings.
+    grad_check(
+        r#"
+model M {
+  input tokens: i32[batch, seq]
+  input targets: i32[batch, seq]
+  layer embed = Embedding(11, 8)
+  layer block = LlamaBlock(8, 2, 1, hidden: 12, base: 100)
+  layer norm = RMSNorm(8)
+  loss cross_entropy(norm(block(embed(tokens))) @ transpose(embed.table), targets)
+}
+data corpus = text("t.txt")
+train { batch: 2, seq: 5, steps: 1, optimizer: sgd(lr: 0.1) }
+"#,
+        11.0,
+    );
+}
+
+/// `rope` turns each head's pairs as complex numbers: x₂ᵢ + i·x₂ᵢ₊₁ times
+/// e^(i·pos·base^(-2i/head_dim)), written out here against the interpreter.
+#[test]
+fn rope_computes_its_formula() {
+    let c = checked(
+        r#"
+model M {
+  input x: f32[batch, 8]
+  input label: i32[batch]
+  loss mse(reshape(rope(reshape(x, [1, batch, 8]), heads: 2, base: 50), [batch, 8]), x)
+}
+data d = synthetic(features: 8, classes: 2)
+train { batch: 4, steps: 1, optimizer: sgd(lr: 0.1) }
+"#,
+    );
+    let g = training_graph(&c);
+    let mut rng = Rng(13);
+    let (params, inputs) = values(&c, &mut rng, 2.0);
+    let got = values_of(&g, &inputs, &params)[g.loss.0 as usize].data[0];
+    let x = &inputs[0].data;
+    let mut sum = 0.0;
+    for (pos, row) in x.chunks(8).enumerate() {
+        for head in row.chunks(4) {
+            for (i, pair) in head.chunks(2).enumerate() {
+                let angle = pos as f64 * 50f64.powf(-(2.0 * i as f64) / 4.0);
+                let (c, s) = (angle.cos(), angle.sin());
+                let (re, im) = (pair[0] * c - pair[1] * s, pair[0] * s + pair[1] * c);
+                sum += (re - pair[0]).powi(2) + (im - pair[1]).powi(2);
+            }
+        }
+    }
+    let expected = sum / x.len() as f64;
+    assert!(expected > 1e-3, "the rotation moved the inputs");
+    assert!((got - expected).abs() <= 1e-12 * expected.abs().max(1.0), "{got} against {expected}");
+}
+
+#[test]
 fn mlp_gradients_match_finite_differences() {
     grad_check(
         r#"

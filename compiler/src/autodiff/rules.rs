@@ -199,7 +199,18 @@ pub(super) fn vjp(g: &mut Graph, id: NodeId, args: &[NodeId], dy: NodeId) -> Vec
                 res.push((args[2], d));
             }
         }
+        Op::RmsNorm { eps } => {
+            if wants(g, args[0]) {
+                res.push((args[0], g.add(Op::RmsNormGradX { eps }, &[args[0], args[1], dy], out.clone(), B)));
+            }
+            if wants(g, args[1]) {
+                let t = ty(g, args[1]);
+                res.push((args[1], g.add(Op::RmsNormGradGamma { eps }, &[args[0], dy], t, B)));
+            }
+        }
         Op::CausalMask { .. } => res.push((args[0], g.add(Op::CausalMask { fill: 0.0 }, &[dy], out, B))),
+        // A rotation: its transpose turns back by the same angles.
+        Op::Rope { head_dim, base, inverse } => res.push((args[0], g.add(Op::Rope { head_dim, base, inverse: !inverse }, &[dy], out, B))),
         Op::Embedding => {
             if wants(g, args[0]) {
                 let t = ty(g, args[0]);
@@ -233,6 +244,8 @@ pub(super) fn vjp(g: &mut Graph, id: NodeId, args: &[NodeId], dy: NodeId) -> Vec
         | Op::LogSoftmaxGrad { .. }
         | Op::LayerNormGradX { .. }
         | Op::LayerNormGradGamma { .. }
+        | Op::RmsNormGradX { .. }
+        | Op::RmsNormGradGamma { .. }
         | Op::EmbeddingGrad
         | Op::CrossEntropyGrad
         | Op::MseGrad

@@ -163,6 +163,7 @@ pub const OPS: &[&str] = &[
     "embedding",
     "causal_attention",
     "attention",
+    "rope",
     "cross_entropy",
     "mse",
 ];

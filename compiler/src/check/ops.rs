@@ -294,6 +294,7 @@ pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<A
         "transpose" => (&["x", "perm"], 1),
         "embedding" => (&["table", "ids"], 2),
         "causal_attention" | "attention" => (&["q", "k", "v", "heads", "kv_heads"], 4),
+        "rope" => (&["x", "heads", "base"], 2),
         "cross_entropy" => (&["logits", "labels"], 2),
         "mse" => (&["pred", "target"], 2),
         _ => return Val::Error,
@@ -360,8 +361,9 @@ pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<A
             let Val::Tensor(_, sid) = a.emit(Prim::Sigmoid, &[0], x.clone()) else { return Val::Error };
             a.cx.emit(Prim::Mul, vec![xid, sid], x)
         }
-        // rms_norm(x, gamma, eps) = x / sqrt(mean(x², last axis) + eps) · gamma,
-        // as primitives (a fused chain around one row reduction).
+        // rms_norm(x, gamma, eps) = x / sqrt(mean(x², last axis) + eps) · gamma:
+        // one op, with its own gradients, so that tensor parallelism reduces
+        // its input gradient once, as it does layer norm's.
         "rms_norm" => {
             let Some(x) = a.float_tensor(0) else { return Val::Error };
             if x.rank() == 0 {
@@ -380,25 +382,7 @@ pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<A
                 return Val::Error;
             }
             let Some(eps) = a.number(2, 1e-6) else { return Val::Error };
-            let (Some((Val::Tensor(_, xid), _)), Some((Val::Tensor(_, gid), _))) = (a.slots[0].clone(), a.slots[1].clone()) else { return Val::Error };
-            let mut row = x.shape.clone();
-            row[x.rank() - 1] = Dim::known(1);
-            let row = Ty::new(x.dtype, row);
-            let cx = &mut *a.cx;
-            let tensor = |v: Val| match v {
-                Val::Tensor(_, id) => Some(id),
-                _ => None,
-            };
-            let chain = (|| {
-                let sq = tensor(cx.emit(Prim::Mul, vec![xid, xid], x.clone()))?;
-                let ms = tensor(cx.emit(Prim::Mean { axes: vec![x.rank() - 1], keepdims: true }, vec![sq], row.clone()))?;
-                let e = tensor(cx.emit(Prim::Const(eps), Vec::new(), Ty::scalar(x.dtype)))?;
-                let sum = tensor(cx.emit(Prim::Add, vec![ms, e], row.clone()))?;
-                let rms = tensor(cx.emit(Prim::Sqrt, vec![sum], row.clone()))?;
-                let y = tensor(cx.emit(Prim::Div, vec![xid, rms], x.clone()))?;
-                Some(cx.emit(Prim::Mul, vec![y, gid], x.clone()))
-            })();
-            chain.unwrap_or(Val::Error)
+            a.emit(Prim::RmsNorm { eps }, &[0, 1], x)
         }
         "layer_norm" => {
             let Some(x) = a.float_tensor(0) else { return Val::Error };
@@ -667,6 +651,51 @@ pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<A
                 }
             }
             a.emit(Prim::Attention { heads: heads as usize, kv_heads: kv_heads as usize, causal: name == "causal_attention" }, &[0, 1, 2], q)
+        }
+        // Rotary position embedding (RoFormer, Llama): within each head, the
+        // pair (2i, 2i+1) at position p turns by p · base^(-2i/head_dim).
+        "rope" => {
+            let Some(x) = a.float_tensor(0) else { return Val::Error };
+            if x.rank() != 3 {
+                return a.rank_error(0, &x, "[batch, seq, heads · head_dim]");
+            }
+            let heads = match &a.slots[1] {
+                Some((Val::Int(h, _), _)) if *h >= 1 => *h,
+                Some((v, s)) => {
+                    let (d, s) = (v.describe(), *s);
+                    a.cx.err(
+                        Diagnostic::error("call::bad_argument", format!("`heads` must be a positive integer, found {d}"))
+                            .label(s, "not a head count")
+                            .help("write `heads: 4`"),
+                    );
+                    return Val::Error;
+                }
+                None => return Val::Error,
+            };
+            let d = x.shape[2].size;
+            if d % heads != 0 || (d / heads) % 2 != 0 {
+                let (hs, xs) = (a.span(1), a.span(0));
+                let why = if d % heads != 0 { format!("{d} is not divisible by {heads} heads") } else { format!("{heads} heads of {} have an odd head dim", d / heads) };
+                let fits: Vec<String> = (1..=d).filter(|h| d % h == 0 && (d / h) % 2 == 0).map(|h| h.to_string()).collect();
+                a.cx.err(
+                    Diagnostic::error("shape::rope_heads", format!("`rope` turns pairs within each head, but {why}"))
+                        .label(hs, format!("{heads} heads"))
+                        .label(xs, format!("x is {x}"))
+                        .help(format!("use a head count that leaves an even head dim: {}", fits.join(", "))),
+                );
+                return Val::Error;
+            }
+            let Some(base) = a.number(2, 10000.0) else { return Val::Error };
+            if !(base > 1.0 && base.is_finite()) {
+                let s = a.span(2);
+                a.cx.err(
+                    Diagnostic::error("call::bad_argument", format!("`base` must be a finite number above 1, found {base}"))
+                        .label(s, "not a rotary base")
+                        .help("Llama uses `base: 10000`; Llama 3 uses `base: 500000`"),
+                );
+                return Val::Error;
+            }
+            a.emit(Prim::Rope { head_dim: (d / heads) as usize, base }, &[0], x)
         }
         "cross_entropy" => {
             let Some(logits) = a.float_tensor(0) else { return Val::Error };

@@ -7,6 +7,7 @@
 //! forward order, microbatches divide the batch, and the parameter server is
 //! a real device.
 
+use super::types::Prim;
 use super::model::{Child, Model, Unit};
 use super::sections::{quantity, Device, UnitKind};
 use crate::diag::{did_you_mean, Diagnostic, Diagnostics, Span};
@@ -509,6 +510,30 @@ impl Checker<'_> {
                     return;
                 }
             }
+            if let Some((d, ax, heads, what)) = self.heads_split(pi, &axes, mesh) {
+                let (aname, asize) = (&mesh[ax].0, mesh[ax].1);
+                let fits: Vec<String> = (2..=heads).filter(|k| heads % k == 0).map(|k| k.to_string()).collect();
+                self.diags.push(
+                    Diagnostic::error(
+                        "placement::shard_heads",
+                        format!("`{}` projects {heads} {what}, which do not split over the {asize} devices of axis `{aname}`", p.path),
+                    )
+                    .label(spec[d].span, format!("splits its {heads} {what} over `{aname}` ({asize})"))
+                    .label(
+                        match self.model.instances.get(p.inst.0 as usize).map(|i| i.span).filter(|s| s.src == crate::diag::SourceId::USER) {
+                            Some(inst) => inst,
+                            None => p.span,
+                        },
+                        format!("`{}` is {} here", p.path, p.ty),
+                    )
+                    .help(if fits.is_empty() {
+                        format!("a single head cannot be split; leave `{}` unsplit", p.path)
+                    } else {
+                        format!("tensor parallelism gives each device whole heads: use an axis of {} devices", fits.join(" or "))
+                    }),
+                );
+                return;
+            }
             if let Some(prev) = shard_spans.insert(pi, span) {
                 self.diags.push(
                     Diagnostic::error("placement::duplicate_shard", format!("`{}` is sharded twice", self.model.params[pi].path))
@@ -520,6 +545,42 @@ impl Checker<'_> {
             }
             shards.push(Shard { param: pi, spec: axes.clone() });
         }
+    }
+
+    /// Where parameter `pi` is split by columns (its last dim) and projects
+    /// the queries (`x @ p`), or the keys or values, of an attention, the head
+    /// count of that role must divide by the axis: Megatron gives each device
+    /// whole heads, and whole key/value heads with their query groups.
+    /// Returns (dim, axis, heads, "query heads" or "key/value heads") of the
+    /// first that does not.
+    fn heads_split(&self, pi: usize, axes: &[Option<usize>], mesh: &[(String, i64)]) -> Option<(usize, usize, i64, &'static str)> {
+        let d = axes.len().checked_sub(1)?;
+        let ax = axes[d]?;
+        let k = mesh[ax].1;
+        let trace = &self.model.trace;
+        let users = |t: usize| (0..trace.len()).filter(move |&u| trace[u].args.iter().any(|a| a.0 as usize == t));
+        for (t, op) in trace.iter().enumerate() {
+            if op.prim != Prim::Param(pi) {
+                continue;
+            }
+            for m in users(t).filter(|&m| trace[m].prim == Prim::MatMul && trace[m].args.get(1).map(|a| a.0 as usize) == Some(t)) {
+                // Through a rotary embedding to the attention.
+                let mut at = vec![m];
+                at.extend(users(m).filter(|&r| matches!(trace[r].prim, Prim::Rope { .. })));
+                for &v in &at {
+                    for u in users(v) {
+                        if let Prim::Attention { heads, kv_heads, .. } = trace[u].prim {
+                            let role = trace[u].args.iter().position(|a| a.0 as usize == v);
+                            let (n, what) = if role == Some(0) { (heads as i64, "query heads") } else { (kv_heads as i64, "key/value heads") };
+                            if n % k != 0 {
+                                return Some((d, ax, n, what));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// Parameters below `path`, for help lines.

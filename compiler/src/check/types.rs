@@ -179,6 +179,10 @@ pub enum Prim {
     LayerNorm {
         eps: f64,
     },
+    /// (x, gamma) over the last axis.
+    RmsNorm {
+        eps: f64,
+    },
     Sum {
         axes: Vec<usize>,
         keepdims: bool,
@@ -204,6 +208,12 @@ pub enum Prim {
         heads: usize,
         kv_heads: usize,
         causal: bool,
+    },
+    /// Rotary position embedding of x [batch, seq, heads·head_dim]: each
+    /// head's pairs (2i, 2i+1) turned by pos · base^(-2i/head_dim).
+    Rope {
+        head_dim: usize,
+        base: f64,
     },
     /// (logits, labels): mean over all label positions.
     CrossEntropy,

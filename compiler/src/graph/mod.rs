@@ -137,10 +137,30 @@ pub enum Op {
     LayerNormGradGamma {
         eps: f64,
     },
+    /// (x, gamma) over the last axis: x / √(mean(x²) + eps) · gamma.
+    RmsNorm {
+        eps: f64,
+    },
+    /// (x, gamma, dy) → dx.
+    RmsNormGradX {
+        eps: f64,
+    },
+    /// (x, dy) → dgamma (the last axis of x).
+    RmsNormGradGamma {
+        eps: f64,
+    },
     /// Keeps entries with key index ≤ query index of the last two axes; the
     /// others become `fill`.
     CausalMask {
         fill: f64,
+    },
+    /// Rotary position embedding over [batch, seq, heads·head_dim]: the pair
+    /// (2i, 2i+1) of each head at position p turns by angle p · base^(-2i/head_dim),
+    /// or back by it when `inverse` (the backward pass).
+    Rope {
+        head_dim: usize,
+        base: f64,
+        inverse: bool,
     },
     /// (table, ids)
     Embedding,
@@ -249,6 +269,7 @@ impl Op {
             | Softmax { .. }
             | LogSoftmax { .. }
             | CausalMask { .. }
+            | Rope { .. }
             | Assign(_)
             | AllReduce { .. }
             | AllGather { .. }
@@ -268,11 +289,13 @@ impl Op {
             | SoftmaxGrad { .. }
             | LogSoftmaxGrad { .. }
             | LayerNormGradGamma { .. }
+            | RmsNorm { .. }
+            | RmsNormGradGamma { .. }
             | Embedding
             | EmbeddingGrad
             | CrossEntropy
             | Mse => 2,
-            MaxGrad { .. } | LayerNorm { .. } | LayerNormGradX { .. } | CrossEntropyGrad | MseGrad => 3,
+            MaxGrad { .. } | LayerNorm { .. } | LayerNormGradX { .. } | RmsNormGradX { .. } | CrossEntropyGrad | MseGrad => 3,
         }
     }
 
@@ -302,6 +325,7 @@ impl Op {
             LogSoftmaxGrad { axis } => format!("log_softmax_grad {axis}"),
             ClipScale { max_norm } => format!("clip_scale {max_norm}"),
             CausalMask { fill } => format!("causal_mask {fill}"),
+            Rope { head_dim, base, inverse } => format!("rope{} head_dim {head_dim} base {base}", if *inverse { " inverse" } else { "" }),
             Assign(Target::Param(i)) => format!("assign param {i}"),
             Assign(Target::State(i)) => format!("assign state {i}"),
             AllReduce { axis, .. } => format!("all-reduce({axis})"),
@@ -534,12 +558,14 @@ fn forward_op(p: &Prim) -> Op {
         Prim::Softmax { axis } => Op::Softmax { axis: *axis },
         Prim::LogSoftmax { axis } => Op::LogSoftmax { axis: *axis },
         Prim::LayerNorm { eps } => Op::LayerNorm { eps: *eps },
+        Prim::RmsNorm { eps } => Op::RmsNorm { eps: *eps },
         Prim::Sum { axes, keepdims } => Op::Sum { axes: axes.clone(), keepdims: *keepdims },
         Prim::Mean { axes, keepdims } => Op::Mean { axes: axes.clone(), keepdims: *keepdims },
         Prim::Max { axes, keepdims } => Op::Max { axes: axes.clone(), keepdims: *keepdims },
         Prim::Reshape => Op::Reshape,
         Prim::Transpose { perm } => Op::Transpose { perm: perm.clone() },
         Prim::Embedding => Op::Embedding,
+        Prim::Rope { head_dim, base } => Op::Rope { head_dim: *head_dim, base: *base, inverse: false },
         Prim::CrossEntropy => Op::CrossEntropy,
         Prim::Mse => Op::Mse,
         // Lowered by `attention`.
@@ -605,6 +631,13 @@ pub(crate) fn attention(g: &mut Graph, args: &[NodeId], heads: usize, ty: &Ty) -
     let o = g.add(Op::MatMul, &[p, v], Ty::new(dt, vec![b.clone(), hd.clone(), s.clone(), dh.clone()]), f);
     let ot = g.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[o], Ty::new(dt, vec![b.clone(), s.clone(), hd, dh]), f);
     g.add(Op::Reshape, &[ot], Ty::new(dt, vec![b, s, d]), f)
+}
+
+/// The angle by which `Op::Rope` turns pair `i` (elements 2i and 2i+1) of a
+/// head of `head_dim` at position `pos`: pos · base^(-2i/head_dim). Every
+/// backend computes it this way, in f64.
+pub fn rope_angle(pos: usize, i: usize, head_dim: usize, base: f64) -> f64 {
+    pos as f64 * base.powf(-((2 * i) as f64) / head_dim as f64)
 }
 
 /// Whether a dtype is trained (gets gradients).

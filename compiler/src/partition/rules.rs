@@ -128,14 +128,18 @@ pub fn decide(g: &Graph, id: NodeId, have: &[Layout], k: usize, update: bool) ->
                 _ => rule(all(2, Layout::Replicated), Layout::Replicated),
             }
         }
-        Op::LayerNorm { .. } => {
+        Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
             let last = out_shape.len().saturating_sub(1);
             match have[0] {
-                Layout::Split(d, u) if d != last => rule(vec![Layout::Split(d, u), Layout::Replicated, Layout::Replicated], Layout::Split(d, u)),
-                _ => rule(all(3, Layout::Replicated), Layout::Replicated),
+                Layout::Split(d, u) if d != last => {
+                    let mut args = all(n, Layout::Replicated);
+                    args[0] = Layout::Split(d, u);
+                    rule(args, Layout::Split(d, u))
+                }
+                _ => rule(all(n, Layout::Replicated), Layout::Replicated),
             }
         }
-        Op::LayerNormGradX { .. } => {
+        Op::LayerNormGradX { .. } | Op::RmsNormGradX { .. } => {
             let last = out_shape.len().saturating_sub(1);
             // Linear in dy, but reducing dy first (as Megatron does) keeps the
             // norm's own gradients whole: one reduction instead of three.
@@ -146,7 +150,7 @@ pub fn decide(g: &Graph, id: NodeId, have: &[Layout], k: usize, update: bool) ->
                 _ => rule(all(3, Layout::Replicated), Layout::Replicated),
             }
         }
-        Op::LayerNormGradGamma { .. } => {
+        Op::LayerNormGradGamma { .. } | Op::RmsNormGradGamma { .. } => {
             let last = arg_shape(0).len().saturating_sub(1);
             match (have[0], have[1]) {
                 (Layout::Split(d, u), _) | (_, Layout::Split(d, u)) if d != last => rule(vec![Layout::Split(d, u), Layout::Split(d, u)], Layout::Partial),
@@ -157,6 +161,18 @@ pub fn decide(g: &Graph, id: NodeId, have: &[Layout], k: usize, update: bool) ->
             let r = out_shape.len();
             match have[0] {
                 Layout::Split(d, u) if d + 2 < r => rule(vec![have[0]], Layout::Split(d, u)),
+                _ => rule(vec![Layout::Replicated], Layout::Replicated),
+            }
+        }
+        // Positions run along the second-last dim and pairs turn within a
+        // head: any other dim splits, and the last one in whole heads.
+        Op::Rope { head_dim, .. } => {
+            let r = out_shape.len();
+            let last = out_shape[r - 1];
+            let whole_heads = |u: usize| u > 0 && (0..k).all(|i| (chunk_range(last / u, k, i).start * u) % head_dim.max(&1) == 0);
+            match have[0] {
+                Layout::Split(d, u) if d + 2 < r || (d + 1 == r && whole_heads(u)) => rule(vec![have[0]], Layout::Split(d, u)),
+                Layout::Partial => rule(vec![Layout::Partial], Layout::Partial),
                 _ => rule(vec![Layout::Replicated], Layout::Replicated),
             }
         }

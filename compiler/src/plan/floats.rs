@@ -67,7 +67,11 @@ fn op_floats(op: &Op, at: &str, add: &mut impl FnMut(String, f64)) {
         Op::LayerNorm { eps } => add(format!("{at}/LayerNorm/eps"), *eps),
         Op::LayerNormGradX { eps } => add(format!("{at}/LayerNormGradX/eps"), *eps),
         Op::LayerNormGradGamma { eps } => add(format!("{at}/LayerNormGradGamma/eps"), *eps),
+        Op::RmsNorm { eps } => add(format!("{at}/RmsNorm/eps"), *eps),
+        Op::RmsNormGradX { eps } => add(format!("{at}/RmsNormGradX/eps"), *eps),
+        Op::RmsNormGradGamma { eps } => add(format!("{at}/RmsNormGradGamma/eps"), *eps),
         Op::CausalMask { fill } => add(format!("{at}/CausalMask/fill"), *fill),
+        Op::Rope { base, .. } => add(format!("{at}/Rope/base"), *base),
         _ => {}
     }
 }

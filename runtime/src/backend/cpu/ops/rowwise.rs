@@ -1,5 +1,6 @@
 //! Row-wise kernels: softmax, log-softmax and their gradients along an
-//! axis, layer norm and its gradients along the last axis.
+//! axis, layer norm and its gradients along the last axis, and rotary
+//! position embeddings.
 //!
 //! Each row is contiguous and processed by one thread with the lane
 //! primitives of [`lanes`]; rows are split across threads in contiguous
@@ -153,9 +154,9 @@ fn along_last(
 
 /// Row statistics of layer norm: (mean, 1/√(var + eps)), accumulated in f64.
 #[inline(always)]
-fn stats(row: &[f32], eps: f64) -> (f32, f32) {
+fn stats(row: &[f32], eps: f64, rms: bool) -> (f32, f32) {
     let n = row.len().max(1) as f64;
-    let mu = (lanes::sum_f64(row) / n) as f32;
+    let mu = if rms { 0.0 } else { (lanes::sum_f64(row) / n) as f32 };
     let var = lanes::sq_dev_f64(row, mu) / n;
     (mu, (1.0 / (var + eps).sqrt()) as f32)
 }
@@ -174,13 +175,14 @@ fn expect_len(name: Name<'_>, what: &str, got: usize, want: usize) -> Result<(),
     }
 }
 
-/// (x, gamma, beta) → (x − mean)/√(var + eps)·gamma + beta over the last axis.
+/// (x, gamma, beta) → (x − mean)/√(var + eps)·gamma + beta over the last axis;
+/// without beta, RMS norm: x/√(mean(x²) + eps)·gamma.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layer_norm(
     name: Name<'_>,
     (x, xs): F32Arg<'_>,
     (gamma, _): F32Arg<'_>,
-    (beta, _): F32Arg<'_>,
+    beta: Option<F32Arg<'_>>,
     eps: f64,
     out: &mut [f32],
     out_shape: &[usize],
@@ -189,7 +191,9 @@ pub(super) fn layer_norm(
     expect_shape(name, out_shape, xs)?;
     let (d, _) = last_dim(xs, x.len());
     expect_len(name, "gamma", gamma.len(), d)?;
-    expect_len(name, "beta", beta.len(), d)?;
+    if let Some((beta, _)) = beta {
+        expect_len(name, "beta", beta.len(), d)?;
+    }
     if d == 0 {
         return Ok(());
     }
@@ -203,9 +207,19 @@ pub(super) fn layer_norm(
             for (i, o) in block.chunks_exact_mut(d).enumerate() {
                 let s = (r0 + i) * d;
                 let Some(row) = x.get(s..s + d) else { return };
-                let (mu, rstd) = stats(row, eps);
-                for (((o, &v), &g), &b) in o.iter_mut().zip(row).zip(gamma).zip(beta) {
-                    *o = (v - mu) * rstd * g + b;
+                match beta {
+                    Some((beta, _)) => {
+                        let (mu, rstd) = stats(row, eps, false);
+                        for (((o, &v), &g), &b) in o.iter_mut().zip(row).zip(gamma).zip(beta) {
+                            *o = (v - mu) * rstd * g + b;
+                        }
+                    }
+                    None => {
+                        let (_, rstd) = stats(row, eps, true);
+                        for ((o, &v), &g) in o.iter_mut().zip(row).zip(gamma) {
+                            *o = v * rstd * g;
+                        }
+                    }
                 }
             }
         },
@@ -213,7 +227,7 @@ pub(super) fn layer_norm(
     Ok(())
 }
 
-/// (x, gamma, dy) → dx of layer norm.
+/// (x, gamma, dy) → dx of layer norm (of RMS norm when `rms`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layer_norm_grad_x(
     name: Name<'_>,
@@ -221,6 +235,7 @@ pub(super) fn layer_norm_grad_x(
     (gamma, _): F32Arg<'_>,
     (dy, _): F32Arg<'_>,
     eps: f64,
+    rms: bool,
     out: &mut [f32],
     out_shape: &[usize],
     threads: usize,
@@ -243,11 +258,12 @@ pub(super) fn layer_norm_grad_x(
             for (i, o) in block.chunks_exact_mut(d).enumerate() {
                 let s = (r0 + i) * d;
                 let (Some(row), Some(dy)) = (x.get(s..s + d), dy.get(s..s + d)) else { return };
-                let (mu, rstd) = stats(row, eps);
+                let (mu, rstd) = stats(row, eps, rms);
                 // With g = dy·gamma and x̂ = (x − mu)·rstd:
-                // dx = rstd/n · (n·g − Σg − x̂·Σ g·x̂).
+                // dx = rstd/n · (n·g − Σg − x̂·Σ g·x̂), without Σg for RMS norm
+                // (its mu is 0 whatever x is).
                 let (sg, sgd) = grad_sums(row, dy, gamma, mu);
-                let (sg, sgx) = (sg as f32, (sgd * rstd as f64) as f32);
+                let (sg, sgx) = (if rms { 0.0 } else { sg as f32 }, (sgd * rstd as f64) as f32);
                 let a = rstd / n;
                 for (((o, &v), &dy), &g) in o.iter_mut().zip(row).zip(dy).zip(gamma) {
                     let xhat = (v - mu) * rstd;
@@ -279,12 +295,14 @@ fn grad_sums(x: &[f32], dy: &[f32], gamma: &[f32], mu: f32) -> (f64, f64) {
     (sg, sgx)
 }
 
-/// (x, dy) → dgamma = Σ over rows of dy·x̂, one output per column of x.
+/// (x, dy) → dgamma = Σ over rows of dy·x̂, one output per column of x
+/// (x̂ of RMS norm when `rms`).
 pub(super) fn layer_norm_grad_gamma(
     name: Name<'_>,
     (x, xs): F32Arg<'_>,
     (dy, _): F32Arg<'_>,
     eps: f64,
+    rms: bool,
     out: &mut [f32],
     out_shape: &[usize],
     threads: usize,
@@ -307,7 +325,7 @@ pub(super) fn layer_norm_grad_gamma(
         |r0, block| {
             for (i, s) in block.iter_mut().enumerate() {
                 let o = (r0 + i) * d;
-                *s = stats(x.get(o..o + d).unwrap_or(&[]), eps);
+                *s = stats(x.get(o..o + d).unwrap_or(&[]), eps, rms);
             }
         },
     );
@@ -329,6 +347,62 @@ pub(super) fn layer_norm_grad_gamma(
             }
             for (o, a) in block.iter_mut().zip(acc) {
                 *o = a as f32;
+            }
+        },
+    );
+    Ok(())
+}
+
+/// Rotary position embedding over [.., seq, heads · head_dim]: pair (2i, 2i+1)
+/// of each head at position p turns by `rope_angle(p, i)` (back by it when
+/// `inverse`). The angles' cosines and sines are tabulated once per call, in
+/// f64 and rounded to f32, so every row of a position turns alike.
+pub(super) fn rope(
+    name: Name<'_>,
+    (x, xs): F32Arg<'_>,
+    head_dim: usize,
+    base: f64,
+    inverse: bool,
+    out: &mut [f32],
+    out_shape: &[usize],
+    threads: usize,
+) -> Result<(), EngineError> {
+    expect_shape(name, out_shape, xs)?;
+    let &[.., seq, d] = xs else {
+        return Err(invalid(name, format!("needs rank ≥ 2, got {xs:?}")));
+    };
+    if head_dim == 0 || head_dim % 2 != 0 || d % head_dim != 0 {
+        return Err(invalid(name, format!("head dim {head_dim} does not split the last dim of {xs:?} into pairs")));
+    }
+    if seq == 0 || d == 0 {
+        return Ok(());
+    }
+    let half = head_dim / 2;
+    let mut table = Vec::with_capacity(seq * half);
+    for p in 0..seq {
+        for i in 0..half {
+            let a = shardplan_compiler::graph::rope_angle(p, i, head_dim, base);
+            let sin = if inverse { -a.sin() } else { a.sin() };
+            table.push((a.cos() as f32, sin as f32));
+        }
+    }
+    par_rows(
+        out,
+        d,
+        threads,
+        x.len(),
+        #[inline(always)]
+        |r0, block| {
+            for (k, row) in block.chunks_exact_mut(d).enumerate() {
+                let r = r0 + k;
+                let turns = &table[(r % seq) * half..(r % seq + 1) * half];
+                let Some(src) = x.get(r * d..(r + 1) * d) else { continue };
+                for (o, s) in row.chunks_exact_mut(head_dim).zip(src.chunks_exact(head_dim)) {
+                    for ((o, s), &(cos, sin)) in o.chunks_exact_mut(2).zip(s.chunks_exact(2)).zip(turns) {
+                        o[0] = s[0] * cos - s[1] * sin;
+                        o[1] = s[0] * sin + s[1] * cos;
+                    }
+                }
             }
         },
     );

@@ -395,7 +395,7 @@ fn softmax_grads_match_reference() {
 }
 
 #[test]
-fn layer_norm_and_grads_match_reference() {
+fn layer_norm_rms_norm_and_grads_match_reference() {
     let mut rng = Rng(crate::data::rng::SplitMix64::new(10));
     for s in [&[17][..], &[3, 7], &[2, 5, 33], &[1, 1], &BIG] {
         let d = s[s.len() - 1];
@@ -404,8 +404,11 @@ fn layer_norm_and_grads_match_reference() {
         let (gamma, beta, dy) = (rng.vec(d), rng.vec(d), rng.vec(n));
         let eps = 1e-5;
         check(&Op::LayerNorm { eps }, &[f(x.clone(), s), f(gamma.clone(), &[d]), f(beta, &[d])], s);
-        check(&Op::LayerNormGradX { eps }, &[f(x.clone(), s), f(gamma, &[d]), f(dy.clone(), s)], s);
-        check(&Op::LayerNormGradGamma { eps }, &[f(x, s), f(dy, s)], &[d]);
+        check(&Op::LayerNormGradX { eps }, &[f(x.clone(), s), f(gamma.clone(), &[d]), f(dy.clone(), s)], s);
+        check(&Op::LayerNormGradGamma { eps }, &[f(x.clone(), s), f(dy.clone(), s)], &[d]);
+        check(&Op::RmsNorm { eps }, &[f(x.clone(), s), f(gamma.clone(), &[d])], s);
+        check(&Op::RmsNormGradX { eps }, &[f(x.clone(), s), f(gamma, &[d]), f(dy.clone(), s)], s);
+        check(&Op::RmsNormGradGamma { eps }, &[f(x, s), f(dy, s)], &[d]);
     }
 }
 
@@ -416,6 +419,21 @@ fn causal_mask_matches_reference() {
         for fill in [f64::NEG_INFINITY, -1e9] {
             check(&Op::CausalMask { fill }, &[f(rng.vec(numel(s)), s)], s);
         }
+    }
+}
+
+#[test]
+fn rope_and_its_inverse_match_reference() {
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(13));
+    // [seq, dim], [batch, seq, heads · head_dim], and enough rows to split across threads.
+    for (s, head_dim) in [(&[5, 8][..], 8), (&[2, 7, 12], 4), (&[3, 1, 2], 2), (&[4, 300, 64], 16)] {
+        for (base, inverse) in [(10000.0, false), (10000.0, true), (500000.0, false)] {
+            check(&Op::Rope { head_dim, base, inverse }, &[f(rng.vec(numel(s)), s)], s);
+        }
+    }
+    // An odd head dim, or one that does not divide the last dim, is refused.
+    for (s, head_dim) in [(&[2, 6][..], 3), (&[2, 6], 4), (&[2, 6], 0)] {
+        assert!(ours(&Op::Rope { head_dim, base: 10000.0, inverse: false }, &[f(rng.vec(numel(s)), s)], s, 1).is_err());
     }
 }
 

@@ -8,7 +8,7 @@
 //! when the operands or output do not fit the kernel (checked before any
 //! source is written).
 
-use super::writer::{f32_lit, Gen, Mode, GELU};
+use super::writer::{f32_lit, f64_lit, Gen, Mode, GELU};
 use super::{CodegenError, Io};
 use shardplan_compiler::kernel::{Binary, BufId, Elem, Fused, Inst, Unary};
 
@@ -506,6 +506,37 @@ pub fn causal_mask(io: &Io<'_>, fill: f64) -> Result<Option<super::Kernel>, Code
     let (k, q) = (g.n(sk), g.n(sq));
     g.line(2, format!("const I key = i % {k}, query = (i / {k}) % {q};"));
     g.line(2, format!("out[i] = key <= query ? x[i] : {};", f32_lit(fill as f32)));
+    g.close();
+    Ok(Some(g.finish()))
+}
+
+/// Rotary position embedding over [.., seq, d], one thread per element: the
+/// element and its pair partner turn by `rope_angle` (computed in double, as
+/// on the CPU), or back by it when `inverse`.
+pub fn rope(io: &Io<'_>, head_dim: usize, base: f64, inverse: bool) -> Result<Option<super::Kernel>, CodegenError> {
+    let xs = io.typed(0, Elem::F32)?.shape.clone();
+    io.out_f32()?;
+    io.expect_out(&xs)?;
+    let &[.., seq, d] = xs.as_slice() else {
+        return Err(CodegenError::Operands(format!("needs rank ≥ 2, got {xs:?}")));
+    };
+    if head_dim == 0 || head_dim % 2 != 0 || d % head_dim != 0 {
+        return Err(CodegenError::Operands(format!("head dim {head_dim} does not split the last dim of {xs:?} into pairs")));
+    }
+    let n = io.out_len();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut g = Gen::new(format!("rope{} head_dim {head_dim} {xs:?}", if inverse { " inverse" } else { "" }), n);
+    g.param(io.ins[0], Elem::F32, Mode::In, "x");
+    g.param(io.out, Elem::F32, Mode::Out, "out");
+    g.each(n);
+    let (dn, sn, hn) = (g.n(d), g.n(seq), g.n(head_dim));
+    g.line(2, format!("const I j = (i % {dn}) % {hn}, pos = (i / {dn}) % {sn}, even = i - (j & 1u);"));
+    g.line(2, format!("const double a = (double)pos * pow({}, -(double)(j & ~(I)1) / {});", f64_lit(base), f64_lit(head_dim as f64)));
+    g.line(2, format!("const float c = (float)cos(a), s = (float)({}sin(a));", if inverse { "-" } else { "" }));
+    g.line(2, "const float x0 = x[even], x1 = x[even + 1];");
+    g.line(2, "out[i] = (j & 1u) ? x0 * s + x1 * c : x0 * c - x1 * s;");
     g.close();
     Ok(Some(g.finish()))
 }

@@ -146,13 +146,18 @@ pub fn softmax_grad(io: &Io<'_>, axis: usize, log: bool) -> Result<Option<Kernel
 
 /// Lines computing `mu` and `rstd` of the row at `base` (length `d`,
 /// contiguous), accumulated in double.
-fn stats(g: &mut Gen, d: usize, eps: f64, indent: usize) {
+fn stats(g: &mut Gen, d: usize, eps: f64, rms: bool, indent: usize) {
     let df = f64_lit(d.max(1) as f64);
-    g.line(indent, "double s = 0.0;");
-    each_j(g, d, indent);
-    g.line(indent + 1, "s += (double)x[base + j];");
-    g.line(indent, "}");
-    g.line(indent, format!("const float mu = (float)(sp_block_sum(s, sh_d) / {df});"));
+    if rms {
+        // RMS norm: the mean square, about 0.
+        g.line(indent, "const float mu = 0.0f;");
+    } else {
+        g.line(indent, "double s = 0.0;");
+        each_j(g, d, indent);
+        g.line(indent + 1, "s += (double)x[base + j];");
+        g.line(indent, "}");
+        g.line(indent, format!("const float mu = (float)(sp_block_sum(s, sh_d) / {df});"));
+    }
     g.line(indent, "double q = 0.0;");
     each_j(g, d, indent);
     g.line(indent + 1, "const float c = x[base + j] - mu;");
@@ -177,34 +182,43 @@ fn expect_len(what: &'static str, got: usize, want: usize) -> Result<(), Codegen
 }
 
 /// (x, gamma, beta) → (x − mean)/√(var + eps)·gamma + beta over the last axis.
-pub fn layer_norm(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, CodegenError> {
+/// Without beta (`rms`), RMS norm: x/√(mean(x²) + eps)·gamma.
+pub fn layer_norm(io: &Io<'_>, eps: f64, rms: bool) -> Result<Option<Kernel>, CodegenError> {
     let xs = io.typed(0, Elem::F32)?.shape.clone();
-    let (gamma, beta) = (io.typed(1, Elem::F32)?.len(), io.typed(2, Elem::F32)?.len());
+    let gamma = io.typed(1, Elem::F32)?.len();
     io.out_f32()?;
     io.expect_out(&xs)?;
     let (d, rows) = last_dim(&xs);
     expect_len("gamma", gamma, d)?;
-    expect_len("beta", beta, d)?;
+    if !rms {
+        expect_len("beta", io.typed(2, Elem::F32)?.len(), d)?;
+    }
     if d == 0 || rows == 0 {
         return Ok(None);
     }
-    let mut g = Gen::new(format!("layer_norm of {xs:?}"), io.largest());
+    let mut g = Gen::new(format!("{} of {xs:?}", if rms { "rms_norm" } else { "layer_norm" }), io.largest());
     g.param(io.ins[0], Elem::F32, Mode::In, "x");
     g.param(io.ins[1], Elem::F32, Mode::In, "gamma");
-    g.param(io.ins[2], Elem::F32, Mode::In, "beta");
+    if !rms {
+        g.param(io.ins[2], Elem::F32, Mode::In, "beta");
+    }
     g.param(io.out, Elem::F32, Mode::Out, "out");
     let _ = start_rows(&mut g, rows, d, 1);
-    stats(&mut g, d, eps, 2);
+    stats(&mut g, d, eps, rms, 2);
     each_j(&mut g, d, 2);
-    g.line(3, "out[base + j] = (x[base + j] - mu) * rstd * gamma[j] + beta[j];");
+    if rms {
+        g.line(3, "out[base + j] = x[base + j] * rstd * gamma[j];");
+    } else {
+        g.line(3, "out[base + j] = (x[base + j] - mu) * rstd * gamma[j] + beta[j];");
+    }
     g.line(2, "}");
     g.close();
     Ok(Some(g.finish()))
 }
 
 /// (x, gamma, dy) → dx of layer norm: with g = dy·gamma and x̂ = (x − mu)·rstd,
-/// dx = rstd/n · (n·g − Σg − x̂·Σ g·x̂).
-pub fn layer_norm_grad_x(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, CodegenError> {
+/// dx = rstd/n · (n·g − Σg − x̂·Σ g·x̂); for RMS norm (`rms`, mu = 0) without Σg.
+pub fn layer_norm_grad_x(io: &Io<'_>, eps: f64, rms: bool) -> Result<Option<Kernel>, CodegenError> {
     let xs = io.typed(0, Elem::F32)?.shape.clone();
     let (gamma, dy) = (io.typed(1, Elem::F32)?.len(), io.typed(2, Elem::F32)?.len());
     io.out_f32()?;
@@ -215,20 +229,24 @@ pub fn layer_norm_grad_x(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, Codege
     if d == 0 || rows == 0 {
         return Ok(None);
     }
-    let mut g = Gen::new(format!("layer_norm gradient of x {xs:?}"), io.largest());
+    let mut g = Gen::new(format!("{} gradient of x {xs:?}", if rms { "rms_norm" } else { "layer_norm" }), io.largest());
     g.param(io.ins[0], Elem::F32, Mode::In, "x");
     g.param(io.ins[1], Elem::F32, Mode::In, "gamma");
     g.param(io.ins[2], Elem::F32, Mode::In, "dy");
     g.param(io.out, Elem::F32, Mode::Out, "out");
     let _ = start_rows(&mut g, rows, d, 1);
-    stats(&mut g, d, eps, 2);
+    stats(&mut g, d, eps, rms, 2);
     g.line(2, "double sg = 0.0, sgd = 0.0;");
     each_j(&mut g, d, 2);
     g.line(3, "const float gj = dy[base + j] * gamma[j];");
     g.line(3, "sg += (double)gj;");
     g.line(3, "sgd += (double)(gj * (x[base + j] - mu));");
     g.line(2, "}");
-    g.line(2, "const float sgf = (float)sp_block_sum(sg, sh_d);");
+    if rms {
+        g.line(2, "const float sgf = 0.0f;");
+    } else {
+        g.line(2, "const float sgf = (float)sp_block_sum(sg, sh_d);");
+    }
     g.line(2, "const float sgx = (float)(sp_block_sum(sgd, sh_d) * (double)rstd);");
     let n = f32_lit(d as f32);
     g.line(2, format!("const float a = rstd / {n};"));
@@ -247,7 +265,7 @@ pub fn layer_norm_grad_x(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, Codege
 /// its lanes' sums; the warps' sums are then added in warp order. Bands
 /// are as narrow as keeps the blocks to about 16, so the statistics are
 /// recomputed by at most that many blocks.
-pub fn layer_norm_grad_gamma(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, CodegenError> {
+pub fn layer_norm_grad_gamma(io: &Io<'_>, eps: f64, rms: bool) -> Result<Option<Kernel>, CodegenError> {
     let xs = io.typed(0, Elem::F32)?.shape.clone();
     let dy = io.typed(1, Elem::F32)?.len();
     io.out_f32()?;
@@ -260,7 +278,7 @@ pub fn layer_norm_grad_gamma(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, Co
     const WARPS: u32 = 16;
     let k = d.div_ceil(32 * 16).clamp(1, 8);
     let band = 32 * k;
-    let mut g = Gen::new(format!("layer_norm gradient of gamma, x {xs:?}"), io.largest());
+    let mut g = Gen::new(format!("{} gradient of gamma, x {xs:?}", if rms { "rms_norm" } else { "layer_norm" }), io.largest());
     g.param(io.ins[0], Elem::F32, Mode::In, "x");
     g.param(io.ins[1], Elem::F32, Mode::In, "dy");
     g.param(io.out, Elem::F32, Mode::Out, "out");
@@ -277,9 +295,13 @@ pub fn layer_norm_grad_gamma(io: &Io<'_>, eps: f64) -> Result<Option<Kernel>, Co
     g.line(2, format!("for (unsigned k = 0; k < {k}u; ++k) acc[k] = 0.0;"));
     g.line(2, format!("for (I row = warp; row < {rr}; row += {WARPS}u) {{"));
     g.line(3, format!("const I base = row * {dd};"));
-    g.line(3, "double s = 0.0;");
-    g.line(3, format!("for (I j = lane; j < {dd}; j += 32u) s += (double)x[base + j];"));
-    g.line(3, format!("const float mu = (float)(sp_warp_sum(s) / {df});"));
+    if rms {
+        g.line(3, "const float mu = 0.0f;");
+    } else {
+        g.line(3, "double s = 0.0;");
+        g.line(3, format!("for (I j = lane; j < {dd}; j += 32u) s += (double)x[base + j];"));
+        g.line(3, format!("const float mu = (float)(sp_warp_sum(s) / {df});"));
+    }
     g.line(3, "double q = 0.0;");
     g.line(3, format!("for (I j = lane; j < {dd}; j += 32u) {{"));
     g.line(4, "const float c = x[base + j] - mu;");
