@@ -152,6 +152,7 @@ fn examples_match_one_device() {
         ("pipeline_1f1b", vec![("batch", 8), ("seq", 16)]),
         ("data_tensor_pipeline", vec![("batch", 8), ("seq", 16)]),
         ("llama_3d", vec![("batch", 8), ("seq", 16)]),
+        ("cnn_digits", vec![]),
     ] {
         let text = std::fs::read_to_string(root().join(format!("examples/{e}.plan"))).expect("example");
         verify_set(e, &text, &root().join("examples"), &set);
@@ -382,4 +383,21 @@ fn llama_placements_match_one_device() {
         "llama_pp2_tied",
         &llama(2, "placement {\n  mesh (pipe: 2)\n  pipeline over pipe {\n    stage embed, blocks[0..2]\n    stage blocks[2..4], norm\n    microbatches 2\n    schedule 1f1b\n  }\n}"),
     );
+}
+
+/// examples/cnn_digits.plan (convolutions, a residual block, max and average
+/// pooling) on `devices` under `placement`.
+fn cnn(devices: usize, placement: &str) -> String {
+    let text = std::fs::read_to_string(root().join("examples/cnn_digits.plan")).expect("example");
+    let text = text.replace("\"data/digits.csv\"", &format!("{:?}", common::example_data("digits.csv")));
+    let head = text.split("devices cpu x 4").next().expect("devices line");
+    format!("{head}devices cpu x {devices}\n{placement}")
+}
+
+#[test]
+fn cnn_placements_match_one_device() {
+    verify("cnn_dp2", &cnn(2, "placement {\n  mesh (data: 2)\n  data_parallel over data\n}"));
+    let stages = "pipeline over pipe {\n    stage conv1, pool1, res\n    stage conv2, pool2, out\n    microbatches 4\n    schedule 1f1b\n  }";
+    verify("cnn_pp2", &cnn(2, &format!("placement {{\n  mesh (pipe: 2)\n  {stages}\n}}")));
+    verify("cnn_dp2_pp2", &cnn(4, &format!("placement {{\n  mesh (data: 2, pipe: 2)\n  data_parallel over data\n  {stages}\n}}")));
 }

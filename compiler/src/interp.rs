@@ -177,6 +177,8 @@ pub fn apply(op: &Op, a: &[&Tensor], out: &[usize], env: &Env<'_>) -> Result<Ten
         Op::RmsNormGradX { eps } => layer_norm_grad_x(a[0], a[1], a[2], *eps, true),
         Op::RmsNormGradGamma { eps } => layer_norm_grad_gamma(a[0], a[1], *eps, true),
         Op::CausalMask { fill } => causal_mask(a[0], *fill),
+        Op::Im2Col { kh, kw, stride, padding, fill } => im2col(a[0], *kh, *kw, *stride, *padding, *fill, &out),
+        Op::Col2Im { kh, kw, stride, padding } => col2im(a[0], *kh, *kw, *stride, *padding, &out),
         Op::Rope { head_dim, base, inverse } => rope(a[0], *head_dim, *base, *inverse),
         Op::Embedding => embedding(a[0], a[1])?,
         Op::EmbeddingGrad => embedding_grad(a[0], a[1], &out)?,
@@ -433,6 +435,53 @@ fn layer_norm_grad_gamma(x: &Tensor, dy: &Tensor, eps: f64, rms: bool) -> Tensor
         }
     }
     Tensor::new(vec![d], out)
+}
+
+/// x [n, c, h, w] → windows [n, oh, ow, c, kh, kw] (`out` is that shape).
+fn im2col(x: &Tensor, kh: usize, kw: usize, stride: usize, padding: usize, fill: f64, out: &[usize]) -> Tensor {
+    let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
+    let (oh, ow) = (out[1], out[2]);
+    let mut data = Vec::with_capacity(out.iter().product());
+    for b in 0..n {
+        for i in 0..oh {
+            for j in 0..ow {
+                for ch in 0..c {
+                    for a in 0..kh {
+                        for e in 0..kw {
+                            let at = crate::graph::window_source(i, a, stride, padding, h).zip(crate::graph::window_source(j, e, stride, padding, w));
+                            data.push(at.map_or(fill, |(y, z)| x.data[((b * c + ch) * h + y) * w + z]));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Tensor::new(out.to_vec(), data)
+}
+
+/// Windows [n, oh, ow, c, kh, kw] summed back into an image `out` [n, c, h, w].
+fn col2im(cols: &Tensor, kh: usize, kw: usize, stride: usize, padding: usize, out: &[usize]) -> Tensor {
+    let (n, c, h, w) = (out[0], out[1], out[2], out[3]);
+    let (oh, ow) = (cols.shape[1], cols.shape[2]);
+    let mut data = vec![0.0; out.iter().product()];
+    let mut k = 0;
+    for b in 0..n {
+        for i in 0..oh {
+            for j in 0..ow {
+                for ch in 0..c {
+                    for a in 0..kh {
+                        for e in 0..kw {
+                            if let (Some(y), Some(z)) = (crate::graph::window_source(i, a, stride, padding, h), crate::graph::window_source(j, e, stride, padding, w)) {
+                                data[((b * c + ch) * h + y) * w + z] += cols.data[k];
+                            }
+                            k += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Tensor::new(out.to_vec(), data)
 }
 
 fn rope(x: &Tensor, head_dim: usize, base: f64, inverse: bool) -> Tensor {

@@ -231,6 +231,111 @@ train { batch: 4, steps: 1, optimizer: sgd(lr: 0.1) }
 }
 
 #[test]
+fn cnn_gradients_match_finite_differences() {
+    // Convolutions with stride and padding, a residual block, max and average pooling.
+    grad_check(
+        r#"
+model M {
+  input x: f32[batch, 2, 6, 6]
+  input label: i32[batch]
+  layer conv1 = Conv2d(2, 3, 3, padding: 1)
+  layer res = ResidualBlock(3)
+  layer pool = MaxPool2d(2)
+  layer conv2 = Conv2d(3, 4, 2, stride: 2, padding: 1)
+  layer out = Linear(36, 3)
+  loss cross_entropy(out(reshape(avg_pool2d(conv2(pool(res(relu(conv1(x))))), kernel: 2, stride: 1, padding: 1), [batch, 36])), label)
+}
+data d = synthetic(features: 72, classes: 3)
+train { batch: 3, steps: 1, optimizer: sgd(lr: 0.1) }
+"#,
+        3.0,
+    );
+}
+
+/// conv2d and the pools compute their definitions, written out here as
+/// loops over the windows, against the interpreter: the loss is the mean
+/// square of `pool(conv(x))` for each pool.
+#[test]
+fn conv2d_and_pools_compute_their_formulas() {
+    // (pool call, k, stride, padding, max)
+    for (call, k, st, p, max) in [
+        ("max_pool2d(y, kernel: 2, stride: 1)", 2i64, 1i64, 0i64, true),
+        ("avg_pool2d(y, kernel: 3, padding: 1)", 3, 3, 1, false),
+        ("max_pool2d(y, kernel: 3, padding: 1, stride: 1)", 3, 1, 1, true),
+        ("y", 1, 1, 0, true),
+    ] {
+        let c = checked(&format!(
+            r#"
+layer C(in, out, k) {{
+  param w: f32[out, in, k, k] = glorot_uniform
+  forward(x) {{
+    let y = conv2d(x, w, stride: 2, padding: 1)
+    let z = {call}
+    return z * z
+  }}
+}}
+model M {{
+  input x: f32[batch, 2, 5, 5]
+  input label: i32[batch]
+  layer conv = C(2, 3, 3)
+  loss mean(conv(x))
+}}
+data d = synthetic(features: 50, classes: 2)
+train {{ batch: 2, steps: 1, optimizer: sgd(lr: 0.1) }}
+"#
+        ));
+        let g = training_graph(&c);
+        let mut rng = Rng(17);
+        let (params, inputs) = values(&c, &mut rng, 2.0);
+        let got = values_of(&g, &inputs, &params)[g.loss.0 as usize].data[0];
+        let (x, w) = (&inputs[0].data, &params[0].data);
+        let at = |t: &[f64], dims: [usize; 4], i: [i64; 4]| -> Option<f64> {
+            (0..4).all(|k| i[k] >= 0 && (i[k] as usize) < dims[k]).then(|| t[((i[0] as usize * dims[1] + i[1] as usize) * dims[2] + i[2] as usize) * dims[3] + i[3] as usize])
+        };
+        // conv: [2, 2, 5, 5] ⊛ [3, 2, 3, 3], stride 2, padding 1 → [2, 3, 3, 3].
+        let mut y = vec![0.0; 2 * 3 * 3 * 3];
+        for n in 0..2 {
+            for o in 0..3 {
+                for i in 0..3 {
+                    for j in 0..3 {
+                        let mut s = 0.0;
+                        for ch in 0..2 {
+                            for a in 0..3 {
+                                for b in 0..3 {
+                                    let v = at(x, [2, 2, 5, 5], [n, ch, 2 * i + a - 1, 2 * j + b - 1]).unwrap_or(0.0);
+                                    s += v * w[((o as usize * 2 + ch as usize) * 3 + a as usize) * 3 + b as usize];
+                                }
+                            }
+                        }
+                        y[((n as usize * 3 + o) * 3 + i as usize) * 3 + j as usize] = s;
+                    }
+                }
+            }
+        }
+        // The pool: max with −∞ padding, or the mean counting the zero padding.
+        let o = (3 + 2 * p - k) / st + 1;
+        let mut sum = 0.0;
+        for n in 0..2 {
+            for ch in 0..3 {
+                for i in 0..o {
+                    for j in 0..o {
+                        let vals: Vec<f64> = (0..k)
+                            .flat_map(|a| (0..k).map(move |b| (a, b)))
+                            .map(|(a, b)| at(&y, [2, 3, 3, 3], [n, ch, i * st + a - p, j * st + b - p]).unwrap_or(if max { f64::NEG_INFINITY } else { 0.0 }))
+                            .collect();
+                        let v = if max { vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max) } else { vals.iter().sum::<f64>() / vals.len() as f64 };
+                        sum += v * v;
+                    }
+                }
+            }
+        }
+        let expected = sum / (2 * 3 * o * o) as f64;
+        assert!(expected > 1e-3, "{call}: the convolution is not zero");
+        assert!((got - expected).abs() <= 1e-12 * expected.abs().max(1.0), "{call}: {got} against {expected}");
+    }
+}
+
+#[test]
 fn mlp_gradients_match_finite_differences() {
     grad_check(
         r#"

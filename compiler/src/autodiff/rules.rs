@@ -208,6 +208,11 @@ pub(super) fn vjp(g: &mut Graph, id: NodeId, args: &[NodeId], dy: NodeId) -> Vec
                 res.push((args[1], g.add(Op::RmsNormGradGamma { eps }, &[args[0], dy], t, B)));
             }
         }
+        // Linear: the adjoint sums each window's gradient back into the image.
+        Op::Im2Col { kh, kw, stride, padding, .. } => {
+            let t = ty(g, args[0]);
+            res.push((args[0], g.add(Op::Col2Im { kh, kw, stride, padding }, &[dy], t, B)));
+        }
         Op::CausalMask { .. } => res.push((args[0], g.add(Op::CausalMask { fill: 0.0 }, &[dy], out, B))),
         // A rotation: its transpose turns back by the same angles.
         Op::Rope { head_dim, base, inverse } => res.push((args[0], g.add(Op::Rope { head_dim, base, inverse: !inverse }, &[dy], out, B))),
@@ -245,6 +250,7 @@ pub(super) fn vjp(g: &mut Graph, id: NodeId, args: &[NodeId], dy: NodeId) -> Vec
         | Op::LayerNormGradX { .. }
         | Op::LayerNormGradGamma { .. }
         | Op::RmsNormGradX { .. }
+        | Op::Col2Im { .. }
         | Op::RmsNormGradGamma { .. }
         | Op::EmbeddingGrad
         | Op::CrossEntropyGrad

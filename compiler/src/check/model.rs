@@ -164,6 +164,9 @@ pub const OPS: &[&str] = &[
     "causal_attention",
     "attention",
     "rope",
+    "conv2d",
+    "max_pool2d",
+    "avg_pool2d",
     "cross_entropy",
     "mse",
 ];

@@ -295,6 +295,8 @@ pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<A
         "embedding" => (&["table", "ids"], 2),
         "causal_attention" | "attention" => (&["q", "k", "v", "heads", "kv_heads"], 4),
         "rope" => (&["x", "heads", "base"], 2),
+        "conv2d" => (&["x", "weight", "stride", "padding"], 2),
+        "max_pool2d" | "avg_pool2d" => (&["x", "kernel", "stride", "padding"], 2),
         "cross_entropy" => (&["logits", "labels"], 2),
         "mse" => (&["pred", "target"], 2),
         _ => return Val::Error,
@@ -696,6 +698,73 @@ pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<A
                 return Val::Error;
             }
             a.emit(Prim::Rope { head_dim: (d / heads) as usize, base }, &[0], x)
+        }
+        // Images are NCHW: [batch, channels, height, width].
+        "conv2d" | "max_pool2d" | "avg_pool2d" => {
+            let Some(x) = a.float_tensor(0) else { return Val::Error };
+            if x.rank() != 4 {
+                return a.rank_error(0, &x, "an image batch [n, channels, height, width]");
+            }
+            let conv = name == "conv2d";
+            let size = |a: &mut Args, i: usize, what: &str, least: i64, default: Option<i64>| -> Option<i64> {
+                match &a.slots[i] {
+                    Some((Val::Int(v, _), _)) if *v >= least => Some(*v),
+                    Some((v, s)) => {
+                        let (d, s) = (v.describe(), *s);
+                        a.cx.err(
+                            Diagnostic::error("call::bad_argument", format!("`{what}` must be an integer of at least {least}, found {d}"))
+                                .label(s, format!("not a {what}"))
+                                .help(format!("write `{what}: {}`", least.max(1))),
+                        );
+                        None
+                    }
+                    None => default,
+                }
+            };
+            let (kh, kw, o) = if conv {
+                let Some(w) = a.float_tensor(1) else { return Val::Error };
+                if w.rank() != 4 || w.shape[1].size != x.shape[1].size || w.dtype != x.dtype {
+                    let (xs, ws) = (a.span(0), a.span(1));
+                    a.cx.err(
+                        Diagnostic::error("shape::conv2d_weight", format!("`conv2d` needs a weight [out, {}, kh, kw] of {}, found {w}", x.shape[1], x.dtype))
+                            .label(ws, format!("this is {w}"))
+                            .label(xs, format!("x is {x}, with {} channel{}", x.shape[1], if x.shape[1].size == 1 { "" } else { "s" }))
+                            .help(format!("declare it as `{}[out, {}, kh, kw]`, as PyTorch's Conv2d lays out its weight", x.dtype, x.shape[1])),
+                    );
+                    return Val::Error;
+                }
+                (w.shape[2].size, w.shape[3].size, w.shape[0].clone())
+            } else {
+                let Some(k) = size(&mut a, 1, "kernel", 1, None) else { return Val::Error };
+                (k, k, x.shape[1].clone())
+            };
+            let default_stride = if conv { 1 } else { kh };
+            let Some(stride) = size(&mut a, 2, "stride", 1, Some(default_stride)) else { return Val::Error };
+            let Some(padding) = size(&mut a, 3, "padding", 0, Some(0)) else { return Val::Error };
+            let (h, w) = (x.shape[2].size, x.shape[3].size);
+            if kh > h + 2 * padding || kw > w + 2 * padding || (!conv && 2 * padding > kh) {
+                let (xs, ks) = (a.span(0), a.span(1));
+                let why = if !conv && 2 * padding > kh {
+                    format!("padding {padding} is more than half the {kh} × {kw} window")
+                } else {
+                    format!("the {kh} × {kw} window is larger than the {h} × {w} image padded by {padding}")
+                };
+                a.cx.err(
+                    Diagnostic::error("shape::conv2d_window", format!("`{name}` has no output: {why}"))
+                        .label(ks, format!("a {kh} × {kw} window"))
+                        .label(xs, format!("x is {x}"))
+                        .help("use a smaller window, or more padding"),
+                );
+                return Val::Error;
+            }
+            let (oh, ow) = ((h + 2 * padding - kh) / stride + 1, (w + 2 * padding - kw) / stride + 1);
+            let ty = Ty::new(x.dtype, vec![x.shape[0].clone(), o, Dim::known(oh), Dim::known(ow)]);
+            let (stride, padding) = (stride as usize, padding as usize);
+            if conv {
+                a.emit(Prim::Conv2d { stride, padding }, &[0, 1], ty)
+            } else {
+                a.emit(Prim::Pool2d { kernel: kh as usize, stride, padding, max: name == "max_pool2d" }, &[0], ty)
+            }
         }
         "cross_entropy" => {
             let Some(logits) = a.float_tensor(0) else { return Val::Error };

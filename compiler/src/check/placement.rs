@@ -105,7 +105,7 @@ pub(super) fn placement(p: Option<&ast::PlacementDef>, model: &Model, batch: i64
     };
     match &p.kind {
         PlacementKind::Auto(stmts) => auto(stmts, devices, diags),
-        PlacementKind::Explicit(stmts) => Checker { model, batch, devices, diags, head: p.head }.explicit(stmts),
+        PlacementKind::Explicit(stmts) => Checker { model, batch, devices, diags, head: p.head, uses: None }.explicit(stmts),
     }
 }
 
@@ -166,6 +166,9 @@ struct Checker<'a> {
     devices: &'a [Device],
     diags: &'a mut Diagnostics,
     head: Span,
+    /// For `heads_split`, built on first use: each trace entry's users, and
+    /// each parameter's entries.
+    uses: Option<(Vec<Vec<usize>>, Vec<Vec<usize>>)>,
 }
 
 /// The role an axis plays, with where it was given.
@@ -553,22 +556,35 @@ impl Checker<'_> {
     /// whole heads, and whole key/value heads with their query groups.
     /// Returns (dim, axis, heads, "query heads" or "key/value heads") of the
     /// first that does not.
-    fn heads_split(&self, pi: usize, axes: &[Option<usize>], mesh: &[(String, i64)]) -> Option<(usize, usize, i64, &'static str)> {
+    fn heads_split(&mut self, pi: usize, axes: &[Option<usize>], mesh: &[(String, i64)]) -> Option<(usize, usize, i64, &'static str)> {
         let d = axes.len().checked_sub(1)?;
         let ax = axes[d]?;
         let k = mesh[ax].1;
         let trace = &self.model.trace;
-        let users = |t: usize| (0..trace.len()).filter(move |&u| trace[u].args.iter().any(|a| a.0 as usize == t));
-        for (t, op) in trace.iter().enumerate() {
-            if op.prim != Prim::Param(pi) {
-                continue;
+        let (users, entries) = self.uses.get_or_insert_with(|| {
+            let mut users = vec![Vec::new(); trace.len()];
+            let mut entries = vec![Vec::new(); self.model.params.len()];
+            for (t, op) in trace.iter().enumerate() {
+                for a in &op.args {
+                    if let Some(u) = users.get_mut(a.0 as usize) {
+                        u.push(t);
+                    }
+                }
+                if let Prim::Param(p) = op.prim {
+                    if let Some(e) = entries.get_mut(p) {
+                        e.push(t);
+                    }
+                }
             }
-            for m in users(t).filter(|&m| trace[m].prim == Prim::MatMul && trace[m].args.get(1).map(|a| a.0 as usize) == Some(t)) {
+            (users, entries)
+        });
+        for &t in entries.get(pi)? {
+            for &m in users[t].iter().filter(|&&m| trace[m].prim == Prim::MatMul && trace[m].args.get(1).map(|a| a.0 as usize) == Some(t)) {
                 // Through a rotary embedding to the attention.
                 let mut at = vec![m];
-                at.extend(users(m).filter(|&r| matches!(trace[r].prim, Prim::Rope { .. })));
+                at.extend(users[m].iter().filter(|&&r| matches!(trace[r].prim, Prim::Rope { .. })));
                 for &v in &at {
-                    for u in users(v) {
+                    for &u in &users[v] {
                         if let Prim::Attention { heads, kv_heads, .. } = trace[u].prim {
                             let role = trace[u].args.iter().position(|a| a.0 as usize == v);
                             let (n, what) = if role == Some(0) { (heads as i64, "query heads") } else { (kv_heads as i64, "key/value heads") };

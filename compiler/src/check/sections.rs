@@ -799,11 +799,13 @@ pub(super) fn data_fits_model(data: &Data, model: &Model, diags: &mut Diagnostic
     }
     for (input, (n, float, rank)) in model.inputs.iter().zip(&want) {
         let dtype_ok = input.ty.dtype.is_float() == *float;
-        let rank_ok = input.ty.rank() == *rank;
+        // Feature rows may be shaped, e.g. f32[batch, 1, 8, 8] images of 64 features.
+        let shaped = *float && *rank == 2 && matches!(data.source, DataSource::Csv { .. } | DataSource::Synthetic { .. });
+        let rank_ok = input.ty.rank() == *rank || (shaped && input.ty.rank() > 2);
         let batch_ok = input.ty.shape.first().is_some_and(|d| d.sym.as_deref() == Some("batch"));
         let mut extra_ok = true;
         if let (DataSource::Synthetic { features, .. }, true, 2) = (&data.source, *float, *rank) {
-            extra_ok = input.ty.shape.get(1).is_some_and(|d| d.size == *features);
+            extra_ok = input.ty.shape.iter().skip(1).map(|d| d.size).product::<i64>() == *features;
         }
         if !(dtype_ok && rank_ok && batch_ok && extra_ok) {
             let want_dt = if *float { DType::F32 } else { DType::I32 };

@@ -215,6 +215,18 @@ pub enum Prim {
         head_dim: usize,
         base: f64,
     },
+    /// (x [n, c, h, w], weight [o, c, kh, kw]) → [n, o, oh, ow].
+    Conv2d {
+        stride: usize,
+        padding: usize,
+    },
+    /// Max or mean over `kernel` × `kernel` windows of x [n, c, h, w].
+    Pool2d {
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        max: bool,
+    },
     /// (logits, labels): mean over all label positions.
     CrossEntropy,
     /// (pred, target): mean squared error.

@@ -162,6 +162,24 @@ pub enum Op {
         base: f64,
         inverse: bool,
     },
+    /// The windows of an image batch x [n, c, h, w] as [n, oh, ow, c, kh, kw]:
+    /// element (n, i, j, c, a, b) is x[n, c, i·stride + a − padding,
+    /// j·stride + b − padding], or `fill` where that lies in the padding.
+    Im2Col {
+        kh: usize,
+        kw: usize,
+        stride: usize,
+        padding: usize,
+        fill: f64,
+    },
+    /// The adjoint of `Im2Col` (fill 0): windows [n, oh, ow, c, kh, kw] summed
+    /// back into an image of the node's shape [n, c, h, w].
+    Col2Im {
+        kh: usize,
+        kw: usize,
+        stride: usize,
+        padding: usize,
+    },
     /// (table, ids)
     Embedding,
     /// (ids, dy) → d table, rows scatter-added.
@@ -270,6 +288,8 @@ impl Op {
             | LogSoftmax { .. }
             | CausalMask { .. }
             | Rope { .. }
+            | Im2Col { .. }
+            | Col2Im { .. }
             | Assign(_)
             | AllReduce { .. }
             | AllGather { .. }
@@ -325,6 +345,8 @@ impl Op {
             LogSoftmaxGrad { axis } => format!("log_softmax_grad {axis}"),
             ClipScale { max_norm } => format!("clip_scale {max_norm}"),
             CausalMask { fill } => format!("causal_mask {fill}"),
+            Im2Col { kh, kw, stride, padding, .. } => format!("im2col {kh}×{kw} stride {stride} padding {padding}"),
+            Col2Im { kh, kw, stride, padding } => format!("col2im {kh}×{kw} stride {stride} padding {padding}"),
             Rope { head_dim, base, inverse } => format!("rope{} head_dim {head_dim} base {base}", if *inverse { " inverse" } else { "" }),
             Assign(Target::Param(i)) => format!("assign param {i}"),
             Assign(Target::State(i)) => format!("assign state {i}"),
@@ -529,6 +551,8 @@ pub fn build(c: &Checked) -> Graph {
         let id = match &t.prim {
             Prim::Attention { heads, kv_heads, causal } if kv_heads == heads && *causal => attention(&mut g, &args, *heads, &t.ty),
             Prim::Attention { heads, kv_heads, causal } => grouped_attention(&mut g, &args, *heads, *kv_heads, *causal, &t.ty),
+            Prim::Conv2d { stride, padding } => conv2d(&mut g, &args, *stride, *padding, &t.ty),
+            Prim::Pool2d { kernel, stride, padding, max } => pool2d(&mut g, args[0], *kernel, *stride, *padding, *max, &t.ty),
             p => g.add(forward_op(p), &args, t.ty.clone(), f),
         };
         map[i] = Some(id);
@@ -568,8 +592,8 @@ fn forward_op(p: &Prim) -> Op {
         Prim::Rope { head_dim, base } => Op::Rope { head_dim: *head_dim, base: *base, inverse: false },
         Prim::CrossEntropy => Op::CrossEntropy,
         Prim::Mse => Op::Mse,
-        // Lowered by `attention`.
-        Prim::Attention { .. } => Op::MatMul,
+        // Lowered by `attention`, `conv2d` and `pool2d`.
+        Prim::Attention { .. } | Prim::Conv2d { .. } | Prim::Pool2d { .. } => Op::MatMul,
     }
 }
 
@@ -607,6 +631,45 @@ pub(crate) fn grouped_attention(g: &mut Graph, args: &[NodeId], heads: usize, kv
     g.add(Op::Reshape, &[ot], Ty::new(dt, vec![b, s, d]), f)
 }
 
+/// conv2d(x [N, C, H, W], w [O, C, KH, KW]) as one matmul over the windows
+/// (im2col): [N, OH·OW, C·KH·KW] @ [C·KH·KW, O] → [N, OH·OW, O] → [N, O, OH, OW].
+/// Its backward pass is the matmul's and `Col2Im`.
+pub(crate) fn conv2d(g: &mut Graph, args: &[NodeId], stride: usize, padding: usize, ty: &Ty) -> NodeId {
+    let f = Role::Forward;
+    let dt = ty.dtype;
+    let (xs, ws) = (g.node(args[0]).ty.shape.clone(), g.node(args[1]).ty.shape.clone());
+    let (n, c, kh, kw) = (xs[0].clone(), xs[1].size, ws[2].size, ws[3].size);
+    let (o, oh, ow) = (ty.shape[1].clone(), ty.shape[2].size, ty.shape[3].size);
+    let k = Dim::known(c * kh * kw);
+    let p = Dim::known(oh * ow);
+    let d = |v: i64| Dim::known(v);
+    let cols_ty = Ty::new(dt, vec![n.clone(), d(oh), d(ow), d(c), d(kh), d(kw)]);
+    let cols = g.add(Op::Im2Col { kh: kh as usize, kw: kw as usize, stride, padding, fill: 0.0 }, &[args[0]], cols_ty, f);
+    let rows = g.add(Op::Reshape, &[cols], Ty::new(dt, vec![n.clone(), p.clone(), k.clone()]), f);
+    let w2 = g.add(Op::Reshape, &[args[1]], Ty::new(dt, vec![o.clone(), k.clone()]), f);
+    let wt = g.add(Op::Transpose { perm: vec![1, 0] }, &[w2], Ty::new(dt, vec![k, o.clone()]), f);
+    let y = g.add(Op::MatMul, &[rows, wt], Ty::new(dt, vec![n.clone(), p.clone(), o.clone()]), f);
+    let yt = g.add(Op::Transpose { perm: vec![0, 2, 1] }, &[y], Ty::new(dt, vec![n, o, p]), f);
+    g.add(Op::Reshape, &[yt], ty.clone(), f)
+}
+
+/// max_pool2d / avg_pool2d of x [N, C, H, W]: the windows (padding is −∞
+/// for max, 0 for the mean, which counts it as PyTorch does by default)
+/// moved to [N, C, OH, OW, K·K], then the max or the mean of the last axis.
+pub(crate) fn pool2d(g: &mut Graph, x: NodeId, kernel: usize, stride: usize, padding: usize, max: bool, ty: &Ty) -> NodeId {
+    let f = Role::Forward;
+    let dt = ty.dtype;
+    let (n, c, oh, ow) = (ty.shape[0].clone(), ty.shape[1].clone(), ty.shape[2].clone(), ty.shape[3].clone());
+    let k = Dim::known(kernel as i64);
+    let fill = if max { f64::NEG_INFINITY } else { 0.0 };
+    let cols_ty = Ty::new(dt, vec![n.clone(), oh.clone(), ow.clone(), c.clone(), k.clone(), k.clone()]);
+    let cols = g.add(Op::Im2Col { kh: kernel, kw: kernel, stride, padding, fill }, &[x], cols_ty, f);
+    let moved = g.add(Op::Transpose { perm: vec![0, 3, 1, 2, 4, 5] }, &[cols], Ty::new(dt, vec![n.clone(), c.clone(), oh.clone(), ow.clone(), k.clone(), k]), f);
+    let windows = g.add(Op::Reshape, &[moved], Ty::new(dt, vec![n, c, oh, ow, Dim::known((kernel * kernel) as i64)]), f);
+    let op = if max { Op::Max { axes: vec![4], keepdims: false } } else { Op::Mean { axes: vec![4], keepdims: false } };
+    g.add(op, &[windows], ty.clone(), f)
+}
+
 /// causal_attention(q, k, v) over [B, S, D] with H heads, as primitives:
 /// split heads → scores q·kᵀ/√(D/H) → causal mask → softmax → ·v → merge heads.
 pub(crate) fn attention(g: &mut Graph, args: &[NodeId], heads: usize, ty: &Ty) -> NodeId {
@@ -638,6 +701,12 @@ pub(crate) fn attention(g: &mut Graph, args: &[NodeId], heads: usize, ty: &Ty) -
 /// backend computes it this way, in f64.
 pub fn rope_angle(pos: usize, i: usize, head_dim: usize, base: f64) -> f64 {
     pos as f64 * base.powf(-((2 * i) as f64) / head_dim as f64)
+}
+
+/// The image row (or column) that window position `i`, offset `a` reads in
+/// an `Im2Col` of `size` rows: i·stride + a − padding, or None in the padding.
+pub fn window_source(i: usize, a: usize, stride: usize, padding: usize, size: usize) -> Option<usize> {
+    (i * stride + a).checked_sub(padding).filter(|&y| y < size)
 }
 
 /// Whether a dtype is trained (gets gradients).

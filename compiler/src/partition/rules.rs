@@ -176,6 +176,14 @@ pub fn decide(g: &Graph, id: NodeId, have: &[Layout], k: usize, update: bool) ->
                 _ => rule(vec![Layout::Replicated], Layout::Replicated),
             }
         }
+        // Images split by batch (dim 0 of both sides); linear, so partial
+        // sums pass through. (Im2Col pads with `fill`, so only Col2Im is
+        // linear in the strict sense; its partial input is the gradient.)
+        Op::Im2Col { .. } | Op::Col2Im { .. } => match have[0] {
+            Layout::Split(0, u) => rule(vec![Layout::Split(0, u)], Layout::Split(0, u)),
+            Layout::Partial if matches!(node.op, Op::Col2Im { .. }) => rule(vec![Layout::Partial], Layout::Partial),
+            _ => rule(vec![Layout::Replicated], Layout::Replicated),
+        },
         Op::Embedding => {
             let r = out_shape.len();
             match (have[0], have[1]) {

@@ -15,6 +15,7 @@
 //! entries are all −∞ gives zeros (log-softmax: −∞) rather than 0/0 = NaN.
 
 mod gather;
+mod image;
 mod isa;
 mod lanes;
 mod layout;
@@ -83,6 +84,8 @@ pub fn run(op: &Op, args: &[Operand<'_>], out: &mut [f32], out_shape: &[usize], 
         Op::RmsNormGradX { eps } => rowwise::layer_norm_grad_x(name, f(0)?, f(1)?, f(2)?, *eps, true, out, out_shape, threads),
         Op::RmsNormGradGamma { eps } => rowwise::layer_norm_grad_gamma(name, f(0)?, f(1)?, *eps, true, out, out_shape, threads),
         Op::CausalMask { fill } => layout::causal_mask(name, f(0)?, *fill as f32, out, out_shape, threads),
+        Op::Im2Col { kh, kw, stride, padding, fill } => image::im2col(name, f(0)?, (*kh, *kw, *stride, *padding), *fill as f32, out, out_shape, threads),
+        Op::Col2Im { kh, kw, stride, padding } => image::col2im(name, f(0)?, (*kh, *kw, *stride, *padding), out, out_shape, threads),
         Op::Rope { head_dim, base, inverse } => rowwise::rope(name, f(0)?, *head_dim, *base, *inverse, out, out_shape, threads),
         Op::Embedding => gather::embedding(name, f(0)?, ids(1)?, out, out_shape, threads),
         Op::EmbeddingGrad => gather::embedding_grad(name, ids(0)?, f(1)?, out, out_shape, threads),

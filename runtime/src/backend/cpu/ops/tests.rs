@@ -438,6 +438,34 @@ fn rope_and_its_inverse_match_reference() {
 }
 
 #[test]
+fn im2col_and_col2im_match_reference() {
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(14));
+    // (image [n, c, h, w], kernel (kh, kw), stride, padding)
+    let cases: &[([usize; 4], (usize, usize), usize, usize)] = &[
+        ([1, 1, 4, 4], (3, 3), 1, 0),
+        ([2, 3, 5, 6], (3, 3), 1, 1),
+        ([2, 2, 7, 7], (3, 2), 2, 1),
+        ([3, 4, 8, 8], (2, 2), 2, 0),
+        ([1, 2, 5, 5], (5, 5), 3, 2),
+        ([64, 16, 8, 8], (3, 3), 1, 1),
+    ];
+    for &(img, (kh, kw), stride, padding) in cases {
+        let (oh, ow) = ((img[2] + 2 * padding - kh) / stride + 1, (img[3] + 2 * padding - kw) / stride + 1);
+        let cols = [img[0], oh, ow, img[1], kh, kw];
+        let x = rng.vec(numel(&img));
+        for fill in [0.0, f64::NEG_INFINITY] {
+            check(&Op::Im2Col { kh, kw, stride, padding, fill }, &[f(x.clone(), &img)], &cols);
+        }
+        check(&Op::Col2Im { kh, kw, stride, padding }, &[f(rng.vec(numel(&cols)), &cols)], &img);
+    }
+    // Windows that are not the image's are refused, not read out of bounds.
+    let bad = ours(&Op::Im2Col { kh: 3, kw: 3, stride: 1, padding: 0, fill: 0.0 }, &[f(rng.vec(16), &[1, 1, 4, 4])], &[1, 3, 3, 1, 3, 3], 1);
+    assert!(bad.is_err(), "{bad:?}");
+    let bad = ours(&Op::Col2Im { kh: 3, kw: 3, stride: 0, padding: 0 }, &[f(rng.vec(36), &[1, 2, 2, 1, 3, 3])], &[1, 1, 4, 4], 1);
+    assert!(bad.is_err(), "{bad:?}");
+}
+
+#[test]
 fn embedding_and_grad_match_reference() {
     let mut rng = Rng(crate::data::rng::SplitMix64::new(12));
     for (v, d, ids_shape) in [(17, 33, &[3, 7][..]), (1, 1, &[5]), (5, 3, &[]), (65, 33, &[40, 100])] {

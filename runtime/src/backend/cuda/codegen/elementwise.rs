@@ -541,6 +541,77 @@ pub fn rope(io: &Io<'_>, head_dim: usize, base: f64, inverse: bool) -> Result<Op
     Ok(Some(g.finish()))
 }
 
+/// The (n, c, h, w, oh, ow) of an image and its windows, checked.
+fn windows(image: &[usize], cols: &[usize], kh: usize, kw: usize, stride: usize, padding: usize) -> Result<[usize; 6], CodegenError> {
+    let (&[n, c, h, w], &[n2, oh, ow, c2, kh2, kw2]) = (image, cols) else {
+        return Err(CodegenError::Operands(format!("needs an image [n, c, h, w] and windows [n, oh, ow, c, kh, kw], got {image:?} and {cols:?}")));
+    };
+    let fits = |size: usize, k: usize, o: usize| stride > 0 && size + 2 * padding >= k && (size + 2 * padding - k) / stride + 1 == o;
+    if n != n2 || c != c2 || kh != kh2 || kw != kw2 || !fits(h, kh, oh) || !fits(w, kw, ow) {
+        return Err(CodegenError::Operands(format!("windows {cols:?} are not the {kh}×{kw} windows (stride {stride}, padding {padding}) of {image:?}")));
+    }
+    Ok([n, c, h, w, oh, ow])
+}
+
+/// x [n, c, h, w] → windows [n, oh, ow, c, kh, kw], `fill` in the padding;
+/// one thread per window entry.
+pub fn im2col(io: &Io<'_>, (kh, kw, stride, padding): (usize, usize, usize, usize), fill: f64) -> Result<Option<super::Kernel>, CodegenError> {
+    let xs = io.typed(0, Elem::F32)?.shape.clone();
+    io.out_f32()?;
+    let os = io.buf(io.out).shape.clone();
+    let [_, c, h, w, oh, ow] = windows(&xs, &os, kh, kw, stride, padding)?;
+    let n = io.out_len();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut g = Gen::new(format!("im2col {kh}×{kw} stride {stride} padding {padding} of {xs:?}"), io.largest());
+    g.param(io.ins[0], Elem::F32, Mode::In, "x");
+    g.param(io.out, Elem::F32, Mode::Out, "out");
+    g.each(n);
+    let (kwn, khn, cn, own, ohn) = (g.n(kw), g.n(kh), g.n(c), g.n(ow), g.n(oh));
+    g.line(2, format!("const I e = i % {kwn}, a = (i / {kwn}) % {khn}, ch = (i / ({kwn} * {khn})) % {cn};"));
+    g.line(2, format!("const I j = (i / ({kwn} * {khn} * {cn})) % {own}, r = i / ({kwn} * {khn} * {cn} * {own});"));
+    g.line(2, format!("const I b = r / {ohn}, oi = r % {ohn};"));
+    g.line(2, format!("const long long y = (long long)(oi * {s} + a) - {padding}ll, z = (long long)(j * {s} + e) - {padding}ll;", s = g.n(stride)));
+    g.line(2, format!("const bool inside = y >= 0 && y < {h}ll && z >= 0 && z < {w}ll;"));
+    g.line(2, format!("out[i] = inside ? x[((b * {cn} + ch) * {} + (I)y) * {} + (I)z] : {};", g.n(h), g.n(w), f32_lit(fill as f32)));
+    g.close();
+    Ok(Some(g.finish()))
+}
+
+/// Windows [n, oh, ow, c, kh, kw] → the image [n, c, h, w] summing them; one
+/// thread per pixel, gathering the entries that read it (offsets in order,
+/// as on the CPU).
+pub fn col2im(io: &Io<'_>, (kh, kw, stride, padding): (usize, usize, usize, usize)) -> Result<Option<super::Kernel>, CodegenError> {
+    let cs = io.typed(0, Elem::F32)?.shape.clone();
+    io.out_f32()?;
+    let os = io.buf(io.out).shape.clone();
+    let [_, c, h, w, oh, ow] = windows(&os, &cs, kh, kw, stride, padding)?;
+    let n = io.out_len();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut g = Gen::new(format!("col2im {kh}×{kw} stride {stride} padding {padding} to {os:?}"), io.largest());
+    g.param(io.ins[0], Elem::F32, Mode::In, "cols");
+    g.param(io.out, Elem::F32, Mode::Out, "out");
+    g.each(n);
+    let (wn, hn, cn) = (g.n(w), g.n(h), g.n(c));
+    g.line(2, format!("const I z = i % {wn}, y = (i / {wn}) % {hn}, ch = (i / ({wn} * {hn})) % {cn}, b = i / ({wn} * {hn} * {cn});"));
+    g.line(2, "float s = 0.0f;");
+    g.line(2, format!("for (long long a = 0; a < {kh}ll; ++a) {{"));
+    g.line(3, format!("const long long t = (long long)y + {padding}ll - a;"));
+    g.line(3, format!("if (t < 0 || t % {stride}ll != 0 || t / {stride}ll >= {oh}ll) continue;"));
+    g.line(3, format!("for (long long e = 0; e < {kw}ll; ++e) {{"));
+    g.line(4, format!("const long long u = (long long)z + {padding}ll - e;"));
+    g.line(4, format!("if (u < 0 || u % {stride}ll != 0 || u / {stride}ll >= {ow}ll) continue;"));
+    g.line(4, format!("s += cols[((((b * {oh}ull + (unsigned long long)(t / {stride}ll)) * {ow}ull + (unsigned long long)(u / {stride}ll)) * {c}ull + ch) * {kh}ull + (unsigned long long)a) * {kw}ull + (unsigned long long)e];"));
+    g.line(3, "}");
+    g.line(2, "}");
+    g.line(2, "out[i] = s;");
+    g.close();
+    Ok(Some(g.finish()))
+}
+
 /// (table [v, d], ids) → rows of the table; an id outside the table reads zeros.
 pub fn embedding(io: &Io<'_>) -> Result<Option<super::Kernel>, CodegenError> {
     let ts = io.typed(0, Elem::F32)?.shape.clone();
