@@ -401,3 +401,28 @@ fn cnn_placements_match_one_device() {
     verify("cnn_pp2", &cnn(2, &format!("placement {{\n  mesh (pipe: 2)\n  {stages}\n}}")));
     verify("cnn_dp2_pp2", &cnn(4, &format!("placement {{\n  mesh (data: 2, pipe: 2)\n  data_parallel over data\n  {stages}\n}}")));
 }
+
+#[test]
+fn dropout_placements_match_one_device() {
+    // Dropout after the embedding and before the head: each sample's mask
+    // comes from its index in the data set, so every split draws the same.
+    let with_dropout = |plan: String| {
+        let out = plan.replace("norm(blocks(embed(tokens)))", "dropout(norm(blocks(dropout(embed(tokens), p: 0.2))), p: 0.1)");
+        assert_ne!(out, plan, "the loss line changed");
+        out
+    };
+    let tp = "shard blocks[*].attn.wq (_, model)\n  shard blocks[*].attn.wk (_, model)\n  shard blocks[*].attn.wv (_, model)\n  shard blocks[*].attn.wo (model, _)";
+    verify("dropout_dp2", &with_dropout(llama(2, "placement {\n  mesh (data: 2)\n  data_parallel over data\n}")));
+    verify("dropout_tp2", &with_dropout(llama(2, &format!("placement {{\n  mesh (model: 2)\n  {tp}\n}}"))));
+    verify(
+        "dropout_dp2_pp2",
+        &with_dropout(llama(
+            4,
+            "placement {\n  mesh (data: 2, pipe: 2)\n  data_parallel over data\n  pipeline over pipe {\n    stage embed, blocks[0..2]\n    stage blocks[2..4], norm\n    microbatches 2\n    schedule gpipe\n  }\n}",
+        )),
+    );
+    // And the training differs from the run without dropout.
+    let plain = common::verify_text(&llama(1, ""), root(), &[]);
+    let dropped = common::verify_text(&with_dropout(llama(1, "")), root(), &[]);
+    assert!(plain.losses[1..].iter().zip(&dropped.losses[1..]).all(|(a, b)| a != b), "{plain:?}\n{dropped:?}");
+}

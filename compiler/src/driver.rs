@@ -123,7 +123,7 @@ pub fn compile_explained(c: &Checked, o: &Options) -> Result<Compiled, Failure> 
     if o.single_device || o.forward_only {
         checked.placement = Placement::Single;
     }
-    let forward = graph::build(&checked);
+    let forward = graph::build_for(&checked, !o.forward_only);
     if o.forward_only {
         forward.verify().map_err(|e| internal(format!("the forward graph is malformed: {e}")))?;
         let keep: Vec<NodeId> = logits(&forward).into_iter().collect();

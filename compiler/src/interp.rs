@@ -177,6 +177,7 @@ pub fn apply(op: &Op, a: &[&Tensor], out: &[usize], env: &Env<'_>) -> Result<Ten
         Op::RmsNormGradX { eps } => layer_norm_grad_x(a[0], a[1], a[2], *eps, true),
         Op::RmsNormGradGamma { eps } => layer_norm_grad_gamma(a[0], a[1], *eps, true),
         Op::CausalMask { fill } => causal_mask(a[0], *fill),
+        Op::Dropout { p, seed } => dropout(a[0], a[1], a[2].data.first().copied().unwrap_or(0.0), *p, *seed),
         Op::Im2Col { kh, kw, stride, padding, fill } => im2col(a[0], *kh, *kw, *stride, *padding, *fill, &out),
         Op::Col2Im { kh, kw, stride, padding } => col2im(a[0], *kh, *kw, *stride, *padding, &out),
         Op::Rope { head_dim, base, inverse } => rope(a[0], *head_dim, *base, *inverse),
@@ -435,6 +436,16 @@ fn layer_norm_grad_gamma(x: &Tensor, dy: &Tensor, eps: f64, rms: bool) -> Tensor
         }
     }
     Tensor::new(vec![d], out)
+}
+
+fn dropout(x: &Tensor, ids: &Tensor, step: f64, p: f64, seed: u64) -> Tensor {
+    let row = x.len() / ids.len().max(1);
+    let mut t = x.clone();
+    for (k, v) in t.data.iter_mut().enumerate() {
+        let id = ids.data.get(k / row.max(1)).copied().unwrap_or(0.0);
+        *v = if crate::graph::dropout_drops(seed, step as u64, id as u64, (k % row.max(1)) as u64, p) { 0.0 } else { *v / (1.0 - p) };
+    }
+    t
 }
 
 /// x [n, c, h, w] → windows [n, oh, ow, c, kh, kw] (`out` is that shape).

@@ -395,6 +395,7 @@ train {{ batch: 4, steps: 1, optimizer: {opt}, {clip_line} }}
             Hyper::Lr => lr,
             Hyper::BiasCorrection1 => bc1,
             Hyper::BiasCorrection2 => bc2,
+            Hyper::Step => 0.0,
         };
         let env = Env { inputs: &inputs, params: &params, states: &states, hyper: &hyper };
         let vals = run(&g, &env).expect("runs");

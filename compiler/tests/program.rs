@@ -95,6 +95,7 @@ fn same_as_graph(src: &str, int_hi: f64) {
         Hyper::Lr => 0.05,
         Hyper::BiasCorrection1 => 1.5,
         Hyper::BiasCorrection2 => 1.2,
+        Hyper::Step => 0.0,
     };
     let env = Env { inputs: &inputs, params: &params, states: &states, hyper: &hyper };
     let want = run(&g, &env).expect("graph runs");

@@ -166,6 +166,8 @@ pub struct Hypers {
     pub lr: f64,
     pub bias_correction1: f64,
     pub bias_correction2: f64,
+    /// The step, from 0.
+    pub step: u64,
 }
 
 impl Hypers {
@@ -175,6 +177,7 @@ impl Hypers {
             Hyper::Lr => self.lr,
             Hyper::BiasCorrection1 => self.bias_correction1,
             Hyper::BiasCorrection2 => self.bias_correction2,
+            Hyper::Step => self.step as f64,
         }
     }
 }
@@ -187,7 +190,8 @@ enum Cmd {
     Step {
         step: u64,
         hyper: Hypers,
-        batches: Vec<Batch>,
+        /// Each microbatch's samples, and their indices in the data set.
+        batches: Vec<(Batch, Vec<usize>)>,
         fault: bool,
     },
     Read,
@@ -510,13 +514,13 @@ impl Cluster {
         let plan = &self.plan;
         // Each process reads only its own devices' rows of the batch.
         let local = &self.local;
-        let batches: Vec<Vec<Batch>> = plan
+        let batches: Vec<Vec<(Batch, Vec<usize>)>> = plan
             .devices
             .iter()
             .enumerate()
-            .map(|(i, d)| if d.coords.is_empty() || !local.contains(&i) { Vec::new() } else { device_rows(plan, d, rows).iter().map(|r| batch(r)).collect() })
+            .map(|(i, d)| if d.coords.is_empty() || !local.contains(&i) { Vec::new() } else { device_rows(plan, d, rows).into_iter().map(|r| (batch(&r), r)).collect() })
             .collect();
-        let mut batches: Vec<Option<Vec<Batch>>> = batches.into_iter().map(Some).collect();
+        let mut batches: Vec<Option<Vec<(Batch, Vec<usize>)>>> = batches.into_iter().map(Some).collect();
         let replies = self.all(|i| Cmd::Step { step, hyper, batches: batches[i].take().unwrap_or_default(), fault: fault == Some(i) })?;
         let mut loss = 0.0;
         let mut any = false;
@@ -962,8 +966,8 @@ fn run_cmd(dp: &DeviceProgram, ep: &dyn Transport, mut nccl: Option<&mut Nccl>, 
                     Link { ep, nccl: nccl.as_deref_mut(), plan, seq: (step << 32) | (code << 28) | ((instr.mb as u64) << 8), spent: 0.0, error: None };
                 let tp = std::time::Instant::now();
                 if instr.phase == Phase::Forward {
-                    if let Some(b) = batches.get(instr.mb) {
-                        b.load_into(exec, Some(instr.slot)).map_err(kerr)?;
+                    if let Some((b, rows)) = batches.get(instr.mb) {
+                        b.load_into(exec, Some(instr.slot), rows).map_err(kerr)?;
                     }
                 }
                 if let Err(error) = exec.run_phase(role, instr.slot, &mut link) {

@@ -20,7 +20,7 @@ const ARCH: &str = "sm_90";
 /// (name, program) of every example, as `selftest` compiles them: the
 /// single-device program, and each device program of the placed ones.
 /// RMSNorm, grouped-query attention (causal, and non-causal without
-/// projections) and a SwiGLU MLP.
+/// projections), a SwiGLU MLP and dropout.
 const LLAMA_LAYERS: &str = r#"
 model Llamaish {
   input tokens: i32[batch, seq]
@@ -30,7 +30,7 @@ model Llamaish {
   layer attn = GroupedAttention(32, 4, 2)
   layer mlp = SwiGLU(32, 64)
   layer head = Linear(32, 256)
-  loss cross_entropy(head(mlp(norm(embed(tokens) + attn(norm(embed(tokens))) + attention(embed(tokens), embed(tokens), embed(tokens), heads: 4)))), targets)
+  loss cross_entropy(head(dropout(mlp(norm(embed(tokens) + attn(norm(embed(tokens))) + attention(embed(tokens), embed(tokens), embed(tokens), heads: 4))), p: 0.1)), targets)
 }
 data corpus = text("data/tiny.txt")
 train { batch: 4, seq: 16, steps: 1, optimizer: adamw(lr: 0.001) }
@@ -48,7 +48,7 @@ fn programs() -> Vec<(String, Program)> {
         .into_iter()
         .map(|path| (path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string(), std::fs::read(&path).expect("read")))
         .collect();
-    // The Llama layers built so far, which no example uses yet.
+    // Layers no example uses: grouped attention without rope, non-causal attention, dropout.
     sources.push(("llama layers".into(), LLAMA_LAYERS.as_bytes().to_vec()));
     for (name, src) in sources {
         let (c, d) = check_source(&src);

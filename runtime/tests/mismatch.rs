@@ -67,7 +67,7 @@ fn mismatched_programs_fail_at_once_with_the_mismatch_named() {
     cl.load(&params, &[]).expect("loads");
     let start = Instant::now();
     let batch = |rows: &[usize]| Batch::Table { features: vec![0.5; rows.len() * 8], labels: vec![1; rows.len()] };
-    let h = Hypers { lr: 0.1, bias_correction1: 1.0, bias_correction2: 1.0 };
+    let h = Hypers { lr: 0.1, bias_correction1: 1.0, bias_correction2: 1.0, step: 0 };
     let e = cl.step(0, h, &(0..8).collect::<Vec<_>>(), &batch, None).expect_err("fails");
     assert!(matches!(e, ClusterError::Transport { step: 1, .. }), "{e:?}");
     assert!(!e.is_bug() && !e.is_device(), "{e:?}");

@@ -213,6 +213,12 @@ pub(super) fn vjp(g: &mut Graph, id: NodeId, args: &[NodeId], dy: NodeId) -> Vec
             let t = ty(g, args[0]);
             res.push((args[0], g.add(Op::Col2Im { kh, kw, stride, padding }, &[dy], t, B)));
         }
+        // The same mask, on the gradient.
+        Op::Dropout { p, seed } => {
+            if wants(g, args[0]) {
+                res.push((args[0], g.add(Op::Dropout { p, seed }, &[dy, args[1], args[2]], out, B)));
+            }
+        }
         Op::CausalMask { .. } => res.push((args[0], g.add(Op::CausalMask { fill: 0.0 }, &[dy], out, B))),
         // A rotation: its transpose turns back by the same angles.
         Op::Rope { head_dim, base, inverse } => res.push((args[0], g.add(Op::Rope { head_dim, base, inverse: !inverse }, &[dy], out, B))),

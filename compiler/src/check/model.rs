@@ -167,6 +167,7 @@ pub const OPS: &[&str] = &[
     "conv2d",
     "max_pool2d",
     "avg_pool2d",
+    "dropout",
     "cross_entropy",
     "mse",
 ];

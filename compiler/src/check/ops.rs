@@ -295,6 +295,7 @@ pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<A
         "embedding" => (&["table", "ids"], 2),
         "causal_attention" | "attention" => (&["q", "k", "v", "heads", "kv_heads"], 4),
         "rope" => (&["x", "heads", "base"], 2),
+        "dropout" => (&["x", "p"], 2),
         "conv2d" => (&["x", "weight", "stride", "padding"], 2),
         "max_pool2d" | "avg_pool2d" => (&["x", "kernel", "stride", "padding"], 2),
         "cross_entropy" => (&["logits", "labels"], 2),
@@ -698,6 +699,34 @@ pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<A
                 return Val::Error;
             }
             a.emit(Prim::Rope { head_dim: (d / heads) as usize, base }, &[0], x)
+        }
+        // Each sample's mask is drawn from the seed, the step and the sample's
+        // index in the data set, so any split of the batch draws the same.
+        "dropout" => {
+            let Some(x) = a.float_tensor(0) else { return Val::Error };
+            if x.shape.first().and_then(|d| d.sym.as_deref()) != Some("batch") {
+                let s = a.span(0);
+                a.cx.err(
+                    Diagnostic::error("shape::dropout_batch", format!("`dropout` needs a tensor whose first dim is `batch`, found {x}"))
+                        .label(s, format!("this is {x}"))
+                        .help("apply dropout to per-sample activations, such as a layer's output [batch, …]"),
+                );
+                return Val::Error;
+            }
+            let Some(p) = a.number(1, 0.0) else { return Val::Error };
+            if !(0.0..1.0).contains(&p) {
+                let s = a.span(1);
+                a.cx.err(
+                    Diagnostic::error("call::bad_argument", format!("`p` must be at least 0 and below 1, found {p}"))
+                        .label(s, "not a dropout probability")
+                        .help("write `p: 0.1` to drop one element in ten"),
+                );
+                return Val::Error;
+            }
+            if p == 0.0 {
+                return a.slots[0].clone().map_or(Val::Error, |(v, _)| v);
+            }
+            a.emit(Prim::Dropout { p }, &[0], x)
         }
         // Images are NCHW: [batch, channels, height, width].
         "conv2d" | "max_pool2d" | "avg_pool2d" => {

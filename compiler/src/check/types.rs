@@ -227,6 +227,11 @@ pub enum Prim {
         padding: usize,
         max: bool,
     },
+    /// Zeroes each element with probability `p` and scales the others by
+    /// 1 / (1 − p), while training; x's first dim is the batch.
+    Dropout {
+        p: f64,
+    },
     /// (logits, labels): mean over all label positions.
     CrossEntropy,
     /// (pred, target): mean squared error.

@@ -32,6 +32,8 @@ pub enum Hyper {
     /// Adam's bias corrections, 1 / (1 - beta^t).
     BiasCorrection1,
     BiasCorrection2,
+    /// The step's number, from 0 (exact to 2^24 in the f32 buffer that holds it).
+    Step,
 }
 
 /// Where an `Assign` writes.
@@ -180,6 +182,13 @@ pub enum Op {
         stride: usize,
         padding: usize,
     },
+    /// (x, sample ids [batch], step): element j of sample row r is kept, and
+    /// scaled by 1 / (1 − p), unless [`dropout_drops`] says so for
+    /// (seed, step, ids[r], j). Its gradient is the same op applied to dy.
+    Dropout {
+        p: f64,
+        seed: u64,
+    },
     /// (table, ids)
     Embedding,
     /// (ids, dy) → d table, rows scatter-added.
@@ -315,7 +324,7 @@ impl Op {
             | EmbeddingGrad
             | CrossEntropy
             | Mse => 2,
-            MaxGrad { .. } | LayerNorm { .. } | LayerNormGradX { .. } | RmsNormGradX { .. } | CrossEntropyGrad | MseGrad => 3,
+            MaxGrad { .. } | LayerNorm { .. } | LayerNormGradX { .. } | RmsNormGradX { .. } | Dropout { .. } | CrossEntropyGrad | MseGrad => 3,
         }
     }
 
@@ -347,6 +356,7 @@ impl Op {
             CausalMask { fill } => format!("causal_mask {fill}"),
             Im2Col { kh, kw, stride, padding, .. } => format!("im2col {kh}×{kw} stride {stride} padding {padding}"),
             Col2Im { kh, kw, stride, padding } => format!("col2im {kh}×{kw} stride {stride} padding {padding}"),
+            Dropout { p, .. } => format!("dropout {p}"),
             Rope { head_dim, base, inverse } => format!("rope{} head_dim {head_dim} base {base}", if *inverse { " inverse" } else { "" }),
             Assign(Target::Param(i)) => format!("assign param {i}"),
             Assign(Target::State(i)) => format!("assign state {i}"),
@@ -526,8 +536,15 @@ impl GraphError {
     }
 }
 
-/// Builds the forward graph of a checked plan: the nodes the loss depends on.
+/// Builds the forward graph of a checked plan for training: the nodes the loss
+/// depends on.
 pub fn build(c: &Checked) -> Graph {
+    build_for(c, true)
+}
+
+/// As [`build`]; without `training` (evaluation), dropout passes its input
+/// through.
+pub fn build_for(c: &Checked, training: bool) -> Graph {
     let m = &c.model;
     let mut g = Graph::new();
     let Some(loss) = m.loss_node else { return g };
@@ -542,6 +559,9 @@ pub fn build(c: &Checked) -> Graph {
         }
     }
     let mut map: Vec<Option<NodeId>> = vec![None; m.trace.len()];
+    // Dropout's operands: the samples' indices (an input after the model's
+    // own, filled by the data loader) and the step, made on first use.
+    let mut dropout_args: Option<(NodeId, NodeId)> = None;
     for (i, t) in m.trace.iter().enumerate() {
         if !live[i] {
             continue;
@@ -551,6 +571,14 @@ pub fn build(c: &Checked) -> Graph {
         let id = match &t.prim {
             Prim::Attention { heads, kv_heads, causal } if kv_heads == heads && *causal => attention(&mut g, &args, *heads, &t.ty),
             Prim::Attention { heads, kv_heads, causal } => grouped_attention(&mut g, &args, *heads, *kv_heads, *causal, &t.ty),
+            Prim::Dropout { .. } if !training => args[0],
+            Prim::Dropout { p } => {
+                let (ids, step) = *dropout_args.get_or_insert_with(|| {
+                    let ids = g.add(Op::Input(m.inputs.len()), &[], Ty::new(DType::I32, vec![t.ty.shape[0].clone()]), f);
+                    (ids, g.add(Op::Hyper(Hyper::Step), &[], Ty::scalar(DType::F32), f))
+                });
+                g.add(Op::Dropout { p: *p, seed: c.train.seed }, &[args[0], ids, step], t.ty.clone(), f)
+            }
             Prim::Conv2d { stride, padding } => conv2d(&mut g, &args, *stride, *padding, &t.ty),
             Prim::Pool2d { kernel, stride, padding, max } => pool2d(&mut g, args[0], *kernel, *stride, *padding, *max, &t.ty),
             p => g.add(forward_op(p), &args, t.ty.clone(), f),
@@ -593,7 +621,7 @@ fn forward_op(p: &Prim) -> Op {
         Prim::CrossEntropy => Op::CrossEntropy,
         Prim::Mse => Op::Mse,
         // Lowered by `attention`, `conv2d` and `pool2d`.
-        Prim::Attention { .. } | Prim::Conv2d { .. } | Prim::Pool2d { .. } => Op::MatMul,
+        Prim::Attention { .. } | Prim::Conv2d { .. } | Prim::Pool2d { .. } | Prim::Dropout { .. } => Op::MatMul,
     }
 }
 
@@ -707,6 +735,20 @@ pub fn rope_angle(pos: usize, i: usize, head_dim: usize, base: f64) -> f64 {
 /// an `Im2Col` of `size` rows: i·stride + a − padding, or None in the padding.
 pub fn window_source(i: usize, a: usize, stride: usize, padding: usize, size: usize) -> Option<usize> {
     (i * stride + a).checked_sub(padding).filter(|&y| y < size)
+}
+
+/// Whether `Op::Dropout` drops element `j` of the sample with data-set index
+/// `id` at `step`: a SplitMix64 hash of (seed, step, id, j), as a uniform
+/// draw in [0, 1) of 53 bits, below `p`. Every backend computes it this way.
+pub fn dropout_drops(seed: u64, step: u64, id: u64, j: u64, p: f64) -> bool {
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let h = mix(mix(mix(mix(seed) ^ step) ^ id) ^ j);
+    ((h >> 11) as f64) * (1.0 / (1u64 << 53) as f64) < p
 }
 
 /// Whether a dtype is trained (gets gradients).

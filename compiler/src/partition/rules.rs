@@ -184,6 +184,12 @@ pub fn decide(g: &Graph, id: NodeId, have: &[Layout], k: usize, update: bool) ->
             Layout::Partial if matches!(node.op, Op::Col2Im { .. }) => rule(vec![Layout::Partial], Layout::Partial),
             _ => rule(vec![Layout::Replicated], Layout::Replicated),
         },
+        // Samples split by batch, their indices with them; linear in x.
+        Op::Dropout { .. } => match have[0] {
+            Layout::Split(0, u) => rule(vec![Layout::Split(0, u), Layout::Split(0, u), Layout::Replicated], Layout::Split(0, u)),
+            Layout::Partial => rule(vec![Layout::Partial, Layout::Replicated, Layout::Replicated], Layout::Partial),
+            _ => rule(all(3, Layout::Replicated), Layout::Replicated),
+        },
         Op::Embedding => {
             let r = out_shape.len();
             match (have[0], have[1]) {

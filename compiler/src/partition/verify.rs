@@ -321,6 +321,7 @@ pub fn check_layouts(g: &Graph, out: &[Vec<Layout>], args: &[Vec<Vec<Layout>>]) 
                     ps == [1]
                 }
                 Op::LayerNormGradX { .. } | Op::RmsNormGradX { .. } | Op::CrossEntropyGrad | Op::MseGrad => ps == [2],
+                Op::Dropout { .. } => ps == [0],
                 Op::Accumulate(_) | Op::Send { .. } => true,
                 _ => false,
             };

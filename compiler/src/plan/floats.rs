@@ -71,6 +71,7 @@ fn op_floats(op: &Op, at: &str, add: &mut impl FnMut(String, f64)) {
         Op::RmsNormGradX { eps } => add(format!("{at}/RmsNormGradX/eps"), *eps),
         Op::RmsNormGradGamma { eps } => add(format!("{at}/RmsNormGradGamma/eps"), *eps),
         Op::CausalMask { fill } => add(format!("{at}/CausalMask/fill"), *fill),
+        Op::Dropout { p, .. } => add(format!("{at}/Dropout/p"), *p),
         Op::Im2Col { fill, .. } => add(format!("{at}/Im2Col/fill"), *fill),
         Op::Rope { base, .. } => add(format!("{at}/Rope/base"), *base),
         _ => {}

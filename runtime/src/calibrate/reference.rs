@@ -169,7 +169,7 @@ pub(super) fn cluster_step(plan: shardplan_compiler::partition::Plan, n: usize, 
         Batch::Text { tokens, targets }
     };
     let rows: Vec<usize> = (0..n).collect();
-    let hyper = Hypers { lr: 0.001, bias_correction1: 1.0, bias_correction2: 1.0 };
+    let hyper = Hypers { lr: 0.001, bias_correction1: 1.0, bias_correction2: 1.0, step: 0 };
     let mut times = Vec::new();
     for step in 0..25 {
         let t = std::time::Instant::now();

@@ -106,22 +106,31 @@ pub enum Batch {
 
 impl Batch {
     /// Puts the batch into an engine's two inputs: into buffer set `slot`
-    /// (a microbatch in flight), or, with None, where a one-device step reads them.
-    pub fn load_into(&self, exec: &mut dyn Engine, slot: Option<usize>) -> Result<(), EngineError> {
+    /// (a microbatch in flight), or, with None, where a one-device step reads
+    /// them. `rows` are the samples' indices in the data set (the batch was
+    /// gathered from them); a program with dropout reads them as a third
+    /// input, so that each sample's mask does not depend on where it runs.
+    pub fn load_into(&self, exec: &mut dyn Engine, slot: Option<usize>, rows: &[usize]) -> Result<(), EngineError> {
         let (x, y) = match self {
             Batch::Table { features, labels } => (Data::F32(features), Data::I32(labels)),
             Batch::Text { tokens, targets } => (Data::I32(tokens), Data::I32(targets)),
         };
-        match slot {
-            Some(s) => {
-                exec.set_in(s, &BufKind::Input(0), x)?;
-                exec.set_in(s, &BufKind::Input(1), y)
-            }
-            None => {
-                exec.set(&BufKind::Input(0), x)?;
-                exec.set(&BufKind::Input(1), y)
+        let ids: Vec<i32> = if exec.program().buffers.iter().any(|b| b.kind == BufKind::Input(2)) {
+            rows.iter().map(|&r| i32::try_from(r).unwrap_or(i32::MAX)).collect()
+        } else {
+            Vec::new()
+        };
+        let mut inputs = vec![(BufKind::Input(0), x), (BufKind::Input(1), y)];
+        if !ids.is_empty() {
+            inputs.push((BufKind::Input(2), Data::I32(&ids)));
+        }
+        for (kind, data) in inputs {
+            match slot {
+                Some(s) => exec.set_in(s, &kind, data)?,
+                None => exec.set(&kind, data)?,
             }
         }
+        Ok(())
     }
 }
 

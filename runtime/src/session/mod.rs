@@ -350,7 +350,7 @@ impl Runner {
         match self {
             Runner::Cluster(cl) => cl.step(step, h, rows, batch, fault).map_err(device_error),
             Runner::One(e) => {
-                batch(rows).load_into(e.as_mut(), None).map_err(kernel_error)?;
+                batch(rows).load_into(e.as_mut(), None, rows).map_err(kernel_error)?;
                 e.step(&move |x: Hyper| h.get(x)).map(f64::from).map_err(kernel_error)
             }
         }
@@ -1020,7 +1020,7 @@ fn evaluate(source: &[u8], test: &Dataset, params: &[Vec<f32>], threads: usize) 
         let Some((exec, logits_buf)) = programs.get_mut(&size) else { break };
         let rows: Vec<usize> = (start..start + size).collect();
         let b = test.gather(&rows);
-        b.load_into(exec, None).map_err(|e| SessionError::failed("run::kernel", e.to_string(), "check the data"))?;
+        b.load_into(exec, None, &rows).map_err(|e| SessionError::failed("run::kernel", e.to_string(), "check the data"))?;
         let loss = exec.step(&|_| 0.0).map_err(kernel_error)?;
         total_loss += loss as f64 * size as f64;
         if let (Some(lb), Batch::Table { labels, .. }) = (logits_buf, &b) {

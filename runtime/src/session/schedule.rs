@@ -42,7 +42,7 @@ pub fn hypers(c: &Checked, step: u64, total: u64) -> Hypers {
         Optimizer::Sgd { .. } => (0.0, 0.0),
     };
     let t = (step + 1) as i32;
-    Hypers { lr: learning_rate(c, step, total), bias_correction1: 1.0 / (1.0 - b1.powi(t)), bias_correction2: 1.0 / (1.0 - b2.powi(t)).sqrt() }
+    Hypers { lr: learning_rate(c, step, total), bias_correction1: 1.0 / (1.0 - b1.powi(t)), bias_correction2: 1.0 / (1.0 - b2.powi(t)).sqrt(), step }
 }
 
 /// Initial values of parameter `index` (of `shape`), from its own seeded stream.

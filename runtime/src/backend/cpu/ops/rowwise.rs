@@ -11,7 +11,7 @@
 //! Invariant: one row is always computed by one thread.
 
 use super::lanes::BLOCK;
-use super::{expect_shape, invalid, lanes, layout, par_rows, EngineError, F32Arg, Name};
+use super::{expect_shape, invalid, lanes, layout, par_rows, EngineError, F32Arg, I32Arg, Name};
 
 /// Softmax or log-softmax along `axis`.
 pub(super) fn softmax(
@@ -402,6 +402,49 @@ pub(super) fn rope(
                         o[0] = s[0] * cos - s[1] * sin;
                         o[1] = s[0] * sin + s[1] * cos;
                     }
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
+/// Dropout of x [rows, …] whose row r is the sample with data-set index
+/// ids[r]: element j of the row is zeroed where `dropout_drops(seed, step,
+/// ids[r], j, p)`, else scaled by 1 / (1 − p).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dropout(
+    name: Name<'_>,
+    (x, xs): F32Arg<'_>,
+    (ids, _): I32Arg<'_>,
+    (step, _): F32Arg<'_>,
+    (p, seed): (f64, u64),
+    out: &mut [f32],
+    out_shape: &[usize],
+    threads: usize,
+) -> Result<(), EngineError> {
+    expect_shape(name, out_shape, xs)?;
+    if ids.is_empty() || x.len() % ids.len() != 0 {
+        return Err(invalid(name, format!("{} sample indices for {xs:?}", ids.len())));
+    }
+    let step = step.first().copied().unwrap_or(0.0) as u64;
+    let row = x.len() / ids.len();
+    let scale = (1.0 / (1.0 - p)) as f32;
+    if row == 0 {
+        return Ok(());
+    }
+    par_rows(
+        out,
+        row,
+        threads,
+        4 * x.len(),
+        #[inline(always)]
+        |r0, block| {
+            for (k, o) in block.chunks_exact_mut(row).enumerate() {
+                let r = r0 + k;
+                let id = ids[r] as u32 as u64;
+                for (j, (o, &v)) in o.iter_mut().zip(&x[r * row..(r + 1) * row]).enumerate() {
+                    *o = if shardplan_compiler::graph::dropout_drops(seed, step, id, j as u64, p) { 0.0 } else { v * scale };
                 }
             }
         },

@@ -466,6 +466,37 @@ fn im2col_and_col2im_match_reference() {
 }
 
 #[test]
+fn dropout_matches_reference() {
+    let mut rng = Rng(crate::data::rng::SplitMix64::new(15));
+    for (s, p) in [(&[4, 5][..], 0.1), (&[3, 7, 9], 0.5), (&[1, 1], 0.9), (&[64, 300], 0.25)] {
+        let ids: Vec<i32> = (0..s[0]).map(|r| (r * 37 + 11) as i32).collect();
+        let x = rng.vec(numel(s));
+        for step in [0.0f32, 7.0, 12345.0] {
+            let out = check(&Op::Dropout { p, seed: 3 }, &[f(x.clone(), s), i(ids.clone(), &[s[0]]), f(vec![step], &[])], s);
+            // About p of the elements are dropped, and the others scaled.
+            let dropped = out.iter().filter(|v| **v == 0.0).count() as f64 / out.len() as f64;
+            if out.len() > 1000 {
+                assert!((dropped - p).abs() < 0.03, "p {p}: dropped {dropped}");
+            }
+        }
+    }
+    // Another seed, step or sample draws another mask.
+    let s = [8, 64];
+    let x = vec![1.0f32; 512];
+    let ids: Vec<i32> = (0..8).collect();
+    let mask = |seed: u64, step: f32, ids: &[i32]| ours(&Op::Dropout { p: 0.5, seed }, &[f(x.clone(), &s), i(ids.to_vec(), &[8]), f(vec![step], &[])], &s, 1).expect("runs");
+    let base = mask(1, 0.0, &ids);
+    assert_ne!(base, mask(2, 0.0, &ids));
+    assert_ne!(base, mask(1, 1.0, &ids));
+    let other: Vec<i32> = (8..16).collect();
+    assert_ne!(base, mask(1, 0.0, &other));
+    // A sample's row is the same wherever it sits in the batch.
+    let swapped: Vec<i32> = ids.iter().rev().copied().collect();
+    let back = mask(1, 0.0, &swapped);
+    assert_eq!(&base[..64], &back[7 * 64..]);
+}
+
+#[test]
 fn embedding_and_grad_match_reference() {
     let mut rng = Rng(crate::data::rng::SplitMix64::new(12));
     for (v, d, ids_shape) in [(17, 33, &[3, 7][..]), (1, 1, &[5]), (5, 3, &[]), (65, 33, &[40, 100])] {

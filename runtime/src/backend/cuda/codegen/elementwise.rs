@@ -541,6 +541,46 @@ pub fn rope(io: &Io<'_>, head_dim: usize, base: f64, inverse: bool) -> Result<Op
     Ok(Some(g.finish()))
 }
 
+/// SplitMix64's finaliser, as `graph::dropout_drops` uses it.
+const MIX: &str = "__device__ __forceinline__ unsigned long long sp_mix(unsigned long long z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+";
+
+/// Dropout of x [rows, …] (row r: the sample with data-set index ids[r]),
+/// one thread per element, with the CPU's hash of (seed, step, id, j).
+pub fn dropout(io: &Io<'_>, p: f64, seed: u64) -> Result<Option<super::Kernel>, CodegenError> {
+    let xs = io.typed(0, Elem::F32)?.shape.clone();
+    let rows = io.typed(1, Elem::I32)?.len();
+    io.typed(2, Elem::F32)?;
+    io.out_f32()?;
+    io.expect_out(&xs)?;
+    let n = io.out_len();
+    if n == 0 {
+        return Ok(None);
+    }
+    if rows == 0 || n % rows != 0 {
+        return Err(CodegenError::Operands(format!("{rows} sample indices for {xs:?}")));
+    }
+    let row = n / rows;
+    let mut g = Gen::new(format!("dropout {p} of {xs:?}"), n);
+    g.helper(MIX);
+    g.param(io.ins[0], Elem::F32, Mode::In, "x");
+    g.param(io.ins[1], Elem::I32, Mode::In, "ids");
+    g.param(io.ins[2], Elem::F32, Mode::In, "step");
+    g.param(io.out, Elem::F32, Mode::Out, "out");
+    g.each(n);
+    let rn = g.n(row);
+    g.line(2, format!("const unsigned long long id = (unsigned long long)(unsigned)ids[i / {rn}], j = (unsigned long long)(i % {rn});"));
+    g.line(2, format!("const unsigned long long h = sp_mix(sp_mix(sp_mix(sp_mix({seed}ull) ^ (unsigned long long)step[0]) ^ id) ^ j);"));
+    g.line(2, format!("out[i] = (double)(h >> 11) * (1.0 / 9007199254740992.0) < {} ? 0.0f : x[i] * {};", f64_lit(p), f32_lit((1.0 / (1.0 - p)) as f32)));
+    g.close();
+    Ok(Some(g.finish()))
+}
+
 /// The (n, c, h, w, oh, ow) of an image and its windows, checked.
 fn windows(image: &[usize], cols: &[usize], kh: usize, kw: usize, stride: usize, padding: usize) -> Result<[usize; 6], CodegenError> {
     let (&[n, c, h, w], &[n2, oh, ow, c2, kh2, kw2]) = (image, cols) else {
