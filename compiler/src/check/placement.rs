@@ -664,11 +664,12 @@ impl Checker<'_> {
             }
         }
         let missing: Vec<String> = self.model.forward_order.iter().filter(|u| !at.contains_key(u)).map(|u| self.model.unit_name(*u)).collect();
+        let (count, missing) = (missing.len(), index_ranges(&missing));
         if !missing.is_empty() && self.diags.error_count() == before {
             self.diags.push(
                 Diagnostic::error(
                     "placement::stage_missing",
-                    format!("{} not in any stage: {}", if missing.len() == 1 { "this layer is" } else { "these layers are" }, missing.join(", ")),
+                    format!("{} not in any stage: {}", if count == 1 { "this layer is" } else { "these layers are" }, missing.join(", ")),
                 )
                 .label(p.stages.last().map(|s| s.span).unwrap_or(p.axis.span), "the stages end here without them")
                 .help(format!("add {} to a stage", missing.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", "))),
@@ -896,10 +897,50 @@ impl Checker<'_> {
     }
 }
 
+/// Runs of consecutive elements of one `repeat` written as a range, as a
+/// stage names them: `blocks[4]`, `blocks[5]`, `blocks[6]` → `blocks[4..7]`.
+fn index_ranges(names: &[String]) -> Vec<String> {
+    let split = |n: &str| -> Option<(String, usize)> {
+        let (head, rest) = n.strip_suffix(']')?.rsplit_once('[')?;
+        Some((head.to_string(), rest.parse().ok()?))
+    };
+    let mut out: Vec<String> = Vec::new();
+    let mut run: Option<(String, usize, usize)> = None;
+    let close = |run: &mut Option<(String, usize, usize)>, out: &mut Vec<String>| {
+        if let Some((head, a, b)) = run.take() {
+            out.push(if b == a + 1 { format!("{head}[{a}]") } else { format!("{head}[{a}..{b}]") });
+        }
+    };
+    for n in names {
+        match (split(n), &mut run) {
+            (Some((head, i)), Some((h, _, b))) if *h == head && *b == i => *b = i + 1,
+            (Some((head, i)), _) => {
+                close(&mut run, &mut out);
+                run = Some((head, i, i + 1));
+            }
+            (None, _) => {
+                close(&mut run, &mut out);
+                out.push(n.clone());
+            }
+        }
+    }
+    close(&mut run, &mut out);
+    out
+}
+
 fn device_range(devices: &[Device]) -> String {
     match devices {
         [] => "none".into(),
         [one] => one.name.clone(),
         [first, .., last] => format!("{}..{}", first.name, last.name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn index_ranges_merge_consecutive_elements() {
+        let names: Vec<String> = ["embed", "blocks[4]", "blocks[5]", "blocks[6]", "blocks[8]", "head"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(super::index_ranges(&names), ["embed", "blocks[4..7]", "blocks[8]", "head"]);
     }
 }
