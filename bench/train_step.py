@@ -5,6 +5,11 @@ Workloads (float32, 2 threads each):
   (a) mlp    MLP 1024 -> 4096 -> 4096 -> 1024, batch 256, SGD
   (b) gpt    GPT decoder, 2 layers, d 256, 4 heads, seq 128, vocab 256, batch 16, AdamW
   (c) digits the digits MLP 64 -> 128 -> 64 -> 10, batch 64, SGD with momentum
+  (d) llama  examples/llama.plan's model: Llama decoder, 2 blocks, d 64, 4 heads
+             (2 key/value heads), SwiGLU 176, rotary, RMSNorm, tied head,
+             vocab 512, seq 64, batch 16, AdamW
+  (e) llama256 the same architecture at gpt's size: d 256, 4 heads (2 key/value
+             heads), SwiGLU 704, vocab 512, seq 128, batch 16, AdamW
 
 Each round runs every workload once on each side, alternating, back to back;
 the report gives per-round ratios (PyTorch step time / shardplan step time,
@@ -13,6 +18,8 @@ both processes, the matmul GFLOP/s each side achieves per step, numpy's on
 the same shapes, and the load average before and after.
 
 Usage: python3 bench/train_step.py [--rounds 3] [--steps 30] [--only mlp,gpt,digits]
+                                   [--shardplan target/release/shardplan]
+(--only defaults to mlp,gpt,digits; add llama,llama256 to time those too.)
 Needs: cargo build --release; pip install torch numpy.
 """
 import argparse
@@ -68,13 +75,53 @@ model DigitsMlp {
 data digits = csv("DATA/digits.csv", label: "label", scale: 1/16, train: 0..1500, test: 1500..)
 train { model: DigitsMlp, data: digits, batch: 64, steps: STEPS, optimizer: sgd(lr: 0.1, momentum: 0.9), seed: 7 }
 """,
+    # examples/llama.plan's model and optimizer, without its lr schedule and
+    # gradient clipping (gpt has neither).
+    "llama": """
+model Llama {
+  input tokens: i32[batch, seq]
+  input targets: i32[batch, seq]
+  layer embed = Embedding(512, 64)
+  layer blocks = repeat 2 LlamaBlock(64, 4, kv_heads: 2, hidden: 176)
+  layer norm = RMSNorm(64)
+  loss cross_entropy(norm(blocks(embed(tokens))) @ transpose(embed.table), targets)
 }
+data corpus = tokens("DATA/tiny_tokens.bin", dtype: "uint16")
+train { model: Llama, data: corpus, batch: 16, seq: 64, steps: STEPS, optimizer: adamw(lr: 0.003, weight_decay: 0.01), seed: 1 }
+""",
+    # The same architecture at gpt's size.
+    "llama256": """
+model Llama {
+  input tokens: i32[batch, seq]
+  input targets: i32[batch, seq]
+  layer embed = Embedding(512, 256)
+  layer blocks = repeat 2 LlamaBlock(256, 4, kv_heads: 2, hidden: 704)
+  layer norm = RMSNorm(256)
+  loss cross_entropy(norm(blocks(embed(tokens))) @ transpose(embed.table), targets)
+}
+data corpus = tokens("DATA/tiny_tokens.bin", dtype: "uint16")
+train { model: Llama, data: corpus, batch: 16, seq: 128, steps: STEPS, optimizer: adamw(lr: 0.003, weight_decay: 0.01), seed: 1 }
+""",
+}
+
+
+def llama_flops(batch, seq, d, heads, kv_heads, hidden, vocab, layers):
+    """Matmul FLOPs of a Llama training step: per block wq, wo [d, d], wk, wv
+    [d, d / heads * kv_heads], gate, up [d, hidden], down [hidden, d], and the
+    two attention products per head (q @ k^T and p @ v, full seq x seq as for
+    gpt); then the tied head [d, vocab]. Forward + two backward products each."""
+    kv = d // heads * kv_heads
+    linear = batch * seq * (layers * (2 * d * d + 2 * d * kv + 3 * d * hidden) + d * vocab)
+    attention = layers * batch * heads * seq * seq * (d // heads) * 2
+    return 3 * 2 * (linear + attention)
 
 # Matmul FLOPs per training step (forward + two backward products each).
 FLOPS = {
     "mlp": 3 * 2 * 256 * (1024 * 4096 + 4096 * 4096 + 4096 * 1024),
     "gpt": 3 * 2 * (16 * 128) * (2 * (4 * 256 * 256 + 2 * 256 * 1024) + 256 * 256) + 3 * 2 * 2 * (16 * 4) * (128 * 128 * 64 * 2),
     "digits": 3 * 2 * 64 * (64 * 128 + 128 * 64 + 64 * 10),
+    "llama": llama_flops(16, 64, 64, 4, 2, 176, 512, 2),
+    "llama256": llama_flops(16, 128, 256, 4, 2, 704, 512, 2),
 }
 
 TORCH = textwrap.dedent(
@@ -105,6 +152,60 @@ TORCH = textwrap.dedent(
             x = x + s.attn(s.ln1(x))
             return x + s.down(F.gelu(s.up(s.ln2(x)), approximate="tanh"))
 
+    # Rotary tables, computed once: the pair (2i, 2i+1) of each head at
+    # position p turns by p * base^(-2i / head_dim).
+    def rope_tables(seq, head_dim, base=10000.0):
+        inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        a = torch.arange(seq, dtype=torch.float64)[:, None] * inv
+        return a.cos().float(), a.sin().float()
+
+    def rope(x, cos, sin):  # x: [b, h, t, head_dim]; cos, sin: [t, head_dim / 2]
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2)
+
+    class LlamaAttn(nn.Module):
+        def __init__(s, d, h, kv):
+            super().__init__(); s.h, s.kv, s.dh = h, kv, d // h
+            s.wq, s.wo = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+            s.wk, s.wv = nn.Linear(d, kv * s.dh, bias=False), nn.Linear(d, kv * s.dh, bias=False)
+        def forward(s, x, cos, sin):
+            b, t, d = x.shape
+            q = s.wq(x).view(b, t, s.h, s.dh).transpose(1, 2)
+            k = s.wk(x).view(b, t, s.kv, s.dh).transpose(1, 2)
+            v = s.wv(x).view(b, t, s.kv, s.dh).transpose(1, 2)
+            y = F.scaled_dot_product_attention(rope(q, cos, sin), rope(k, cos, sin), v, is_causal=True, enable_gqa=True)
+            return s.wo(y.transpose(1, 2).reshape(b, t, d))
+
+    class SwiGLU(nn.Module):
+        def __init__(s, d, hidden):
+            super().__init__()
+            s.gate, s.up, s.down = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False), nn.Linear(hidden, d, bias=False)
+        def forward(s, x):
+            return s.down(F.silu(s.gate(x)) * s.up(x))
+
+    class LlamaBlock(nn.Module):
+        def __init__(s, d, h, kv, hidden):
+            super().__init__()
+            s.attn_norm, s.attn = nn.RMSNorm(d, eps=1e-5), LlamaAttn(d, h, kv)
+            s.mlp_norm, s.mlp = nn.RMSNorm(d, eps=1e-5), SwiGLU(d, hidden)
+        def forward(s, x, cos, sin):
+            h = x + s.attn(s.attn_norm(x), cos, sin)
+            return h + s.mlp(s.mlp_norm(h))
+
+    class Llama(nn.Module):
+        def __init__(s, vocab, d, h, kv, hidden, layers, seq):
+            super().__init__()
+            s.embed = nn.Embedding(vocab, d); nn.init.normal_(s.embed.weight, std=0.02)
+            s.blocks = nn.ModuleList(LlamaBlock(d, h, kv, hidden) for _ in range(layers))
+            s.norm = nn.RMSNorm(d, eps=1e-6)
+            cos, sin = rope_tables(seq, d // h)
+            s.register_buffer("cos", cos); s.register_buffer("sin", sin)
+        def forward(s, tok):
+            x = s.embed(tok)
+            for blk in s.blocks:
+                x = blk(x, s.cos, s.sin)
+            return s.norm(x) @ s.embed.weight.T
+
     class Gpt(nn.Module):
         def __init__(s):
             super().__init__()
@@ -133,6 +234,17 @@ TORCH = textwrap.dedent(
             return x[j:j + 64], y[j:j + 64]
         def loss_of(b):
             return F.cross_entropy(model(b[0]), b[1])
+    elif kind in ("llama", "llama256"):
+        d, hidden, seq = (64, 176, 64) if kind == "llama" else (256, 704, 128)
+        data = torch.from_numpy(np.fromfile(data_dir + "/tiny_tokens.bin", dtype="<u2").astype(np.int64))
+        model = Llama(512, d, 4, 2, hidden, 2, seq)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.01)
+        def batch(i):
+            starts = [(i * 16 + r) * 97 % (len(data) - seq - 1) for r in range(16)]
+            tok = torch.stack([data[s:s + seq] for s in starts]); tgt = torch.stack([data[s + 1:s + seq + 1] for s in starts])
+            return tok, tgt
+        def loss_of(b):
+            return F.cross_entropy(model(b[0]).reshape(-1, 512), b[1].reshape(-1))
     else:
         text = np.frombuffer(open(data_dir + "/tiny.txt", "rb").read(), dtype=np.uint8).astype(np.int64)
         data = torch.from_numpy(text)
@@ -195,6 +307,8 @@ NUMPY = textwrap.dedent(
         "mlp": [(256, 1024, 4096), (256, 4096, 4096), (256, 4096, 1024)],
         "gpt": [(2048, 256, 256), (2048, 256, 1024), (2048, 1024, 256)],
         "digits": [(64, 64, 128), (64, 128, 64), (64, 64, 10)],
+        "llama": [(1024, 64, 64), (1024, 64, 32), (1024, 64, 176), (1024, 176, 64), (1024, 64, 512)],
+        "llama256": [(2048, 256, 256), (2048, 256, 128), (2048, 256, 704), (2048, 704, 256), (2048, 256, 512)],
     }[sys.argv[1]]
     mats = [(np.random.rand(m, k).astype(np.float32), np.random.rand(k, n).astype(np.float32)) for m, k, n in shapes]
     flops = sum(2 * m * k * n for m, k, n in shapes)
@@ -225,15 +339,18 @@ def numpy_gflops(kind, python):
 
 
 def main():
+    global BIN
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--only", default="mlp,gpt,digits")
     ap.add_argument("--numpy-only", action="store_true", help="only the numpy GFLOP/s column")
     ap.add_argument("--python", default=sys.executable, help="a Python with torch installed")
+    ap.add_argument("--shardplan", default=BIN, help="the shardplan binary (default: target/release/shardplan)")
     a = ap.parse_args()
+    BIN = os.path.abspath(a.shardplan)
     if not os.path.exists(BIN):
-        sys.exit("build first: cargo build --release")
+        sys.exit(f"no shardplan binary at {BIN}: cargo build --release, or pass --shardplan PATH")
     kinds = a.only.split(",")
     if a.numpy_only:
         for k in kinds:

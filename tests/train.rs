@@ -65,6 +65,28 @@ fn tiny_gpt_lowers_its_loss_by_30_percent() {
 }
 
 #[test]
+fn llama_lowers_its_loss_by_30_percent() {
+    let l = common::train(&mut session("llama", None, None, |_| {}), None);
+    let first = l[0];
+    let n = l.len();
+    let last: f32 = l[n - 10..].iter().sum::<f32>() / 10.0;
+    assert!(last <= 0.7 * first, "loss went from {first} to {last} (mean of the last 10 steps)");
+}
+
+/// The CNN example, data parallel over 4 devices, reaches at least the
+/// accuracy of the MLP of digits_mlp.plan on the same held-out rows.
+#[test]
+fn cnn_reaches_the_mlps_accuracy() {
+    let accuracy = |name: &str| {
+        let mut s = session(name, None, None, |_| {});
+        common::train(&mut s, None);
+        s.evaluate().unwrap_or_else(|e| panic!("{}: {e}", e.code())).expect("a test split").accuracy.expect("a classifier")
+    };
+    let (mlp, cnn) = (accuracy("digits_mlp"), accuracy("cnn_digits"));
+    assert!(cnn >= mlp, "the CNN scores {:.2}%, the MLP {:.2}%", cnn * 100.0, mlp * 100.0);
+}
+
+#[test]
 fn same_seed_same_losses_bit_for_bit() {
     let (la, lb) = (losses("digits_mlp", Some(60), None, |_| {}, None), losses("digits_mlp", Some(60), None, |_| {}, None));
     assert_eq!(la.len(), 60);
