@@ -426,3 +426,29 @@ fn dropout_placements_match_one_device() {
     let dropped = common::verify_text(&with_dropout(llama(1, "")), root(), &[]);
     assert!(plain.losses[1..].iter().zip(&dropped.losses[1..]).all(|(a, b)| a != b), "{plain:?}\n{dropped:?}");
 }
+
+/// Under a pipeline the tied embedding table has a copy on each stage that
+/// reads it, kept equal by summing both stages' gradients (were the last
+/// stage's copy to drift, its head would, and `llama_pp2_tied` above would
+/// not match one device); a run saved under the pipeline resumes on one
+/// device as if never split.
+#[test]
+fn tied_copies_stay_equal_and_resume_on_one_device() {
+    let ten = |t: String| t.replace("steps: 300", "steps: 10");
+    let pp = ten(llama(2, "placement {\n  mesh (pipe: 2)\n  pipeline over pipe {\n    stage embed, blocks[0..2]\n    stage blocks[2..4], norm\n    microbatches 2\n    schedule 1f1b\n  }\n}"));
+    let one = ten(llama(1, ""));
+    // Both stages hold embed.table (parameter 0).
+    let (c, d) = shardplan_compiler::check_source(pp.as_bytes());
+    let c = c.unwrap_or_else(|| panic!("{:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()));
+    let compiled = shardplan_compiler::compile(&c, &Default::default()).expect("compiles");
+    let shardplan_compiler::Target::Placed(plan) = &compiled.target else { panic!("not placed") };
+    assert_eq!(plan.holders(0), vec![0, 1], "the table's copies");
+    let ck = tmp("tied.safetensors");
+    let full = common::train_text(&one, root(), |_| {}, None);
+    let mut pieced = common::train_text(&pp, root(), |c| c.stop_after = Some(5), Some(&ck));
+    pieced.extend(common::train_text(&one, root(), |c| c.start = Start::Resume { path: ck.clone(), seed_given: false }, None));
+    assert_eq!((full.len(), pieced.len()), (10, 10));
+    for (i, (a, b)) in full.iter().zip(&pieced).enumerate() {
+        assert!(((a - b) / a).abs() < 1e-5, "step {}: {a} on one device, {b} resumed from the pipeline", i + 1);
+    }
+}

@@ -64,7 +64,11 @@ pub fn print(file: &str, c: &Checked, plan: &Plan) {
     }
     println!("\nparameters:");
     for p in &parameters {
-        println!("  {:<28} {:<16} stage {}  {}", p.path, p.ty, p.stage, p.sharding);
+        let copies = match p.copies.as_slice() {
+            [] => String::new(),
+            c => format!(", tied: a copy on stage{} {}", if c.len() == 1 { "" } else { "s" }, c.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")),
+        };
+        println!("  {:<28} {:<16} stage {}  {}{copies}", p.path, p.ty, p.stage, p.sharding);
     }
     println!("\nstages:");
     for (s, units) in stages.iter().enumerate() {

@@ -115,7 +115,12 @@ impl Builder<'_, '_> {
         let mut need = vec![false; g.len()];
         for id in g.ids() {
             let i = id.0 as usize;
-            need[i] = self.glob.home[i] == Home::Stage(self.stage) && !self.is_source(id) && self.role_allowed(g.node(id).role);
+            let here = match self.glob.home[i] {
+                Home::Stage(s) => s == self.stage,
+                Home::Replicated(p) => self.glob.replicas[p].contains(&self.stage),
+                Home::Anywhere => false,
+            };
+            need[i] = here && !self.is_source(id) && self.role_allowed(g.node(id).role);
         }
         for id in g.ids().collect::<Vec<_>>().into_iter().rev() {
             let i = id.0 as usize;
@@ -138,7 +143,7 @@ impl Builder<'_, '_> {
     fn stage_of(&self, n: NodeId) -> Option<usize> {
         match self.glob.home[n.0 as usize] {
             Home::Stage(s) => Some(s),
-            Home::Anywhere => None,
+            Home::Anywhere | Home::Replicated(_) => None,
         }
     }
 
@@ -157,18 +162,19 @@ impl Builder<'_, '_> {
         let g = self.g();
         let mut out: Vec<(usize, Role)> = Vec::new();
         for u in &self.glob.users[n.0 as usize] {
-            let Some(s) = self.stage_of(*u) else { continue };
-            if s == from || !self.direct_use(n, *u) {
-                continue;
-            }
-            let role = if self.is_source(n) { g.node(*u).role } else { g.node(n).role };
-            match out.iter_mut().find(|x| x.0 == s) {
-                Some(x) => {
-                    if rank(role) < rank(x.1) {
-                        x.1 = role;
-                    }
+            for s in self.glob.stages_of(*u) {
+                if s == from || !self.direct_use(n, *u) {
+                    continue;
                 }
-                None => out.push((s, role)),
+                let role = if self.is_source(n) { g.node(*u).role } else { g.node(n).role };
+                match out.iter_mut().find(|x| x.0 == s) {
+                    Some(x) => {
+                        if rank(role) < rank(x.1) {
+                            x.1 = role;
+                        }
+                    }
+                    None => out.push((s, role)),
+                }
             }
         }
         out.sort_by_key(|x| x.0);
@@ -513,7 +519,7 @@ impl Builder<'_, '_> {
                     let mut r: Vec<usize> = self.glob.users[n.0 as usize]
                         .iter()
                         .filter(|x| g.node(**x).role == Role::Update)
-                        .filter_map(|x| self.stage_of(*x))
+                        .flat_map(|x| self.glob.stages_of(*x))
                         .filter(|s| *s != home)
                         .collect();
                     r.sort();

@@ -192,6 +192,9 @@ pub(crate) enum Home {
     Stage(usize),
     /// A source or a value computed from sources only: made wherever used.
     Anywhere,
+    /// The update of tied parameter `.0`, run on each stage that holds a copy
+    /// of it ([`Global::replicas`]).
+    Replicated(usize),
 }
 
 /// The global analysis shared by every device's program.
@@ -209,6 +212,12 @@ pub(crate) struct Global<'a> {
     pub home: Vec<Home>,
     pub stages: usize,
     pub param_stage: Vec<usize>,
+    /// Per parameter: the stages that hold a copy of it, when it is tied,
+    /// i.e. read by the forward pass on more than one stage (an output head
+    /// reusing the embedding table); empty otherwise. Each copy is updated
+    /// with the sum of every stage's gradient, as Megatron keeps its
+    /// embedding group equal.
+    pub replicas: Vec<Vec<usize>>,
     pub param_layout: Vec<Vec<Layout>>,
     /// Forward/backward values read by the update, in node order.
     pub crossing: Vec<NodeId>,
@@ -322,6 +331,7 @@ pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Resul
         home: vec![Home::Anywhere; n],
         stages,
         param_stage,
+        replicas: vec![Vec::new(); m.params.len()],
         param_layout,
         crossing: Vec::new(),
         users,
@@ -402,6 +412,16 @@ pub fn plan_hash(p: &Plan) -> u64 {
 }
 
 impl Global<'_> {
+    /// The stages that run node `n`: its stage, each stage holding a copy of
+    /// the tied parameter it updates, or none (made wherever used).
+    pub fn stages_of(&self, n: NodeId) -> Vec<usize> {
+        match self.home[n.0 as usize] {
+            Home::Stage(s) => vec![s],
+            Home::Anywhere => Vec::new(),
+            Home::Replicated(p) => self.replicas[p].clone(),
+        }
+    }
+
     fn shape(&self, n: NodeId) -> Vec<usize> {
         self.g.node(n).ty.shape.iter().map(|d| d.size.max(0) as usize).collect()
     }
@@ -529,7 +549,7 @@ impl Global<'_> {
             args.iter()
                 .filter_map(|a| match home[a.0 as usize] {
                     Home::Stage(s) => Some(s),
-                    Home::Anywhere => None,
+                    Home::Anywhere | Home::Replicated(_) => None,
                 })
                 .max()
                 .map(Home::Stage)
@@ -550,31 +570,107 @@ impl Global<'_> {
                 serves[a.0 as usize].extend(mine.iter().copied());
             }
         }
-        let mut home = vec![Home::Anywhere; n];
-        for id in g.ids() {
-            let node = g.node(id);
-            let args = g.args(id);
-            home[id.0 as usize] = match (&node.op, node.role) {
-                (Op::Param(i), _) => Home::Stage(self.param_stage[*i]),
-                (Op::State(j), _) => Home::Stage(self.param_stage[g.states[*j].param]),
-                (Op::Input(_) | Op::Const(_) | Op::Hyper(_), _) => Home::Anywhere,
-                (_, Role::Forward) => latest(&home, &args),
-                (_, Role::Backward) => match g.origin.get(&id) {
-                    Some(o) => match home[o.0 as usize] {
-                        Home::Anywhere => latest(&home, &args),
-                        h => h,
-                    },
-                    None => latest(&home, &args),
-                },
-                (_, Role::Update) => {
-                    let s: BTreeSet<usize> = serves[id.0 as usize].iter().map(|p| self.param_stage[*p]).collect();
-                    if s.len() == 1 && !matches!(latest(&home, &args), Home::Anywhere) {
-                        Home::Stage(*s.iter().next().unwrap_or(&0))
-                    } else {
-                        latest(&home, &args)
+        let staged = |home: &[Home], args: &[NodeId]| -> Vec<usize> {
+            let s: BTreeSet<usize> = args
+                .iter()
+                .filter_map(|a| match home[a.0 as usize] {
+                    Home::Stage(s) => Some(s),
+                    Home::Anywhere | Home::Replicated(_) => None,
+                })
+                .collect();
+            s.into_iter().collect()
+        };
+        let homes = |tied: &[Vec<usize>]| {
+            // The additions that sum each tied parameter's gradients.
+            let mut sums: BTreeSet<NodeId> = BTreeSet::new();
+            for (p, t) in tied.iter().enumerate() {
+                let mut todo: Vec<NodeId> = g.grads.get(&p).filter(|_| !t.is_empty()).into_iter().copied().collect();
+                while let Some(x) = todo.pop() {
+                    if g.node(x).op == Op::Add && g.node(x).role == Role::Backward && sums.insert(x) {
+                        todo.extend(g.args(x));
                     }
                 }
-            };
+            }
+            let mut home = vec![Home::Anywhere; n];
+            for id in g.ids() {
+                let node = g.node(id);
+                let args = g.args(id);
+                let tied_param = |p: usize| !tied[p].is_empty();
+                home[id.0 as usize] = match (&node.op, node.role) {
+                    (Op::Param(i), _) if tied_param(*i) => Home::Anywhere,
+                    (Op::State(j), _) if tied_param(g.states[*j].param) => Home::Anywhere,
+                    (Op::Param(i), _) => Home::Stage(self.param_stage[*i]),
+                    (Op::State(j), _) => Home::Stage(self.param_stage[g.states[*j].param]),
+                    (Op::Input(_) | Op::Const(_) | Op::Hyper(_), _) => Home::Anywhere,
+                    (_, Role::Forward) => latest(&home, &args),
+                    // The sum of a tied parameter's gradients from several
+                    // stages: on the earliest, whose backward pass runs last,
+                    // so each later stage's part arrives before it is needed.
+                    (_, Role::Backward) if sums.contains(&id) && staged(&home, &args).len() > 1 => Home::Stage(staged(&home, &args)[0]),
+                    (_, Role::Backward) => match g.origin.get(&id) {
+                        Some(o) => match home[o.0 as usize] {
+                            Home::Anywhere | Home::Replicated(_) => latest(&home, &args),
+                            h => h,
+                        },
+                        None => latest(&home, &args),
+                    },
+                    (_, Role::Update) => {
+                        let served = &serves[id.0 as usize];
+                        let s: BTreeSet<usize> = served.iter().map(|p| self.param_stage[*p]).collect();
+                        match served.iter().next() {
+                            Some(&p) if served.len() == 1 && tied_param(p) => Home::Replicated(p),
+                            _ if s.len() == 1 && !matches!(latest(&home, &args), Home::Anywhere) => Home::Stage(*s.iter().next().unwrap_or(&0)),
+                            _ => latest(&home, &args),
+                        }
+                    }
+                };
+            }
+            home
+        };
+        let mut home = homes(&self.replicas);
+        // Tied parameters: a parameter whose value (or a value made from it
+        // alone, such as its transpose) is read by the forward pass on a
+        // stage other than its own gets a copy on each such stage.
+        if self.stages > 1 {
+            let mut only: Vec<Option<usize>> = vec![None; n];
+            let mut tied: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); self.param_stage.len()];
+            for id in g.ids() {
+                let node = g.node(id);
+                if node.role != Role::Forward {
+                    continue;
+                }
+                let i = id.0 as usize;
+                only[i] = match node.op {
+                    Op::Param(p) => Some(p),
+                    Op::Input(_) | Op::Const(_) | Op::Hyper(_) => None,
+                    _ => {
+                        let from: BTreeSet<Option<usize>> =
+                            g.args(id).iter().filter(|a| !matches!(g.node(**a).op, Op::Input(_) | Op::Const(_) | Op::Hyper(_))).map(|a| only[a.0 as usize]).collect();
+                        match from.iter().next() {
+                            Some(Some(p)) if from.len() == 1 => Some(*p),
+                            _ => None,
+                        }
+                    }
+                };
+                for a in g.args(id) {
+                    if let (Some(p), Home::Stage(s)) = (only[a.0 as usize], home[i]) {
+                        if s != self.param_stage[p] {
+                            tied[p].insert(s);
+                        }
+                    }
+                }
+            }
+            if tied.iter().any(|t| !t.is_empty()) {
+                for (p, t) in tied.into_iter().enumerate() {
+                    if !t.is_empty() {
+                        let mut all: Vec<usize> = t.into_iter().collect();
+                        all.push(self.param_stage[p]);
+                        all.sort();
+                        self.replicas[p] = all;
+                    }
+                }
+                home = homes(&self.replicas);
+            }
         }
         // A backward node whose origin is made anywhere, yet reads staged values, follows them.
         self.home = home;

@@ -70,6 +70,10 @@ pub struct Parameter {
     pub stage: usize,
     /// `replicated`, or the dims split and the mesh axes they are split over.
     pub sharding: String,
+    /// Other stages that hold a copy of it, kept equal by summing the
+    /// gradients of every copy (a tied parameter, such as an output head
+    /// reusing the embedding table).
+    pub copies: Vec<usize>,
 }
 
 /// One pass of a pipeline stage.
@@ -202,7 +206,13 @@ pub fn parameters(c: &Checked, plan: &Plan) -> Vec<Parameter> {
         .params
         .iter()
         .zip(&plan.param_layouts)
-        .map(|(p, (stage, l))| Parameter { path: p.path.clone(), ty: p.ty.to_string(), stage: *stage, sharding: sharding(plan, l) })
+        .enumerate()
+        .map(|(i, (p, (stage, l)))| {
+            let mut copies: Vec<usize> = plan.holders(i).iter().filter_map(|&d| plan.devices.iter().find(|x| x.device == d)).map(|d| d.stage).filter(|s| s != stage).collect();
+            copies.sort();
+            copies.dedup();
+            Parameter { path: p.path.clone(), ty: p.ty.to_string(), stage: *stage, sharding: sharding(plan, l), copies }
+        })
         .collect()
 }
 
