@@ -206,3 +206,32 @@ fn an_unused_layer_keeps_its_parameters_in_checkpoints() {
     assert_eq!(w, get(&early, "spare.w"), "an unused parameter changed during training");
     assert_ne!(get(&one, "fc1.w"), get(&early, "fc1.w"), "the used parameters trained");
 }
+
+/// A token file with an id the model has no class for, or a length that is
+/// not a whole number of ids, stops `run` with one located error, rendered
+/// as a snapshot (run from the scratch folder, so paths are relative).
+#[test]
+fn bad_token_files_are_rendered_errors() {
+    let llama = std::fs::read_to_string(root().join("examples/llama.plan")).expect("example");
+    let mut rendered = String::new();
+    for (name, bytes) in [("out_of_range.bin", [1u16, 2, 600, 3, 4, 5, 6, 7].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()), ("odd.bin", vec![1, 0, 2, 0, 3])] {
+        let file = tmp(name);
+        std::fs::write(&file, &bytes).expect("write");
+        let plan = llama
+            .replace(r#"tokens("data/tiny_tokens.bin", dtype: "uint16", train: 0..12800, test: 12800..)"#, &format!(r#"tokens("{name}", dtype: "uint16")"#))
+            .replace("seq: 64", "seq: 2")
+            .replace("batch: 16", "batch: 2");
+        let plan_name = format!("{name}.plan");
+        std::fs::write(tmp(&plan_name), plan).expect("write plan");
+        let out = Command::new(env!("CARGO_BIN_EXE_shardplan"))
+            .args(["run", "--quiet", &plan_name, "--steps", "1", "--color", "never"])
+            .current_dir(file.parent().expect("scratch folder"))
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        rendered.push_str(&err);
+    }
+    insta::assert_snapshot!(rendered);
+}

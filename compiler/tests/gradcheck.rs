@@ -10,11 +10,21 @@ mod common;
 use common::{checked, shape, training_graph, values, Rng};
 
 /// Every node's value of `g` on `inputs` and `params`, with zero optimizer
-/// state and every hyper-parameter 0.01.
+/// state, every hyper-parameter 0.01 but the step (3), and, where dropout
+/// reads the samples' data-set indices (an input after the model's), 7, 8, ….
 fn values_of(g: &shardplan_compiler::graph::Graph, inputs: &[Tensor], params: &[Tensor]) -> Vec<Tensor> {
     let states: Vec<Tensor> = g.states.iter().map(|s| Tensor::zeros(&shape(&s.ty))).collect();
-    let hyper = |_: Hyper| 0.01;
-    let env = Env { inputs, params, states: &states, hyper: &hyper };
+    let hyper = |h: Hyper| if h == Hyper::Step { 3.0 } else { 0.01 };
+    let mut inputs = inputs.to_vec();
+    for id in g.ids() {
+        if let shardplan_compiler::graph::Op::Input(k) = g.node(id).op {
+            if k == inputs.len() {
+                let rows = shape(&g.node(id).ty);
+                inputs.push(Tensor::new(rows.clone(), (0..rows[0]).map(|r| (r + 7) as f64).collect()));
+            }
+        }
+    }
+    let env = Env { inputs: &inputs, params, states: &states, hyper: &hyper };
     run(g, &env).expect("runs")
 }
 
@@ -333,6 +343,25 @@ train {{ batch: 2, steps: 1, optimizer: sgd(lr: 0.1) }}
         assert!(expected > 1e-3, "{call}: the convolution is not zero");
         assert!((got - expected).abs() <= 1e-12 * expected.abs().max(1.0), "{call}: {got} against {expected}");
     }
+}
+
+#[test]
+fn dropout_gradients_match_finite_differences() {
+    // The same mask in the backward pass as in the forward pass.
+    grad_check(
+        r#"
+model M {
+  input x: f32[batch, 6]
+  input label: i32[batch]
+  layer fc1 = Linear(6, 12)
+  layer fc2 = Linear(12, 3)
+  loss cross_entropy(fc2(dropout(relu(fc1(dropout(x, p: 0.3))), p: 0.5)), label)
+}
+data d = synthetic(features: 6, classes: 3)
+train { batch: 4, steps: 1, optimizer: sgd(lr: 0.1) }
+"#,
+        3.0,
+    );
 }
 
 #[test]
