@@ -216,3 +216,20 @@ fn a_compiled_plan_runs_from_anywhere() {
     let help = stderr.split("help:").nth(1).unwrap_or_default().split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(help.contains(&format!("relative to `{}`, the directory of the plan file it was compiled from", gone.display())), "{stderr}");
 }
+
+/// A compiled plan written as one line of JSON (as `json.dump` leaves it),
+/// edited deep inside a program: refused with the place named by line and
+/// column, never a panic (the snippet renderer cannot pad that far).
+#[test]
+fn an_edit_of_a_one_line_plan_is_named_by_line_and_column() {
+    let json = compile_on("cnn_digits", 4);
+    let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("written")).expect("json");
+    let stride = doc["plan"]["devices"][3]["program"]["steps"]
+        .as_array_mut()
+        .and_then(|steps| steps.iter_mut().find_map(|s| s.pointer_mut("/kind/Op/Im2Col/stride")))
+        .expect("an Im2Col step");
+    *stride = serde_json::Value::from(0);
+    let line = serde_json::to_vec(&doc).expect("json");
+    let stderr = refused("one_line", &line, "plan::hash");
+    assert!(stderr.contains("one_line.json:1:"), "{stderr}");
+}

@@ -166,8 +166,37 @@ fn report(d: &Diagnostic, sources: &Sources) -> Report {
     }
 }
 
+/// Longest source line (in bytes) shown as a snippet: a label further along
+/// a line, as in a compiled plan written as one line of JSON, is named by
+/// line and column instead (the snippet would be unreadable, and miette
+/// cannot pad past 65,535 columns).
+const SNIPPET_LINE_MAX: usize = 2000;
+
+/// Whether a label of `d` sits on a source line too long to show.
+fn on_long_line(d: &Diagnostic, sources: &Sources) -> bool {
+    d.labels.iter().any(|l| {
+        let (_, text) = sources.get(l.span.src);
+        let at = (l.span.start as usize).min(text.len());
+        let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+        end - start > SNIPPET_LINE_MAX
+    })
+}
+
 /// Renders one diagnostic as text, rustc style.
 pub fn human(d: &Diagnostic, sources: &Sources, color: bool) -> String {
+    if on_long_line(d, sources) {
+        let mut out = format!("{}\n\n  × {}\n", d.code, d.message);
+        for l in &d.labels {
+            let (name, _) = sources.get(l.span.src);
+            let (line, col) = sources.line_col(l.span);
+            out.push_str(&format!("   at {name}:{line}:{col}: {}\n", l.message));
+        }
+        if let Some(h) = &d.help {
+            out.push_str(&format!("  help: {h}\n"));
+        }
+        return out;
+    }
     let theme = if color { GraphicalTheme::unicode() } else { GraphicalTheme::unicode_nocolor() };
     let handler = GraphicalReportHandler::new_themed(theme).with_width(100).with_links(false);
     let mut out = String::new();
