@@ -376,6 +376,8 @@ fn llama_placements_match_one_device() {
     verify("llama_dp2", &llama(2, "placement {\n  mesh (data: 2)\n  data_parallel over data\n}"));
     // 2 key/value heads over 2 devices: one each, with its two query heads.
     verify("llama_tp2", &llama(2, &format!("placement {{\n  mesh (model: 2)\n  {tp}\n}}")));
+    // The tied table split along its width too: the lookup comes out split, the head reads it transposed.
+    verify("llama_tp2_table", &llama(2, &format!("placement {{\n  mesh (model: 2)\n  {tp}\n  shard embed.table (_, model)\n}}")));
     // With data parallelism too: 2 × 2.
     verify("llama_dp2_tp2", &llama(4, &format!("placement {{\n  mesh (data: 2, model: 2)\n  data_parallel over data\n  {tp}\n}}")));
     // The tied embedding table serves stage 0's lookup and stage 1's head.

@@ -141,3 +141,30 @@ fn near_ties_go_to_the_simpler_plan() {
         }
     }
 }
+
+/// The Llama example's layers are Megatron pairs too: a tensor-parallel
+/// candidate shards each block's q, k, v and output projections and its
+/// SwiGLU (whole key/value heads per device), and that placement compiles.
+#[test]
+fn llama_layers_are_tensor_parallel_candidates() {
+    let src = std::fs::read_to_string("../examples/llama.plan")
+        .unwrap()
+        .replace("devices cpu x 1", "devices cpu x 2\nplacement auto {\n  optimize step_time\n}")
+        .replace("\"data/tiny_tokens.bin\"", "\"../examples/data/tiny_tokens.bin\"");
+    let mut c = common::checked(&src);
+    let s = searched(&c, profile());
+    let tp = s.candidates.iter().find(|x| x.model == 2 && !x.sharded_embeddings).expect("a tensor-parallel candidate");
+    let e = planner::explicit(&c, tp);
+    let mut sharded: Vec<String> = e.shards.iter().map(|sh| c.model.params[sh.param].path.clone()).collect();
+    sharded.sort();
+    let mut want: Vec<String> =
+        (0..2).flat_map(|b| ["attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.gate", "mlp.up", "mlp.down"].map(|p| format!("blocks.{b}.{p}"))).collect();
+    want.sort();
+    assert_eq!(sharded, want);
+    // It compiles, and so does the candidate that also splits the (tied) table.
+    let split = s.candidates.iter().find(|x| x.model == 2 && x.sharded_embeddings).map(|x| planner::explicit(&c, x));
+    for e in std::iter::once(e).chain(split) {
+        c.placement = shardplan_compiler::check::Placement::Explicit(e);
+        compile(&c, &Options::default()).unwrap_or_else(|d| panic!("{:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()));
+    }
+}

@@ -94,21 +94,30 @@ pub(super) fn megatron(c: &Checked, prefix: &str, t: usize) -> (Vec<Shard>, usiz
         }
         let param = |name: &str| c.model.params.iter().position(|p| p.path == format!("{}.{name}", inst.path));
         let dims = |i: usize| c.model.params[i].ty.shape.iter().map(|d| d.size.max(0) as usize).collect::<Vec<_>>();
+        let count = |name: &str| {
+            inst.args.iter().find(|(n, _)| n == name).and_then(|(_, v)| if let crate::check::types::Val::Int(i, _) = v { Some(*i) } else { None }).map(|i| i.max(1) as usize)
+        };
         match inst.template.as_str() {
-            "SelfAttention" => {
-                let heads = inst
-                    .args
-                    .iter()
-                    .find(|(n, _)| n == "heads")
-                    .and_then(|(_, v)| if let crate::check::types::Val::Int(i, _) = v { Some(*i) } else { None })
-                    .unwrap_or(1)
-                    .max(1) as usize;
+            // Grouped-query attention splits whole key/value heads with their query groups.
+            "SelfAttention" | "GroupedAttention" | "RotaryAttention" => {
+                let heads = count("heads").unwrap_or(1);
+                let kv_heads = count("kv_heads").unwrap_or(heads);
                 let (Some(q), Some(k), Some(v), Some(o)) = (param("wq"), param("wk"), param("wv"), param("wo")) else { continue };
-                if t > 1 && heads.is_multiple_of(t) && dims(q)[1].is_multiple_of(t) {
+                if t > 1 && heads.is_multiple_of(t) && kv_heads.is_multiple_of(t) && dims(q)[1].is_multiple_of(t) {
                     for p in [q, k, v] {
                         shards.push(Shard { param: p, spec: vec![None, Some(usize::MAX)] });
                     }
                     shards.push(Shard { param: o, spec: vec![Some(usize::MAX), None] });
+                    pairs += 1;
+                }
+            }
+            // Llama's gated MLP: gate and up by columns, down by rows.
+            "SwiGLU" => {
+                let (Some(gw), Some(uw), Some(dw)) = (param("gate"), param("up"), param("down")) else { continue };
+                if t > 1 && dims(uw)[1].is_multiple_of(t) {
+                    shards.push(Shard { param: gw, spec: vec![None, Some(usize::MAX)] });
+                    shards.push(Shard { param: uw, spec: vec![None, Some(usize::MAX)] });
+                    shards.push(Shard { param: dw, spec: vec![Some(usize::MAX), None] });
                     pairs += 1;
                 }
             }
