@@ -6,7 +6,6 @@
 //! fixed order, so results do not depend on the thread count.
 
 use super::{invalid, par_rows, EngineError, F32Arg, Name};
-use shardplan_compiler::graph::window_source;
 
 /// The window geometry both kernels check: (n, c, h, w, oh, ow).
 fn geometry(name: Name<'_>, image: &[usize], cols: &[usize], kh: usize, kw: usize, stride: usize, padding: usize) -> Result<[usize; 6], EngineError> {
@@ -18,6 +17,16 @@ fn geometry(name: Name<'_>, image: &[usize], cols: &[usize], kh: usize, kw: usiz
         return Err(invalid(name, format!("windows {cols:?} are not the {kh}×{kw} windows (stride {stride}, padding {padding}) of {image:?}")));
     }
     Ok([n, c, h, w, oh, ow])
+}
+
+/// The offsets `a` of a window at position `i` (stride, padding) that fall
+/// inside an image of `size` rows: a in lo..hi, reading rows i·stride + a − padding.
+#[inline(always)]
+fn inside(i: usize, k: usize, stride: usize, padding: usize, size: usize) -> (usize, usize) {
+    let first = i * stride;
+    let lo = padding.saturating_sub(first).min(k);
+    let hi = (size + padding).saturating_sub(first).min(k).max(lo);
+    (lo, hi)
 }
 
 /// x [n, c, h, w] → [n, oh, ow, c, kh, kw], `fill` in the padding.
@@ -39,7 +48,8 @@ pub(super) fn im2col(
     if row == 0 {
         return Ok(());
     }
-    // One row per (image, window row i).
+    // One row per (image, window row i); each window row a run of kw,
+    // copied where it lies inside the image and filled where it does not.
     par_rows(
         out,
         row,
@@ -49,22 +59,22 @@ pub(super) fn im2col(
         |r0, block| {
             for (k, o) in block.chunks_exact_mut(row).enumerate() {
                 let (b, i) = ((r0 + k) / oh, (r0 + k) % oh);
-                let mut at = 0;
-                for j in 0..ow {
-                    for ch in 0..c {
-                        let plane = (b * c + ch) * h;
-                        for a in 0..kh {
-                            let run = &mut o[at..at + kw];
-                            match window_source(i, a, stride, padding, h) {
-                                None => run.fill(fill),
-                                Some(y) => {
-                                    let src = &x[(plane + y) * w..(plane + y + 1) * w];
-                                    for (e, v) in run.iter_mut().enumerate() {
-                                        *v = window_source(j, e, stride, padding, w).map_or(fill, |z| src[z]);
-                                    }
-                                }
+                let (alo, ahi) = inside(i, kh, stride, padding, h);
+                for (j, win) in o.chunks_exact_mut(c * kh * kw).enumerate() {
+                    let (elo, ehi) = inside(j, kw, stride, padding, w);
+                    let z0 = (j * stride + elo).saturating_sub(padding);
+                    for (ch, plane) in win.chunks_exact_mut(kh * kw).enumerate() {
+                        let base = (b * c + ch) * h;
+                        for (a, run) in plane.chunks_exact_mut(kw).enumerate() {
+                            if a < alo || a >= ahi {
+                                run.fill(fill);
+                                continue;
                             }
-                            at += kw;
+                            let y = i * stride + a - padding;
+                            let src = &x[(base + y) * w + z0..(base + y) * w + z0 + (ehi - elo)];
+                            run[..elo].fill(fill);
+                            run[elo..ehi].copy_from_slice(src);
+                            run[ehi..].fill(fill);
                         }
                     }
                 }
@@ -75,7 +85,8 @@ pub(super) fn im2col(
 }
 
 /// Windows [n, oh, ow, c, kh, kw] → the image [n, c, h, w] that sums them:
-/// each pixel gathers the window entries that read it (offsets in order).
+/// each image plane is one thread's, which adds the window entries into it
+/// in window order (as the reference interpreter does).
 pub(super) fn col2im(
     name: Name<'_>,
     (cols, cs): F32Arg<'_>,
@@ -88,35 +99,33 @@ pub(super) fn col2im(
     if cols.len() != cs.iter().product::<usize>() {
         return Err(invalid(name, format!("{} elements for shape {cs:?}", cols.len())));
     }
-    if w == 0 {
+    if h * w == 0 {
         return Ok(());
     }
-    // The window positions i (and offsets a) that read image row y.
-    let readers = |y: usize, k: usize, o: usize| {
-        (0..k).filter_map(move |a| {
-            let t = (y + padding).checked_sub(a)?;
-            (t % stride == 0 && t / stride < o).then_some((t / stride, a))
-        })
-    };
-    // One row per (image, channel, pixel row y).
     par_rows(
         out,
-        w,
+        h * w,
         threads,
         cols.len(),
         #[inline(always)]
         |r0, block| {
-            for (k, o) in block.chunks_exact_mut(w).enumerate() {
-                let r = r0 + k;
-                let (b, ch, y) = (r / (c * h), (r / h) % c, r % h);
-                for (z, v) in o.iter_mut().enumerate() {
-                    let mut s = 0.0f32;
-                    for (i, a) in readers(y, kh, oh) {
-                        for (j, e) in readers(z, kw, ow) {
-                            s += cols[((((b * oh + i) * ow + j) * c + ch) * kh + a) * kw + e];
+            for (k, plane) in block.chunks_exact_mut(h * w).enumerate() {
+                let (b, ch) = ((r0 + k) / c, (r0 + k) % c);
+                plane.fill(0.0);
+                for i in 0..oh {
+                    let (alo, ahi) = inside(i, kh, stride, padding, h);
+                    for j in 0..ow {
+                        let (elo, ehi) = inside(j, kw, stride, padding, w);
+                        let z0 = (j * stride + elo).saturating_sub(padding);
+                        let win = &cols[(((b * oh + i) * ow + j) * c + ch) * kh * kw..][..kh * kw];
+                        for a in alo..ahi {
+                            let y = i * stride + a - padding;
+                            let dst = &mut plane[y * w + z0..y * w + z0 + (ehi - elo)];
+                            for (d, v) in dst.iter_mut().zip(&win[a * kw + elo..a * kw + ehi]) {
+                                *d += v;
+                            }
                         }
                     }
-                    *v = s;
                 }
             }
         },
