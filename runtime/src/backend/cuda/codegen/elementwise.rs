@@ -620,8 +620,8 @@ pub fn im2col(io: &Io<'_>, (kh, kw, stride, padding): (usize, usize, usize, usiz
 }
 
 /// Windows [n, oh, ow, c, kh, kw] → the image [n, c, h, w] summing them; one
-/// thread per pixel, gathering the entries that read it (offsets in order,
-/// as on the CPU).
+/// thread per pixel, gathering the entries that read it in window order (so
+/// offsets from the last, as the CPU adds them).
 pub fn col2im(io: &Io<'_>, (kh, kw, stride, padding): (usize, usize, usize, usize)) -> Result<Option<super::Kernel>, CodegenError> {
     let cs = io.typed(0, Elem::F32)?.shape.clone();
     io.out_f32()?;
@@ -638,10 +638,10 @@ pub fn col2im(io: &Io<'_>, (kh, kw, stride, padding): (usize, usize, usize, usiz
     let (wn, hn, cn) = (g.n(w), g.n(h), g.n(c));
     g.line(2, format!("const I z = i % {wn}, y = (i / {wn}) % {hn}, ch = (i / ({wn} * {hn})) % {cn}, b = i / ({wn} * {hn} * {cn});"));
     g.line(2, "float s = 0.0f;");
-    g.line(2, format!("for (long long a = 0; a < {kh}ll; ++a) {{"));
+    g.line(2, format!("for (long long a = {}ll; a >= 0; --a) {{", kh as i64 - 1));
     g.line(3, format!("const long long t = (long long)y + {padding}ll - a;"));
     g.line(3, format!("if (t < 0 || t % {stride}ll != 0 || t / {stride}ll >= {oh}ll) continue;"));
-    g.line(3, format!("for (long long e = 0; e < {kw}ll; ++e) {{"));
+    g.line(3, format!("for (long long e = {}ll; e >= 0; --e) {{", kw as i64 - 1));
     g.line(4, format!("const long long u = (long long)z + {padding}ll - e;"));
     g.line(4, format!("if (u < 0 || u % {stride}ll != 0 || u / {stride}ll >= {ow}ll) continue;"));
     g.line(4, format!("s += cols[((((b * {oh}ull + (unsigned long long)(t / {stride}ll)) * {ow}ull + (unsigned long long)(u / {stride}ll)) * {c}ull + ch) * {kh}ull + (unsigned long long)a) * {kw}ull + (unsigned long long)e];"));
