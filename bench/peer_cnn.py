@@ -2,7 +2,8 @@
 """Peer check: examples/cnn_digits.plan trained by shardplan and by PyTorch, step by step.
 
 The script
-  1. draws initial parameters in Python (the plan's init families: uniform in
+  1. takes shardplan's own initial parameters for the plan's seed (a checkpoint
+     saved before the first step), or, with --init-seed, draws them in Python (the plan's init families: uniform in
      ±1/√(in·k²) for the convolutions' weights and biases, Glorot uniform for the
      output layer's matrix, zeros for its bias) and writes them as safetensors
      under the model's dotted parameter names;
@@ -171,6 +172,13 @@ def loss_fn(p, images, labels):
 
 # --- training: runtime/src/session/schedule.rs (constant lr) and compiler/src/autodiff/optim.rs
 
+def shardplan_init(binary, tmp):
+    """shardplan's own initial parameters for the plan's seed: a checkpoint
+    saved before the first step, its optimizer state and step left out."""
+    path = os.path.join(tmp, "shardplan_init.safetensors")
+    subprocess.run([binary, "run", PLAN, "--stop-after", "0", "--save", path, "--no-eval", "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    return {k: v for k, v in read_safetensors(path).items() if not k.startswith("optim.")}
+
 def train_torch(init, data, dtype):
     p = {k: v.to(dtype).clone().requires_grad_(True) for k, v in init.items()}
     buf = {k: torch.zeros_like(v) for k, v in p.items()}  # the momentum buffer starts at zero
@@ -207,16 +215,17 @@ def main():
     ap.add_argument("--shardplan", default=os.path.join("target", "release", "shardplan"),
                     help="the shardplan binary (relative paths from the repository root)")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--init-seed", type=int, default=0, help="seed of the Python-drawn initial parameters")
+    ap.add_argument("--init-seed", type=int, default=None,
+                    help="draw the initial parameters in Python with this seed instead of loading shardplan's own")
     ap.add_argument("--single-device", action="store_true",
                     help="run shardplan on one device instead of the plan's 4-way data parallelism")
     args = ap.parse_args()
     binary = os.path.join(ROOT, args.shardplan) if not os.path.isabs(args.shardplan) else args.shardplan
     torch.set_num_threads(THREADS)
 
-    init = init_params(args.init_seed)
     data = batches(args.steps)
     with tempfile.TemporaryDirectory() as tmp:
+        init = shardplan_init(binary, tmp) if args.init_seed is None else init_params(args.init_seed)
         sp_losses, sp_params = train_shardplan(binary, init, args.steps, tmp, args.single_device)
     f32_losses, f32_params = train_torch(init, data, torch.float32)
     f64_losses, f64_params = train_torch(init, data, torch.float64)

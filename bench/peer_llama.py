@@ -2,7 +2,8 @@
 """Peer check: examples/llama.plan trained by shardplan and by PyTorch, step by step.
 
 The script
-  1. draws initial parameters in Python (the plan's init families: normal(0.02) for
+  1. takes shardplan's own initial parameters for the plan's seed (a checkpoint
+     saved before the first step), or, with --init-seed, draws them in Python (the plan's init families: normal(0.02) for
      the embedding, Glorot uniform for the matrices, ones for the norm gains) and
      writes them as safetensors under the model's dotted parameter names;
   2. runs `shardplan run examples/llama.plan --init FILE --stop-after N` (the cosine
@@ -197,6 +198,13 @@ def learning_rate(step):
     progress = min(max((step - WARMUP) / max(TOTAL_STEPS - WARMUP, 1), 0.0), 1.0)
     return MIN_LR + (LR - MIN_LR) * 0.5 * (1 + math.cos(math.pi * progress))
 
+def shardplan_init(binary, tmp):
+    """shardplan's own initial parameters for the plan's seed: a checkpoint
+    saved before the first step, its optimizer state and step left out."""
+    path = os.path.join(tmp, "shardplan_init.safetensors")
+    subprocess.run([binary, "run", PLAN, "--stop-after", "0", "--save", path, "--no-eval", "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    return {k: v for k, v in read_safetensors(path).items() if not k.startswith("optim.")}
+
 def train_torch(init, data, dtype):
     p = {k: v.to(dtype).clone().requires_grad_(True) for k, v in init.items()}
     m = {k: torch.zeros_like(v) for k, v in p.items()}
@@ -237,14 +245,15 @@ def main():
     ap.add_argument("--shardplan", default=os.path.join("target", "release", "shardplan"),
                     help="the shardplan binary (relative paths from the repository root)")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--init-seed", type=int, default=0, help="seed of the Python-drawn initial parameters")
+    ap.add_argument("--init-seed", type=int, default=None,
+                    help="draw the initial parameters in Python with this seed instead of loading shardplan's own")
     args = ap.parse_args()
     binary = os.path.join(ROOT, args.shardplan) if not os.path.isabs(args.shardplan) else args.shardplan
     torch.set_num_threads(THREADS)
 
-    init = init_params(args.init_seed)
     data = batches(args.steps)
     with tempfile.TemporaryDirectory() as tmp:
+        init = shardplan_init(binary, tmp) if args.init_seed is None else init_params(args.init_seed)
         sp_losses, sp_params = train_shardplan(binary, init, args.steps, tmp)
     f32_losses, f32_params = train_torch(init, data, torch.float32)
     f64_losses, f64_params = train_torch(init, data, torch.float64)
