@@ -128,3 +128,24 @@ fn inspect_prints_graph_and_kernels() {
     assert!(out.status.success());
     assert!(text.contains("fused [") && text.contains("function %fused") && text.contains("f32x4"), "{text}");
 }
+
+/// examples/data/make_tokens.py remakes the committed token file and merges
+/// byte for byte (skipped, with a message, where no `python3` runs).
+#[test]
+fn the_token_file_is_what_its_script_makes() {
+    let out = tempdir().join("tokens");
+    std::fs::create_dir_all(&out).expect("folder");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/make_tokens.py");
+    let run = std::process::Command::new("python3").arg(&script).arg("--out").arg(&out).output();
+    let Ok(run) = run else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "python3 is needed under CI");
+        eprintln!("skipped: python3 is not installed");
+        return;
+    };
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    for name in ["tiny_tokens.bin", "tiny_bpe.json"] {
+        let made = std::fs::read(out.join(name)).expect("made");
+        let kept = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data").join(name)).expect("committed");
+        assert!(made == kept, "{name} differs from what make_tokens.py makes");
+    }
+}

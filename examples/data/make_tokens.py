@@ -11,9 +11,12 @@ it takes to encode or decode text the same way.
 
 Standard library only; deterministic. Run from anywhere:
 
-    python3 examples/data/make_tokens.py
+    python3 examples/data/make_tokens.py [--out DIR]
+
+The files go beside this script unless --out names another folder.
 """
 
+import argparse
 import json
 import os
 import struct
@@ -51,12 +54,15 @@ def apply(ids, pair, new):
 
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description="Tokenize tiny.txt with a byte-level BPE learned from it.")
+    ap.add_argument("--out", default=here, help="folder for tiny_tokens.bin and tiny_bpe.json (default: beside this script)")
+    out = ap.parse_args().out
     with open(os.path.join(here, "tiny.txt"), "rb") as f:
         text = f.read()
     ids, merges = learn(list(text), MERGES)
     data = struct.pack("<%dH" % len(ids), *ids)
     for name, payload in [("tiny_tokens.bin", data), ("tiny_bpe.json", (json.dumps({"merges": merges}) + "\n").encode())]:
-        path = os.path.join(here, name)
+        path = os.path.join(out, name)
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
             f.write(payload)
