@@ -168,3 +168,29 @@ fn llama_layers_are_tensor_parallel_candidates() {
         compile(&c, &Options::default()).unwrap_or_else(|d| panic!("{:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()));
     }
 }
+
+/// A CNN whose pooling layers have no parameters: candidates whose stage cuts
+/// leave a stage without parameters are refused with the reason (never a
+/// panic), and a placement that fits is still chosen.
+#[test]
+fn stages_without_parameters_are_refused_not_chosen() {
+    let src = std::fs::read_to_string("../examples/cnn_digits.plan").unwrap().replace("\"data/digits.csv\"", "\"../examples/data/digits.csv\"");
+    let head = src.split("placement {").next().unwrap_or_default().to_string();
+    let c = common::checked(&(head + "placement auto {\n  memory 1 MiB per device\n  optimize step_time\n}\n"));
+    let s = searched(&c, profile());
+    let chosen = s.chosen.map(|i| &s.candidates[i]).expect("a placement fits");
+    assert!(chosen.refused.is_none() && chosen.fits);
+    // Partition every pipelined candidate as the planner would: each is
+    // placed or says why not, and the four-stage cuts that leave a pooling
+    // layer alone are among the refused.
+    let mut refused = 0;
+    for cand in s.candidates.iter().filter(|x| x.pipe > 1) {
+        let mut placed = c.clone();
+        placed.placement = shardplan_compiler::check::Placement::Explicit(planner::explicit(&c, cand));
+        if let Err(e) = shardplan_compiler::partition::partition(&placed, &shardplan_compiler::autodiff::differentiate(shardplan_compiler::graph::build(&placed), &placed)) {
+            assert!(e.0.contains("holds no parameters"), "{}: {}", cand.name(), e.0);
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "no candidate left a stage without parameters");
+}

@@ -708,6 +708,29 @@ impl Checker<'_> {
                 }
             }
         }
+        // Work goes where its parameters are: a stage of parameter-free
+        // layers only (a pooling, an activation) would have nothing to run.
+        if self.diags.error_count() == before {
+            for (si, st) in stages.iter().enumerate() {
+                let prefix = |u: &Unit| match *u {
+                    Unit::Layer(i) => self.model.top[i].name.clone(),
+                    Unit::Elem(i, j) => format!("{}.{j}", self.model.top[i].name),
+                };
+                let owns = |u: &Unit| {
+                    let pre = prefix(u);
+                    self.model.params.iter().any(|p| p.path == pre || p.path.starts_with(&format!("{pre}.")))
+                };
+                if !st.is_empty() && !st.iter().any(|(u, _)| owns(u)) {
+                    let names: Vec<String> = st.iter().map(|(u, _)| format!("`{}`", self.model.unit_name(*u))).collect();
+                    self.diags.push(
+                        Diagnostic::error("placement::stage_no_params", format!("stage {si} holds no parameters ({}), so it would have nothing to run", names.join(", ")))
+                            .label(p.stages[si].span, format!("stage {si}"))
+                            .help("a layer runs on the stage of the parameters it reads; put these layers in a stage with a layer that has parameters"),
+                    );
+                    break;
+                }
+            }
+        }
         // Microbatches and schedule.
         if p.microbatches.len() > 1 {
             self.diags.push(

@@ -340,6 +340,9 @@ pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Resul
     glob.propagate()?;
     verify::check_layouts(g, &glob.layout, &glob.args).map_err(|e| PartitionError(format!("internal: {e}")))?;
     glob.place()?;
+    if let Some(s) = (0..glob.stages).find(|s| !glob.home.iter().any(|h| *h == Home::Stage(*s))) {
+        return err(format!("pipeline stage {s} holds no parameters, so it would have nothing to run; put its layers in a stage with a layer that has parameters"));
+    }
     if let Some(d) = glob.data_axis {
         let (k, b) = (glob.axes[d].size, c.train.batch.max(0) as usize);
         for r in 0..k {

@@ -479,6 +479,7 @@ pub(super) fn evaluate(
         bubble_s: bubble,
         memory,
         exact_memory: None,
+        refused: None,
         fits: budget.is_none_or(|b| memory <= b),
         placement: String::new(),
         stage_units: stages,

@@ -31,6 +31,9 @@ fn mib(b: u64) -> String {
 
 /// Why `other` lost to `best`.
 fn reason(best: &Candidate, other: &Candidate, budget: Option<u64>) -> String {
+    if let Some(why) = &other.refused {
+        return format!("cannot be placed: {why}");
+    }
     if !other.fits {
         let m = other.exact_memory.unwrap_or(other.memory);
         return match budget {

@@ -68,6 +68,9 @@ pub struct Candidate {
     /// Exact bytes of the fullest device, for candidates partitioned for real.
     pub exact_memory: Option<u64>,
     pub fits: bool,
+    /// Why partitioning the candidate failed, where it did (a pipeline
+    /// stage left with no parameters, for one).
+    pub refused: Option<String>,
     /// The candidate as placement text.
     pub placement: String,
     #[serde(skip)]

@@ -81,15 +81,16 @@ pub(super) fn enumerate(c: &Checked, g: &Graph, pr: &Profile, budget: Option<u64
 
 /// Orders candidates best first for `objective`.
 pub(super) fn rank(cands: &mut [Candidate], objective: Objective) {
+    let mem = |c: &Candidate| c.exact_memory.unwrap_or(c.memory);
     let key = |c: &Candidate| match objective {
         Objective::StepTime => c.step_s(),
-        Objective::Memory => c.memory as f64,
+        Objective::Memory => mem(c) as f64,
     };
     // Fitting candidates by the objective, then by memory (1F1B before GPipe
     // at the same time); the others by how close they come to fitting.
     cands.sort_by(|a, b| {
-        let k = |c: &Candidate| if c.fits { key(c) } else { c.memory as f64 };
-        b.fits.cmp(&a.fits).then(k(a).total_cmp(&k(b))).then(a.memory.cmp(&b.memory)).then(
+        let k = |c: &Candidate| if c.fits { key(c) } else { mem(c) as f64 };
+        b.fits.cmp(&a.fits).then(k(a).total_cmp(&k(b))).then(mem(a).cmp(&mem(b))).then(
             (a.data, a.model, a.pipe, a.microbatches, a.sharded_embeddings, &a.schedule).cmp(&(
                 b.data,
                 b.model,
@@ -108,7 +109,7 @@ pub(super) fn rank(cands: &mut [Candidate], objective: Objective) {
         let best = cands.first().filter(|c| c.fits).map(Candidate::step_s);
         if let Some(best) = best {
             let near = cands.iter().take_while(|c| c.fits && c.step_s() <= best * (1.0 + NEAR_TIE)).count();
-            cands[..near].sort_by(|a, b| a.complexity().cmp(&b.complexity()).then(a.step_s().total_cmp(&b.step_s())).then(a.memory.cmp(&b.memory)));
+            cands[..near].sort_by(|a, b| a.complexity().cmp(&b.complexity()).then(a.step_s().total_cmp(&b.step_s())).then(mem(a).cmp(&mem(b))));
         }
     }
 }
@@ -123,18 +124,30 @@ pub(super) fn choose(c: &Checked, g: &Graph, cands: &mut [Candidate], budget: Op
         if !cands[i].fits {
             break;
         }
-        let mut placed = c.clone();
-        placed.placement = Placement::Explicit(explicit(c, &cands[i]));
-        if let Ok(plan) = partition_devices(&placed, g, true) {
-            let exact = memory::plan(&plan).iter().map(memory::Memory::total).max().unwrap_or(0);
-            cands[i].exact_memory = Some(exact);
+        if let Some(exact) = cands[i].exact_memory {
+            // Measured already, and it fits.
             if budget.is_none_or(|b| exact <= b) {
                 chosen = Some(i);
                 break;
             }
-            cands[i].fits = false;
-        } else {
-            cands[i].fits = false;
+            continue;
+        }
+        let mut placed = c.clone();
+        placed.placement = Placement::Explicit(explicit(c, &cands[i]));
+        match partition_devices(&placed, g, true) {
+            Ok(plan) => {
+                let exact = memory::plan(&plan).iter().map(memory::Memory::total).max().unwrap_or(0);
+                cands[i].exact_memory = Some(exact);
+                if budget.is_none_or(|b| exact <= b) {
+                    chosen = Some(i);
+                    break;
+                }
+                cands[i].fits = false;
+            }
+            Err(e) => {
+                cands[i].fits = false;
+                cands[i].refused = Some(e.0);
+            }
         }
     }
     chosen
