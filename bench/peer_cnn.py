@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import tempfile
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import peer_common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAN = os.path.join(ROOT, "examples", "cnn_digits.plan")
@@ -45,79 +46,11 @@ BATCH, EPOCHS, SEED = 64, 20, 7
 LR, MOMENTUM = 0.05, 0.9
 THREADS, TOLERANCE = 2, 1e-5
 
-# --- safetensors, by hand: u64 little-endian header length, JSON header, raw data.
-
-def write_safetensors(path, tensors):
-    header, offset = {}, 0
-    for name, t in tensors.items():
-        n = t.numel() * 4
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for t in tensors.values():
-            f.write(t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes())
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        blob = f.read()
-    n = struct.unpack("<Q", blob[:8])[0]
-    header, data = json.loads(blob[8:8 + n]), blob[8 + n:]
-    out = {}
-    for name, h in header.items():
-        if name == "__metadata__":
-            continue
-        assert h["dtype"] == "F32", (name, h["dtype"])
-        a, b = h["data_offsets"]
-        out[name] = torch.from_numpy(np.frombuffer(data[a:b], dtype="<f4").copy()).reshape(h["shape"])
-    return out
-
-# --- the data order: runtime/src/data/{rng,sampler,csv}.rs
-
-M64 = (1 << 64) - 1
-
-def mix64(z):
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
-    return z ^ (z >> 31)
-
-class Xoshiro256:
-    def __init__(self, seed, domain, index):  # Xoshiro256::stream
-        s = mix64(mix64(mix64(seed) ^ domain) ^ index)
-        self.s = []
-        for _ in range(4):  # SplitMix64 fills the state
-            s = (s + 0x9E3779B97F4A7C15) & M64
-            self.s.append(mix64(s))
-
-    def next_u64(self):
-        s = self.s
-        rotl = lambda x, k: ((x << k) | (x >> (64 - k))) & M64
-        result = (rotl((s[1] * 5) & M64, 7) * 9) & M64
-        t = (s[1] << 17) & M64
-        s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3]
-        s[2] ^= t
-        s[3] = rotl(s[3], 45)
-        return result
-
-    def below(self, n):  # Lemire's multiply-and-reject
-        m = self.next_u64() * n
-        if (m & M64) < n:
-            threshold = ((1 << 64) - n) % n
-            while (m & M64) < threshold:
-                m = self.next_u64() * n
-        return m >> 64
+# --- shared with the other peer check: safetensors, the batch order, the initial parameters.
 
 def epoch_batches(samples, epoch):
-    """Sampler::epoch: a seeded Fisher-Yates shuffle, cut into full batches (the last
-    partial batch is dropped: 1500 rows give 23 batches of 64, 28 rows left out)."""
-    order = list(range(samples))
-    rng = Xoshiro256(SEED, 0x73616D706C657200, epoch)  # domain "sampler\0"
-    for i in range(samples - 1, 0, -1):
-        j = rng.below(i + 1)
-        order[i], order[j] = order[j], order[i]
-    return [order[k:k + BATCH] for k in range(0, samples - BATCH + 1, BATCH)]
+    return peer_common.epoch_batches(samples, epoch, SEED, BATCH)
+
 
 def load_digits():
     """csv::parse: the header, then one row per line; the features are every column but
@@ -172,12 +105,6 @@ def loss_fn(p, images, labels):
 
 # --- training: runtime/src/session/schedule.rs (constant lr) and compiler/src/autodiff/optim.rs
 
-def shardplan_init(binary, tmp):
-    """shardplan's own initial parameters for the plan's seed: a checkpoint
-    saved before the first step, its optimizer state and step left out."""
-    path = os.path.join(tmp, "shardplan_init.safetensors")
-    subprocess.run([binary, "run", PLAN, "--stop-after", "0", "--save", path, "--no-eval", "--quiet"], check=True, stdout=subprocess.DEVNULL)
-    return {k: v for k, v in read_safetensors(path).items() if not k.startswith("optim.")}
 
 def train_torch(init, data, dtype):
     p = {k: v.to(dtype).clone().requires_grad_(True) for k, v in init.items()}
@@ -195,7 +122,7 @@ def train_torch(init, data, dtype):
 
 def train_shardplan(binary, init, steps, tmp, single_device):
     init_path, metrics, saved = (os.path.join(tmp, f) for f in ("init.safetensors", "metrics.jsonl", "end.safetensors"))
-    write_safetensors(init_path, init)
+    peer_common.write_safetensors(init_path, init)
     cmd = [binary, "run", PLAN, "--init", init_path, "--stop-after", str(steps), "--metrics", metrics,
            "--save", saved, "--threads", str(THREADS), "--no-eval", "--quiet"]
     if single_device:
@@ -208,7 +135,7 @@ def train_shardplan(binary, init, steps, tmp, single_device):
     for r in rows:
         assert abs(r["lr"] - LR) <= 1e-12 * LR, ("learning rate differs", r)
         assert r["epoch"] == (r["step"] - 1) // per_epoch + 1, ("epoch differs", r)
-    return [r["loss"] for r in rows], read_safetensors(saved)
+    return [r["loss"] for r in rows], peer_common.read_safetensors(saved)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -225,7 +152,7 @@ def main():
 
     data = batches(args.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        init = shardplan_init(binary, tmp) if args.init_seed is None else init_params(args.init_seed)
+        init = peer_common.shardplan_init(binary, PLAN, tmp) if args.init_seed is None else init_params(args.init_seed)
         sp_losses, sp_params = train_shardplan(binary, init, args.steps, tmp, args.single_device)
     f32_losses, f32_params = train_torch(init, data, torch.float32)
     f64_losses, f64_params = train_torch(init, data, torch.float64)

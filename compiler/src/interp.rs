@@ -448,11 +448,12 @@ fn dropout(x: &Tensor, ids: &Tensor, step: f64, p: f64, seed: u64) -> Tensor {
     t
 }
 
-/// x [n, c, h, w] → windows [n, oh, ow, c, kh, kw] (`out` is that shape).
-fn im2col(x: &Tensor, kh: usize, kw: usize, stride: usize, padding: usize, fill: f64, out: &[usize]) -> Tensor {
-    let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
-    let (oh, ow) = (out[1], out[2]);
-    let mut data = Vec::with_capacity(out.iter().product());
+/// Calls `f(image index)` for each entry of the windows [n, oh, ow, c, kh,
+/// kw] of an image [n, c, h, w], in order: the pixel the entry reads, or
+/// None where it lies in the padding.
+#[allow(clippy::too_many_arguments)]
+fn each_window_entry(image: &[usize], (oh, ow): (usize, usize), (kh, kw): (usize, usize), stride: usize, padding: usize, mut f: impl FnMut(Option<usize>)) {
+    let (n, c, h, w) = (image[0], image[1], image[2], image[3]);
     for b in 0..n {
         for i in 0..oh {
             for j in 0..ow {
@@ -460,38 +461,32 @@ fn im2col(x: &Tensor, kh: usize, kw: usize, stride: usize, padding: usize, fill:
                     for a in 0..kh {
                         for e in 0..kw {
                             let at = crate::graph::window_source(i, a, stride, padding, h).zip(crate::graph::window_source(j, e, stride, padding, w));
-                            data.push(at.map_or(fill, |(y, z)| x.data[((b * c + ch) * h + y) * w + z]));
+                            f(at.map(|(y, z)| ((b * c + ch) * h + y) * w + z));
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// x [n, c, h, w] → windows [n, oh, ow, c, kh, kw] (`out` is that shape).
+fn im2col(x: &Tensor, kh: usize, kw: usize, stride: usize, padding: usize, fill: f64, out: &[usize]) -> Tensor {
+    let mut data = Vec::with_capacity(out.iter().product());
+    each_window_entry(&x.shape, (out[1], out[2]), (kh, kw), stride, padding, |at| data.push(at.map_or(fill, |k| x.data[k])));
     Tensor::new(out.to_vec(), data)
 }
 
 /// Windows [n, oh, ow, c, kh, kw] summed back into an image `out` [n, c, h, w].
 fn col2im(cols: &Tensor, kh: usize, kw: usize, stride: usize, padding: usize, out: &[usize]) -> Tensor {
-    let (n, c, h, w) = (out[0], out[1], out[2], out[3]);
-    let (oh, ow) = (cols.shape[1], cols.shape[2]);
     let mut data = vec![0.0; out.iter().product()];
-    let mut k = 0;
-    for b in 0..n {
-        for i in 0..oh {
-            for j in 0..ow {
-                for ch in 0..c {
-                    for a in 0..kh {
-                        for e in 0..kw {
-                            if let (Some(y), Some(z)) = (crate::graph::window_source(i, a, stride, padding, h), crate::graph::window_source(j, e, stride, padding, w)) {
-                                data[((b * c + ch) * h + y) * w + z] += cols.data[k];
-                            }
-                            k += 1;
-                        }
-                    }
-                }
-            }
+    let mut entries = cols.data.iter();
+    each_window_entry(out, (cols.shape[1], cols.shape[2]), (kh, kw), stride, padding, |at| {
+        let v = entries.next().copied().unwrap_or(0.0);
+        if let Some(k) = at {
+            data[k] += v;
         }
-    }
+    });
     Tensor::new(out.to_vec(), data)
 }
 

@@ -128,6 +128,20 @@ impl Model {
         }
     }
 
+    /// The dotted path its parameters start with: `blocks.0` for `blocks[0]`.
+    pub fn unit_path(&self, u: Unit) -> String {
+        match u {
+            Unit::Layer(i) => self.top[i].name.clone(),
+            Unit::Elem(i, j) => format!("{}.{j}", self.top[i].name),
+        }
+    }
+
+    /// Whether parameter `p` belongs to unit `u` (lies under its path).
+    pub fn unit_owns(&self, u: Unit, p: usize) -> bool {
+        let pre = self.unit_path(u);
+        self.params.get(p).is_some_and(|x| x.path == pre || x.path.strip_prefix(&pre).is_some_and(|r| r.starts_with('.')))
+    }
+
     /// Every unit, in declaration order.
     pub fn units(&self) -> Vec<Unit> {
         let mut out = Vec::new();

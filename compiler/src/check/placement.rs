@@ -712,14 +712,7 @@ impl Checker<'_> {
         // layers only (a pooling, an activation) would have nothing to run.
         if self.diags.error_count() == before {
             for (si, st) in stages.iter().enumerate() {
-                let prefix = |u: &Unit| match *u {
-                    Unit::Layer(i) => self.model.top[i].name.clone(),
-                    Unit::Elem(i, j) => format!("{}.{j}", self.model.top[i].name),
-                };
-                let owns = |u: &Unit| {
-                    let pre = prefix(u);
-                    self.model.params.iter().any(|p| p.path == pre || p.path.starts_with(&format!("{pre}.")))
-                };
+                let owns = |u: &Unit| (0..self.model.params.len()).any(|p| self.model.unit_owns(*u, p));
                 if !st.is_empty() && !st.iter().any(|(u, _)| owns(u)) {
                     let names: Vec<String> = st.iter().map(|(u, _)| format!("`{}`", self.model.unit_name(*u))).collect();
                     self.diags.push(

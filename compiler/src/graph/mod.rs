@@ -737,6 +737,15 @@ pub fn window_source(i: usize, a: usize, stride: usize, padding: usize, size: us
     (i * stride + a).checked_sub(padding).filter(|&y| y < size)
 }
 
+/// (n, c, h, w, oh, ow) when `cols` are the kh × kw windows (stride,
+/// padding) of an image of shape `image`, as `Op::Im2Col` makes them; None
+/// when the shapes do not fit together.
+pub fn window_geometry(image: &[usize], cols: &[usize], (kh, kw): (usize, usize), stride: usize, padding: usize) -> Option<[usize; 6]> {
+    let (&[n, c, h, w], &[n2, oh, ow, c2, kh2, kw2]) = (image, cols) else { return None };
+    let fits = |size: usize, k: usize, o: usize| stride > 0 && size + 2 * padding >= k && (size + 2 * padding - k) / stride + 1 == o;
+    (n == n2 && c == c2 && kh == kh2 && kw == kw2 && fits(h, kh, oh) && fits(w, kw, ow)).then_some([n, c, h, w, oh, ow])
+}
+
 /// Whether `Op::Dropout` drops element `j` of the sample with data-set index
 /// `id` at `step`: a SplitMix64 hash of (seed, step, id, j), as a uniform
 /// draw in [0, 1) of 53 bits, below `p`. Every backend computes it this way.

@@ -286,12 +286,8 @@ pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Resul
     if let Some(p) = &pipeline {
         for (s, units) in p.stages.iter().enumerate() {
             for u in units {
-                let prefix = match *u {
-                    crate::check::Unit::Layer(i) => m.top[i].name.clone(),
-                    crate::check::Unit::Elem(i, j) => format!("{}.{j}", m.top[i].name),
-                };
-                for (pi, par) in m.params.iter().enumerate() {
-                    if par.path == prefix || par.path.starts_with(&format!("{prefix}.")) {
+                for pi in 0..m.params.len() {
+                    if m.unit_owns(*u, pi) {
                         param_stage[pi] = s;
                     }
                 }

@@ -78,10 +78,7 @@ fn numel(g: &Graph, n: NodeId) -> f64 {
 }
 
 pub(super) fn unit_prefix(c: &Checked, u: Unit) -> String {
-    match u {
-        Unit::Layer(i) => c.model.top[i].name.clone(),
-        Unit::Elem(i, j) => format!("{}.{j}", c.model.top[i].name),
-    }
+    c.model.unit_path(u)
 }
 
 /// Megatron shards of the instances under `prefix` that `t` divides.

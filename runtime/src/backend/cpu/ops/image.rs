@@ -9,14 +9,8 @@ use super::{invalid, par_rows, EngineError, F32Arg, Name};
 
 /// The window geometry both kernels check: (n, c, h, w, oh, ow).
 fn geometry(name: Name<'_>, image: &[usize], cols: &[usize], kh: usize, kw: usize, stride: usize, padding: usize) -> Result<[usize; 6], EngineError> {
-    let (&[n, c, h, w], &[n2, oh, ow, c2, kh2, kw2]) = (image, cols) else {
-        return Err(invalid(name, format!("needs an image [n, c, h, w] and windows [n, oh, ow, c, kh, kw], got {image:?} and {cols:?}")));
-    };
-    let fits = |size: usize, k: usize, o: usize| stride > 0 && size + 2 * padding >= k && (size + 2 * padding - k) / stride + 1 == o;
-    if n != n2 || c != c2 || kh != kh2 || kw != kw2 || !fits(h, kh, oh) || !fits(w, kw, ow) {
-        return Err(invalid(name, format!("windows {cols:?} are not the {kh}×{kw} windows (stride {stride}, padding {padding}) of {image:?}")));
-    }
-    Ok([n, c, h, w, oh, ow])
+    shardplan_compiler::graph::window_geometry(image, cols, (kh, kw), stride, padding)
+        .ok_or_else(|| invalid(name, format!("windows {cols:?} are not the {kh}×{kw} windows (stride {stride}, padding {padding}) of {image:?}")))
 }
 
 /// The offsets `a` of a window at position `i` (stride, padding) that fall

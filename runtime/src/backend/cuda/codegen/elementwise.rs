@@ -583,14 +583,9 @@ pub fn dropout(io: &Io<'_>, p: f64, seed: u64) -> Result<Option<super::Kernel>, 
 
 /// The (n, c, h, w, oh, ow) of an image and its windows, checked.
 fn windows(image: &[usize], cols: &[usize], kh: usize, kw: usize, stride: usize, padding: usize) -> Result<[usize; 6], CodegenError> {
-    let (&[n, c, h, w], &[n2, oh, ow, c2, kh2, kw2]) = (image, cols) else {
-        return Err(CodegenError::Operands(format!("needs an image [n, c, h, w] and windows [n, oh, ow, c, kh, kw], got {image:?} and {cols:?}")));
-    };
-    let fits = |size: usize, k: usize, o: usize| stride > 0 && size + 2 * padding >= k && (size + 2 * padding - k) / stride + 1 == o;
-    if n != n2 || c != c2 || kh != kh2 || kw != kw2 || !fits(h, kh, oh) || !fits(w, kw, ow) {
-        return Err(CodegenError::Operands(format!("windows {cols:?} are not the {kh}×{kw} windows (stride {stride}, padding {padding}) of {image:?}")));
-    }
-    Ok([n, c, h, w, oh, ow])
+    shardplan_compiler::graph::window_geometry(image, cols, (kh, kw), stride, padding).ok_or_else(|| {
+        CodegenError::Operands(format!("windows {cols:?} are not the {kh}×{kw} windows (stride {stride}, padding {padding}) of {image:?}"))
+    })
 }
 
 /// x [n, c, h, w] → windows [n, oh, ow, c, kh, kw], `fill` in the padding;
