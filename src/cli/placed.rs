@@ -4,7 +4,8 @@
 //! and the pipeline schedule as a timeline; as tables, or as JSON.
 
 use shardplan_compiler::partition::report::{self, Pass, Report};
-use shardplan_compiler::partition::Plan;
+use shardplan_compiler::check::Placement;
+use shardplan_compiler::partition::{memory, Plan};
 use shardplan_compiler::units::{Bytes, Unit};
 use shardplan_compiler::Checked;
 
@@ -23,6 +24,42 @@ fn flops(f: f64) -> String {
         format!("{:.2} GFLOP", f / 1e9)
     } else {
         format!("{:.2} MFLOP", f / 1e6)
+    }
+}
+
+/// What `zero` and `recompute` save on each device: its memory plan against
+/// that of the same placement without them.
+fn saved(c: &Checked, plan: &Plan) {
+    let Placement::Explicit(e) = &c.placement else { return };
+    let levels: std::collections::BTreeSet<u8> = e.zero.iter().copied().filter(|z| *z > 0).collect();
+    if levels.is_empty() && e.recompute.is_empty() {
+        return;
+    }
+    let mut plain = c.clone();
+    if let Placement::Explicit(p) = &mut plain.placement {
+        p.zero.clear();
+        p.recompute.clear();
+    }
+    let Ok(without) = shardplan_compiler::compile(&plain, &Default::default()) else { return };
+    let Some(base) = without.plan() else { return };
+    let mut modes: Vec<String> = levels.iter().map(|z| format!("`zero {z}`")).collect();
+    if !e.recompute.is_empty() {
+        modes.push("`recompute`".into());
+    }
+    println!("\nmemory saved by {} (against the same placement without them):", modes.join(" and "));
+    println!("  {:>6}  {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}", "device", "params", "grads", "optimizer", "temporaries", "transfers", "total");
+    let signed = |a: u64, b: u64| if b >= a { size(b - a) } else { format!("−{}", size(a - b)) };
+    for (d, (m, b)) in plan.devices.iter().zip(memory::plan(plan).iter().zip(memory::plan(base))) {
+        println!(
+            "  {:>6}  {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}",
+            format!("cpu{}", d.device),
+            signed(m.params, b.params),
+            signed(m.grads, b.grads),
+            signed(m.optimizer, b.optimizer),
+            signed(m.activations + m.workspace, b.activations + b.workspace),
+            signed(m.comm, b.comm),
+            signed(m.total(), b.total())
+        );
     }
 }
 
@@ -54,6 +91,7 @@ pub fn print(file: &str, c: &Checked, plan: &Plan) {
             size(r.received_bytes)
         );
     }
+    saved(c, plan);
     println!("\ncollectives per step:");
     for r in &devices {
         if r.collectives.is_empty() {

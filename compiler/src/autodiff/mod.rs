@@ -8,6 +8,7 @@
 //! forward, backward and update together.
 
 mod optim;
+mod recompute;
 mod rules;
 
 use crate::check::{Checked, Ty};
@@ -24,7 +25,10 @@ pub fn differentiate(mut g: Graph, c: &Checked) -> Graph {
         }
     }
     optim::append_update(&mut g, c, &params);
-    g
+    match &c.placement {
+        crate::check::Placement::Explicit(e) if !e.recompute.is_empty() => recompute::apply(&g, &e.recompute),
+        _ => g,
+    }
 }
 
 /// Reverse-mode gradients of the loss: node → its gradient node.

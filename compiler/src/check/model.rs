@@ -222,6 +222,8 @@ pub(super) struct Cx<'a> {
     /// again with the same types gives the same result and the same errors.
     memo: HashMap<(InstId, String), Val>,
     trace: Vec<TraceOp>,
+    /// The top-level layer whose call is being traced.
+    unit: Option<Unit>,
     pub diags: Diagnostics,
 }
 
@@ -247,6 +249,7 @@ pub fn check_model(
         used: HashSet::new(),
         memo: HashMap::new(),
         trace: Vec::new(),
+        unit: None,
         diags: Diagnostics::default(),
     };
     let mut scope = Scope { model_level: true, ..Scope::default() };
@@ -415,7 +418,7 @@ impl Context for Cx<'_> {
 
     fn emit(&mut self, prim: Prim, args: Vec<TId>, ty: Ty) -> Val {
         let id = TId(self.trace.len() as u32);
-        self.trace.push(TraceOp { prim, args, ty: ty.clone() });
+        self.trace.push(TraceOp { prim, args, ty: ty.clone(), unit: self.unit });
         Val::Tensor(ty, id)
     }
 }
@@ -1062,7 +1065,20 @@ impl<'a> Cx<'a> {
         }
     }
 
+    /// Calls a layer, tagging what it traces with the top-level layer it belongs to.
     fn call_layer(&mut self, id: InstId, args: &[ArgVal], c: &ast::Call) -> Val {
+        let outer = self.unit;
+        if self.frames.is_empty() {
+            if let Some(u) = self.top_index.get(&id) {
+                self.unit = Some(*u);
+            }
+        }
+        let v = self.trace_layer(id, args, c);
+        self.unit = outer;
+        v
+    }
+
+    fn trace_layer(&mut self, id: InstId, args: &[ArgVal], c: &ast::Call) -> Val {
         if self.frames.is_empty() {
             if let Some(u) = self.top_index.get(&id) {
                 if !self.forward_order.contains(u) {

@@ -54,6 +54,12 @@ pub struct Explicit {
     pub pipeline: Option<Pipeline>,
     /// Device index of the parameter server.
     pub parameter_server: Option<usize>,
+    /// Per parameter, its ZeRO stage over the data axis (`zero N`): 0 none,
+    /// 1 optimizer state sharded, 2 and its gradient, 3 and the parameter
+    /// itself (FSDP). Parameters past the end are 0.
+    pub zero: Vec<u8>,
+    /// Layers whose forward activations are recomputed in the backward pass.
+    pub recompute: Vec<Unit>,
     /// The `placement` keyword.
     pub span: Span,
 }
@@ -265,6 +271,10 @@ impl Checker<'_> {
         let mut pipeline = None;
         let mut ps = None;
         let mut ps_span = None;
+        let mut zero: Vec<u8> = vec![0; self.model.params.len()];
+        let mut zero_by: Vec<Option<Span>> = vec![None; self.model.params.len()];
+        let mut zero_default: Option<(u8, Span)> = None;
+        let mut recompute: Vec<Unit> = Vec::new();
         for s in stmts {
             match s {
                 PlacementStmt::Mesh(..) => {}
@@ -305,6 +315,67 @@ impl Checker<'_> {
                         continue;
                     }
                     pipeline = self.pipeline(&mesh, &mut roles, p, data_axis.map(|i| mesh[i].1));
+                }
+                PlacementStmt::Zero { level, level_span, paths, span } => {
+                    if !(1..=3).contains(level) {
+                        self.diags.push(
+                            Diagnostic::error("placement::zero_level", format!("there is no ZeRO stage {level}"))
+                                .label(*level_span, "not 1, 2 or 3")
+                                .help("`zero 1` shards optimizer state, `zero 2` also gradients, `zero 3` also parameters (FSDP)"),
+                        );
+                        continue;
+                    }
+                    let level = *level as u8;
+                    if paths.is_empty() {
+                        if let Some((_, prev)) = zero_default {
+                            self.diags.push(
+                                Diagnostic::error("placement::duplicate", "`zero` without paths is given twice")
+                                    .label(*span, "second one")
+                                    .label(prev, "first one")
+                                    .help("a `zero` without paths sets the stage of every parameter no other `zero` names; give it once"),
+                            );
+                        }
+                        zero_default = Some((level, *span));
+                        continue;
+                    }
+                    for path in paths {
+                        let Some(targets) = self.resolve(path) else { continue };
+                        for pi in self.params_of(&targets) {
+                            if let Some(prev) = zero_by[pi] {
+                                self.diags.push(
+                                    Diagnostic::error("placement::duplicate", format!("`{}` is named by two `zero` statements", self.model.params[pi].path))
+                                        .label(path.span, "named again here")
+                                        .label(prev, "first named here")
+                                        .help("give each parameter one ZeRO stage"),
+                                );
+                                break;
+                            }
+                            zero[pi] = level;
+                            zero_by[pi] = Some(path.span);
+                        }
+                    }
+                }
+                PlacementStmt::Recompute { paths, .. } => {
+                    for path in paths {
+                        let Some(targets) = self.resolve(path) else { continue };
+                        for t in targets {
+                            match t {
+                                Target::Unit(u) => {
+                                    if !recompute.contains(&u) {
+                                        recompute.push(u);
+                                    }
+                                }
+                                _ => {
+                                    self.diags.push(
+                                        Diagnostic::error("placement::recompute_path", format!("`{path}` is not a layer of the model; `recompute` works on whole layers"))
+                                            .label(path.span, "a parameter or a layer inside another")
+                                            .help(format!("name a layer of `{}` or an element of a `repeat`, such as `{}`", self.model.name, self.model.units().first().map(|u| self.model.unit_name(*u)).unwrap_or_default())),
+                                    );
+                                    break;
+                                }
+                            }
+                        }
+                    }
                 }
                 PlacementStmt::ParameterServer { device, span } => {
                     if ps_span.is_some() {
@@ -348,6 +419,33 @@ impl Checker<'_> {
                 }
             }
         }
+        if let Some((level, _)) = zero_default {
+            for (z, by) in zero.iter_mut().zip(&zero_by) {
+                if by.is_none() {
+                    *z = level;
+                }
+            }
+        }
+        let zero_span = stmts.iter().find_map(|s| match s {
+            PlacementStmt::Zero { span, .. } => Some(*span),
+            _ => None,
+        });
+        if let Some(span) = zero_span {
+            if let Some(sp) = ps_span {
+                self.diags.push(
+                    Diagnostic::error("placement::zero_with_server", "`zero` shards model states over data-parallel replicas, which a parameter server already holds")
+                        .label(span, "sharded states")
+                        .label(sp, "the server holds every parameter and its optimizer state")
+                        .help("drop `zero`, or drop the parameter server and use `data_parallel over AXIS`"),
+                );
+            } else if data_axis.is_none() {
+                self.diags.push(
+                    Diagnostic::error("placement::zero_needs_data", "`zero` shards model states over the data-parallel axis, and there is none")
+                        .label(span, "sharded over which axis?")
+                        .help("add `data_parallel over AXIS`: ZeRO and FSDP shard over its replicas"),
+                );
+            }
+        }
         let clean = self.diags.error_count() == before;
         for (i, (name, size)) in mesh.iter().enumerate() {
             if clean && roles[i].is_none() && *size > 1 {
@@ -364,6 +462,8 @@ impl Checker<'_> {
             shards,
             pipeline,
             parameter_server: ps,
+            zero,
+            recompute,
             span: self.head,
         }))
     }
@@ -597,6 +697,22 @@ impl Checker<'_> {
             }
         }
         None
+    }
+
+    /// The parameters under resolved targets, in index order.
+    fn params_of(&self, targets: &[Target]) -> Vec<usize> {
+        let m = self.model;
+        let mut out: Vec<usize> = (0..m.params.len())
+            .filter(|&pi| {
+                targets.iter().any(|t| match t {
+                    Target::Param(p) => *p == pi,
+                    Target::Unit(u) => m.unit_owns(*u, pi),
+                    Target::Inner(path) => m.params[pi].path.strip_prefix(path.as_str()).is_some_and(|r| r.starts_with('.')),
+                })
+            })
+            .collect();
+        out.dedup();
+        out
     }
 
     /// Parameters below `path`, for help lines.

@@ -244,6 +244,9 @@ pub struct TraceOp {
     pub prim: Prim,
     pub args: Vec<TId>,
     pub ty: Ty,
+    /// The top-level layer (or `repeat` element) whose call made it; None
+    /// for operations written in the model's own `loss`/forward expression.
+    pub unit: Option<super::model::Unit>,
 }
 
 /// An instance of a layer in the model's tree (index into `Model::instances`).

@@ -14,7 +14,7 @@ mod dot;
 
 pub use dot::to_dot;
 
-use crate::check::{Checked, DType, Dim, Prim, Ty};
+use crate::check::{Checked, DType, Dim, Prim, Ty, Unit};
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 use serde::{Deserialize, Serialize};
@@ -427,11 +427,14 @@ pub struct Graph {
     /// For each backward node, the forward node whose rule made it (filled
     /// by autodiff; the partitioner places a backward node with its origin).
     pub origin: HashMap<NodeId, NodeId>,
+    /// For each forward node made inside a call of a top-level layer (or a
+    /// `repeat` element), that layer: what `recompute` names.
+    pub units: HashMap<NodeId, Unit>,
 }
 
 impl Graph {
     pub(crate) fn new() -> Graph {
-        Graph { g: DiGraph::new(), loss: NodeId(0), grads: HashMap::new(), states: Vec::new(), origin: HashMap::new() }
+        Graph { g: DiGraph::new(), loss: NodeId(0), grads: HashMap::new(), states: Vec::new(), origin: HashMap::new(), units: HashMap::new() }
     }
 
     /// Adds a node; operands must already exist, which keeps ids in execution order.
@@ -568,6 +571,7 @@ pub fn build_for(c: &Checked, training: bool) -> Graph {
         }
         let args: Vec<NodeId> = t.args.iter().filter_map(|a| map[a.0 as usize]).collect();
         let f = Role::Forward;
+        let first = g.len();
         let id = match &t.prim {
             Prim::Attention { heads, kv_heads, causal } if kv_heads == heads && *causal => attention(&mut g, &args, *heads, &t.ty),
             Prim::Attention { heads, kv_heads, causal } => grouped_attention(&mut g, &args, *heads, *kv_heads, *causal, &t.ty),
@@ -584,6 +588,11 @@ pub fn build_for(c: &Checked, training: bool) -> Graph {
             p => g.add(forward_op(p), &args, t.ty.clone(), f),
         };
         map[i] = Some(id);
+        if let Some(u) = t.unit {
+            for n in first..g.len() {
+                g.units.insert(NodeId(n as u32), u);
+            }
+        }
     }
     g.loss = map[loss.0 as usize].unwrap_or(NodeId(0));
     g

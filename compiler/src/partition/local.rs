@@ -33,8 +33,14 @@ struct Builder<'a, 'g> {
     val: HashMap<NodeId, NodeId>,
     /// The update's view of forward/backward values: (local node, layout).
     accum: HashMap<NodeId, (NodeId, Vec<Layout>)>,
-    /// Conversions made: (global node, layout, for the update) → local node.
-    conv: HashMap<(NodeId, Vec<Layout>, bool), NodeId>,
+    /// Conversions made: (global node, layout, pass) → local node. The pass
+    /// is 0 for the forward and backward passes (which share conversions),
+    /// 2 for the update, and each pass its own for a fully sharded
+    /// parameter, which is gathered again in each (FSDP frees the gathered
+    /// parameter after the forward pass).
+    conv: HashMap<(NodeId, Vec<Layout>, u8), NodeId>,
+    /// ZeRO-2 and -3 gradients reduce-scattered as the backward pass makes them.
+    scattered: HashMap<NodeId, NodeId>,
     next_coll: u32,
     params: Vec<Piece>,
     states: Vec<Piece>,
@@ -62,6 +68,7 @@ pub(super) fn build(glob: &Global<'_>, dev: usize, sched: Option<Schedule>) -> R
         val: HashMap::new(),
         accum: HashMap::new(),
         conv: HashMap::new(),
+        scattered: HashMap::new(),
         next_coll: 0,
         params: Vec::new(),
         states: Vec::new(),
@@ -208,10 +215,23 @@ impl Builder<'_, '_> {
                         let to = self.peer(t);
                         self.lg.add(Op::Send { to, id: id.0 }, &[v], Ty::scalar(DType::F32), role);
                     }
+                    // ZeRO-2/3: the gradient is reduce-scattered over the data
+                    // axis as soon as it is made, and only this rank's shard kept.
+                    if let (Some(_), Some(d), true) = (self.crossing_index(id), self.glob.data_axis, self.early_scatter(id)) {
+                        let v = self.have(id)?;
+                        let have = self.glob.layout[i].clone();
+                        let mut want = have.clone();
+                        want[d] = self.glob.grad_split[&id];
+                        let shard = self.convert(v, &node.ty, have, &want, Role::Backward)?;
+                        self.scattered.insert(id, shard);
+                    }
                     // With microbatches, gradients are summed into accumulators;
                     // without, the update reads them where the backward pass left them.
                     if let (Some(k), true) = (self.crossing_index(id), self.glob.axes[self.glob.mb_axis].size > 1) {
-                        let v = self.have(id)?;
+                        let v = match self.scattered.get(&id) {
+                            Some(v) => *v,
+                            None => self.have(id)?,
+                        };
                         self.lg.add(Op::Accumulate(k), &[v], Ty::scalar(DType::F32), Role::Backward);
                     }
                 }
@@ -338,7 +358,12 @@ impl Builder<'_, '_> {
         if have == want {
             return Ok(v);
         }
-        let key = (a, want.to_vec(), role == Role::Update);
+        let pass = match g.node(a).op {
+            Op::Param(p) if self.glob.zero[p] >= 3 => rank(role),
+            _ if role == Role::Update => 2,
+            _ => 0,
+        };
+        let key = (a, want.to_vec(), pass);
         if let Some(&c) = self.conv.get(&key) {
             return Ok(c);
         }
@@ -473,10 +498,20 @@ impl Builder<'_, '_> {
         l[self.glob.mb_axis] = Layout::Replicated;
         if let Some(d) = self.glob.data_axis {
             if l[d] == Layout::Partial && (self.glob.axes[d].size > 1) {
-                l[d] = Layout::Replicated;
+                l[d] = self.glob.grad_split.get(&n).copied().unwrap_or(Layout::Replicated);
             }
         }
         l
+    }
+
+    /// Whether gradient `n` is reduce-scattered in the backward pass (ZeRO
+    /// stage 2 or 3) rather than exchanged after it.
+    fn early_scatter(&self, n: NodeId) -> bool {
+        let Some(d) = self.glob.data_axis else { return false };
+        self.glob.server.is_none()
+            && self.glob.grad_split.contains_key(&n)
+            && self.glob.layout[n.0 as usize][d] == Layout::Partial
+            && self.glob.g.grads.iter().any(|(p, x)| *x == n && self.glob.zero[*p] >= 2)
     }
 
     /// Between the last backward and the first update node: accumulators,
@@ -491,20 +526,43 @@ impl Builder<'_, '_> {
         for &(k, n) in &mine {
             let mut l = self.glob.layout[n.0 as usize].clone();
             l[self.glob.mb_axis] = Layout::Replicated;
+            if self.scattered.contains_key(&n) {
+                l = self.update_layout(n);
+            }
             let ty = self.local_ty(&g.node(n).ty, &l);
             let v = if self.glob.axes[self.glob.mb_axis].size > 1 {
                 self.lg.add(Op::Accumulated(k), &[], ty, u)
             } else {
-                match self.val.get(&n) {
+                match self.scattered.get(&n).or_else(|| self.val.get(&n)) {
                     Some(v) => *v,
                     None => return err(format!("internal: device {} has no gradient {k} for the update", self.dev)),
                 }
             };
             raw.push((n, v));
         }
+        // ZeRO-1: the gradient is reduce-scattered after the backward pass.
+        let mut zero_raw: Vec<(usize, NodeId)> = Vec::new();
+        if let (Some(d), None) = (self.glob.data_axis, self.glob.server) {
+            for (i, (n, v)) in raw.iter_mut().enumerate() {
+                if let (Some(s), false) = (self.glob.grad_split.get(n), self.scattered.contains_key(n)) {
+                    if self.glob.layout[n.0 as usize][d] != Layout::Partial {
+                        continue;
+                    }
+                    let mut have = self.glob.layout[n.0 as usize].clone();
+                    have[self.glob.mb_axis] = Layout::Replicated;
+                    let mut want = have.clone();
+                    want[d] = *s;
+                    *v = self.convert(*v, &g.node(*n).ty, have, &want, u)?;
+                    zero_raw.push((i, *v));
+                } else if self.scattered.contains_key(n) {
+                    zero_raw.push((i, *v));
+                }
+            }
+        }
+        let sharded: Vec<usize> = zero_raw.iter().map(|x| x.0).collect();
         let exchanged: Vec<NodeId> = match (self.glob.data_axis, self.glob.server) {
             (Some(_), Some(server)) => self.exchange_with_server(&raw, server)?,
-            (Some(d), None) if self.glob.axes[d].size > 1 => self.all_reduce_buckets(&raw, d)?,
+            (Some(d), None) if self.glob.axes[d].size > 1 => self.all_reduce_buckets(&raw, d, &sharded)?,
             _ => raw.iter().map(|x| x.1).collect(),
         };
         for (&(n, _), v) in raw.iter().zip(exchanged) {
@@ -549,10 +607,12 @@ impl Builder<'_, '_> {
         Ok(())
     }
 
-    fn all_reduce_buckets(&mut self, raw: &[(NodeId, NodeId)], d: usize) -> Result<Vec<NodeId>, PartitionError> {
+    /// All-reduces the gradients partial over data axis `d` (but those
+    /// `sharded` already reduce-scattered), packed into buckets.
+    fn all_reduce_buckets(&mut self, raw: &[(NodeId, NodeId)], d: usize, sharded: &[usize]) -> Result<Vec<NodeId>, PartitionError> {
         let u = Role::Update;
         let mut out: Vec<NodeId> = raw.iter().map(|x| x.1).collect();
-        let partial: Vec<usize> = (0..raw.len()).filter(|&i| self.glob.layout[raw[i].0 .0 as usize][d] == Layout::Partial).collect();
+        let partial: Vec<usize> = (0..raw.len()).filter(|&i| self.glob.layout[raw[i].0 .0 as usize][d] == Layout::Partial && !sharded.contains(&i)).collect();
         let group = self.glob.mesh.group(self.dev, self.glob.axes[d].mesh.unwrap_or(0));
         let name = self.glob.axes[d].name.clone();
         let mut bucket: Vec<usize> = Vec::new();

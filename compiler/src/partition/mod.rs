@@ -219,6 +219,14 @@ pub(crate) struct Global<'a> {
     /// embedding group equal.
     pub replicas: Vec<Vec<usize>>,
     pub param_layout: Vec<Vec<Layout>>,
+    /// Per parameter, its ZeRO stage (`zero N`; 0 when not sharded).
+    pub zero: Vec<u8>,
+    /// Per parameter, its optimizer states' layouts: the parameter's, split
+    /// over the data axis as well from ZeRO stage 1.
+    pub state_layout: Vec<Vec<Layout>>,
+    /// The gradients of ZeRO-sharded parameters and the data-axis split the
+    /// update reads them in (reduce-scattered rather than all-reduced).
+    pub grad_split: std::collections::HashMap<NodeId, Layout>,
     /// Forward/backward values read by the update, in node order.
     pub crossing: Vec<NodeId>,
     pub users: Vec<Vec<NodeId>>,
@@ -235,8 +243,8 @@ pub fn partition(c: &Checked, g: &Graph) -> Result<Plan, PartitionError> {
 /// holding the largest share of an uneven split): enough for memory plans.
 pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Result<Plan, PartitionError> {
     let err = |m: String| Err(PartitionError(m));
-    let (mesh, shards, pipeline, server) = match &c.placement {
-        Placement::Single => (Mesh { axes: vec![], data: None, pipe: None }, vec![], None, None),
+    let (mesh, shards, pipeline, server, zero) = match &c.placement {
+        Placement::Single => (Mesh { axes: vec![], data: None, pipe: None }, vec![], None, None, vec![]),
         Placement::Explicit(e) => (
             Mesh {
                 axes: e.mesh.iter().map(|(n, s)| (n.clone(), (*s).max(1) as usize)).collect(),
@@ -246,6 +254,7 @@ pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Resul
             e.shards.clone(),
             e.pipeline.clone(),
             e.parameter_server,
+            e.zero.clone(),
         ),
         Placement::Auto { .. } => return err("`placement auto` is partitioned as the placement `planner::search` chooses".into()),
     };
@@ -277,6 +286,36 @@ pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Resul
                 if let Some(ax) = axes.iter().position(|x| x.mesh == Some(*a)) {
                     param_layout[s.param][ax] = Layout::Split(d, 1);
                 }
+            }
+        }
+    }
+    // ZeRO: optimizer states (stage 1), gradients (2) and parameters (3)
+    // split over the data axis too, along the first dim no other axis
+    // splits that has at least one row per rank.
+    let zero: Vec<u8> = (0..m.params.len()).map(|p| zero.get(p).copied().unwrap_or(0)).collect();
+    let mut state_layout = param_layout.clone();
+    if let Some(d) = data_axis.filter(|&d| axes[d].size > 1) {
+        for (p, z) in zero.iter().enumerate() {
+            if *z == 0 {
+                continue;
+            }
+            let shape: Vec<usize> = m.params[p].ty.shape.iter().map(|x| x.size.max(0) as usize).collect();
+            let free = |dim: usize| !param_layout[p].iter().any(|l| matches!(l, Layout::Split(x, _) if *x == dim));
+            let k = axes[d].size;
+            let dim = (0..shape.len()).find(|&i| free(i) && shape[i].is_multiple_of(k)).or_else(|| (0..shape.len()).filter(|&i| free(i) && shape[i] >= k).max_by_key(|&i| shape[i]));
+            if let Some(dim) = dim {
+                state_layout[p][d] = Layout::Split(dim, 1);
+                if *z >= 3 {
+                    param_layout[p][d] = Layout::Split(dim, 1);
+                }
+            }
+        }
+    }
+    let mut grad_split = std::collections::HashMap::new();
+    for (p, gr) in &g.grads {
+        if let (Some(d), Some(&z)) = (data_axis, zero.get(*p)) {
+            if z >= 1 && state_layout[*p][d] != Layout::Replicated {
+                grad_split.insert(*gr, state_layout[*p][d]);
             }
         }
     }
@@ -329,6 +368,9 @@ pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Resul
         param_stage,
         replicas: vec![Vec::new(); m.params.len()],
         param_layout,
+        zero,
+        state_layout,
+        grad_split,
         crossing: Vec::new(),
         users,
         server,
@@ -459,7 +501,7 @@ impl Global<'_> {
             let mut scale = rules::Scale::None;
             match &node.op {
                 Op::Param(i) => out = self.param_layout[*i].clone(),
-                Op::State(j) => out = self.param_layout[g.states[*j].param].clone(),
+                Op::State(j) => out = self.state_layout[g.states[*j].param].clone(),
                 Op::Input(_) => {
                     let batch = node.ty.shape.first().is_some_and(|d| d.sym.as_deref() == Some("batch"));
                     if batch {
@@ -479,6 +521,19 @@ impl Global<'_> {
                             && xn.role != Role::Update
                             && !matches!(xn.op, Op::Param(_) | Op::State(_) | Op::Input(_) | Op::Const(_) | Op::Hyper(_));
                         let reduced_here = l == Layout::Partial && reduced[a].contains(x) && (xn.role == Role::Update) == (node.role == Role::Update);
+                        if Some(a) == self.data_axis {
+                            // A ZeRO-sharded gradient reaches the update
+                            // reduce-scattered; a fully sharded parameter is
+                            // gathered for the forward and backward passes.
+                            if let (true, Some(s)) = (summed, self.grad_split.get(x)) {
+                                return *s;
+                            }
+                            if let Op::Param(p) = xn.op {
+                                if self.zero[p] >= 3 && node.role != Role::Update {
+                                    return Layout::Replicated;
+                                }
+                            }
+                        }
                         if (summed && (a == self.mb_axis || (Some(a) == self.data_axis && l == Layout::Partial))) || reduced_here {
                             Layout::Replicated
                         } else {
@@ -504,7 +559,10 @@ impl Global<'_> {
                     crate::graph::Target::Param(i) => i,
                     crate::graph::Target::State(j) => g.states[j].param,
                 };
-                req[0] = self.param_layout[p].clone();
+                req[0] = match t {
+                    crate::graph::Target::Param(_) => self.param_layout[p].clone(),
+                    crate::graph::Target::State(_) => self.state_layout[p].clone(),
+                };
             }
             for (i, r) in req.iter_mut().enumerate() {
                 let s = self.shape(args[i]);

@@ -211,7 +211,21 @@ pub fn parameters(c: &Checked, plan: &Plan) -> Vec<Parameter> {
             let mut copies: Vec<usize> = plan.holders(i).iter().filter_map(|&d| plan.devices.iter().find(|x| x.device == d)).map(|d| d.stage).filter(|s| s != stage).collect();
             copies.sort();
             copies.dedup();
-            Parameter { path: p.path.clone(), ty: p.ty.to_string(), stage: *stage, sharding: sharding(plan, l), copies }
+            let mut sharding = sharding(plan, l);
+            if let Placement::Explicit(e) = &c.placement {
+                let data = e.data_axis.and_then(|d| e.mesh.get(d)).filter(|a| a.1 > 1).map(|a| a.0.clone());
+                if let (Some(&z), Some(data)) = (e.zero.get(i), data) {
+                    let what = match z {
+                        1 => "optimizer state",
+                        2 => "gradient and optimizer state",
+                        _ => "gradient and optimizer state",
+                    };
+                    if z >= 1 {
+                        sharding = format!("{sharding}; zero {z}: {what} sharded over `{data}`");
+                    }
+                }
+            }
+            Parameter { path: p.path.clone(), ty: p.ty.to_string(), stage: *stage, sharding, copies }
         })
         .collect()
 }

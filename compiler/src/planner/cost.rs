@@ -490,7 +490,7 @@ pub(super) fn evaluate(
 /// Megatron pairs it finds).
 pub fn predict(c: &Checked, g: &Graph, pr: &Profile) -> Option<Candidate> {
     let single =
-        Explicit { mesh: vec![], data_axis: None, shards: vec![], pipeline: None, parameter_server: None, span: crate::Span::new(crate::SourceId::USER, 0, 0) };
+        Explicit { mesh: vec![], data_axis: None, shards: vec![], pipeline: None, parameter_server: None, zero: vec![], recompute: vec![], span: crate::Span::new(crate::SourceId::USER, 0, 0) };
     let e = match &c.placement {
         Placement::Explicit(e) => e,
         Placement::Single => &single,

@@ -174,7 +174,7 @@ pub fn explicit(c: &Checked, cand: &Candidate) -> Explicit {
         Placement::Explicit(e) => e.span,
         _ => crate::Span::new(crate::SourceId::USER, 0, 0),
     };
-    Explicit { mesh, data_axis, shards, pipeline, parameter_server: None, span }
+    Explicit { mesh, data_axis, shards, pipeline, parameter_server: None, zero: vec![], recompute: vec![], span }
 }
 
 /// A parameter's path as a plan writes it: `blocks.0.attn.wq` → `blocks[0].attn.wq`.

@@ -79,6 +79,8 @@ fn is_keyword(r: Rule) -> bool {
             | Rule::kw_per
             | Rule::kw_device
             | Rule::kw_memory
+            | Rule::kw_zero
+            | Rule::kw_recompute
     )
 }
 
@@ -579,6 +581,15 @@ impl Lower {
                 PlacementStmt::Shard { path, spec, spec_span, span }
             }
             Rule::ps_stmt => PlacementStmt::ParameterServer { device: self.ident(self.kids(s).req()?)?, span },
+            Rule::zero_stmt => {
+                let mut k = self.kids(s);
+                let lp = k.req()?;
+                let level_span = self.span(&lp);
+                let level = self.int(lp)?;
+                let paths = k.rest().map(|p| self.path(p)).collect::<R<Vec<_>>>()?;
+                PlacementStmt::Zero { level, level_span, paths, span }
+            }
+            Rule::recompute_stmt => PlacementStmt::Recompute { paths: self.kids(s).rest().map(|p| self.path(p)).collect::<R<Vec<_>>>()?, span },
             Rule::pipeline_stmt => {
                 let mut k = self.kids(s);
                 let axis = self.ident(k.req()?)?;
