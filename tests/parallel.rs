@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use common::{example_data as data, root, TP_MLP};
+use common::{example_data as data, root, tiny_gpt as gpt, TP_GPT, TP_MLP};
 
 fn tmp(name: &str) -> PathBuf {
     common::scratch("parallel", name)
@@ -24,39 +24,6 @@ fn tmp(name: &str) -> PathBuf {
 fn mlp(batch: usize, devices: usize, placement: &str) -> String {
     common::digits_mlp(batch, "sgd(lr: 0.1, momentum: 0.9)", devices, placement)
 }
-
-/// A small GPT (2 blocks of width 32, 4 heads) trained with AdamW.
-fn gpt(batch: usize, devices: usize, placement: &str) -> String {
-    format!(
-        r#"model TinyGpt {{
-  input tokens: i32[batch, seq]
-  input targets: i32[batch, seq]
-  layer embed = Embedding(256, 32)
-  layer pos = PositionalEmbedding(seq, 32)
-  layer blocks = repeat 2 Block(32, 4)
-  layer ln = LayerNorm(32)
-  layer head = Linear(32, 256)
-  loss cross_entropy(head(ln(blocks(pos(embed(tokens))))), targets)
-}}
-data corpus = text("{}", train: 0..30000, test: 30000..31000)
-train {{
-  model: TinyGpt
-  data: corpus
-  batch: {batch}
-  seq: 16
-  steps: 10
-  optimizer: adamw(lr: 0.003, weight_decay: 0.01)
-  clip_grad_norm: 1.0
-  seed: 1
-}}
-devices cpu x {devices}
-{placement}
-"#,
-        data("tiny.txt")
-    )
-}
-
-const TP_GPT: &str = "shard blocks[*].attn.wq (_, model)\n  shard blocks[*].attn.wk (_, model)\n  shard blocks[*].attn.wv (_, model)\n  shard blocks[*].attn.wo (model, _)\n  shard blocks[*].mlp.up.w (_, model)\n  shard blocks[*].mlp.up.b (model)\n  shard blocks[*].mlp.down.w (model, _)";
 
 /// `plan` placed against one device, for ten steps: losses within 1e-5,
 /// parameters within 1e-4 (`shardplan verify`'s defaults).

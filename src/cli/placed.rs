@@ -40,6 +40,10 @@ fn saved(c: &Checked, plan: &Plan) {
         p.zero.clear();
         p.recompute.clear();
     }
+    // The placement without them may not fit: compare all the same.
+    for d in &mut plain.devices {
+        d.memory = None;
+    }
     let Ok(without) = shardplan_compiler::compile(&plain, &Default::default()) else { return };
     let Some(base) = without.plan() else { return };
     let mut modes: Vec<String> = levels.iter().map(|z| format!("`zero {z}`")).collect();

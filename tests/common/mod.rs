@@ -24,6 +24,40 @@ pub fn example_data(file: &str) -> String {
 /// Megatron tensor parallelism of the digits MLP's first two layers over `model`.
 pub const TP_MLP: &str = "shard fc1.w (_, model)\n  shard fc1.b (model)\n  shard fc2.w (model, _)";
 
+/// A small GPT (2 blocks of width 32, 4 heads) trained with AdamW.
+pub fn tiny_gpt(batch: usize, devices: usize, placement: &str) -> String {
+    format!(
+        r#"model TinyGpt {{
+  input tokens: i32[batch, seq]
+  input targets: i32[batch, seq]
+  layer embed = Embedding(256, 32)
+  layer pos = PositionalEmbedding(seq, 32)
+  layer blocks = repeat 2 Block(32, 4)
+  layer ln = LayerNorm(32)
+  layer head = Linear(32, 256)
+  loss cross_entropy(head(ln(blocks(pos(embed(tokens))))), targets)
+}}
+data corpus = text("{}", train: 0..30000, test: 30000..31000)
+train {{
+  model: TinyGpt
+  data: corpus
+  batch: {batch}
+  seq: 16
+  steps: 10
+  optimizer: adamw(lr: 0.003, weight_decay: 0.01)
+  clip_grad_norm: 1.0
+  seed: 1
+}}
+devices cpu x {devices}
+{placement}
+"#,
+        example_data("tiny.txt")
+    )
+}
+
+/// Megatron tensor parallelism of the tiny GPT's blocks over `model`.
+pub const TP_GPT: &str = "shard blocks[*].attn.wq (_, model)\n  shard blocks[*].attn.wk (_, model)\n  shard blocks[*].attn.wv (_, model)\n  shard blocks[*].attn.wo (model, _)\n  shard blocks[*].mlp.up.w (_, model)\n  shard blocks[*].mlp.up.b (model)\n  shard blocks[*].mlp.down.w (model, _)";
+
 /// The digits MLP (64 → 128 → 64 → 10) with `batch`, `optimizer`, `devices`
 /// and `placement`; 10 steps, gradients clipped to 1, seed 7.
 pub fn digits_mlp(batch: usize, optimizer: &str, devices: usize, placement: &str) -> String {
