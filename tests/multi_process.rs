@@ -155,6 +155,14 @@ fn every_placement_on_processes_matches_threads_and_one_device() {
         "placement {{\n  mesh (data: 2, model: 2, pipe: 2)\n  data_parallel over data\n  {TP_MLP}\n  pipeline over pipe {{\n    stage fc1, fc2\n    stage out\n    microbatches 2\n    schedule 1f1b\n  }}\n}}"
     );
     check("dp2_tp2_pp2", &mlp(64, 8, &three_d), 8, &one);
+    // Sharded model states: FSDP on four processes, ZeRO-2 with tensor parallelism and recompute.
+    check("dp4_zero3", &mlp(64, 4, "placement {\n  mesh (data: 4)\n  data_parallel over data\n  zero 3\n}"), 4, &one);
+    check(
+        "dp2_tp2_zero2_recompute",
+        &mlp(64, 4, &format!("placement {{\n  mesh (data: 2, model: 2)\n  data_parallel over data\n  {TP_MLP}\n  zero 2\n  recompute fc1, fc2\n}}")),
+        4,
+        &one,
+    );
 }
 
 #[test]

@@ -166,3 +166,25 @@ fn the_fsdp_example_fits_only_when_sharded() {
     let cmp = common::verify_text(&text, &root().join("examples"), &[("batch", 8), ("seq", 16)]);
     assert!(cmp.within(1e-5, 1e-4), "{cmp:?}");
 }
+
+/// A run saved under FSDP resumes under tensor parallelism, and the reverse:
+/// checkpoints hold whole tensors whatever the placement.
+#[test]
+fn checkpoints_move_between_fsdp_and_tensor_parallelism() {
+    use shardplan_runtime::session::Start;
+    let one = gpt(8, 1, "");
+    let fsdp = gpt(8, 4, &dp(4, "zero 3"));
+    let zero1 = gpt(8, 2, &dp(2, "zero 1"));
+    let tp = gpt(8, 2, &format!("placement {{\n  mesh (model: 2)\n  {TP_GPT}\n}}"));
+    let full = common::train_text(&one, root(), |_| {}, None);
+    assert_eq!(full.len(), 10);
+    for (name, first, second) in [("fsdp_then_tp", &fsdp, &tp), ("tp_then_fsdp", &tp, &fsdp), ("zero1_then_fsdp", &zero1, &fsdp)] {
+        let ck = common::scratch("sharded", &format!("{name}.safetensors"));
+        let mut pieced = common::train_text(first, root(), |c| c.stop_after = Some(5), Some(&ck));
+        pieced.extend(common::train_text(second, root(), |c| c.start = Start::Resume { path: ck.clone(), seed_given: false }, None));
+        assert_eq!(pieced.len(), 10, "{name}");
+        for (i, (a, b)) in full.iter().zip(&pieced).enumerate() {
+            assert!(((a - b) / a).abs() < 1e-5, "{name}: step {}: {a} uninterrupted, {b} resumed under another placement", i + 1);
+        }
+    }
+}
