@@ -28,7 +28,9 @@ fn examples() -> Vec<String> {
 #[test]
 fn every_example_checks_clean() {
     let all = examples();
-    for required in ["digits_mlp", "tiny_gpt", "tensor_parallel", "pipeline_1f1b", "data_tensor_pipeline", "parameter_server", "auto", "llama", "llama_3d", "cnn_digits"] {
+    for required in
+        ["digits_mlp", "tiny_gpt", "tensor_parallel", "pipeline_1f1b", "data_tensor_pipeline", "parameter_server", "auto", "llama", "llama_3d", "cnn_digits"]
+    {
         assert!(all.contains(&format!("examples/{required}.plan")), "missing example {required}");
     }
     for ex in &all {

@@ -116,7 +116,8 @@ fn check(name: &str, plan: &str, n: usize, one: &str) {
     let file = tmp(&format!("{name}.plan"));
     std::fs::write(&file, plan).expect("write plan");
     let (m, ck) = (tmp(&format!("{name}.mpi.jsonl")), tmp(&format!("{name}.mpi.safetensors")));
-    let args = vec![file.display().to_string(), s("--steps"), s("10"), s("--no-eval"), s("--metrics"), m.display().to_string(), s("--save"), ck.display().to_string()];
+    let args =
+        vec![file.display().to_string(), s("--steps"), s("10"), s("--no-eval"), s("--metrics"), m.display().to_string(), s("--save"), ck.display().to_string()];
     let (out, _) = launch(&[(n, args)], Duration::from_secs(300), |_| {});
     assert!(out.status.success(), "{name} on {n} processes:\n{}", text(&out));
     let mpi: Vec<u32> = common::losses(&m).into_iter().map(|(_, l)| l).collect();
@@ -252,7 +253,16 @@ fn saved_on_four_processes_resumed_on_two_with_another_placement() {
     std::fs::write(&dp, mlp(64, 4, "placement {\n  mesh (data: 4)\n  data_parallel over data\n}")).expect("write");
     std::fs::write(&tp, mlp(64, 2, &format!("placement {{\n  mesh (model: 2)\n  {TP_MLP}\n}}"))).expect("write");
     let (ck, m1, m2) = (tmp("mid.safetensors"), tmp("first.jsonl"), tmp("second.jsonl"));
-    let first = vec![dp.display().to_string(), s("--stop-after"), s("5"), s("--no-eval"), s("--metrics"), m1.display().to_string(), s("--save"), ck.display().to_string()];
+    let first = vec![
+        dp.display().to_string(),
+        s("--stop-after"),
+        s("5"),
+        s("--no-eval"),
+        s("--metrics"),
+        m1.display().to_string(),
+        s("--save"),
+        ck.display().to_string(),
+    ];
     let (out, _) = launch(&[(4, first)], Duration::from_secs(120), |_| {});
     assert!(out.status.success(), "{}", text(&out));
     let second = vec![tp.display().to_string(), s("--resume"), ck.display().to_string(), s("--no-eval"), s("--metrics"), m2.display().to_string()];
@@ -272,7 +282,8 @@ fn a_failing_device_stops_every_rank_with_one_error() {
     if mpirun().is_none() {
         return;
     }
-    let args = vec![s("examples/data_tensor_pipeline.plan"), s("--steps"), s("20"), s("--no-eval"), s("--threads"), s("1"), s("--inject-fault"), s("device=5,step=3")];
+    let args =
+        vec![s("examples/data_tensor_pipeline.plan"), s("--steps"), s("20"), s("--no-eval"), s("--threads"), s("1"), s("--inject-fault"), s("device=5,step=3")];
     let (out, took) = launch(&[(8, args)], Duration::from_secs(120), |_| {});
     let all = text(&out);
     assert!(!out.status.success(), "{all}");

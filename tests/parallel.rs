@@ -380,7 +380,8 @@ fn dropout_placements_match_one_device() {
         assert_ne!(out, plan, "the loss line changed");
         out
     };
-    let tp = "shard blocks[*].attn.wq (_, model)\n  shard blocks[*].attn.wk (_, model)\n  shard blocks[*].attn.wv (_, model)\n  shard blocks[*].attn.wo (model, _)";
+    let tp =
+        "shard blocks[*].attn.wq (_, model)\n  shard blocks[*].attn.wk (_, model)\n  shard blocks[*].attn.wv (_, model)\n  shard blocks[*].attn.wo (model, _)";
     verify("dropout_dp2", &with_dropout(llama(2, "placement {\n  mesh (data: 2)\n  data_parallel over data\n}")));
     verify("dropout_tp2", &with_dropout(llama(2, &format!("placement {{\n  mesh (model: 2)\n  {tp}\n}}"))));
     verify(

@@ -46,7 +46,10 @@ fn zero_combines_with_tensor_and_pipeline_parallelism() {
     // where each microbatch's gradient is scattered and summed into a slice.
     let stages = "pipeline over pipe {\n    stage embed, pos, blocks[0]\n    stage blocks[1], ln, head\n    microbatches 2\n    schedule 1f1b\n  }";
     for z in 1..=3 {
-        verify(&format!("gpt_dp2_pp2_zero{z}"), &gpt(8, 4, &format!("placement {{\n  mesh (data: 2, pipe: 2)\n  data_parallel over data\n  zero {z}\n  {stages}\n}}")));
+        verify(
+            &format!("gpt_dp2_pp2_zero{z}"),
+            &gpt(8, 4, &format!("placement {{\n  mesh (data: 2, pipe: 2)\n  data_parallel over data\n  zero {z}\n  {stages}\n}}")),
+        );
     }
     verify(
         "gpt_dp2_tp2_pp2_zero1",
@@ -187,4 +190,25 @@ fn checkpoints_move_between_fsdp_and_tensor_parallelism() {
             assert!(((a - b) / a).abs() < 1e-5, "{name}: step {}: {a} uninterrupted, {b} resumed under another placement", i + 1);
         }
     }
+}
+
+/// `placement auto` short of memory on a machine with cheap collectives
+/// chooses FSDP with recompute (see the planner's tests), and the plan it
+/// runs is that placement, matching one device.
+#[test]
+fn an_automatic_fsdp_and_recompute_choice_runs_as_one_device() {
+    use shardplan_compiler::planner::Profile;
+    use shardplan_runtime::session::{self, Backends};
+    let text = std::fs::read_to_string(root().join("examples/auto.plan")).expect("example").replace("memory 512 MiB per device", "memory 5 MiB per device");
+    let (c, d) = shardplan_compiler::check_source(text.as_bytes());
+    let c = c.unwrap_or_else(|| panic!("{:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>()));
+    let fast = Profile { cores: 4, link_latency: 1e-6, ..Profile::default() };
+    let compiled = shardplan_compiler::compile(&c, &shardplan_compiler::Options { profile: Some(fast.clone()), ..Default::default() }).expect("compiles");
+    let shardplan_compiler::check::Placement::Explicit(e) = &compiled.checked.placement else { panic!("not placed") };
+    assert!(e.zero.iter().all(|z| *z == 3) && !e.recompute.is_empty(), "{}", compiled.search.as_ref().map(|s| s.placement.clone()).unwrap_or_default());
+    let exact = memory::plan(compiled.plan().expect("placed")).iter().map(memory::Memory::total).max().unwrap_or(0);
+    assert!(exact <= 5 << 20, "{exact}");
+    let (mut one, mut placed) = session::side_by_side(&c, text.as_bytes(), &root().join("examples"), 10, 2, Backends::cpu(), Some(fast)).expect("sessions");
+    let cmp = session::compare(&mut one, &mut placed, &mut |_, _, _| {}).expect("compare");
+    assert!(cmp.within(1e-5, 1e-4), "{cmp:?}");
 }

@@ -167,7 +167,8 @@ fn token_files_train_like_the_text_they_encode() {
     let want = common::train_text(&reference, &root().join("examples"), |_| {}, None);
     for (dtype, width) in [("uint16", 2), ("uint32", 4)] {
         let file = tmp(&format!("tiny.{dtype}.bin"));
-        let ids: Vec<u8> = text.iter().flat_map(|&b| if width == 2 { u16::from(b).to_le_bytes().to_vec() } else { u32::from(b).to_le_bytes().to_vec() }).collect();
+        let ids: Vec<u8> =
+            text.iter().flat_map(|&b| if width == 2 { u16::from(b).to_le_bytes().to_vec() } else { u32::from(b).to_le_bytes().to_vec() }).collect();
         std::fs::write(&file, ids).expect("write");
         let source = format!(r#"tokens("{}", dtype: "{dtype}", train: 0..30000, test: 30000..)"#, file.display());
         let got = common::train_text(&plan(&source), &root().join("examples"), |_| {}, None);
@@ -214,7 +215,9 @@ fn an_unused_layer_keeps_its_parameters_in_checkpoints() {
 fn bad_token_files_are_rendered_errors() {
     let llama = std::fs::read_to_string(root().join("examples/llama.plan")).expect("example");
     let mut rendered = String::new();
-    for (name, bytes) in [("out_of_range.bin", [1u16, 2, 600, 3, 4, 5, 6, 7].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()), ("odd.bin", vec![1, 0, 2, 0, 3])] {
+    for (name, bytes) in
+        [("out_of_range.bin", [1u16, 2, 600, 3, 4, 5, 6, 7].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()), ("odd.bin", vec![1, 0, 2, 0, 3])]
+    {
         let file = tmp(name);
         std::fs::write(&file, &bytes).expect("write");
         let plan = llama

@@ -131,7 +131,7 @@ pub fn compile_explained(c: &Checked, o: &Options) -> Result<Compiled, Failure> 
         verify_program(&program)?;
         return Ok(Compiled { checked, graph: forward, target: Target::One(program), search: None, search_s: 0.0, logits: kept.first().copied() });
     }
-    let g = autodiff::differentiate(forward, &checked);
+    let mut g = autodiff::differentiate(forward, &checked);
     g.verify().map_err(|e| internal(format!("the training graph is malformed: {e}")))?;
 
     let (mut search, mut search_s) = (None, 0.0);
@@ -143,7 +143,12 @@ pub fn compile_explained(c: &Checked, o: &Options) -> Result<Compiled, Failure> 
         let Some(best) = found.chosen.map(|i| found.candidates[i].clone()) else {
             return Err(Failure { diagnostics: no_fit(), search: Some((Box::new(found), search_s)) });
         };
-        checked.placement = Placement::Explicit(planner::explicit(c, &best));
+        let e = planner::explicit(c, &best);
+        if !e.recompute.is_empty() {
+            // The search ran on the graph without recompute.
+            g = autodiff::recompute(&g, &e.recompute);
+        }
+        checked.placement = Placement::Explicit(e);
         search = Some(found);
     }
 

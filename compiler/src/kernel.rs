@@ -275,18 +275,35 @@ impl Program {
     ///
     /// The rule, the same for every backend and for the memory plan: a
     /// buffer is banked when it is an input (each microbatch has its own
-    /// batch), or a temporary that a forward or backward step writes (each
-    /// microbatch has its own activations and gradients until its backward
-    /// pass is done). Parameters, optimizer states, gradient accumulators,
-    /// hypers, constants and the update's temporaries are shared. Aliases
-    /// are never banked themselves: they use their storage buffer's memory,
-    /// and a step's output counts for its storage buffer.
+    /// batch), the loss (read after the passes), or a temporary that a
+    /// forward or backward step writes and a step of another pass reads (a
+    /// forward value the backward pass reads, a gradient the update reads):
+    /// each microbatch keeps its own until that later pass. A temporary
+    /// written and read within one pass is dead when the pass ends, and
+    /// passes run one at a time, so every buffer set shares one copy.
+    /// Parameters, optimizer states, gradient accumulators, hypers,
+    /// constants and the update's temporaries are shared too. Aliases are
+    /// never banked themselves: they use their storage buffer's memory, and
+    /// a step's output counts for its storage buffer.
     pub fn banked(&self) -> Vec<bool> {
         let mut banked: Vec<bool> = self.buffers.iter().map(|b| matches!(b.kind, BufKind::Input(_))).collect();
+        let mut written: Vec<Option<Role>> = vec![None; self.buffers.len()];
         for st in &self.steps {
             let o = self.storage(st.output).0 as usize;
             if st.role != Role::Update && self.buffers[o].kind == BufKind::Temp {
-                banked[o] = true;
+                written[o].get_or_insert(st.role);
+            }
+        }
+        let loss = self.storage(self.loss).0 as usize;
+        if written[loss].is_some() {
+            banked[loss] = true;
+        }
+        for st in &self.steps {
+            for b in &st.inputs {
+                let i = self.storage(*b).0 as usize;
+                if written[i].is_some_and(|r| r != st.role) {
+                    banked[i] = true;
+                }
             }
         }
         banked

@@ -300,7 +300,9 @@ train {{ batch: 2, steps: 1, optimizer: sgd(lr: 0.1) }}
         let got = values_of(&g, &inputs, &params)[g.loss.0 as usize].data[0];
         let (x, w) = (&inputs[0].data, &params[0].data);
         let at = |t: &[f64], dims: [usize; 4], i: [i64; 4]| -> Option<f64> {
-            (0..4).all(|k| i[k] >= 0 && (i[k] as usize) < dims[k]).then(|| t[((i[0] as usize * dims[1] + i[1] as usize) * dims[2] + i[2] as usize) * dims[3] + i[3] as usize])
+            (0..4)
+                .all(|k| i[k] >= 0 && (i[k] as usize) < dims[k])
+                .then(|| t[((i[0] as usize * dims[1] + i[1] as usize) * dims[2] + i[2] as usize) * dims[3] + i[3] as usize])
         };
         // conv: [2, 2, 5, 5] ⊛ [3, 2, 3, 3], stride 2, padding 1 → [2, 3, 3, 3].
         let mut y = vec![0.0; 2 * 3 * 3 * 3];

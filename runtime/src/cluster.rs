@@ -393,8 +393,10 @@ impl Cluster {
             let hash = plan.hash;
             let backend = backends.get(i).cloned().unwrap_or(Backend::Cpu);
             let net = Net { setup: setup.clone(), abort: abort.clone(), ranks: None };
-            let handle =
-                std::thread::Builder::new().name(format!("device {}", dp.device)).spawn(move || device_main(dp, Box::new(ep), net, hash, per, backend, crx, rtx)).ok();
+            let handle = std::thread::Builder::new()
+                .name(format!("device {}", dp.device))
+                .spawn(move || device_main(dp, Box::new(ep), net, hash, per, backend, crx, rtx))
+                .ok();
             workers.push(Worker { tx, rx, handle });
         }
         Cluster { plan, local: (0..n).collect(), workers, peers: None, failed: None, stats: Vec::new() }
@@ -514,12 +516,18 @@ impl Cluster {
         let plan = &self.plan;
         // Each process reads only its own devices' rows of the batch.
         let local = &self.local;
-        let batches: Vec<Vec<(Batch, Vec<usize>)>> = plan
-            .devices
-            .iter()
-            .enumerate()
-            .map(|(i, d)| if d.coords.is_empty() || !local.contains(&i) { Vec::new() } else { device_rows(plan, d, rows).into_iter().map(|r| (batch(&r), r)).collect() })
-            .collect();
+        let batches: Vec<Vec<(Batch, Vec<usize>)>> =
+            plan.devices
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    if d.coords.is_empty() || !local.contains(&i) {
+                        Vec::new()
+                    } else {
+                        device_rows(plan, d, rows).into_iter().map(|r| (batch(&r), r)).collect()
+                    }
+                })
+                .collect();
         let mut batches: Vec<Option<Vec<(Batch, Vec<usize>)>>> = batches.into_iter().map(Some).collect();
         let replies = self.all(|i| Cmd::Step { step, hyper, batches: batches[i].take().unwrap_or_default(), fault: fault == Some(i) })?;
         let mut loss = 0.0;

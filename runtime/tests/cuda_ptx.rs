@@ -152,13 +152,9 @@ fn check_kernel(i: usize, at: &str, k: &Kernel, ptxas: &Path, dir: &Path) -> Opt
     std::fs::write(&file, &ptx).expect("write PTX");
     match Command::new(ptxas).args(["--gpu-name", ARCH, "-o"]).arg(dir.join(format!("{i}-{}.cubin", k.name))).arg(&file).output() {
         Ok(o) if o.status.success() => None,
-        Ok(o) => Some(format!(
-            "{at}: ptxas rejects kernel {}:\n{}\n{}{}",
-            k.name,
-            k.source,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )),
+        Ok(o) => {
+            Some(format!("{at}: ptxas rejects kernel {}:\n{}\n{}{}", k.name, k.source, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+        }
         Err(e) => Some(format!("{at}: cannot run {}: {e}", ptxas.display())),
     }
 }

@@ -1,9 +1,9 @@
 //! `shardplan check FILE...`: diagnostics, or a one-screen summary per file.
 
-use shardplan_compiler::diag::render::{self, Sources};
 use super::Format;
 use serde::Serialize;
 use shardplan_compiler::check::summary;
+use shardplan_compiler::diag::render::{self, Sources};
 use shardplan_compiler::{Checked, Diagnostic, SourceId, Span};
 use std::path::PathBuf;
 use std::process::ExitCode;

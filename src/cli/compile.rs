@@ -14,8 +14,8 @@
 //! and the communication verifier (`run::verify`).
 
 use super::check;
-use shardplan_compiler::diag::render::{self, Sources};
 use shardplan_compiler::check::Placement;
+use shardplan_compiler::diag::render::{self, Sources};
 use shardplan_compiler::partition::Plan;
 use shardplan_compiler::plan::{self as planfile, Document, PlanFileError};
 use shardplan_compiler::{Checked, Diagnostic, Options, SourceId, Span};

@@ -7,9 +7,9 @@
 //! failure is a diagnostic and exit code 1.
 
 use super::check;
-use shardplan_compiler::diag::render::Sources;
 use super::{Format, GraphFormat, KernelFormat};
 use shardplan_compiler::check::Placement;
+use shardplan_compiler::diag::render::Sources;
 use shardplan_compiler::driver::{self, Failure};
 use shardplan_compiler::kernel::{BufId, Program, StepKind};
 use shardplan_compiler::partition::memory;

@@ -3,8 +3,8 @@
 //! per step, how every parameter is sharded, which stage runs every layer,
 //! and the pipeline schedule as a timeline; as tables, or as JSON.
 
-use shardplan_compiler::partition::report::{self, Pass, Report};
 use shardplan_compiler::check::Placement;
+use shardplan_compiler::partition::report::{self, Pass, Report};
 use shardplan_compiler::partition::{memory, Plan};
 use shardplan_compiler::units::{Bytes, Unit};
 use shardplan_compiler::Checked;

@@ -7,7 +7,6 @@ use shardplan_runtime::process::Launch;
 use shardplan_runtime::session::SessionError;
 use std::process::ExitCode;
 
-
 #[cfg(feature = "mpi")]
 type World = shardplan_runtime::process::mpi::Mpi;
 /// Without MPI there is no world: a run with ranks cannot start.
@@ -20,7 +19,9 @@ pub struct Ranks(World);
 /// Starts MPI for the process `l` describes.
 pub fn start(l: Launch) -> Result<Ranks, SessionError> {
     #[cfg(feature = "mpi")]
-    return World::init(l.local_rank).map(Ranks).map_err(|e| SessionError::failed("run::mpi", format!("cannot start MPI: {e}"), "check the MPI installation with `mpirun -np 2 hostname`"));
+    return World::init(l.local_rank)
+        .map(Ranks)
+        .map_err(|e| SessionError::failed("run::mpi", format!("cannot start MPI: {e}"), "check the MPI installation with `mpirun -np 2 hostname`"));
     #[cfg(not(feature = "mpi"))]
     Err(SessionError::failed(
         "run::no_mpi",

@@ -7,15 +7,15 @@
 //! cost model predicted. `verify` runs the placed plan and one CPU device
 //! side by side and compares their losses and parameters.
 
-use shardplan_compiler::diag::render::{self, Sources};
 use super::{check, compile, ranks};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shardplan_compiler::check::{Length, Placement};
+use shardplan_compiler::diag::render::{self, Sources};
 use shardplan_compiler::planner::ms;
 use shardplan_compiler::units::{Bytes, Unit};
 use shardplan_compiler::{Checked, Compiled, Diagnostic, Diagnostics, Options, SourceId, Span};
-use shardplan_runtime::data::DataError;
 use shardplan_runtime::cluster::Rank;
+use shardplan_runtime::data::DataError;
 use shardplan_runtime::engine::Backend;
 use shardplan_runtime::process::{self, Launch};
 use shardplan_runtime::session::{BackendChoice, Backends, Config, KernelProfile, Session, SessionError, Start};

@@ -15,6 +15,12 @@ use crate::check::{Checked, Ty};
 use crate::graph::{Graph, NodeId, Op, Role};
 use std::collections::HashMap;
 
+/// The training graph `g` with the forward activations of `layers`
+/// recomputed in the backward pass (what `recompute` does).
+pub fn recompute(g: &Graph, layers: &[crate::check::Unit]) -> Graph {
+    recompute::apply(g, layers)
+}
+
 /// Differentiates `g` (a forward graph built from `c`) and appends the update.
 pub fn differentiate(mut g: Graph, c: &Checked) -> Graph {
     let grads = backward(&mut g);

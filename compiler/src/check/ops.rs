@@ -678,7 +678,11 @@ pub(super) fn apply(cx: &mut dyn Context, name: &str, c: &ast::Call, args: Vec<A
             let d = x.shape[2].size;
             if d % heads != 0 || (d / heads) % 2 != 0 {
                 let (hs, xs) = (a.span(1), a.span(0));
-                let why = if d % heads != 0 { format!("{d} is not divisible by {heads} heads") } else { format!("{heads} heads of {} have an odd head dim", d / heads) };
+                let why = if d % heads != 0 {
+                    format!("{d} is not divisible by {heads} heads")
+                } else {
+                    format!("{heads} heads of {} have an odd head dim", d / heads)
+                };
                 let fits: Vec<String> = (1..=d).filter(|h| d % h == 0 && (d / h) % 2 == 0).map(|h| h.to_string()).collect();
                 a.cx.err(
                     Diagnostic::error("shape::rope_heads", format!("`rope` turns pairs within each head, but {why}"))

@@ -7,9 +7,9 @@
 //! forward order, microbatches divide the batch, and the parameter server is
 //! a real device.
 
-use super::types::Prim;
 use super::model::{Child, Model, Unit};
 use super::sections::{quantity, Device, UnitKind};
+use super::types::Prim;
 use crate::diag::{did_you_mean, Diagnostic, Diagnostics, Span};
 use crate::syntax::ast::{self, Index, PathSeg, PlacementKind, PlacementStmt};
 use crate::units::Bytes;
@@ -367,9 +367,16 @@ impl Checker<'_> {
                                 }
                                 _ => {
                                     self.diags.push(
-                                        Diagnostic::error("placement::recompute_path", format!("`{path}` is not a layer of the model; `recompute` works on whole layers"))
-                                            .label(path.span, "a parameter or a layer inside another")
-                                            .help(format!("name a layer of `{}` or an element of a `repeat`, such as `{}`", self.model.name, self.model.units().first().map(|u| self.model.unit_name(*u)).unwrap_or_default())),
+                                        Diagnostic::error(
+                                            "placement::recompute_path",
+                                            format!("`{path}` is not a layer of the model; `recompute` works on whole layers"),
+                                        )
+                                        .label(path.span, "a parameter or a layer inside another")
+                                        .help(format!(
+                                            "name a layer of `{}` or an element of a `repeat`, such as `{}`",
+                                            self.model.name,
+                                            self.model.units().first().map(|u| self.model.unit_name(*u)).unwrap_or_default()
+                                        )),
                                     );
                                     break;
                                 }
@@ -433,10 +440,13 @@ impl Checker<'_> {
         if let Some(span) = zero_span {
             if let Some(sp) = ps_span {
                 self.diags.push(
-                    Diagnostic::error("placement::zero_with_server", "`zero` shards model states over data-parallel replicas, which a parameter server already holds")
-                        .label(span, "sharded states")
-                        .label(sp, "the server holds every parameter and its optimizer state")
-                        .help("drop `zero`, or drop the parameter server and use `data_parallel over AXIS`"),
+                    Diagnostic::error(
+                        "placement::zero_with_server",
+                        "`zero` shards model states over data-parallel replicas, which a parameter server already holds",
+                    )
+                    .label(span, "sharded states")
+                    .label(sp, "the server holds every parameter and its optimizer state")
+                    .help("drop `zero`, or drop the parameter server and use `data_parallel over AXIS`"),
                 );
             } else if data_axis.is_none() {
                 self.diags.push(
@@ -832,9 +842,12 @@ impl Checker<'_> {
                 if !st.is_empty() && !st.iter().any(|(u, _)| owns(u)) {
                     let names: Vec<String> = st.iter().map(|(u, _)| format!("`{}`", self.model.unit_name(*u))).collect();
                     self.diags.push(
-                        Diagnostic::error("placement::stage_no_params", format!("stage {si} holds no parameters ({}), so it would have nothing to run", names.join(", ")))
-                            .label(p.stages[si].span, format!("stage {si}"))
-                            .help("a layer runs on the stage of the parameters it reads; put these layers in a stage with a layer that has parameters"),
+                        Diagnostic::error(
+                            "placement::stage_no_params",
+                            format!("stage {si} holds no parameters ({}), so it would have nothing to run", names.join(", ")),
+                        )
+                        .label(p.stages[si].span, format!("stage {si}"))
+                        .help("a layer runs on the stage of the parameters it reads; put these layers in a stage with a layer that has parameters"),
                     );
                     break;
                 }

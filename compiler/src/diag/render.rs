@@ -10,9 +10,9 @@
 //! JSON printed. Invariant: rendering never fails: a span outside its source
 //! is clamped.
 
+use super::{Diagnostic, Severity, SourceId, Span};
 use miette::{GraphicalReportHandler, GraphicalTheme, LabeledSpan, NamedSource, SourceSpan};
 use serde::Serialize;
-use super::{Diagnostic, Severity, SourceId, Span};
 use std::fmt;
 use std::sync::Arc;
 

@@ -701,7 +701,8 @@ pub(crate) fn pool2d(g: &mut Graph, x: NodeId, kernel: usize, stride: usize, pad
     let fill = if max { f64::NEG_INFINITY } else { 0.0 };
     let cols_ty = Ty::new(dt, vec![n.clone(), oh.clone(), ow.clone(), c.clone(), k.clone(), k.clone()]);
     let cols = g.add(Op::Im2Col { kh: kernel, kw: kernel, stride, padding, fill }, &[x], cols_ty, f);
-    let moved = g.add(Op::Transpose { perm: vec![0, 3, 1, 2, 4, 5] }, &[cols], Ty::new(dt, vec![n.clone(), c.clone(), oh.clone(), ow.clone(), k.clone(), k]), f);
+    let moved =
+        g.add(Op::Transpose { perm: vec![0, 3, 1, 2, 4, 5] }, &[cols], Ty::new(dt, vec![n.clone(), c.clone(), oh.clone(), ow.clone(), k.clone(), k]), f);
     let windows = g.add(Op::Reshape, &[moved], Ty::new(dt, vec![n, c, oh, ow, Dim::known((kernel * kernel) as i64)]), f);
     let op = if max { Op::Max { axes: vec![4], keepdims: false } } else { Op::Mean { axes: vec![4], keepdims: false } };
     g.add(op, &[windows], ty.clone(), f)

@@ -26,7 +26,8 @@ pub struct Memory {
     /// Gradients: accumulators, or backward results the update reads.
     pub grads: u64,
     pub optimizer: u64,
-    /// Forward and backward values and inputs, times the buffer sets.
+    /// Forward and backward values and inputs: those that outlive their
+    /// pass times the buffer sets, the others once.
     pub activations: u64,
     /// Results of transfers and collectives.
     pub comm: u64,
@@ -54,9 +55,16 @@ pub fn device(d: &DeviceProgram) -> Memory {
 /// program, or the single program of a plan without a placement).
 pub fn program(p: &Program, slots: usize) -> Memory {
     let n = p.buffers.len();
-    // Inputs, and the temporaries forward and backward steps write: one copy per buffer set.
+    // Inputs, and the values that outlive their pass: one copy per buffer set.
     let banked = p.banked();
     let mut comm = vec![false; n];
+    // Temporaries of the forward and backward passes (banked or not).
+    let mut pass = vec![false; n];
+    for s in &p.steps {
+        if s.role != Role::Update {
+            pass[p.storage(s.output).0 as usize] = true;
+        }
+    }
     for s in &p.steps {
         if let StepKind::Op(op) = &s.kind {
             if op.is_comm() {
@@ -79,6 +87,7 @@ pub fn program(p: &Program, slots: usize) -> Memory {
             BufKind::Temp if comm[i] && banked[i] => m.comm += bytes * sets,
             BufKind::Temp if comm[i] => m.comm += bytes,
             BufKind::Temp if banked[i] => m.activations += bytes * sets,
+            BufKind::Temp if pass[i] => m.activations += bytes,
             BufKind::Temp | BufKind::Const(_) | BufKind::Hyper(_) => m.workspace += bytes,
         }
     }

@@ -302,7 +302,9 @@ pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Resul
             let shape: Vec<usize> = m.params[p].ty.shape.iter().map(|x| x.size.max(0) as usize).collect();
             let free = |dim: usize| !param_layout[p].iter().any(|l| matches!(l, Layout::Split(x, _) if *x == dim));
             let k = axes[d].size;
-            let dim = (0..shape.len()).find(|&i| free(i) && shape[i].is_multiple_of(k)).or_else(|| (0..shape.len()).filter(|&i| free(i) && shape[i] >= k).max_by_key(|&i| shape[i]));
+            let dim = (0..shape.len())
+                .find(|&i| free(i) && shape[i].is_multiple_of(k))
+                .or_else(|| (0..shape.len()).filter(|&i| free(i) && shape[i] >= k).max_by_key(|&i| shape[i]));
             if let Some(dim) = dim {
                 state_layout[p][d] = Layout::Split(dim, 1);
                 if *z >= 3 {
@@ -379,7 +381,9 @@ pub fn partition_devices(c: &Checked, g: &Graph, representatives: bool) -> Resul
     verify::check_layouts(g, &glob.layout, &glob.args).map_err(|e| PartitionError(format!("internal: {e}")))?;
     glob.place()?;
     if let Some(s) = (0..glob.stages).find(|s| !glob.home.iter().any(|h| *h == Home::Stage(*s))) {
-        return err(format!("pipeline stage {s} holds no parameters, so it would have nothing to run; put its layers in a stage with a layer that has parameters"));
+        return err(format!(
+            "pipeline stage {s} holds no parameters, so it would have nothing to run; put its layers in a stage with a layer that has parameters"
+        ));
     }
     if let Some(d) = glob.data_axis {
         let (k, b) = (glob.axes[d].size, c.train.batch.max(0) as usize);
@@ -701,8 +705,12 @@ impl Global<'_> {
                     Op::Param(p) => Some(p),
                     Op::Input(_) | Op::Const(_) | Op::Hyper(_) => None,
                     _ => {
-                        let from: BTreeSet<Option<usize>> =
-                            g.args(id).iter().filter(|a| !matches!(g.node(**a).op, Op::Input(_) | Op::Const(_) | Op::Hyper(_))).map(|a| only[a.0 as usize]).collect();
+                        let from: BTreeSet<Option<usize>> = g
+                            .args(id)
+                            .iter()
+                            .filter(|a| !matches!(g.node(**a).op, Op::Input(_) | Op::Const(_) | Op::Hyper(_)))
+                            .map(|a| only[a.0 as usize])
+                            .collect();
                         match from.iter().next() {
                             Some(Some(p)) if from.len() == 1 => Some(*p),
                             _ => None,

@@ -208,7 +208,8 @@ pub fn parameters(c: &Checked, plan: &Plan) -> Vec<Parameter> {
         .zip(&plan.param_layouts)
         .enumerate()
         .map(|(i, (p, (stage, l)))| {
-            let mut copies: Vec<usize> = plan.holders(i).iter().filter_map(|&d| plan.devices.iter().find(|x| x.device == d)).map(|d| d.stage).filter(|s| s != stage).collect();
+            let mut copies: Vec<usize> =
+                plan.holders(i).iter().filter_map(|&d| plan.devices.iter().find(|x| x.device == d)).map(|d| d.stage).filter(|s| s != stage).collect();
             copies.sort();
             copies.dedup();
             let mut sharding = sharding(plan, l);

@@ -316,10 +316,22 @@ pub fn check_layouts(g: &Graph, out: &[Vec<Layout>], args: &[Vec<Vec<Layout>>]) 
                 Op::Add | Op::Sub => ps.len() == has.len(),
                 Op::Mul | Op::MatMul => ps.len() == 1 && !has.iter().any(|l| matches!(l, Layout::Split(..))),
                 Op::Div => ps == [0],
-                Op::Neg | Op::Reshape | Op::Transpose { .. } | Op::Sum { .. } | Op::Mean { .. } | Op::SumTo | Op::Expand { .. } | Op::Rope { .. } | Op::Col2Im { .. } => true,
-                Op::ReluGrad | Op::GeluGrad | Op::SoftmaxGrad { .. } | Op::LogSoftmaxGrad { .. } | Op::LayerNormGradGamma { .. } | Op::RmsNormGradGamma { .. } | Op::EmbeddingGrad => {
-                    ps == [1]
-                }
+                Op::Neg
+                | Op::Reshape
+                | Op::Transpose { .. }
+                | Op::Sum { .. }
+                | Op::Mean { .. }
+                | Op::SumTo
+                | Op::Expand { .. }
+                | Op::Rope { .. }
+                | Op::Col2Im { .. } => true,
+                Op::ReluGrad
+                | Op::GeluGrad
+                | Op::SoftmaxGrad { .. }
+                | Op::LogSoftmaxGrad { .. }
+                | Op::LayerNormGradGamma { .. }
+                | Op::RmsNormGradGamma { .. }
+                | Op::EmbeddingGrad => ps == [1],
                 Op::LayerNormGradX { .. } | Op::RmsNormGradX { .. } | Op::CrossEntropyGrad | Op::MseGrad => ps == [2],
                 Op::Dropout { .. } => ps == [0],
                 Op::Accumulate(_) | Op::Send { .. } => true,

@@ -37,7 +37,17 @@ pub(super) struct UnitCost {
     /// by its class's efficiency.
     pub(super) bytes: f64,
     act: f64,
+    /// Bytes of the single-device program's buffers that hold the unit's
+    /// forward and backward values (its exact memory plan, after reuse),
+    /// and of those that hold its update's temporaries.
+    act_exact: f64,
+    /// Of `act_exact`, the bytes of values that live from the forward pass
+    /// into the backward pass (kept once per microbatch in flight).
+    kept_exact: f64,
+    work_exact: f64,
     params: f64,
+    /// Parameter tensors (each a collective of its own under `zero`).
+    tensors: f64,
     /// Bytes of the parameters Megatron pairs split.
     shardable: f64,
     /// Megatron pairs (attention, MLP) in the unit.
@@ -92,7 +102,11 @@ pub(super) fn megatron(c: &Checked, prefix: &str, t: usize) -> (Vec<Shard>, usiz
         let param = |name: &str| c.model.params.iter().position(|p| p.path == format!("{}.{name}", inst.path));
         let dims = |i: usize| c.model.params[i].ty.shape.iter().map(|d| d.size.max(0) as usize).collect::<Vec<_>>();
         let count = |name: &str| {
-            inst.args.iter().find(|(n, _)| n == name).and_then(|(_, v)| if let crate::check::types::Val::Int(i, _) = v { Some(*i) } else { None }).map(|i| i.max(1) as usize)
+            inst.args
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| if let crate::check::types::Val::Int(i, _) = v { Some(*i) } else { None })
+                .map(|i| i.max(1) as usize)
         };
         match inst.template.as_str() {
             // Grouped-query attention splits whole key/value heads with their query groups.
@@ -217,6 +231,7 @@ pub(super) fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -
         let n = numel(g, id);
         if let Op::Param(_) = node.op {
             out[u].params += 4.0 * n;
+            out[u].tensors += 1.0;
             out[u].largest = out[u].largest.max(4.0 * n);
         }
         if node.role != Role::Update && !matches!(node.op, Op::Reshape | Op::Param(_) | Op::Const(_)) {
@@ -229,6 +244,25 @@ pub(super) fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -
     // Time from the kernels the step runs (after fusion, with transposes
     // read in place by the matmuls), each charged to its output's unit.
     let program = crate::kernel::lower(g);
+    let banked = program.banked();
+    let grads = crate::partition::memory::gradients(&program, &banked);
+    let mut update_temp = vec![false; program.buffers.len()];
+    for st in program.steps.iter().filter(|s| s.role == Role::Update) {
+        update_temp[program.storage(st.output).0 as usize] = true;
+    }
+    for (i, b) in program.buffers.iter().enumerate() {
+        let Some(u) = unit[b.node.0 as usize] else { continue };
+        if b.kind == crate::kernel::BufKind::Temp && !grads[i] {
+            if update_temp[i] {
+                out[u].work_exact += 4.0 * b.len() as f64;
+            } else {
+                out[u].act_exact += 4.0 * b.len() as f64;
+                if banked[i] {
+                    out[u].kept_exact += 4.0 * b.len() as f64;
+                }
+            }
+        }
+    }
     let (_, e_fused, e_kernel) = pr.efficiencies();
     let len = |b: &crate::kernel::BufId| program.buffers[b.0 as usize].len() as f64;
     for step in &program.steps {
@@ -312,6 +346,10 @@ pub(super) struct Shape {
     pub(super) schedule: Schedule,
     /// A parameter server sums the gradients and updates (explicit placements only).
     pub(super) server: bool,
+    /// The ZeRO stage of the parameters over the data axis.
+    pub(super) zero: u8,
+    /// The elements of `repeat`s recompute their activations.
+    pub(super) recompute: bool,
 }
 
 /// Predicted time and memory of one candidate.
@@ -328,7 +366,10 @@ pub(super) fn evaluate(
     budget: Option<u64>,
     pr: &Profile,
 ) -> Candidate {
-    let Shape { d, t, p, m, n, split_tables, schedule, server } = shape;
+    let Shape { d, t, p, m, n, split_tables, schedule, server, zero, recompute } = shape;
+    let zero = if d > 1 && !server { zero } else { 0 };
+    // What a ZeRO stage divides by the data degree.
+    let by = |from: u8| if zero >= from { 1.0 / d as f64 } else { 1.0 };
     // Matmul seconds on one core, spread over the devices' share of the cores.
     // A device runs on max(1, cores / n) cores; when devices outnumber the
     // cores they take turns, which the bound on total work below accounts for.
@@ -343,6 +384,10 @@ pub(super) fn evaluate(
     let mut tp_comm = 0.0f64;
     for (s, r) in cuts.iter().enumerate() {
         let us = &costs[r.clone()];
+        // Recomputed layers run their forward pass twice (the work is in
+        // `costs`, summarised from the graph with recompute), and under
+        // tensor parallelism all-reduce their forward activations again.
+        let redone: Vec<f64> = r.clone().map(|i| if recompute && matches!(units[i], Unit::Elem(..)) { 4.0 / 3.0 } else { 1.0 }).collect();
         // The fraction of a unit's parameters (and work) each tensor-parallel device keeps.
         let share = |u: &UnitCost| {
             let split = if t > 1 && u.pairs > 0 { u.shardable } else { 0.0 } + if split_tables { u.tables } else { 0.0 };
@@ -366,16 +411,44 @@ pub(super) fn evaluate(
         let largest = us.iter().map(|u| u.largest * if split_tables && u.tables > 0.0 { 1.0 / t as f64 } else { 1.0 }).fold(0.0, f64::max);
         // A split table's gradient is computed whole, then sliced.
         let whole_grads: f64 = if split_tables { us.iter().map(|u| u.tables).sum() } else { 0.0 };
-        let mem = params * (2.0 + states + 1.0) + UPDATE_TEMPS * largest + whole_grads + act * in_flight;
+        // Activations from the single-device program's exact memory plan
+        // (with recompute, when the candidate recomputes), scaled to the
+        // device's rows: those kept from the forward pass into the backward
+        // pass once per microbatch in flight, the others once.
+        let act_x: f64 = us.iter().map(|u| u.kept_exact * share(u)).sum::<f64>() / (d * m) as f64;
+        let redo_x: f64 = us.iter().map(|u| (u.act_exact - u.kept_exact) * share(u)).sum::<f64>() / (d * m) as f64;
+        let work_x: f64 = us.iter().map(|u| u.work_exact * share(u)).sum::<f64>() * by(1);
+        // Gradient exchange buffers: the packed all-reduce buckets; under
+        // `zero 1` and `zero 2` the scattered slices and the gathered new
+        // parameters; under `zero 3` each layer's parameters gathered for
+        // its forward and its backward pass (the largest layer's, reused).
+        let largest_unit = us.iter().map(|u| u.params * share(u)).fold(0.0, f64::max);
+        let exchange = match zero {
+            _ if d == 1 || server => 0.0,
+            0 => params,
+            1 | 2 => params + params / d as f64,
+            _ => 2.0 * largest_unit,
+        };
+        let micro_grads = 0.0;
+        let mem = params * (by(3) + by(2) + states * by(1)) + work_x + whole_grads + act_x * in_flight + redo_x + exchange + micro_grads;
+        // The working set that decides how well memory-bound kernels use
+        // the caches, as the profile's cache curve was fitted against: every
+        // value of the passes once per microbatch in flight.
+        let working = params * (2.0 + states * by(1) + 1.0) + UPDATE_TEMPS * largest + whole_grads + act * in_flight;
         // Memory-bound kernels run faster when the device's whole working
         // set stays in the caches: their seconds at the headline bandwidth,
         // scaled. Devices that take turns on a core share its caches.
-        let cache = pr.elementwise_bytes / pr.elementwise_rate(mem * (n as f64 / pr.cores.max(1) as f64).max(1.0));
+        let cache = pr.elementwise_bytes / pr.elementwise_rate(working * (n as f64 / pr.cores.max(1) as f64).max(1.0));
         // Devices beyond the cores wait their turn for the fixed costs too.
         let calls = pr.call_costs();
         let overhead = us.iter().map(|u| (0..3).map(|k| u.ops[k] * calls[k]).sum::<f64>()).sum::<f64>();
-        let mut tp: f64 =
-            us.iter().zip(&pairs[r.clone()]).map(|(u, k)| 2.0 * *k as f64 * ring(u.pair_bytes / (d * m) as f64, t, 2.0, pr)).sum::<f64>() * m as f64;
+        let mut tp: f64 = us
+            .iter()
+            .zip(&pairs[r.clone()])
+            .zip(&redone)
+            .map(|((u, k), x)| (2.0 + 3.0 * (x - 1.0)) * *k as f64 * ring(u.pair_bytes / (d * m) as f64, t, 2.0, pr))
+            .sum::<f64>()
+            * m as f64;
         if split_tables {
             // The last of a run of split tables leaves its output split: one all-gather.
             for i in r.clone() {
@@ -414,19 +487,29 @@ pub(super) fn evaluate(
         let compute = e_mm * (flops / speed + serial_mm * lone(speed)) + cache * bytes / bw + serial_bytes * lone(bspeed);
         let work = compute / m as f64 + overhead + sync;
         let small_update: f64 = cache * us.iter().map(|u| u.update_small * share(u)).sum::<f64>() / pr.elementwise_bytes;
-        let upd = (update + small_update * lone(bspeed) + update_sync) / m as f64;
+        let upd = (update + small_update * lone(bspeed) + update_sync) * by(1) / m as f64;
         let pass = work + upd;
         // Every data-parallel replica repeats the update, unless a parameter server does it once.
         let updates = if server { 1 } else { d };
         core_mm += e_mm * flops * (d * t) as f64;
         core_bytes += cache * (bytes / pr.elementwise_bytes) * (d * t) as f64 + overhead * (m * d * t) as f64 + upd * bspeed * (m * updates * t) as f64;
         stage_time.push(pass + tp / m as f64);
+        let tensors: f64 = us.iter().map(|u| u.tensors).sum();
         dp_comm = dp_comm.max(if server {
             // Every worker sends its gradients to the server and receives the parameters
             // back: the server's link carries them one worker after another.
             2.0 * ((d - 1) as f64 * params / pr.link_bytes + pr.link_latency)
         } else {
-            ring(params, d, 2.0, pr)
+            // One all-reduce in buckets; under `zero`, a reduce-scatter and an
+            // all-gather per parameter tensor (ZeRO-2: a reduce-scatter per
+            // microbatch; FSDP: two all-gathers and a reduce-scatter per microbatch).
+            let per = |times: f64| times * (ring(params, d, 1.0, pr) + (tensors - 1.0).max(0.0) * (d - 1) as f64 * pr.link_latency);
+            match zero {
+                0 => ring(params, d, 2.0, pr),
+                1 => per(2.0),
+                2 => per(m as f64 + 1.0),
+                _ => per(3.0 * m as f64),
+            }
         });
         if s + 1 < cuts.len() {
             let boundary = us.last().map(|u| u.pair_bytes.max(u.act / 16.0)).unwrap_or(0.0) / (d * m) as f64;
@@ -468,6 +551,8 @@ pub(super) fn evaluate(
         microbatches: m,
         schedule: schedule.name().to_string(),
         sharded_embeddings: split_tables,
+        zero,
+        recompute,
         stages: stages.iter().map(|s| s.iter().map(|u| c.model.unit_name(*u)).collect()).collect(),
         compute_s: compute.max(0.0),
         comm_s: tp_comm + dp_comm + exposed_pp + dispatch,
@@ -489,8 +574,16 @@ pub(super) fn evaluate(
 /// model the search uses; tensor parallelism is assumed to split the
 /// Megatron pairs it finds).
 pub fn predict(c: &Checked, g: &Graph, pr: &Profile) -> Option<Candidate> {
-    let single =
-        Explicit { mesh: vec![], data_axis: None, shards: vec![], pipeline: None, parameter_server: None, zero: vec![], recompute: vec![], span: crate::Span::new(crate::SourceId::USER, 0, 0) };
+    let single = Explicit {
+        mesh: vec![],
+        data_axis: None,
+        shards: vec![],
+        pipeline: None,
+        parameter_server: None,
+        zero: vec![],
+        recompute: vec![],
+        span: crate::Span::new(crate::SourceId::USER, 0, 0),
+    };
     let e = match &c.placement {
         Placement::Explicit(e) => e,
         Placement::Single => &single,
@@ -529,7 +622,18 @@ pub fn predict(c: &Checked, g: &Graph, pr: &Profile) -> Option<Candidate> {
         &cuts,
         &pairs,
         e.shards.clone(),
-        Shape { d, t, p, m, n, split_tables, schedule, server: e.parameter_server.is_some() },
+        Shape {
+            d,
+            t,
+            p,
+            m,
+            n,
+            split_tables,
+            schedule,
+            server: e.parameter_server.is_some(),
+            zero: e.zero.iter().copied().max().unwrap_or(0),
+            recompute: !e.recompute.is_empty(),
+        },
         states,
         None,
         pr,

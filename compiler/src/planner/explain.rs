@@ -98,6 +98,17 @@ pub fn explain(file: &str, s: &Search, secs: f64) -> String {
             out += &format!("  {:<width$} {:>10}  {}\n", o.name(), ms(o.step_s()), reason(best, o, s.budget));
         }
     }
+    // The faster plans memory ruled out (every mode that would have won).
+    let mut over: Vec<&Candidate> = s.candidates.iter().filter(|c| !c.fits && c.refused.is_none() && c.step_s() < best.step_s()).collect();
+    over.sort_by(|a, b| a.step_s().total_cmp(&b.step_s()));
+    if !over.is_empty() {
+        out += "faster, but over the memory budget:\n";
+        let width = over.iter().take(5).map(|o| o.name().chars().count()).max().unwrap_or(0).max(60);
+        for o in over.iter().take(5) {
+            let how = if o.exact_memory.is_some() { "planned" } else { "estimated, more than twice the budget" };
+            out += &format!("  {:<width$} {:>10}  {} ({how})\n", o.name(), ms(o.step_s()), reason(best, o, s.budget));
+        }
+    }
     out += "as placement text:\n";
     for line in s.placement.lines() {
         out += &format!("  {line}\n");

@@ -53,6 +53,10 @@ pub struct Candidate {
     pub schedule: String,
     /// Embedding tables split along their width over the tensor axis.
     pub sharded_embeddings: bool,
+    /// The ZeRO stage of every parameter over the data axis (0: none).
+    pub zero: u8,
+    /// The layers of the model's `repeat`s recompute their activations.
+    pub recompute: bool,
     /// Units (layer names) per stage.
     pub stages: Vec<Vec<String>>,
     pub compute_s: f64,
@@ -90,9 +94,10 @@ impl Candidate {
     }
 
     /// What makes a plan harder to run well, most weighty first: pipeline
-    /// stages, the tensor degree, microbatches, split tables.
-    pub fn complexity(&self) -> (usize, usize, usize, bool) {
-        (self.pipe, self.model, self.microbatches, self.sharded_embeddings)
+    /// stages, the tensor degree, sharded model states, recompute,
+    /// microbatches, split tables.
+    pub fn complexity(&self) -> (usize, usize, u8, bool, usize, bool) {
+        (self.pipe, self.model, self.zero, self.recompute, self.microbatches, self.sharded_embeddings)
     }
 
     pub fn name(&self) -> String {
@@ -105,6 +110,12 @@ impl Candidate {
         }
         if self.pipe > 1 {
             parts.push(format!("pipeline {} × {} microbatches ({})", self.pipe, self.microbatches, self.schedule));
+        }
+        if self.zero > 0 {
+            parts.push(if self.zero == 3 { "zero 3 (FSDP)".to_string() } else { format!("zero {}", self.zero) });
+        }
+        if self.recompute {
+            parts.push("recompute".into());
         }
         if parts.is_empty() {
             "one device".into()
@@ -138,8 +149,7 @@ pub fn search(c: &Checked, g: &Graph, pr: &Profile) -> Search {
     };
     let budget = budget.or_else(|| c.devices.iter().filter_map(|d| d.memory).min());
     let (mut cands, considered) = search::enumerate(c, g, pr, budget);
-    search::rank(&mut cands, objective);
-    let chosen = search::choose(c, g, &mut cands, budget);
+    let chosen = search::choose(c, g, &mut cands, budget, objective);
     for cand in &mut cands {
         cand.placement = placement_text(c, cand);
     }
@@ -174,7 +184,14 @@ pub fn explicit(c: &Checked, cand: &Candidate) -> Explicit {
         Placement::Explicit(e) => e.span,
         _ => crate::Span::new(crate::SourceId::USER, 0, 0),
     };
-    Explicit { mesh, data_axis, shards, pipeline, parameter_server: None, zero: vec![], recompute: vec![], span }
+    let zero = if data_axis.is_some() && cand.zero > 0 { vec![cand.zero; c.model.params.len()] } else { Vec::new() };
+    let recompute = if cand.recompute { recomputed(c) } else { Vec::new() };
+    Explicit { mesh, data_axis, shards, pipeline, parameter_server: None, zero, recompute, span }
+}
+
+/// The layers the planner recomputes: the elements of the model's `repeat`s.
+pub(crate) fn recomputed(c: &Checked) -> Vec<Unit> {
+    c.model.forward_order.iter().copied().filter(|u| matches!(u, Unit::Elem(..))).collect()
 }
 
 /// A parameter's path as a plan writes it: `blocks.0.attn.wq` → `blocks[0].attn.wq`.
@@ -211,6 +228,25 @@ pub fn placement_text(c: &Checked, cand: &Candidate) -> String {
             out += &format!("    stage {}\n", st.iter().map(|u| c.model.unit_name(*u)).collect::<Vec<_>>().join(", "));
         }
         out += &format!("    microbatches {}\n    schedule {}\n  }}\n", pl.microbatches, pl.schedule.name());
+    }
+    if let Some(z) = e.zero.first() {
+        out += &format!("  zero {z}\n");
+    }
+    if !e.recompute.is_empty() {
+        // Whole repeats as `name[*]`.
+        let mut names: Vec<String> = Vec::new();
+        for u in &e.recompute {
+            let name = match u {
+                Unit::Elem(i, _) if c.model.units().iter().filter(|x| matches!(x, Unit::Elem(j, _) if j == i)).all(|x| e.recompute.contains(x)) => {
+                    format!("{}[*]", c.model.top[*i].name)
+                }
+                u => c.model.unit_name(*u),
+            };
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        out += &format!("  recompute {}\n", names.join(", "));
     }
     out + "}\n"
 }

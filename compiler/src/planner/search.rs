@@ -26,6 +26,9 @@ pub(super) fn enumerate(c: &Checked, g: &Graph, pr: &Profile, budget: Option<u64
     let n = c.devices.len().max(1);
     let units: Vec<Unit> = c.model.forward_order.clone();
     let costs = unit_costs(c, g, &units, pr);
+    // The same with the repeats' layers recomputed, for the candidates that recompute.
+    let recomputable = !super::recomputed(c).is_empty();
+    let costs_rc = if recomputable { unit_costs(c, &crate::autodiff::recompute(g, &super::recomputed(c)), &units, pr) } else { costs.clone() };
     let batch = c.train.batch.max(1) as usize;
     let states = optimizer_states(c);
     let mut cands = Vec::new();
@@ -61,16 +64,24 @@ pub(super) fn enumerate(c: &Checked, g: &Graph, pr: &Profile, budget: Option<u64
             let tables: Vec<Shard> = if t > 1 { units.iter().flat_map(|u| table_shards(c, &unit_prefix(c, *u), t)).collect() } else { Vec::new() };
             let table_choices: &[bool] = if tables.is_empty() { &[false] } else { &[false, true] };
             let schedules: &[Schedule] = if p == 1 { &[Schedule::OneFOneB] } else { &[Schedule::OneFOneB, Schedule::GPipe] };
+            // Sharded model states need data-parallel replicas; recompute, a repeated layer.
+            let zeros: &[u8] = if d > 1 { &[0, 1, 2, 3] } else { &[0] };
+            let recomputes: &[bool] = if recomputable { &[false, true] } else { &[false] };
             for m in mbs {
                 for &split_tables in table_choices {
                     for &schedule in schedules {
-                        considered += 1;
-                        let shape = Shape { d, t, p, m, n, split_tables, schedule, server: false };
-                        let mut all = shards.clone();
-                        if split_tables {
-                            all.extend(tables.iter().cloned());
+                        for &zero in zeros {
+                            for &recompute in recomputes {
+                                considered += 1;
+                                let shape = Shape { d, t, p, m, n, split_tables, schedule, server: false, zero, recompute };
+                                let mut all = shards.clone();
+                                if split_tables {
+                                    all.extend(tables.iter().cloned());
+                                }
+                                let costs = if recompute { &costs_rc } else { &costs };
+                                cands.push(evaluate(c, costs, &units, &cuts, &pairs, all, shape, states, budget, pr));
+                            }
                         }
-                        cands.push(evaluate(c, &costs, &units, &cuts, &pairs, all, shape, states, budget, pr));
                     }
                 }
             }
@@ -114,35 +125,50 @@ pub(super) fn rank(cands: &mut [Candidate], objective: Objective) {
     }
 }
 
-/// Partitions the best candidates for real: the first whose exact memory
-/// plan fits the budget is the choice (its index). Those that do not fit,
-/// or cannot be partitioned, are marked as not fitting.
-pub(super) fn choose(c: &Checked, g: &Graph, cands: &mut [Candidate], budget: Option<u64>) -> Option<usize> {
-    // The chosen plan must fit exactly.
-    let mut chosen = None;
-    for i in 0..cands.len().min(6) {
-        if !cands[i].fits {
+/// Chooses among the candidates, best first for `objective`, by exact
+/// memory: walking them in the objective's order (predicted step time, or
+/// predicted memory), each whose estimate is within twice the budget is
+/// partitioned for real and its exact memory plan checked, until the first
+/// that fits and every near tie of it are known. No candidate that an
+/// estimate error could have let in or kept out is decided by its estimate:
+/// one estimated above twice the budget is left out unchecked, and the
+/// estimate is within a factor of two of the exact plan (see
+/// `each_estimate_is_close_to_the_exact_plan` in the planner's tests).
+/// Then ranks them all (see [`rank`]) and returns the index of the choice:
+/// the first, when it fits exactly.
+pub(super) fn choose(c: &Checked, g: &Graph, cands: &mut [Candidate], budget: Option<u64>, objective: Objective) -> Option<usize> {
+    let key = |x: &Candidate| match objective {
+        Objective::StepTime => x.step_s(),
+        Objective::Memory => x.memory as f64,
+    };
+    let mut order: Vec<usize> = (0..cands.len()).collect();
+    order.sort_by(|&a, &b| key(&cands[a]).total_cmp(&key(&cands[b])).then(cands[a].complexity().cmp(&cands[b].complexity())));
+    let mut bound: Option<f64> = None;
+    let mut g_rc: Option<Graph> = None;
+    for i in order {
+        if bound.is_some_and(|b| key(&cands[i]) > b) {
             break;
         }
-        if let Some(exact) = cands[i].exact_memory {
-            // Measured already, and it fits.
-            if budget.is_none_or(|b| exact <= b) {
-                chosen = Some(i);
-                break;
-            }
+        if budget.is_some_and(|b| cands[i].memory as f64 > 2.0 * b as f64) {
+            cands[i].fits = false;
             continue;
         }
         let mut placed = c.clone();
-        placed.placement = Placement::Explicit(explicit(c, &cands[i]));
-        match partition_devices(&placed, g, true) {
+        let e = explicit(c, &cands[i]);
+        let graph = if e.recompute.is_empty() { g } else { g_rc.get_or_insert_with(|| crate::autodiff::recompute(g, &e.recompute)) };
+        placed.placement = Placement::Explicit(e);
+        match partition_devices(&placed, graph, true) {
             Ok(plan) => {
                 let exact = memory::plan(&plan).iter().map(memory::Memory::total).max().unwrap_or(0);
                 cands[i].exact_memory = Some(exact);
-                if budget.is_none_or(|b| exact <= b) {
-                    chosen = Some(i);
-                    break;
+                cands[i].fits = budget.is_none_or(|b| exact <= b);
+                if cands[i].fits && bound.is_none() {
+                    // Its near ties are checked too: the simplest of them is chosen.
+                    bound = Some(match objective {
+                        Objective::StepTime => key(&cands[i]) * (1.0 + NEAR_TIE),
+                        Objective::Memory => key(&cands[i]) * 2.0,
+                    });
                 }
-                cands[i].fits = false;
             }
             Err(e) => {
                 cands[i].fits = false;
@@ -150,7 +176,10 @@ pub(super) fn choose(c: &Checked, g: &Graph, cands: &mut [Candidate], budget: Op
             }
         }
     }
-    chosen
+    // Candidates past the bound were not partitioned: they are slower than
+    // the choice whatever their memory.
+    rank(cands, objective);
+    cands.first().filter(|x| x.fits && x.exact_memory.is_some()).map(|_| 0)
 }
 
 /// Contiguous cuts of `costs` into `p` stages minimising the largest stage.

@@ -311,16 +311,35 @@ pub enum PlacementKind {
 #[derive(Clone, Debug, PartialEq)]
 pub enum PlacementStmt {
     Mesh(Vec<MeshAxis>, Span),
-    DataParallel { axis: Ident, span: Span },
-    Shard { path: Path, spec: Vec<Ident>, spec_span: Span, span: Span },
+    DataParallel {
+        axis: Ident,
+        span: Span,
+    },
+    Shard {
+        path: Path,
+        spec: Vec<Ident>,
+        spec_span: Span,
+        span: Span,
+    },
     Pipeline(PipelineDef),
-    ParameterServer { device: Ident, span: Span },
+    ParameterServer {
+        device: Ident,
+        span: Span,
+    },
     /// `zero N [paths]`: ZeRO stage `level` (1 optimizer state, 2 and
     /// gradients, 3 and parameters) for the parameters under `paths`, or
     /// for every parameter no other `zero` names when there are none.
-    Zero { level: i64, level_span: Span, paths: Vec<Path>, span: Span },
+    Zero {
+        level: i64,
+        level_span: Span,
+        paths: Vec<Path>,
+        span: Span,
+    },
     /// `recompute paths`: these layers' activations are recomputed in the backward pass.
-    Recompute { paths: Vec<Path>, span: Span },
+    Recompute {
+        paths: Vec<Path>,
+        span: Span,
+    },
 }
 
 /// `data: 2` inside `mesh (…)`

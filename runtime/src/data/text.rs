@@ -59,12 +59,8 @@ impl Tokens {
 pub(super) fn ids(bytes: &[u8], width: u8, path: &Path, classes: Option<usize>) -> Result<Vec<u32>, DataError> {
     let w = usize::from(width.max(1));
     if !bytes.len().is_multiple_of(w) {
-        return Err(DataError::new(
-            "data::token_file",
-            format!("the token file holds {} bytes, not a whole number of {}-byte ids", bytes.len(), w),
-            path,
-        )
-        .help(format!("check `dtype` (uint{} here) and that the file was written whole", w * 8)));
+        return Err(DataError::new("data::token_file", format!("the token file holds {} bytes, not a whole number of {}-byte ids", bytes.len(), w), path)
+            .help(format!("check `dtype` (uint{} here) and that the file was written whole", w * 8)));
     }
     let limit = classes.unwrap_or(i32::MAX as usize).min(i32::MAX as usize) as u64;
     let mut out = Vec::with_capacity(bytes.len() / w);

@@ -56,7 +56,6 @@ pub(crate) fn set_step(step: u64) {
     CURRENT_STEP.store(step, Ordering::Relaxed);
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

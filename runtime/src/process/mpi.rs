@@ -26,7 +26,6 @@
 //!   and at which step, and exits with status 1, unless the process is
 //!   reporting an error of its own, which it then finishes.
 
-use shardplan_compiler::hash;
 use crate::cluster::{Peers, Rank};
 use crate::transport::{decode_header, describe, encode_header, Header, Message, Transport, TransportError};
 use mpi::datatype::PartitionMut;
@@ -35,6 +34,7 @@ use mpi::ffi;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use mpi::{Count, Threading};
+use shardplan_compiler::hash;
 use std::cell::RefCell;
 use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -530,15 +530,18 @@ fn report_lost() {
     let gone: Vec<String> = hosts
         .iter()
         .enumerate()
-        .filter(|(r, (h, pid))| *r != *rank && *h == me && *pid > 0 && {
-            // SAFETY: signal 0 only asks whether the process exists.
-            unsafe { libc::kill(*pid as libc::pid_t, 0) != 0 && *libc::__errno_location() == libc::ESRCH }
+        .filter(|(r, (h, pid))| {
+            *r != *rank && *h == me && *pid > 0 && {
+                // SAFETY: signal 0 only asks whether the process exists.
+                unsafe { libc::kill(*pid as libc::pid_t, 0) != 0 && *libc::__errno_location() == libc::ESRCH }
+            }
         })
         .map(|(r, (h, pid))| format!("rank {r} (process {pid} on {h})"))
         .collect();
     let step = super::CURRENT_STEP.load(Ordering::Relaxed);
     let at = if step == 0 { "before the first step".to_string() } else { format!("at step {step}") };
-    let why = if gone.is_empty() { "another rank ended (the launcher's message names it)".to_string() } else { format!("{} ended unexpectedly", gone.join(", ")) };
+    let why =
+        if gone.is_empty() { "another rank ended (the launcher's message names it)".to_string() } else { format!("{} ended unexpectedly", gone.join(", ")) };
     // Never panic here (this also runs at exit): a failed write is ignored.
     use std::io::Write;
     let _ = writeln!(

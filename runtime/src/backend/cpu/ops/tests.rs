@@ -484,7 +484,9 @@ fn dropout_matches_reference() {
     let s = [8, 64];
     let x = vec![1.0f32; 512];
     let ids: Vec<i32> = (0..8).collect();
-    let mask = |seed: u64, step: f32, ids: &[i32]| ours(&Op::Dropout { p: 0.5, seed }, &[f(x.clone(), &s), i(ids.to_vec(), &[8]), f(vec![step], &[])], &s, 1).expect("runs");
+    let mask = |seed: u64, step: f32, ids: &[i32]| {
+        ours(&Op::Dropout { p: 0.5, seed }, &[f(x.clone(), &s), i(ids.to_vec(), &[8]), f(vec![step], &[])], &s, 1).expect("runs")
+    };
     let base = mask(1, 0.0, &ids);
     assert_ne!(base, mask(2, 0.0, &ids));
     assert_ne!(base, mask(1, 1.0, &ids));

@@ -583,9 +583,8 @@ pub fn dropout(io: &Io<'_>, p: f64, seed: u64) -> Result<Option<super::Kernel>, 
 
 /// The (n, c, h, w, oh, ow) of an image and its windows, checked.
 fn windows(image: &[usize], cols: &[usize], kh: usize, kw: usize, stride: usize, padding: usize) -> Result<[usize; 6], CodegenError> {
-    shardplan_compiler::graph::window_geometry(image, cols, (kh, kw), stride, padding).ok_or_else(|| {
-        CodegenError::Operands(format!("windows {cols:?} are not the {kh}×{kw} windows (stride {stride}, padding {padding}) of {image:?}"))
-    })
+    shardplan_compiler::graph::window_geometry(image, cols, (kh, kw), stride, padding)
+        .ok_or_else(|| CodegenError::Operands(format!("windows {cols:?} are not the {kh}×{kw} windows (stride {stride}, padding {padding}) of {image:?}")))
 }
 
 /// x [n, c, h, w] → windows [n, oh, ow, c, kh, kw], `fill` in the padding;
