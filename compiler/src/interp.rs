@@ -177,6 +177,9 @@ pub fn apply(op: &Op, a: &[&Tensor], out: &[usize], env: &Env<'_>) -> Result<Ten
         Op::RmsNormGradX { eps } => layer_norm_grad_x(a[0], a[1], a[2], *eps, true),
         Op::RmsNormGradGamma { eps } => layer_norm_grad_gamma(a[0], a[1], *eps, true),
         Op::CausalMask { fill } => causal_mask(a[0], *fill),
+        // Values are f64 here: a bf16 value is the f64 of its bits.
+        Op::ToBf16 => map(a[0], |x| crate::graph::from_bf16(crate::graph::to_bf16(x as f32)) as f64),
+        Op::FromBf16 => a[0].clone(),
         Op::Dropout { p, seed } => dropout(a[0], a[1], a[2].data.first().copied().unwrap_or(0.0), *p, *seed),
         Op::Im2Col { kh, kw, stride, padding, fill } => im2col(a[0], *kh, *kw, *stride, *padding, *fill, &out),
         Op::Col2Im { kh, kw, stride, padding } => col2im(a[0], *kh, *kw, *stride, *padding, &out),

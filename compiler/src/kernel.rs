@@ -33,6 +33,19 @@ pub struct BufId(pub u32);
 pub enum Elem {
     F32,
     I32,
+    /// bfloat16, two bytes: what `autocast bf16` stores (only its
+    /// conversions, `ToBf16` and `FromBf16`, read or write it).
+    Bf16,
+}
+
+impl Elem {
+    /// Bytes per value.
+    pub fn bytes(self) -> usize {
+        match self {
+            Elem::F32 | Elem::I32 => 4,
+            Elem::Bf16 => 2,
+        }
+    }
 }
 
 /// Where a buffer's contents come from.
@@ -398,7 +411,11 @@ pub fn lower_keeping(g: &Graph, keep: &[NodeId]) -> (Program, Vec<BufId>) {
     };
     for id in g.ids() {
         let node = g.node(id);
-        let elem = if node.ty.dtype.is_float() { Elem::F32 } else { Elem::I32 };
+        let elem = match node.ty.dtype {
+            crate::check::DType::BF16 => Elem::Bf16,
+            d if d.is_float() => Elem::F32,
+            _ => Elem::I32,
+        };
         let shape = dims(g, id);
         let args = g.args(id);
         let b = match &node.op {
@@ -773,6 +790,10 @@ pub enum ProgramError {
     /// A buffer's size in bytes is not representable.
     #[error("buffer {buffer} of shape {shape:?} is too large")]
     TooLarge { buffer: usize, shape: Vec<usize> },
+    /// A step reads or writes a buffer of an element type it does not take
+    /// (bfloat16 buffers are for `ToBf16` and `FromBf16` only).
+    #[error("step {step} cannot use buffer {} of {elem:?} values", .buffer.0)]
+    Elem { step: usize, buffer: BufId, elem: Elem },
     /// Following a buffer's aliases never ends.
     #[error("the aliases of buffer {buffer} form a loop")]
     AliasLoop { buffer: usize },
@@ -934,6 +955,25 @@ mod validation {
                     }
                     StepKind::MatMul { .. } => count(2, "matmul")?,
                     StepKind::Broadcast => count(1, "broadcast")?,
+                }
+            }
+            // bfloat16 buffers: written by `ToBf16` only, read by `FromBf16` only.
+            for (si, s) in self.steps.iter().enumerate() {
+                let elem = |b: &BufId| self.buffers[self.storage(*b).0 as usize].elem;
+                let (want_in, want_out) = match &s.kind {
+                    StepKind::Op(Op::ToBf16) => (Some(Elem::F32), Elem::Bf16),
+                    StepKind::Op(Op::FromBf16) => (Some(Elem::Bf16), Elem::F32),
+                    _ => (None, elem(&s.output)),
+                };
+                let bad_in = s.inputs.iter().find(|b| match want_in {
+                    Some(w) => elem(b) != w,
+                    None => elem(b) == Elem::Bf16,
+                });
+                if let Some(b) = bad_in {
+                    return Err(ProgramError::Elem { step: si, buffer: *b, elem: elem(b) });
+                }
+                if elem(&s.output) != want_out || (want_in.is_none() && want_out == Elem::Bf16) {
+                    return Err(ProgramError::Elem { step: si, buffer: s.output, elem: elem(&s.output) });
                 }
             }
             known(self.loss, BufUse::Loss)?;

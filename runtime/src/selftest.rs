@@ -242,6 +242,16 @@ struct Alone {
 
 fn alone(p: &Program, si: usize) -> Alone {
     let step = &p.steps[si];
+    // A bfloat16 conversion is compared as the round trip f32 → bf16 → f32,
+    // so that both sides read and write f32 only.
+    if let StepKind::Op(Op::ToBf16 | Op::FromBf16) = &step.kind {
+        let old = &p.buffers[step.output.0 as usize];
+        let buf = |kind: BufKind, elem: Elem| Buffer { kind, elem, shape: old.shape.clone(), node: old.node };
+        let buffers = vec![buf(BufKind::Input(0), Elem::F32), buf(BufKind::Temp, Elem::Bf16), buf(BufKind::Temp, Elem::F32)];
+        let st = |op: Op, i: u32, o: u32| Step { kind: StepKind::Op(op), role: Role::Forward, inputs: vec![BufId(i)], output: BufId(o) };
+        let steps = vec![st(Op::ToBf16, 0, 1), st(Op::FromBf16, 1, 2)];
+        return Alone { program: Program { buffers, steps, loss: BufId(2), assigns: Vec::new() }, inputs: vec![(BufKind::Input(0), BufId(0))], result: Ok(BufId(2)) };
+    }
     let mut keep: Vec<BufId> = Vec::new();
     let add = |b: BufId, keep: &mut Vec<BufId>| {
         let mut b = b;
@@ -343,6 +353,8 @@ fn compare(p: &Program, si: usize, backend: &Backend, threads: usize, seed: u64)
                 let v = (0..n).map(|_| if pos { 0.5 + rng.uniform() } else { rng.uniform() * 2.0 - 1.0 } as f32).collect();
                 data.push((kind.clone(), Values::F32(v)));
             }
+            // (Conversions are compared through f32: see `alone`.)
+            Elem::Bf16 => {}
             Elem::I32 => {
                 let m = bound(&a.program, *b) as u64;
                 let v = (0..n).map(|_| ((rng.uniform() * m as f64) as u64).min(m - 1) as i32).collect();

@@ -242,12 +242,18 @@ fn generated_kernels_match_the_cpu_on_a_gpu() {
                 StepKind::Op(Op::CrossEntropy | Op::CrossEntropyGrad) => *buf(step.inputs[0]).shape.last().unwrap_or(&1),
                 _ => 1,
             };
+            // bfloat16 conversions are compared as their f32 round trip by `shardplan selftest`.
+            if matches!(step.kind, StepKind::Op(Op::ToBf16 | Op::FromBf16)) {
+                continue;
+            }
             let mut data: BTreeMap<BufId, Host> = BTreeMap::new();
             let mut fill = |b: BufId, data: &mut BTreeMap<BufId, Host>| {
                 let n = buf(b).len();
                 let h = match buf(b).elem {
                     Elem::F32 => Host::F32((0..n).map(|_| (rng.next() * 4.0 - 2.0) as f32).collect()),
                     Elem::I32 => Host::I32((0..n).map(|_| (rng.next() * bound as f64) as i32).collect()),
+                    // Only the conversions read or write bfloat16 (skipped above).
+                    Elem::Bf16 => Host::I32(Vec::new()),
                 };
                 data.insert(b, h);
             };

@@ -27,18 +27,20 @@ fn flops(f: f64) -> String {
     }
 }
 
-/// What `zero` and `recompute` save on each device: its memory plan against
+/// What `zero`, `recompute` and `autocast` save on each device: its memory plan against
 /// that of the same placement without them.
 fn saved(c: &Checked, plan: &Plan) {
     let Placement::Explicit(e) = &c.placement else { return };
     let levels: std::collections::BTreeSet<u8> = e.zero.iter().copied().filter(|z| *z > 0).collect();
-    if levels.is_empty() && e.recompute.is_empty() {
+    if levels.is_empty() && e.recompute.is_empty() && c.autocast.is_empty() {
         return;
     }
     let mut plain = c.clone();
+    plain.autocast.clear();
     if let Placement::Explicit(p) = &mut plain.placement {
         p.zero.clear();
         p.recompute.clear();
+        p.autocast.clear();
     }
     // The placement without them may not fit: compare all the same.
     for d in &mut plain.devices {
@@ -49,6 +51,9 @@ fn saved(c: &Checked, plan: &Plan) {
     let mut modes: Vec<String> = levels.iter().map(|z| format!("`zero {z}`")).collect();
     if !e.recompute.is_empty() {
         modes.push("`recompute`".into());
+    }
+    if !c.autocast.is_empty() {
+        modes.push("`autocast bf16`".into());
     }
     println!("\nmemory saved by {} (against the same placement without them):", modes.join(" and "));
     println!("  {:>6}  {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}", "device", "params", "grads", "optimizer", "temporaries", "transfers", "total");

@@ -31,10 +31,14 @@ pub fn differentiate(mut g: Graph, c: &Checked) -> Graph {
         }
     }
     optim::append_update(&mut g, c, &params);
-    match &c.placement {
-        crate::check::Placement::Explicit(e) if !e.recompute.is_empty() => recompute::apply(&g, &e.recompute),
-        _ => g,
+    let layers = match &c.placement {
+        crate::check::Placement::Explicit(e) => e.recompute.clone(),
+        _ => Vec::new(),
+    };
+    if layers.is_empty() && !g.ids().any(|id| g.node(id).op == Op::FromBf16) {
+        return g;
     }
+    recompute::apply(&g, &layers)
 }
 
 /// Reverse-mode gradients of the loss: node → its gradient node.

@@ -9,6 +9,9 @@
 //! (its outputs) is still kept: the next layer's backward pass reads it, and
 //! recomputing it would mean recomputing every earlier layer too.
 //!
+//! The same rewrite gives the backward pass its own widening of each
+//! bfloat16 value of `autocast` (see `graph::autocast`).
+//!
 //! Invariants: the copies are the same operations on the same operands, so
 //! every value, and so every gradient, is bit for bit the one without
 //! recompute; each recomputed activation is made once, before the first
@@ -31,10 +34,16 @@ pub(crate) fn apply(g: &Graph, layers: &[Unit]) -> Graph {
     }
     let source = |id: NodeId| matches!(g.node(id).op, Op::Param(_) | Op::State(_) | Op::Input(_) | Op::Const(_) | Op::Hyper(_));
     // Activations to recompute: made by a chosen layer, not a source, and
-    // read outside it only by the backward pass.
+    // read outside it only by the backward pass; and every widening of a
+    // bfloat16 value (`autocast`), so that the backward pass widens its own
+    // copy and only the two-byte value lives between the passes.
+    let widen = |id: NodeId| g.node(id).op == Op::FromBf16 && g.node(id).role == Role::Forward;
     let redo: Vec<bool> = g
         .ids()
         .map(|id| {
+            if widen(id) {
+                return true;
+            }
             let Some(u) = g.units.get(&id) else { return false };
             layers.contains(u)
                 && g.node(id).role == Role::Forward

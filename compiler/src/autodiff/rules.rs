@@ -49,6 +49,21 @@ fn matmul(g: &mut Graph, a: NodeId, b: NodeId) -> NodeId {
     g.add(Op::MatMul, &[a, b], Ty::new(ta.dtype, shape), B)
 }
 
+/// The value of forward node `id` as kept for the backward pass: its
+/// bfloat16 rounding, when that is all the forward pass reads of it
+/// (`autocast`), else the node itself.
+fn stored(g: &Graph, id: NodeId) -> NodeId {
+    let users = |x: NodeId| g.ids().filter(move |u| g.node(*u).role == Role::Forward && g.args(*u).contains(&x));
+    let only = |x: NodeId, op: Op| {
+        let mut it = users(x);
+        match (it.next(), it.next()) {
+            (Some(u), None) if g.node(u).op == op => Some(u),
+            _ => None,
+        }
+    };
+    only(id, Op::ToBf16).and_then(|h| only(h, Op::FromBf16)).unwrap_or(id)
+}
+
 /// Gradient contributions of node `id` (operands `args`) given `dy`.
 pub(super) fn vjp(g: &mut Graph, id: NodeId, args: &[NodeId], dy: NodeId) -> Vec<(NodeId, NodeId)> {
     let op = g.node(id).op.clone();
@@ -184,7 +199,12 @@ pub(super) fn vjp(g: &mut Graph, id: NodeId, args: &[NodeId], dy: NodeId) -> Vec
             let t = ty(g, args[0]);
             res.push((args[0], g.add(Op::MaxGrad { axes, keepdims }, &[args[0], id, dy], t, B)));
         }
-        Op::Softmax { axis } => res.push((args[0], g.add(Op::SoftmaxGrad { axis }, &[id, dy], out, B))),
+        Op::Softmax { axis } => {
+            // Under autocast the probabilities are kept in bfloat16: the
+            // gradient reads them as stored.
+            let y = stored(g, id);
+            res.push((args[0], g.add(Op::SoftmaxGrad { axis }, &[y, dy], out, B)))
+        }
         Op::LogSoftmax { axis } => res.push((args[0], g.add(Op::LogSoftmaxGrad { axis }, &[id, dy], out, B))),
         Op::LayerNorm { eps } => {
             if wants(g, args[0]) {
@@ -220,6 +240,13 @@ pub(super) fn vjp(g: &mut Graph, id: NodeId, args: &[NodeId], dy: NodeId) -> Vec
             }
         }
         Op::CausalMask { .. } => res.push((args[0], g.add(Op::CausalMask { fill: 0.0 }, &[dy], out, B))),
+        // A rounding to bfloat16 and its widening pass the gradient through:
+        // gradients stay float32 (PyTorch's autocast rounds the gradient of
+        // a bfloat16 value to bfloat16; keeping it in float32 is finer and
+        // needs no conversions in the backward pass). The pair only ever
+        // appears together, so the gradient of the two-byte value is never
+        // read as two bytes.
+        Op::ToBf16 | Op::FromBf16 => res.push((args[0], dy)),
         // A rotation: its transpose turns back by the same angles.
         Op::Rope { head_dim, base, inverse } => res.push((args[0], g.add(Op::Rope { head_dim, base, inverse: !inverse }, &[dy], out, B))),
         Op::Embedding => {

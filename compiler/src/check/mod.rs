@@ -34,6 +34,10 @@ pub struct Checked {
     pub data: Data,
     pub devices: Vec<Device>,
     pub placement: Placement,
+    /// Layers that compute in bfloat16 (`autocast bf16`): kept with the
+    /// model's numerics when a run ignores the placement (the single-device
+    /// reference), since it changes what is computed.
+    pub autocast: Vec<Unit>,
 }
 
 /// Checks `file` against the `prelude` templates.
@@ -204,7 +208,13 @@ pub fn check_with(file: &ast::File, prelude: &ast::File, overrides: &BTreeMap<St
     };
 
     let checked = match (model, train, data_checked, placement) {
-        (Some(model), Some(train), Some(data), Some(placement)) if !diags.has_errors() => Some(Checked { model, train, data, devices, placement }),
+        (Some(model), Some(train), Some(data), Some(placement)) if !diags.has_errors() => {
+            let autocast = match &placement {
+                Placement::Explicit(e) => e.autocast.clone(),
+                _ => Vec::new(),
+            };
+            Some(Checked { model, train, data, devices, placement, autocast })
+        }
         _ => None,
     };
     (checked, diags)

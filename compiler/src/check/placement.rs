@@ -60,6 +60,8 @@ pub struct Explicit {
     pub zero: Vec<u8>,
     /// Layers whose forward activations are recomputed in the backward pass.
     pub recompute: Vec<Unit>,
+    /// Layers that compute in bfloat16 (`autocast bf16`).
+    pub autocast: Vec<Unit>,
     /// The `placement` keyword.
     pub span: Span,
 }
@@ -275,6 +277,8 @@ impl Checker<'_> {
         let mut zero_by: Vec<Option<Span>> = vec![None; self.model.params.len()];
         let mut zero_default: Option<(u8, Span)> = None;
         let mut recompute: Vec<Unit> = Vec::new();
+        let mut autocast: Vec<Unit> = Vec::new();
+        let mut autocast_span: Option<Span> = None;
         for s in stmts {
             match s {
                 PlacementStmt::Mesh(..) => {}
@@ -352,6 +356,50 @@ impl Checker<'_> {
                             }
                             zero[pi] = level;
                             zero_by[pi] = Some(path.span);
+                        }
+                    }
+                }
+                PlacementStmt::Autocast { dtype, paths, span } => {
+                    if let Some(prev) = autocast_span {
+                        self.diags.push(
+                            Diagnostic::error("placement::duplicate", "`autocast` is given twice")
+                                .label(*span, "second autocast")
+                                .label(prev, "first autocast")
+                                .help("list every layer in one `autocast bf16 PATH, …`"),
+                        );
+                        continue;
+                    }
+                    autocast_span = Some(*span);
+                    if dtype.name != "bf16" {
+                        let what = if dtype.name == "f16" { "f16 autocast is not supported yet".to_string() } else { format!("`{}` is not a dtype autocast computes in", dtype.name) };
+                        self.diags.push(
+                            Diagnostic::error("placement::autocast_dtype", what)
+                                .label(dtype.span, "not bf16")
+                                .help("write `autocast bf16`: bfloat16 compute with float32 master weights, optimizer state and accumulations"),
+                        );
+                        continue;
+                    }
+                    if paths.is_empty() {
+                        autocast = self.model.units();
+                    }
+                    for path in paths {
+                        let Some(targets) = self.resolve(path) else { continue };
+                        for t in targets {
+                            match t {
+                                Target::Unit(u) => {
+                                    if !autocast.contains(&u) {
+                                        autocast.push(u);
+                                    }
+                                }
+                                _ => {
+                                    self.diags.push(
+                                        Diagnostic::error("placement::autocast_path", format!("`{path}` is not a layer of the model; `autocast` works on whole layers"))
+                                            .label(path.span, "a parameter or a layer inside another")
+                                            .help(format!("name a layer of `{}` or an element of a `repeat`, or write `autocast bf16` alone for every layer", self.model.name)),
+                                    );
+                                    break;
+                                }
+                            }
                         }
                     }
                 }
@@ -474,6 +522,7 @@ impl Checker<'_> {
             parameter_server: ps,
             zero,
             recompute,
+            autocast,
             span: self.head,
         }))
     }

@@ -10,6 +10,7 @@
 //! that breaks one in a [`GraphError`]): acyclic; every node's operand count
 //! matches its op; node ids are dense and in a valid execution order.
 
+mod autocast;
 mod dot;
 
 pub use dot::to_dot;
@@ -189,6 +190,11 @@ pub enum Op {
         p: f64,
         seed: u64,
     },
+    /// f32 → bf16, rounded to nearest (ties to even): what `autocast bf16`
+    /// stores. NaN stays NaN, infinities stay infinite.
+    ToBf16,
+    /// bf16 → f32, exact.
+    FromBf16,
     /// (table, ids)
     Embedding,
     /// (ids, dy) → d table, rows scatter-added.
@@ -299,6 +305,8 @@ impl Op {
             | Rope { .. }
             | Im2Col { .. }
             | Col2Im { .. }
+            | ToBf16
+            | FromBf16
             | Assign(_)
             | AllReduce { .. }
             | AllGather { .. }
@@ -357,6 +365,8 @@ impl Op {
             Im2Col { kh, kw, stride, padding, .. } => format!("im2col {kh}×{kw} stride {stride} padding {padding}"),
             Col2Im { kh, kw, stride, padding } => format!("col2im {kh}×{kw} stride {stride} padding {padding}"),
             Dropout { p, .. } => format!("dropout {p}"),
+            ToBf16 => "to bf16".into(),
+            FromBf16 => "from bf16".into(),
             Rope { head_dim, base, inverse } => format!("rope{} head_dim {head_dim} base {base}", if *inverse { " inverse" } else { "" }),
             Assign(Target::Param(i)) => format!("assign param {i}"),
             Assign(Target::State(i)) => format!("assign state {i}"),
@@ -595,6 +605,9 @@ pub fn build_for(c: &Checked, training: bool) -> Graph {
         }
     }
     g.loss = map[loss.0 as usize].unwrap_or(NodeId(0));
+    if !c.autocast.is_empty() {
+        g = autocast::apply(&g, &c.autocast);
+    }
     g
 }
 
@@ -754,6 +767,22 @@ pub fn window_geometry(image: &[usize], cols: &[usize], (kh, kw): (usize, usize)
     let (&[n, c, h, w], &[n2, oh, ow, c2, kh2, kw2]) = (image, cols) else { return None };
     let fits = |size: usize, k: usize, o: usize| stride > 0 && size + 2 * padding >= k && (size + 2 * padding - k) / stride + 1 == o;
     (n == n2 && c == c2 && kh == kh2 && kw == kw2 && fits(h, kh, oh) && fits(w, kw, ow)).then_some([n, c, h, w, oh, ow])
+}
+
+/// `x` rounded to the nearest bfloat16 (ties to even), as its 16 bits: the
+/// upper half of the f32 it rounds to. NaN keeps a quiet NaN.
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    let round = 0x7FFF + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
+}
+
+/// The f32 of bfloat16 bits (exact).
+pub fn from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
 }
 
 /// Whether `Op::Dropout` drops element `j` of the sample with data-set index

@@ -76,7 +76,7 @@ pub fn program(p: &Program, slots: usize) -> Memory {
     let sets = slots.max(1) as u64;
     let mut m = Memory::default();
     for (i, b) in p.buffers.iter().enumerate() {
-        let bytes = 4 * b.len() as u64;
+        let bytes = (b.elem.bytes() * b.len()) as u64;
         match b.kind {
             BufKind::Alias(_) => {}
             BufKind::Param(_) => m.params += bytes,

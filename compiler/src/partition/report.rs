@@ -124,7 +124,8 @@ pub fn report(c: &Checked, plan: &Plan) -> Report {
 }
 
 fn bytes(d: &DeviceProgram, i: usize) -> u64 {
-    4 * d.program.buffers[i].len() as u64
+    let b = &d.program.buffers[i];
+    (b.elem.bytes() * b.len()) as u64
 }
 
 /// Per-device figures of one training step, in device order.
@@ -150,6 +151,11 @@ pub fn devices(plan: &Plan) -> Vec<DeviceReport> {
             let banked = p.banked();
             let grad = memory::gradients(p, &banked);
             let sets = d.slots as u64;
+            // Temporaries of the passes that die in their pass: one copy for every buffer set.
+            let mut pass = vec![false; p.buffers.len()];
+            for s in p.steps.iter().filter(|s| s.role != Role::Update) {
+                pass[p.storage(s.output).0 as usize] = true;
+            }
             for (i, b) in p.buffers.iter().enumerate() {
                 match b.kind {
                     BufKind::Temp if grad[i] => r.grad_bytes += bytes(d, i),
@@ -158,6 +164,7 @@ pub fn devices(plan: &Plan) -> Vec<DeviceReport> {
                     BufKind::Accum(_) => r.grad_bytes += bytes(d, i),
                     BufKind::Input(_) => r.activation_bytes += bytes(d, i) * sets,
                     BufKind::Temp if banked[i] => r.activation_bytes += bytes(d, i) * sets,
+                    BufKind::Temp if pass[i] => r.activation_bytes += bytes(d, i),
                     _ => {}
                 }
             }

@@ -184,6 +184,11 @@ pub fn decide(g: &Graph, id: NodeId, have: &[Layout], k: usize, update: bool) ->
             Layout::Partial if matches!(node.op, Op::Col2Im { .. }) => rule(vec![Layout::Partial], Layout::Partial),
             _ => rule(vec![Layout::Replicated], Layout::Replicated),
         },
+        // Element by element; rounding is not linear, so a partial sum is reduced first.
+        Op::ToBf16 | Op::FromBf16 => match have[0] {
+            Layout::Partial => rule(vec![Layout::Replicated], Layout::Replicated),
+            l => rule(vec![l], l),
+        },
         // Samples split by batch, their indices with them; linear in x.
         Op::Dropout { .. } => match have[0] {
             Layout::Split(0, u) => rule(vec![Layout::Split(0, u), Layout::Split(0, u), Layout::Replicated], Layout::Split(0, u)),

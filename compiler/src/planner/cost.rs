@@ -253,12 +253,13 @@ pub(super) fn unit_costs(c: &Checked, g: &Graph, units: &[Unit], pr: &Profile) -
     for (i, b) in program.buffers.iter().enumerate() {
         let Some(u) = unit[b.node.0 as usize] else { continue };
         if b.kind == crate::kernel::BufKind::Temp && !grads[i] {
+            let bytes = (b.elem.bytes() * b.len()) as f64;
             if update_temp[i] {
-                out[u].work_exact += 4.0 * b.len() as f64;
+                out[u].work_exact += bytes;
             } else {
-                out[u].act_exact += 4.0 * b.len() as f64;
+                out[u].act_exact += bytes;
                 if banked[i] {
-                    out[u].kept_exact += 4.0 * b.len() as f64;
+                    out[u].kept_exact += bytes;
                 }
             }
         }
@@ -582,6 +583,7 @@ pub fn predict(c: &Checked, g: &Graph, pr: &Profile) -> Option<Candidate> {
         parameter_server: None,
         zero: vec![],
         recompute: vec![],
+        autocast: vec![],
         span: crate::Span::new(crate::SourceId::USER, 0, 0),
     };
     let e = match &c.placement {

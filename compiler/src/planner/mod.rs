@@ -186,7 +186,7 @@ pub fn explicit(c: &Checked, cand: &Candidate) -> Explicit {
     };
     let zero = if data_axis.is_some() && cand.zero > 0 { vec![cand.zero; c.model.params.len()] } else { Vec::new() };
     let recompute = if cand.recompute { recomputed(c) } else { Vec::new() };
-    Explicit { mesh, data_axis, shards, pipeline, parameter_server: None, zero, recompute, span }
+    Explicit { mesh, data_axis, shards, pipeline, parameter_server: None, zero, recompute, autocast: c.autocast.clone(), span }
 }
 
 /// The layers the planner recomputes: the elements of the model's `repeat`s.

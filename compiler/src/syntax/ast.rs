@@ -340,6 +340,13 @@ pub enum PlacementStmt {
         paths: Vec<Path>,
         span: Span,
     },
+    /// `autocast bf16 [paths]`: these layers (every layer without paths)
+    /// compute in bfloat16 where PyTorch's autocast does.
+    Autocast {
+        dtype: Ident,
+        paths: Vec<Path>,
+        span: Span,
+    },
 }
 
 /// `data: 2` inside `mesh (…)`

@@ -81,6 +81,7 @@ fn is_keyword(r: Rule) -> bool {
             | Rule::kw_memory
             | Rule::kw_zero
             | Rule::kw_recompute
+            | Rule::kw_autocast
     )
 }
 
@@ -588,6 +589,12 @@ impl Lower {
                 let level = self.int(lp)?;
                 let paths = k.rest().map(|p| self.path(p)).collect::<R<Vec<_>>>()?;
                 PlacementStmt::Zero { level, level_span, paths, span }
+            }
+            Rule::autocast_stmt => {
+                let mut k = self.kids(s);
+                let dtype = self.ident(k.req()?)?;
+                let paths = k.rest().map(|p| self.path(p)).collect::<R<Vec<_>>>()?;
+                PlacementStmt::Autocast { dtype, paths, span }
             }
             Rule::recompute_stmt => PlacementStmt::Recompute { paths: self.kids(s).rest().map(|p| self.path(p)).collect::<R<Vec<_>>>()?, span },
             Rule::pipeline_stmt => {

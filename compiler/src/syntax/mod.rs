@@ -290,6 +290,8 @@ fn describe_rule(r: Rule) -> Option<&'static str> {
         Rule::kw_memory => "`memory`",
         Rule::kw_zero => "`zero`",
         Rule::kw_recompute => "`recompute`",
+        Rule::kw_autocast => "`autocast`",
+        Rule::autocast_stmt => "`autocast`",
         Rule::zero_stmt => "`zero`",
         Rule::recompute_stmt => "`recompute`",
         Rule::param_stmt => "`param`",

@@ -25,6 +25,8 @@ use shardplan_compiler::kernel::{BufId, BufKind, Elem, Program, StepKind};
 enum Storage {
     F32(Vec<f32>),
     I32(Vec<i32>),
+    /// bfloat16 bits (`autocast bf16`).
+    Bf16(Vec<u16>),
     /// Uses another buffer's memory (a reshape).
     Alias,
 }
@@ -66,6 +68,7 @@ impl Executor {
                 (BufKind::Const(c), Elem::I32) => Storage::I32(vec![*c as i32; b.len()]),
                 (_, Elem::F32) => Storage::F32(vec![0.0; b.len()]),
                 (_, Elem::I32) => Storage::I32(vec![0; b.len()]),
+                (_, Elem::Bf16) => Storage::Bf16(vec![0; b.len()]),
             })
             .collect();
         let mut kernels = Vec::with_capacity(program.steps.len());
@@ -149,6 +152,7 @@ impl Executor {
         let size = |s: &Storage| match s {
             Storage::F32(v) => 4 * v.len() as u64,
             Storage::I32(v) => 4 * v.len() as u64,
+            Storage::Bf16(v) => 2 * v.len() as u64,
             Storage::Alias => 0,
         };
         self.storage.iter().chain(self.banks.iter().flatten()).map(size).sum()
@@ -195,6 +199,7 @@ impl Executor {
                 let have = match dst {
                     Storage::F32(v) => format!("f32 × {}", v.len()),
                     Storage::I32(v) => format!("i32 × {}", v.len()),
+                    Storage::Bf16(v) => format!("bf16 × {}", v.len()),
                     Storage::Alias => "an alias".into(),
                 };
                 let got = match src {
@@ -260,6 +265,25 @@ impl Executor {
 
     fn run_step_in(&mut self, si: usize, slot: usize, comm: &mut dyn Comm) -> Result<(), EngineError> {
         let step = &self.program.steps[si];
+        if let StepKind::Op(op @ (Op::ToBf16 | Op::FromBf16)) = &step.kind {
+            let (narrow, name) = (*op == Op::ToBf16, op.name());
+            let (src, dst) = (step.inputs.first().copied().unwrap_or(BufId(0)), step.output);
+            let (src_l, out_l) = (self.loc(src, slot), self.loc(dst, slot));
+            let mut out = std::mem::replace(self.at_mut(out_l), Storage::Alias);
+            let r = match (self.at(src_l), &mut out) {
+                (Storage::F32(x), Storage::Bf16(y)) if narrow && x.len() == y.len() => {
+                    ops::to_bf16(x, y, self.threads);
+                    Ok(())
+                }
+                (Storage::Bf16(x), Storage::F32(y)) if !narrow && x.len() == y.len() => {
+                    ops::from_bf16(x, y, self.threads);
+                    Ok(())
+                }
+                _ => Err(EngineError::Bug(format!("step {si} ({name}) reads or writes a buffer of the wrong type"))),
+            };
+            *self.at_mut(out_l) = out;
+            return r;
+        }
         if let StepKind::Op(Op::Accumulate(k)) = &step.kind {
             let k = *k;
             let src = step.inputs.first().copied().unwrap_or(BufId(0));
@@ -302,7 +326,7 @@ impl Executor {
                     match self.at(self.loc(*b, slot)) {
                         Storage::F32(v) => Operand { data: Arg::F32(v), shape },
                         Storage::I32(v) => Operand { data: Arg::I32(v), shape },
-                        Storage::Alias => Operand { data: Arg::F32(&[]), shape },
+                        Storage::Bf16(_) | Storage::Alias => Operand { data: Arg::F32(&[]), shape },
                     }
                 })
                 .collect();

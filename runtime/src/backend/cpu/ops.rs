@@ -118,6 +118,8 @@ pub fn run(op: &Op, args: &[Operand<'_>], out: &mut [f32], out_shape: &[usize], 
         | Op::Recv { .. }
         | Op::Accumulate(_)
         | Op::Accumulated(_) => Err(invalid(name, "runs only in a device program".into())),
+        // Their bfloat16 side is not f32: the executor runs them (`to_bf16`, `from_bf16`).
+        Op::ToBf16 | Op::FromBf16 => Err(invalid(name, "converts bfloat16 buffers, which the executor runs".into())),
         Op::Input(_)
         | Op::Param(_)
         | Op::State(_)
@@ -144,6 +146,24 @@ pub fn run(op: &Op, args: &[Operand<'_>], out: &mut [f32], out_shape: &[usize], 
 }
 
 /// Copies `arg` broadcast (numpy rules, right-aligned) to `out_shape`.
+/// Rounds `x` to bfloat16 (nearest, ties to even) into `y`.
+pub fn to_bf16(x: &[f32], y: &mut [u16], threads: usize) {
+    par_rows(y, 4096, threads, x.len(), |row, block| {
+        for (v, x) in block.iter_mut().zip(&x[row * 4096..]) {
+            *v = shardplan_compiler::graph::to_bf16(*x);
+        }
+    });
+}
+
+/// Widens bfloat16 `x` into `y` (exact).
+pub fn from_bf16(x: &[u16], y: &mut [f32], threads: usize) {
+    par_rows(y, 4096, threads, x.len(), |row, block| {
+        for (v, x) in block.iter_mut().zip(&x[row * 4096..]) {
+            *v = shardplan_compiler::graph::from_bf16(*x);
+        }
+    });
+}
+
 pub fn broadcast(arg: &Operand<'_>, out: &mut [f32], out_shape: &[usize]) -> Result<(), EngineError> {
     let Arg::F32(data) = arg.data else {
         return Err(invalid(Name::Step("broadcast"), "operand is not f32".into()));

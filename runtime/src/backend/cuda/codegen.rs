@@ -281,6 +281,8 @@ fn op_launches(op: &Op, io: &Io<'_>) -> Result<Vec<Launch>, CodegenError> {
         Op::RmsNormGradGamma { eps } => rowwise::layer_norm_grad_gamma(io, *eps, true),
         Op::CausalMask { fill } => elementwise::causal_mask(io, *fill),
         Op::Dropout { p, seed } => elementwise::dropout(io, *p, *seed),
+        Op::ToBf16 => elementwise::to_bf16(io),
+        Op::FromBf16 => elementwise::from_bf16(io),
         Op::Im2Col { kh, kw, stride, padding, fill } => elementwise::im2col(io, (*kh, *kw, *stride, *padding), *fill),
         Op::Col2Im { kh, kw, stride, padding } => elementwise::col2im(io, (*kh, *kw, *stride, *padding)),
         Op::Rope { head_dim, base, inverse } => elementwise::rope(io, *head_dim, *base, *inverse),

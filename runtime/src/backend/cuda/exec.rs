@@ -49,6 +49,8 @@ use std::sync::Arc;
 enum Mem {
     F32(CudaSlice<f32>),
     I32(CudaSlice<i32>),
+    /// bfloat16 bits (`autocast bf16`), written and read by the conversion kernels only.
+    Bf16(CudaSlice<u16>),
 }
 
 impl Mem {
@@ -58,6 +60,7 @@ impl Mem {
         match self {
             Mem::F32(s) => s.device_ptr(stream).0,
             Mem::I32(s) => s.device_ptr(stream).0,
+            Mem::Bf16(s) => s.device_ptr(stream).0,
         }
     }
 }
@@ -163,7 +166,7 @@ impl GpuExecutor {
         let n = program.buffers.len();
         let banked = program.banked();
         let owned = |i: usize| !matches!(program.buffers[i].kind, BufKind::Alias(_));
-        let size = |i: usize| 4 * program.buffers[i].len().max(1) as u64;
+        let size = |i: usize| (program.buffers[i].elem.bytes() * program.buffers[i].len().max(1)) as u64;
         let slots = slots.max(1);
         let total: u64 = (0..n).filter(|&i| owned(i)).map(|i| size(i) * if banked[i] { slots as u64 } else { 1 }).sum();
         if let Some(limit) = limit {
@@ -188,6 +191,7 @@ impl GpuExecutor {
                 (BufKind::Const(c), Elem::I32) => Mem::I32(stream.clone_htod(&vec![*c as i32; len]).map_err(failed)?),
                 (_, Elem::F32) => Mem::F32(stream.alloc_zeros::<f32>(len).map_err(failed)?),
                 (_, Elem::I32) => Mem::I32(stream.alloc_zeros::<i32>(len).map_err(failed)?),
+                (_, Elem::Bf16) => Mem::Bf16(stream.alloc_zeros::<u16>(len).map_err(failed)?),
             }))
         };
         let storage: Vec<Option<Mem>> = (0..n).map(alloc).collect::<Result<_, _>>()?;
@@ -324,6 +328,7 @@ impl GpuExecutor {
                 let have = match dst {
                     Mem::F32(_) => format!("f32 × {want}"),
                     Mem::I32(_) => format!("i32 × {want}"),
+                    Mem::Bf16(_) => format!("bf16 × {want}"),
                 };
                 let got = match src {
                     Data::F32(v) => format!("f32 × {}", v.len()),
@@ -613,7 +618,7 @@ impl GpuExecutor {
         let f32_at = |b: BufId| -> Result<(u64, Vec<usize>), EngineError> {
             match self.mem(self.loc(b, slot))? {
                 m @ Mem::F32(_) => Ok((m.ptr(&self.stream), self.program.buffers[b.0 as usize].shape.clone())),
-                Mem::I32(_) => Err(bug(format!("step {si}: {} moves buffer {} that is not f32", op.name(), b.0))),
+                Mem::I32(_) | Mem::Bf16(_) => Err(bug(format!("step {si}: {} moves buffer {} that is not f32", op.name(), b.0))),
             }
         };
         let input = match step.inputs.first() {

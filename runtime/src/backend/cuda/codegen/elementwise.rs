@@ -326,6 +326,7 @@ fn tiled_transpose(io: &Io<'_>, dims: &[(usize, usize)], p: usize, what: String)
     let t = match elem {
         Elem::F32 => "float",
         Elem::I32 => "int",
+        Elem::Bf16 => "unsigned short",
     };
     let mut g = Gen::new(what, io.largest());
     g.param(io.ins[0], elem, Mode::In, "x");
@@ -483,6 +484,47 @@ pub fn accumulate(io: &Io<'_>, acc: BufId, k: usize) -> Result<Option<super::Ker
     g.param(io.ins[0], Elem::F32, Mode::In, "x");
     g.each(x.len());
     g.line(2, "acc[i] += x[i];");
+    g.close();
+    Ok(Some(g.finish()))
+}
+
+/// f32 → bfloat16 bits, rounded to nearest with ties to even (NaN stays a
+/// quiet NaN), as `graph::to_bf16` does on the CPU.
+pub fn to_bf16(io: &Io<'_>) -> Result<Option<super::Kernel>, CodegenError> {
+    let x = io.typed(0, Elem::F32)?;
+    if io.out_buf().elem != Elem::Bf16 || io.out_len() != x.len() {
+        return Err(CodegenError::Operands(format!("rounds f32 × {} into {:?} × {}", x.len(), io.out_buf().elem, io.out_len())));
+    }
+    let n = io.out_len();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut g = Gen::new(format!("to bf16 × {n}"), n);
+    g.param(io.ins[0], Elem::F32, Mode::In, "x");
+    g.param(io.out, Elem::Bf16, Mode::Out, "out");
+    g.each(n);
+    g.line(2, "const unsigned b = __float_as_uint(x[i]);");
+    g.line(2, "out[i] = (b & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((b >> 16) | 0x40u) : (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);");
+    g.close();
+    Ok(Some(g.finish()))
+}
+
+/// bfloat16 bits → f32 (exact).
+pub fn from_bf16(io: &Io<'_>) -> Result<Option<super::Kernel>, CodegenError> {
+    let x = io.typed(0, Elem::Bf16)?;
+    io.out_f32()?;
+    if io.out_len() != x.len() {
+        return Err(CodegenError::Operands(format!("widens bf16 × {} into f32 × {}", x.len(), io.out_len())));
+    }
+    let n = io.out_len();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut g = Gen::new(format!("from bf16 × {n}"), n);
+    g.param(io.ins[0], Elem::Bf16, Mode::In, "x");
+    g.param(io.out, Elem::F32, Mode::Out, "out");
+    g.each(n);
+    g.line(2, "out[i] = __uint_as_float(((unsigned)x[i]) << 16);");
     g.close();
     Ok(Some(g.finish()))
 }

@@ -86,6 +86,7 @@ fn check_kernel(p: &Program, k: &Kernel, at: &str) {
         let want = match buf.elem {
             Elem::F32 => "float*",
             Elem::I32 => "int*",
+            Elem::Bf16 => "unsigned short*",
         };
         assert!(param.contains(want), "{at}: {param} for {:?} buffer {}", buf.elem, b.0);
     }

@@ -129,6 +129,7 @@ impl Gen {
                 let t = match elem {
                     Elem::F32 => "float",
                     Elem::I32 => "int",
+                    Elem::Bf16 => "unsigned short",
                 };
                 match mode {
                     Mode::In => format!("const {t}* __restrict__ {name}"),
