@@ -133,13 +133,14 @@ def learning_rate(step):
     return MIN_LR + (LR - MIN_LR) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_torch(init, data, dtype):
+def train_torch(init, data, dtype, loss_of=None):
+    loss_of = loss_of or loss_fn
     p = {k: v.to(dtype).clone().requires_grad_(True) for k, v in init.items()}
     m = {k: torch.zeros_like(v) for k, v in p.items()}
     v2 = {k: torch.zeros_like(v) for k, v in p.items()}
     losses = []
     for step, (tokens, targets) in enumerate(data):
-        loss = loss_fn(p, tokens, targets)
+        loss = loss_of(p, tokens, targets)
         grads = torch.autograd.grad(loss, list(p.values()))
         losses.append(loss.item())
         norm = torch.sqrt(sum((g * g).sum() for g in grads))
@@ -155,10 +156,10 @@ def train_torch(init, data, dtype):
                 w.sub_(m[name] / (v2[name].sqrt() * bc2 + ADAM_EPS) * (lr * bc1))
     return losses, {k: w.detach() for k, w in p.items()}
 
-def train_shardplan(binary, init, steps, tmp):
+def train_shardplan(binary, init, steps, tmp, plan=PLAN):
     init_path, metrics, saved = (os.path.join(tmp, f) for f in ("init.safetensors", "metrics.jsonl", "end.safetensors"))
     peer_common.write_safetensors(init_path, init)
-    cmd = [binary, "run", PLAN, "--init", init_path, "--stop-after", str(steps), "--metrics", metrics,
+    cmd = [binary, "run", plan, "--init", init_path, "--stop-after", str(steps), "--metrics", metrics,
            "--save", saved, "--threads", str(THREADS), "--no-eval", "--quiet"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(metrics) as f:
