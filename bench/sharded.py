@@ -8,7 +8,8 @@ kernel thread each, under data parallelism, `zero 1`, `zero 2`, `zero 3`
 
   - memory per device: what the plan says before the run, and what the
     executors allocate (`shardplan run` prints both);
-  - the median step time over the last three quarters of the steps.
+  - the median step time over the last three quarters of the steps, beside
+    the cost model's prediction (`shardplan run` prints both).
 
 Peer: PyTorch on the same machine, 4 processes of one thread each over gloo:
 DistributedDataParallel, and FSDP2 (`fully_shard` on each block, then on the
@@ -157,7 +158,8 @@ def shardplan(extra, steps, tmp, name):
     mem = re.findall(r"cpu\d+ ([\d.]+) MiB \(planned ([\d.]+) MiB\)", out.stdout + out.stderr)
     alloc = max(float(a) for a, _ in mem)
     planned = max(float(p) for _, p in mem)
-    return step, planned, alloc
+    predicted = float(re.search(r"step time: predicted ([\d.]+) ms", out.stdout + out.stderr).group(1)) / 1e3
+    return step, planned, alloc, predicted
 
 
 def torch_run(python, mode, steps, tmp, port):
@@ -190,11 +192,11 @@ def main():
                     res = torch_run(a.torch, tmode, a.steps, tmp, port)
                     if res:
                         peer[tmode].append(res)
-        print(f"{'mode':<22} {'planned MiB':>12} {'allocated MiB':>14} {'step ms':>9} {'PyTorch ms':>11} {'ratio':>7} {'PyTorch peak RSS MiB':>21}")
+        print(f"{'mode':<22} {'planned MiB':>12} {'allocated MiB':>14} {'predicted ms':>13} {'step ms':>9} {'PyTorch ms':>11} {'ratio':>7} {'PyTorch peak RSS MiB':>21}")
         for name, _, tmode in MODES:
             step = statistics.median(x[0] for x in ours[name])
-            planned, alloc = ours[name][0][1], ours[name][0][2]
-            line = f"{name:<22} {planned:>12.1f} {alloc:>14.1f} {step * 1e3:>9.2f}"
+            planned, alloc, predicted = ours[name][0][1], ours[name][0][2], ours[name][0][3]
+            line = f"{name:<22} {planned:>12.1f} {alloc:>14.1f} {predicted * 1e3:>13.2f} {step * 1e3:>9.2f}"
             if tmode and peer.get(tmode):
                 pt = statistics.median(x[0] for x in peer[tmode])
                 pm = statistics.median(x[1] for x in peer[tmode])

@@ -40,9 +40,10 @@ fn a_shrinking_budget_moves_from_data_parallel_to_sharded_or_pipelined() {
 
 /// The order an expert would take as memory runs short, on a machine whose
 /// collectives cost little (1 µs a message): shard the optimizer state
-/// (ZeRO-1, which also splits the update's work), then everything (FSDP),
-/// then recompute activations as well, and only then cut the model into a
-/// pipeline. Every choice fits by its exact memory plan.
+/// (ZeRO-1, which also splits the update's work), then the blocks' states
+/// and parameters (FSDP per layer group), then everything, then recompute
+/// activations as well, and only then cut the model into a pipeline. Every
+/// choice fits by its exact memory plan.
 #[test]
 fn zero_and_recompute_come_before_a_pipeline_when_they_are_faster() {
     let fast = Profile { link_latency: 1e-6, ..profile() };
@@ -51,12 +52,13 @@ fn zero_and_recompute_come_before_a_pipeline_when_they_are_faster() {
         let best = s.candidates[s.chosen.unwrap_or_else(|| panic!("nothing fits {budget}"))].clone();
         let limit: u64 = budget.trim_end_matches(" MiB").parse::<u64>().expect("MiB") << 20;
         assert!(best.exact_memory.expect("checked") <= limit, "{budget}: {}", best.name());
-        (best.data, best.model, best.pipe, best.zero, best.recompute)
+        (best.data, best.model, best.pipe, (best.zero, best.zero_rest), best.recompute)
     };
-    assert_eq!(pick("14 MiB"), (4, 1, 1, 1, false), "ZeRO-1");
-    assert_eq!(pick("10 MiB"), (4, 1, 1, 3, false), "FSDP");
-    assert_eq!(pick("7 MiB"), (4, 1, 1, 1, true), "ZeRO-1 and recompute");
-    assert_eq!(pick("5 MiB"), (4, 1, 1, 3, true), "FSDP and recompute");
+    assert_eq!(pick("14 MiB"), (4, 1, 1, (1, 1), false), "ZeRO-1");
+    assert_eq!(pick("10 MiB"), (4, 1, 1, (3, 1), false), "FSDP for the blocks, ZeRO-1 for the embeddings and head");
+    assert_eq!(pick("9 MiB"), (4, 1, 1, (3, 3), false), "FSDP");
+    assert_eq!(pick("7 MiB"), (4, 1, 1, (1, 1), true), "ZeRO-1 and recompute");
+    assert_eq!(pick("5 MiB"), (4, 1, 1, (3, 3), true), "FSDP and recompute");
     let (_, _, p, _, _) = pick("3 MiB");
     assert!(p > 1, "below what sharding and recompute save, a pipeline");
 }
@@ -124,8 +126,8 @@ fn pipelines_weigh_gpipe_against_1f1b() {
                     .iter()
                     .find(|b| {
                         b.schedule == "gpipe"
-                            && (b.data, b.model, b.pipe, b.microbatches, b.sharded_embeddings, b.zero, b.recompute)
-                                == (a.data, a.model, a.pipe, a.microbatches, a.sharded_embeddings, a.zero, a.recompute)
+                            && (b.data, b.model, b.pipe, b.microbatches, b.sharded_embeddings, b.zero, b.zero_rest, b.recompute)
+                                == (a.data, a.model, a.pipe, a.microbatches, a.sharded_embeddings, a.zero, a.zero_rest, a.recompute)
                     })
                     .unwrap_or_else(|| panic!("no gpipe twin of {}", a.name()));
                 (a.clone(), twin.clone())

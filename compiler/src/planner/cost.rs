@@ -347,8 +347,10 @@ pub(super) struct Shape {
     pub(super) schedule: Schedule,
     /// A parameter server sums the gradients and updates (explicit placements only).
     pub(super) server: bool,
-    /// The ZeRO stage of the parameters over the data axis.
+    /// The ZeRO stage over the data axis of the parameters of the repeats'
+    /// layers, and of the others.
     pub(super) zero: u8,
+    pub(super) zero_rest: u8,
     /// The elements of `repeat`s recompute their activations.
     pub(super) recompute: bool,
 }
@@ -367,10 +369,11 @@ pub(super) fn evaluate(
     budget: Option<u64>,
     pr: &Profile,
 ) -> Candidate {
-    let Shape { d, t, p, m, n, split_tables, schedule, server, zero, recompute } = shape;
-    let zero = if d > 1 && !server { zero } else { 0 };
-    // What a ZeRO stage divides by the data degree.
-    let by = |from: u8| if zero >= from { 1.0 / d as f64 } else { 1.0 };
+    let Shape { d, t, p, m, n, split_tables, schedule, server, zero, zero_rest, recompute } = shape;
+    let (zero, zero_rest) = if d > 1 && !server { (zero, zero_rest) } else { (0, 0) };
+    // Unit i's ZeRO stage, and what a stage divides by the data degree.
+    let level = |i: usize| if matches!(units[i], Unit::Elem(..)) { zero } else { zero_rest };
+    let by = |l: u8, from: u8| if l >= from { 1.0 / d as f64 } else { 1.0 };
     // Matmul seconds on one core, spread over the devices' share of the cores.
     // A device runs on max(1, cores / n) cores; when devices outnumber the
     // cores they take turns, which the bound on total work below accounts for.
@@ -385,6 +388,7 @@ pub(super) fn evaluate(
     let mut tp_comm = 0.0f64;
     for (s, r) in cuts.iter().enumerate() {
         let us = &costs[r.clone()];
+        let lv: Vec<u8> = r.clone().map(level).collect();
         // Recomputed layers run their forward pass twice (the work is in
         // `costs`, summarised from the graph with recompute), and under
         // tensor parallelism all-reduce their forward activations again.
@@ -418,24 +422,25 @@ pub(super) fn evaluate(
         // pass once per microbatch in flight, the others once.
         let act_x: f64 = us.iter().map(|u| u.kept_exact * share(u)).sum::<f64>() / (d * m) as f64;
         let redo_x: f64 = us.iter().map(|u| (u.act_exact - u.kept_exact) * share(u)).sum::<f64>() / (d * m) as f64;
-        let work_x: f64 = us.iter().map(|u| u.work_exact * share(u)).sum::<f64>() * by(1);
+        let work_x: f64 = us.iter().zip(&lv).map(|(u, &l)| u.work_exact * share(u) * by(l, 1)).sum::<f64>();
         // Gradient exchange buffers: the packed all-reduce buckets; under
         // `zero 1` and `zero 2` the scattered slices and the gathered new
         // parameters; under `zero 3` each layer's parameters gathered for
         // its forward and its backward pass (the largest layer's, reused).
-        let largest_unit = us.iter().map(|u| u.params * share(u)).fold(0.0, f64::max);
-        let exchange = match zero {
-            _ if d == 1 || server => 0.0,
-            0 => params,
-            1 | 2 => params + params / d as f64,
-            _ => 2.0 * largest_unit,
+        let held = |want: &dyn Fn(u8) -> bool| us.iter().zip(&lv).filter(|(_, l)| want(**l)).map(|(u, _)| u.params * share(u)).sum::<f64>();
+        let largest_gathered = us.iter().zip(&lv).filter(|(_, l)| **l >= 3).map(|(u, _)| u.params * share(u)).fold(0.0, f64::max);
+        let exchange = if d == 1 || server {
+            0.0
+        } else {
+            let (bucketed, sliced) = (held(&|l| l == 0), held(&|l| l == 1 || l == 2));
+            bucketed + sliced + sliced / d as f64 + 2.0 * largest_gathered
         };
-        let micro_grads = 0.0;
-        let mem = params * (by(3) + by(2) + states * by(1)) + work_x + whole_grads + act_x * in_flight + redo_x + exchange + micro_grads;
+        let states_mem: f64 = us.iter().zip(&lv).map(|(u, &l)| u.params * share(u) * (by(l, 3) + by(l, 2) + states * by(l, 1))).sum();
+        let mem = states_mem + work_x + whole_grads + act_x * in_flight + redo_x + exchange;
         // The working set that decides how well memory-bound kernels use
         // the caches, as the profile's cache curve was fitted against: every
         // value of the passes once per microbatch in flight.
-        let working = params * (2.0 + states * by(1) + 1.0) + UPDATE_TEMPS * largest + whole_grads + act * in_flight;
+        let working = us.iter().zip(&lv).map(|(u, &l)| u.params * share(u) * (3.0 + states * by(l, 1))).sum::<f64>() + UPDATE_TEMPS * largest + whole_grads + act * in_flight;
         // Memory-bound kernels run faster when the device's whole working
         // set stays in the caches: their seconds at the headline bandwidth,
         // scaled. Devices that take turns on a core share its caches.
@@ -460,7 +465,8 @@ pub(super) fn evaluate(
             }
         }
         tp_comm = tp_comm.max(tp);
-        let update: f64 = cache * us.iter().map(|u| u.update * share(u)).sum::<f64>() / bw;
+        // Under `zero` each replica updates its slice.
+        let update: f64 = cache * us.iter().zip(&lv).map(|(u, &l)| u.update * share(u) * by(l, 1)).sum::<f64>() / bw;
         // Kernels that a device's batch share leaves too small to spread over
         // its threads run on one core.
         let split = ((d * m) as f64).log2();
@@ -487,15 +493,14 @@ pub(super) fn evaluate(
         let (e_mm, _, _) = pr.efficiencies();
         let compute = e_mm * (flops / speed + serial_mm * lone(speed)) + cache * bytes / bw + serial_bytes * lone(bspeed);
         let work = compute / m as f64 + overhead + sync;
-        let small_update: f64 = cache * us.iter().map(|u| u.update_small * share(u)).sum::<f64>() / pr.elementwise_bytes;
-        let upd = (update + small_update * lone(bspeed) + update_sync) * by(1) / m as f64;
+        let small_update: f64 = cache * us.iter().zip(&lv).map(|(u, &l)| u.update_small * share(u) * by(l, 1)).sum::<f64>() / pr.elementwise_bytes;
+        let upd = (update + small_update * lone(bspeed) + update_sync) / m as f64;
         let pass = work + upd;
         // Every data-parallel replica repeats the update, unless a parameter server does it once.
         let updates = if server { 1 } else { d };
         core_mm += e_mm * flops * (d * t) as f64;
         core_bytes += cache * (bytes / pr.elementwise_bytes) * (d * t) as f64 + overhead * (m * d * t) as f64 + upd * bspeed * (m * updates * t) as f64;
         stage_time.push(pass + tp / m as f64);
-        let tensors: f64 = us.iter().map(|u| u.tensors).sum();
         dp_comm = dp_comm.max(if server {
             // Every worker sends its gradients to the server and receives the parameters
             // back: the server's link carries them one worker after another.
@@ -504,13 +509,19 @@ pub(super) fn evaluate(
             // One all-reduce in buckets; under `zero`, a reduce-scatter and an
             // all-gather per parameter tensor (ZeRO-2: a reduce-scatter per
             // microbatch; FSDP: two all-gathers and a reduce-scatter per microbatch).
-            let per = |times: f64| times * (ring(params, d, 1.0, pr) + (tensors - 1.0).max(0.0) * (d - 1) as f64 * pr.link_latency);
-            match zero {
-                0 => ring(params, d, 2.0, pr),
-                1 => per(2.0),
-                2 => per(m as f64 + 1.0),
-                _ => per(3.0 * m as f64),
-            }
+            let group = |l: u8| {
+                let (bytes, tensors) = us.iter().zip(&lv).filter(|(_, x)| **x == l).fold((0.0, 0.0), |(b, n), (u, _)| (b + u.params * share(u), n + u.tensors));
+                (bytes, tensors)
+            };
+            let per = |times: f64, (bytes, tensors): (f64, f64)| {
+                if bytes > 0.0 {
+                    times * (ring(bytes, d, 1.0, pr) + (tensors - 1.0).max(0.0) * (d - 1) as f64 * pr.link_latency)
+                } else {
+                    0.0
+                }
+            };
+            let (plain, _) = group(0);
+            (if plain > 0.0 { ring(plain, d, 2.0, pr) } else { 0.0 }) + per(2.0, group(1)) + per(m as f64 + 1.0, group(2)) + per(3.0 * m as f64, group(3))
         });
         if s + 1 < cuts.len() {
             let boundary = us.last().map(|u| u.pair_bytes.max(u.act / 16.0)).unwrap_or(0.0) / (d * m) as f64;
@@ -553,6 +564,7 @@ pub(super) fn evaluate(
         schedule: schedule.name().to_string(),
         sharded_embeddings: split_tables,
         zero,
+        zero_rest,
         recompute,
         stages: stages.iter().map(|s| s.iter().map(|u| c.model.unit_name(*u)).collect()).collect(),
         compute_s: compute.max(0.0),
@@ -569,6 +581,12 @@ pub(super) fn evaluate(
         shards,
         schedule_kind: schedule,
     }
+}
+
+/// Whether parameter `p` belongs to no element of a `repeat` (an embedding,
+/// a head): the planner's second ZeRO group.
+pub(super) fn rest_param(c: &Checked, p: usize) -> bool {
+    !c.model.units().into_iter().any(|u| matches!(u, Unit::Elem(..)) && c.model.unit_owns(u, p))
 }
 
 /// The predicted step time and memory of an explicit placement (by the same
@@ -633,7 +651,8 @@ pub fn predict(c: &Checked, g: &Graph, pr: &Profile) -> Option<Candidate> {
             split_tables,
             schedule,
             server: e.parameter_server.is_some(),
-            zero: e.zero.iter().copied().max().unwrap_or(0),
+            zero: (0..c.model.params.len()).filter(|p| !rest_param(c, *p)).map(|p| e.zero.get(p).copied().unwrap_or(0)).max().unwrap_or(0),
+            zero_rest: (0..c.model.params.len()).filter(|p| rest_param(c, *p)).map(|p| e.zero.get(p).copied().unwrap_or(0)).max().unwrap_or(0),
             recompute: !e.recompute.is_empty(),
         },
         states,

@@ -53,8 +53,10 @@ pub struct Candidate {
     pub schedule: String,
     /// Embedding tables split along their width over the tensor axis.
     pub sharded_embeddings: bool,
-    /// The ZeRO stage of every parameter over the data axis (0: none).
+    /// The ZeRO stage over the data axis (0: none) of the parameters of the
+    /// model's `repeat`s, and of the others (embeddings, heads).
     pub zero: u8,
+    pub zero_rest: u8,
     /// The layers of the model's `repeat`s recompute their activations.
     pub recompute: bool,
     /// Units (layer names) per stage.
@@ -97,7 +99,8 @@ impl Candidate {
     /// stages, the tensor degree, sharded model states, recompute,
     /// microbatches, split tables.
     pub fn complexity(&self) -> (usize, usize, u8, bool, usize, bool) {
-        (self.pipe, self.model, self.zero, self.recompute, self.microbatches, self.sharded_embeddings)
+        // (The higher of the two ZeRO stages.)
+        (self.pipe, self.model, self.zero.max(self.zero_rest), self.recompute, self.microbatches, self.sharded_embeddings)
     }
 
     pub fn name(&self) -> String {
@@ -111,8 +114,11 @@ impl Candidate {
         if self.pipe > 1 {
             parts.push(format!("pipeline {} × {} microbatches ({})", self.pipe, self.microbatches, self.schedule));
         }
-        if self.zero > 0 {
-            parts.push(if self.zero == 3 { "zero 3 (FSDP)".to_string() } else { format!("zero {}", self.zero) });
+        let stage = |z: u8| if z == 3 { "zero 3 (FSDP)".to_string() } else { format!("zero {z}") };
+        if self.zero == self.zero_rest && self.zero > 0 {
+            parts.push(stage(self.zero));
+        } else if self.zero != self.zero_rest {
+            parts.push(format!("{} for the repeated layers, {} for the rest", stage(self.zero), if self.zero_rest == 0 { "no zero".to_string() } else { stage(self.zero_rest) }));
         }
         if self.recompute {
             parts.push("recompute".into());
@@ -184,7 +190,11 @@ pub fn explicit(c: &Checked, cand: &Candidate) -> Explicit {
         Placement::Explicit(e) => e.span,
         _ => crate::Span::new(crate::SourceId::USER, 0, 0),
     };
-    let zero = if data_axis.is_some() && cand.zero > 0 { vec![cand.zero; c.model.params.len()] } else { Vec::new() };
+    let zero = if data_axis.is_some() && cand.zero.max(cand.zero_rest) > 0 {
+        (0..c.model.params.len()).map(|p| if cost::rest_param(c, p) { cand.zero_rest } else { cand.zero }).collect()
+    } else {
+        Vec::new()
+    };
     let recompute = if cand.recompute { recomputed(c) } else { Vec::new() };
     Explicit { mesh, data_axis, shards, pipeline, parameter_server: None, zero, recompute, autocast: c.autocast.clone(), span }
 }
@@ -229,8 +239,19 @@ pub fn placement_text(c: &Checked, cand: &Candidate) -> String {
         }
         out += &format!("    microbatches {}\n    schedule {}\n  }}\n", pl.microbatches, pl.schedule.name());
     }
-    if let Some(z) = e.zero.first() {
-        out += &format!("  zero {z}\n");
+    // The stage of the other parameters without paths, then the repeats'.
+    let rest = (0..e.zero.len()).find(|p| cost::rest_param(c, *p)).map(|p| e.zero[p]).unwrap_or(0);
+    let blocks = (0..e.zero.len()).find(|p| !cost::rest_param(c, *p)).map(|p| e.zero[p]).unwrap_or(rest);
+    if rest > 0 || blocks > 0 {
+        if blocks == rest {
+            out += &format!("  zero {rest}\n");
+        } else {
+            if rest > 0 {
+                out += &format!("  zero {rest}\n");
+            }
+            let repeats: Vec<String> = c.model.top.iter().filter(|t| matches!(t.child, crate::check::Child::Repeat(_))).map(|t| format!("{}[*]", t.name)).collect();
+            out += &format!("  zero {blocks} {}\n", repeats.join(", "));
+        }
     }
     if !e.recompute.is_empty() {
         // Whole repeats as `name[*]`.

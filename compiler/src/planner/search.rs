@@ -65,15 +65,23 @@ pub(super) fn enumerate(c: &Checked, g: &Graph, pr: &Profile, budget: Option<u64
             let table_choices: &[bool] = if tables.is_empty() { &[false] } else { &[false, true] };
             let schedules: &[Schedule] = if p == 1 { &[Schedule::OneFOneB] } else { &[Schedule::OneFOneB, Schedule::GPipe] };
             // Sharded model states need data-parallel replicas; recompute, a repeated layer.
-            let zeros: &[u8] = if d > 1 { &[0, 1, 2, 3] } else { &[0] };
+            // (the repeats' layers, the rest): one stage for all, or FSDP or
+            // ZeRO-2 for the repeats with less for the embeddings and head.
+            let zeros: &[(u8, u8)] = if d == 1 {
+                &[(0, 0)]
+            } else if recomputable {
+                &[(0, 0), (1, 1), (2, 2), (3, 3), (3, 1), (3, 0), (2, 1)]
+            } else {
+                &[(0, 0), (1, 1), (2, 2), (3, 3)]
+            };
             let recomputes: &[bool] = if recomputable { &[false, true] } else { &[false] };
             for m in mbs {
                 for &split_tables in table_choices {
                     for &schedule in schedules {
-                        for &zero in zeros {
+                        for &(zero, zero_rest) in zeros {
                             for &recompute in recomputes {
                                 considered += 1;
-                                let shape = Shape { d, t, p, m, n, split_tables, schedule, server: false, zero, recompute };
+                                let shape = Shape { d, t, p, m, n, split_tables, schedule, server: false, zero, zero_rest, recompute };
                                 let mut all = shards.clone();
                                 if split_tables {
                                     all.extend(tables.iter().cloned());
