@@ -474,7 +474,64 @@ pub fn lower_keeping(g: &Graph, keep: &[NodeId]) -> (Program, Vec<BufId>) {
     p.loss = buf_of.get(&g.loss).copied().unwrap_or(BufId(0));
     let kept: Vec<BufId> = keep.iter().map(|k| buf_of.get(k).copied().unwrap_or(BufId(0))).collect();
     reuse_dead_buffers(&mut p, &kept);
+    update_in_place(&mut p);
     (p, kept)
+}
+
+/// The optimizer's update written where its target lives: an assigned value
+/// made by a fused update kernel that reads the target's current value at
+/// each element's own index, where no later step reads that value, is
+/// computed in place (the kernel reads the element, then overwrites it), so
+/// a parameter or optimizer state is not held twice. The value's buffer
+/// becomes an alias of the target's, and the kernel's input 0 is the target.
+fn update_in_place(p: &mut Program) {
+    for (t, v) in p.assigns.clone() {
+        let kind = match t {
+            Target::Param(i) => BufKind::Param(i),
+            Target::State(i) => BufKind::State(i),
+        };
+        let Some(target) = p.buffers.iter().position(|b| b.kind == kind).map(|i| BufId(i as u32)) else { continue };
+        let target = p.storage(target);
+        let v = p.storage(v);
+        if p.buffers[v.0 as usize].kind != BufKind::Temp || p.buffers[v.0 as usize].len() != p.buffers[target.0 as usize].len() {
+            continue;
+        }
+        let Some(si) = p.steps.iter().position(|s| p.storage(s.output) == v) else { continue };
+        let st = &p.steps[si];
+        let StepKind::Fused(f) = &st.kind else { continue };
+        if st.role != Role::Update {
+            continue;
+        }
+        // The target read at the output's own index, by this kernel only from here on.
+        let Some(k) = st.inputs.iter().position(|b| p.storage(*b) == target) else { continue };
+        let own = f.col_strides[k] == 1 && (f.row_strides[k] == f.cols || f.rows <= 1);
+        let once = st.inputs.iter().filter(|b| p.storage(**b) == target).count() == 1;
+        let later = p.steps[si + 1..].iter().any(|s| s.inputs.iter().any(|b| p.storage(*b) == target));
+        let other_assign = p.assigns.iter().any(|(t2, v2)| *t2 != t && p.storage(*v2) == v);
+        if !own || !once || later || other_assign {
+            continue;
+        }
+        // Input k becomes input 0.
+        let mut f = f.clone();
+        let mut inputs = st.inputs.clone();
+        inputs.swap(0, k);
+        f.row_strides.swap(0, k);
+        f.col_strides.swap(0, k);
+        for inst in f.body.iter_mut() {
+            if let Inst::Load(j) = inst {
+                *j = if *j == 0 {
+                    k
+                } else if *j == k {
+                    0
+                } else {
+                    *j
+                };
+            }
+        }
+        let out = p.steps[si].output;
+        p.steps[si] = Step { kind: StepKind::Fused(f), role: Role::Update, inputs, output: out };
+        p.buffers[v.0 as usize].kind = BufKind::Alias(target);
+    }
 }
 
 /// Liveness-based reuse: a temporary whose value is dead takes over the
@@ -790,6 +847,10 @@ pub enum ProgramError {
     /// A buffer's size in bytes is not representable.
     #[error("buffer {buffer} of shape {shape:?} is too large")]
     TooLarge { buffer: usize, shape: Vec<usize> },
+    /// A step reads its own output's memory other than as a fused kernel's
+    /// input 0 at the output's own index.
+    #[error("step {step} reads its own output as operand {operand}")]
+    InPlace { step: usize, operand: usize },
     /// A step reads or writes a buffer of an element type it does not take
     /// (bfloat16 buffers are for `ToBf16` and `FromBf16` only).
     #[error("step {step} cannot use buffer {} of {elem:?} values", .buffer.0)]
@@ -955,6 +1016,23 @@ mod validation {
                     }
                     StepKind::MatMul { .. } => count(2, "matmul")?,
                     StepKind::Broadcast => count(1, "broadcast")?,
+                }
+            }
+            // A step reads its own output's memory only as an update in place:
+            // a fused kernel's input 0, read at each element's own index.
+            for (si, s) in self.steps.iter().enumerate() {
+                let out = self.storage(s.output);
+                for (k, b) in s.inputs.iter().enumerate() {
+                    if self.storage(*b) != out {
+                        continue;
+                    }
+                    let ok = match &s.kind {
+                        StepKind::Fused(f) => k == 0 && f.col_strides.first() == Some(&1) && (f.row_strides.first() == Some(&f.cols) || f.rows <= 1),
+                        _ => false,
+                    };
+                    if !ok {
+                        return Err(ProgramError::InPlace { step: si, operand: k });
+                    }
                 }
             }
             // bfloat16 buffers: written by `ToBf16` only, read by `FromBf16` only.

@@ -248,6 +248,10 @@ impl Executor {
             let Some(dst) = self.find(&kind) else { continue };
             let dst = self.program.storage(BufId(dst as u32)).0 as usize;
             let src = self.program.storage(*src).0 as usize;
+            if src == dst {
+                // Updated in place.
+                continue;
+            }
             let is_temp = self.program.buffers[src].kind == BufKind::Temp;
             if is_temp && !traded.contains(&src) && src != dst {
                 traded.push(src);
@@ -309,6 +313,7 @@ impl Executor {
             return r;
         }
         let out_l = self.loc(step.output, slot);
+        let in_place = matches!(step.kind, StepKind::Fused(_)) && step.inputs.first().is_some_and(|b| self.program.storage(*b) == self.program.storage(step.output));
         let mut out = match std::mem::replace(slot_mut(&mut self.storage, &mut self.banks, out_l), Storage::Alias) {
             Storage::F32(v) => v,
             other => {
@@ -334,6 +339,11 @@ impl Executor {
                 (StepKind::Op(op), _) if op.is_comm() => {
                     let input = args.first().and_then(|a| if let Arg::F32(v) = a.data { Some((v, a.shape)) } else { None });
                     comm.run(op, input, &mut out, &out_shape)
+                }
+                // An update in place: input 0 is the output's own memory.
+                (StepKind::Fused(_), Some(k)) if in_place => {
+                    let rest: Vec<&[f32]> = args[1..].iter().map(|a| if let Arg::F32(v) = a.data { v } else { &[][..] }).collect();
+                    k.run_in_place(&rest, &mut out)
                 }
                 (StepKind::Fused(f), Some(k)) => {
                     let ins: Vec<&[f32]> = args.iter().map(|a| if let Arg::F32(v) = a.data { v } else { &[][..] }).collect();

@@ -107,6 +107,10 @@ pub fn lower(step: &Step, program: &Program) -> Result<Vec<Launch>, CodegenError
     io.check()?;
     let kernel = |k: Option<Kernel>| k.map(Launch::Kernel).into_iter().collect::<Vec<_>>();
     match &step.kind {
+        // An update in place: input 0 is the output's own memory.
+        StepKind::Fused(f) if step.inputs.first().is_some_and(|b| program.storage(*b) == program.storage(step.output)) => {
+            Ok(kernel(elementwise::epilogue(f, &Io { p: program, ins: &step.inputs[1..], out: step.output })?))
+        }
         StepKind::Fused(f) => Ok(kernel(elementwise::fused(f, &io)?)),
         StepKind::Reduce { op, epilogue } => {
             let n = op.arity();
