@@ -341,9 +341,9 @@ impl Executor {
                     comm.run(op, input, &mut out, &out_shape)
                 }
                 // An update in place: input 0 is the output's own memory.
-                (StepKind::Fused(_), Some(k)) if in_place => {
+                (StepKind::Fused(f), Some(k)) if in_place => {
                     let rest: Vec<&[f32]> = args[1..].iter().map(|a| if let Arg::F32(v) = a.data { v } else { &[][..] }).collect();
-                    k.run_in_place(&rest, &mut out)
+                    run_in_place(k, &rest, &mut out, f.rows, f.cols, self.threads)
                 }
                 (StepKind::Fused(f), Some(k)) => {
                     let ins: Vec<&[f32]> = args.iter().map(|a| if let Arg::F32(v) = a.data { v } else { &[][..] }).collect();
@@ -382,6 +382,27 @@ fn slot_mut<'s>(storage: &'s mut [Storage], banks: &'s mut [Vec<Storage>], (bank
 
 /// A fused kernel over all rows, split in blocks of whole rows over the
 /// kernel worker threads (each row is computed the same way whatever the split).
+/// A fused kernel in place over `io`, its rows shared out among `threads`
+/// as [`run_fused`] shares them.
+fn run_in_place(k: &CompiledKernel, rest: &[&[f32]], io: &mut [f32], rows: usize, cols: usize, threads: usize) -> Result<(), EngineError> {
+    if threads <= 1 || rows < 2 || rows * cols < PARALLEL_MIN {
+        return k.run_in_place(rest, io);
+    }
+    let failure: std::sync::Mutex<Option<EngineError>> = std::sync::Mutex::new(None);
+    ops::par_rows(io, cols, threads, rows * cols, |first, block| {
+        let n = block.len() / cols.max(1);
+        if let Err(e) = k.run_in_place_block(rest, block, first, first + n) {
+            if let Ok(mut f) = failure.lock() {
+                f.get_or_insert(e);
+            }
+        }
+    });
+    match failure.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
 fn run_fused(k: &CompiledKernel, ins: &[&[f32]], out: &mut [f32], rows: usize, cols: usize, threads: usize) -> Result<(), EngineError> {
     if threads <= 1 || rows < 2 || rows * cols < PARALLEL_MIN {
         return k.run(ins, out);

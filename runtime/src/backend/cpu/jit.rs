@@ -245,6 +245,48 @@ impl CompiledKernel {
         Ok(())
     }
 
+    /// As [`CompiledKernel::run_in_place`] for rows `[row_begin, row_end)`
+    /// only, `block` holding exactly those rows of the in-place buffer: the
+    /// form for several threads, each with its own block (see `run_block`).
+    pub fn run_in_place_block(&self, rest: &[&[f32]], block: &mut [f32], row_begin: usize, row_end: usize) -> Result<(), EngineError> {
+        self.check_range(row_begin, row_end)?;
+        let total = self.rows * self.cols;
+        let want = (row_end - row_begin) * self.cols;
+        if block.len() != want || self.input_lens.first() != Some(&total) {
+            return Err(EngineError::Bug(format!(
+                "in place: rows {row_begin}..{row_end} of {} columns need {want} elements, the block has {}, and input 0 must be read over the whole output",
+                self.cols,
+                block.len()
+            )));
+        }
+        if rest.len() + 1 != self.input_lens.len() {
+            return Err(EngineError::Bug(format!("kernel takes {} inputs, got {}", self.input_lens.len(), rest.len() + 1)));
+        }
+        for (k, (x, &need)) in rest.iter().zip(&self.input_lens[1..]).enumerate() {
+            if x.len() < need {
+                return Err(EngineError::Bug(format!("input {} has {} elements, the kernel reads {need}", k + 1, x.len())));
+            }
+        }
+        if want == 0 {
+            return Ok(());
+        }
+        let out = block.as_mut_ptr();
+        let mut ptrs: Vec<*const f32> = Vec::with_capacity(rest.len() + 1);
+        // Input 0 is read at absolute rows: its base lies `row_begin` rows
+        // before the block, and the code reads it only at rows
+        // `row_begin..row_end`, inside the block.
+        ptrs.push(out.wrapping_sub(row_begin * self.cols) as *const f32);
+        ptrs.extend(rest.iter().map(|x| x.as_ptr()));
+        // SAFETY: as in `run_in_place`, restricted to the block: input 0 is
+        // read at row r, column c, as `base + r * cols + c` with
+        // `row_begin <= r < row_end`, which is inside `block` (derived from
+        // it), at the element the code stores next, after loading it; the
+        // other inputs are read within their checked lengths; the output is
+        // written within `block`, borrowed uniquely for the call.
+        unsafe { (self.entry)(ptrs.as_ptr(), out, row_begin, row_end) };
+        Ok(())
+    }
+
     fn check_range(&self, row_begin: usize, row_end: usize) -> Result<(), EngineError> {
         if row_begin > row_end || row_end > self.rows {
             return Err(EngineError::Bug(format!("row range {row_begin}..{row_end} is not within 0..{}", self.rows)));

@@ -788,6 +788,15 @@ fn in_place_epilogue_matches_out_of_place() {
         let mut io = x0.clone();
         c.run_in_place(&[&x1], &mut io).expect("runs in place");
         assert_eq!(io.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{rows} × {cols}");
+        // Row by row, in blocks (as several threads run it): the same.
+        let mut io = x0.clone();
+        let mut first = 0;
+        for block in io.chunks_mut(2 * cols) {
+            let n = block.len() / cols;
+            c.run_in_place_block(&[&x1], block, first, first + n).expect("runs a block in place");
+            first += n;
+        }
+        assert_eq!(io.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{rows} × {cols} in blocks");
     }
     // Input 0 broadcast along columns is not the output's layout.
     let k = fused(3, 4, &[(1, 0)], vec![I::Load(0), I::Unary(U::Neg, 0)]);
