@@ -60,6 +60,8 @@ fn summaries_are_stable() {
         "examples/pipeline_1f1b.plan",
         "examples/parameter_server.plan",
         "examples/auto.plan",
+        "examples/fsdp.plan",
+        "examples/mixed_precision.plan",
     ] {
         let (status, stdout, _) = check(&[ex]);
         assert_eq!(status, Some(0));

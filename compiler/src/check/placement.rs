@@ -1093,7 +1093,7 @@ impl Checker<'_> {
 
 /// Runs of consecutive elements of one `repeat` written as a range, as a
 /// stage names them: `blocks[4]`, `blocks[5]`, `blocks[6]` → `blocks[4..7]`.
-fn index_ranges(names: &[String]) -> Vec<String> {
+pub(super) fn index_ranges(names: &[String]) -> Vec<String> {
     let split = |n: &str| -> Option<(String, usize)> {
         let (head, rest) = n.strip_suffix(']')?.rsplit_once('[')?;
         Some((head.to_string(), rest.parse().ok()?))

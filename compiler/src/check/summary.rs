@@ -161,6 +161,23 @@ fn explicit(c: &Checked, e: &Explicit) -> Vec<String> {
     if let Some(d) = e.parameter_server {
         lines.push(format!("parameter server on {}", c.devices[d].name));
     }
+    // ZeRO stages, by how many parameters take each.
+    let data = e.data_axis.map(|a| e.mesh[a].0.clone()).unwrap_or_default();
+    for z in 1..=3u8 {
+        let n = e.zero.iter().filter(|x| **x == z).count();
+        if n > 0 {
+            let what = ["", "optimizer state", "optimizer state and gradients", "parameters, gradients and optimizer state"][z as usize];
+            let fsdp = if z == 3 { " (FSDP)" } else { "" };
+            lines.push(format!("zero {z}{fsdp}: the {what} of {n} of {} parameter tensors sharded over `{data}`", m.params.len()));
+        }
+    }
+    let units = |us: &[crate::check::Unit]| super::placement::index_ranges(&us.iter().map(|u| m.unit_name(*u)).collect::<Vec<_>>()).join(", ");
+    if !e.recompute.is_empty() {
+        lines.push(format!("recompute: {}", units(&e.recompute)));
+    }
+    if !e.autocast.is_empty() {
+        lines.push(format!("autocast bf16: {}", units(&e.autocast)));
+    }
     if lines.is_empty() {
         lines.push("replicated on every device".into());
     }
