@@ -433,7 +433,8 @@ pub(super) fn evaluate(
             0.0
         } else {
             let (bucketed, sliced) = (held(&|l| l == 0), held(&|l| l == 1 || l == 2));
-            bucketed + sliced + sliced / d as f64 + 2.0 * largest_gathered
+            // (an all-reduced bucket is unpacked into a copy per gradient)
+            2.0 * bucketed + sliced + sliced / d as f64 + 2.0 * largest_gathered
         };
         let states_mem: f64 = us.iter().zip(&lv).map(|(u, &l)| u.params * share(u) * (by(l, 3) + by(l, 2) + states * by(l, 1))).sum();
         let mem = states_mem + work_x + whole_grads + act_x * in_flight + redo_x + exchange;
