@@ -213,6 +213,49 @@ fn verify_program(p: &Program) -> Result<(), Diagnostics> {
     Ok(())
 }
 
+/// What the memory levers of a placement save (see [`savings`]).
+#[derive(Clone, Debug)]
+pub struct Savings {
+    /// The levers in use, as the plan writes them: `` `zero 3` ``, `` `recompute` ``, `` `autocast bf16` ``.
+    pub modes: Vec<String>,
+    /// Per device: its memory plan, and that of the same placement without the levers.
+    pub devices: Vec<(usize, partition::memory::Memory, partition::memory::Memory)>,
+}
+
+/// What `zero`, `recompute` and `autocast` save on each device of `plan`
+/// (the plan of `c`): its memory plan against the same placement compiled
+/// without them, whether or not that fits the devices' memory. None when
+/// the placement uses none of them.
+pub fn savings(c: &Checked, plan: &Plan) -> Option<Savings> {
+    let Placement::Explicit(e) = &c.placement else { return None };
+    let levels: std::collections::BTreeSet<u8> = e.zero.iter().copied().filter(|z| *z > 0).collect();
+    if levels.is_empty() && e.recompute.is_empty() && c.autocast.is_empty() {
+        return None;
+    }
+    let mut plain = c.clone();
+    plain.autocast.clear();
+    if let Placement::Explicit(p) = &mut plain.placement {
+        p.zero.clear();
+        p.recompute.clear();
+        p.autocast.clear();
+    }
+    for d in &mut plain.devices {
+        d.memory = None;
+    }
+    let without = compile(&plain, &Options::default()).ok()?;
+    let base = partition::memory::plan(without.plan()?);
+    let mut modes: Vec<String> = levels.iter().map(|z| format!("`zero {z}`")).collect();
+    if !e.recompute.is_empty() {
+        modes.push("`recompute`".into());
+    }
+    if !c.autocast.is_empty() {
+        modes.push("`autocast bf16`".into());
+    }
+    let now = partition::memory::plan(plan);
+    let devices = plan.devices.iter().zip(now).zip(base).map(|((d, m), b)| (d.device, m, b)).collect();
+    Some(Savings { modes, devices })
+}
+
 /// The diagnostic when no candidate of `placement auto` fits.
 fn no_fit() -> Diagnostics {
     Diagnostic::error("placement::no_fit", "no placement of the model over these devices fits the memory budget")

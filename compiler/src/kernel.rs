@@ -485,18 +485,38 @@ pub fn lower_keeping(g: &Graph, keep: &[NodeId]) -> (Program, Vec<BufId>) {
 /// a parameter or optimizer state is not held twice. The value's buffer
 /// becomes an alias of the target's, and the kernel's input 0 is the target.
 fn update_in_place(p: &mut Program) {
-    for (t, v) in p.assigns.clone() {
-        let kind = match t {
-            Target::Param(i) => BufKind::Param(i),
-            Target::State(i) => BufKind::State(i),
+    // Indexes, built once: the buffer of each parameter and state, the step
+    // writing each storage buffer, and the last step reading each.
+    let n = p.buffers.len();
+    let mut holder: HashMap<Target, BufId> = HashMap::new();
+    for (i, b) in p.buffers.iter().enumerate() {
+        let t = match b.kind {
+            BufKind::Param(j) => Target::Param(j),
+            BufKind::State(j) => Target::State(j),
+            _ => continue,
         };
-        let Some(target) = p.buffers.iter().position(|b| b.kind == kind).map(|i| BufId(i as u32)) else { continue };
+        holder.entry(t).or_insert(BufId(i as u32));
+    }
+    let mut writer: Vec<Option<usize>> = vec![None; n];
+    let mut last_read: Vec<Option<usize>> = vec![None; n];
+    for (si, st) in p.steps.iter().enumerate() {
+        writer[p.storage(st.output).0 as usize].get_or_insert(si);
+        for b in &st.inputs {
+            last_read[p.storage(*b).0 as usize] = Some(si);
+        }
+    }
+    let mut assigned: HashMap<BufId, usize> = HashMap::new();
+    for (_, v) in &p.assigns {
+        *assigned.entry(p.storage(*v)).or_default() += 1;
+    }
+    for (t, v) in p.assigns.clone() {
+        let Some(&target) = holder.get(&t) else { continue };
         let target = p.storage(target);
         let v = p.storage(v);
         if p.buffers[v.0 as usize].kind != BufKind::Temp || p.buffers[v.0 as usize].len() != p.buffers[target.0 as usize].len() {
             continue;
         }
-        let Some(si) = p.steps.iter().position(|s| p.storage(s.output) == v) else { continue };
+        let Some(si) = writer[v.0 as usize] else { continue };
         let st = &p.steps[si];
         let StepKind::Fused(f) = &st.kind else { continue };
         if st.role != Role::Update {
@@ -506,8 +526,8 @@ fn update_in_place(p: &mut Program) {
         let Some(k) = st.inputs.iter().position(|b| p.storage(*b) == target) else { continue };
         let own = f.col_strides[k] == 1 && (f.row_strides[k] == f.cols || f.rows <= 1);
         let once = st.inputs.iter().filter(|b| p.storage(**b) == target).count() == 1;
-        let later = p.steps[si + 1..].iter().any(|s| s.inputs.iter().any(|b| p.storage(*b) == target));
-        let other_assign = p.assigns.iter().any(|(t2, v2)| *t2 != t && p.storage(*v2) == v);
+        let later = last_read[target.0 as usize].is_some_and(|r| r > si);
+        let other_assign = assigned.get(&v).copied().unwrap_or(0) > 1;
         if !own || !once || later || other_assign {
             continue;
         }

@@ -3,9 +3,8 @@
 //! per step, how every parameter is sharded, which stage runs every layer,
 //! and the pipeline schedule as a timeline; as tables, or as JSON.
 
-use shardplan_compiler::check::Placement;
 use shardplan_compiler::partition::report::{self, Pass, Report};
-use shardplan_compiler::partition::{memory, Plan};
+use shardplan_compiler::partition::Plan;
 use shardplan_compiler::units::{Bytes, Unit};
 use shardplan_compiler::Checked;
 
@@ -30,38 +29,14 @@ fn flops(f: f64) -> String {
 /// What `zero`, `recompute` and `autocast` save on each device: its memory plan against
 /// that of the same placement without them.
 fn saved(c: &Checked, plan: &Plan) {
-    let Placement::Explicit(e) = &c.placement else { return };
-    let levels: std::collections::BTreeSet<u8> = e.zero.iter().copied().filter(|z| *z > 0).collect();
-    if levels.is_empty() && e.recompute.is_empty() && c.autocast.is_empty() {
-        return;
-    }
-    let mut plain = c.clone();
-    plain.autocast.clear();
-    if let Placement::Explicit(p) = &mut plain.placement {
-        p.zero.clear();
-        p.recompute.clear();
-        p.autocast.clear();
-    }
-    // The placement without them may not fit: compare all the same.
-    for d in &mut plain.devices {
-        d.memory = None;
-    }
-    let Ok(without) = shardplan_compiler::compile(&plain, &Default::default()) else { return };
-    let Some(base) = without.plan() else { return };
-    let mut modes: Vec<String> = levels.iter().map(|z| format!("`zero {z}`")).collect();
-    if !e.recompute.is_empty() {
-        modes.push("`recompute`".into());
-    }
-    if !c.autocast.is_empty() {
-        modes.push("`autocast bf16`".into());
-    }
-    println!("\nmemory saved by {} (against the same placement without them):", modes.join(" and "));
+    let Some(saved) = shardplan_compiler::driver::savings(c, plan) else { return };
+    println!("\nmemory saved by {} (against the same placement without them):", saved.modes.join(" and "));
     println!("  {:>6}  {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}", "device", "params", "grads", "optimizer", "temporaries", "transfers", "total");
     let signed = |a: u64, b: u64| if b >= a { size(b - a) } else { format!("−{}", size(a - b)) };
-    for (d, (m, b)) in plan.devices.iter().zip(memory::plan(plan).iter().zip(memory::plan(base))) {
+    for (device, m, b) in &saved.devices {
         println!(
             "  {:>6}  {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}",
-            format!("cpu{}", d.device),
+            format!("cpu{device}"),
             signed(m.params, b.params),
             signed(m.grads, b.grads),
             signed(m.optimizer, b.optimizer),

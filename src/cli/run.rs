@@ -524,9 +524,8 @@ fn compare(args: &VerifyArgs, c: &Checked, text: &[u8], base: &Path) -> Result<b
         println!("  {step:>5}  {x:>14.7}  {y:>14.7}  {rel:>10.2e}");
     })?;
     let (worst_loss, worst_param) = (cmp.worst_loss, &cmp.worst_param);
-    let bf16 = !c.autocast.is_empty();
-    let loss_tol = args.loss_tolerance.unwrap_or(if bf16 { 1e-4 } else { 1e-5 });
-    let param_tol = args.param_tolerance.unwrap_or(if bf16 { 2e-3 } else { 1e-4 });
+    let (loss_default, param_default) = shardplan_runtime::session::tolerances(c);
+    let (loss_tol, param_tol) = (args.loss_tolerance.unwrap_or(loss_default), args.param_tolerance.unwrap_or(param_default));
     println!("  largest loss difference: {worst_loss:.2e} relative (tolerance {loss_tol:.0e})");
     println!("  largest parameter difference: {:.2e} relative, in {} (tolerance {param_tol:.0e})", worst_param.0, worst_param.1);
     let ok = cmp.within(loss_tol, param_tol);

@@ -53,11 +53,10 @@ fn matmul(g: &mut Graph, a: NodeId, b: NodeId) -> NodeId {
 /// bfloat16 rounding, when that is all the forward pass reads of it
 /// (`autocast`), else the node itself.
 fn stored(g: &Graph, id: NodeId) -> NodeId {
-    let users = |x: NodeId| g.ids().filter(move |u| g.node(*u).role == Role::Forward && g.args(*u).contains(&x));
     let only = |x: NodeId, op: Op| {
-        let mut it = users(x);
-        match (it.next(), it.next()) {
-            (Some(u), None) if g.node(u).op == op => Some(u),
+        let users: Vec<NodeId> = g.users_of(x).into_iter().filter(|u| g.node(*u).role == Role::Forward).collect();
+        match users[..] {
+            [u] if g.node(u).op == op => Some(u),
             _ => None,
         }
     };

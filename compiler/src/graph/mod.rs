@@ -479,6 +479,11 @@ impl Graph {
         e.into_iter().map(|(_, n)| n).collect()
     }
 
+    /// The nodes that use `id` (once each per operand slot), in no set order.
+    pub fn users_of(&self, id: NodeId) -> Vec<NodeId> {
+        self.g.edges_directed(NodeIndex::new(id.0 as usize), petgraph::Direction::Outgoing).map(|e| NodeId(e.target().index() as u32)).collect()
+    }
+
     /// Number of nodes that use `id`.
     pub fn users(&self, id: NodeId) -> usize {
         self.g.edges_directed(NodeIndex::new(id.0 as usize), petgraph::Direction::Outgoing).count()

@@ -587,7 +587,11 @@ pub(super) fn evaluate(
 /// Whether parameter `p` belongs to no element of a `repeat` (an embedding,
 /// a head): the planner's second ZeRO group.
 pub(super) fn rest_param(c: &Checked, p: usize) -> bool {
-    !c.model.units().into_iter().any(|u| matches!(u, Unit::Elem(..)) && c.model.unit_owns(u, p))
+    // A repeat element's parameters lie under `name.j.`, `name` a top-level repeat.
+    let path = &c.model.params[p].path;
+    let (top, rest) = path.split_once('.').unwrap_or((path.as_str(), ""));
+    let in_repeat = c.model.top.iter().any(|t| t.name == top && matches!(t.child, crate::check::Child::Repeat(_)));
+    !(in_repeat && rest.split('.').next().is_some_and(|j| j.chars().all(|ch| ch.is_ascii_digit()) && !j.is_empty()))
 }
 
 /// The predicted step time and memory of an explicit placement (by the same

@@ -1058,6 +1058,19 @@ impl Comparison {
     }
 }
 
+/// The tolerances within which a placed run of `c` must match one device
+/// ([`Comparison::within`]): (relative loss difference, parameter
+/// difference ‖a − b‖ / ‖a‖). 1e-5 and 1e-4; under `autocast bf16`, whose
+/// roundings turn the placements' different summation orders into
+/// bfloat16-sized steps, 1e-4 and 2e-3.
+pub fn tolerances(c: &Checked) -> (f64, f64) {
+    if c.autocast.is_empty() {
+        (1e-5, 1e-4)
+    } else {
+        (1e-4, 2e-3)
+    }
+}
+
 /// The two sessions `verify` compares: `c` as placed (on `backends`;
 /// `placement auto` as the planner chooses with `profile`), and on one CPU
 /// device; both stop after `steps` steps.
